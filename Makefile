@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`.
+# Both create .venv on first use; later runs reuse it and install nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/local_network.py --nodes 8
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) scripts/bench_codec.py
+	$(PY) scripts/bench_simulate.py
+	$(PY) scripts/bench_network.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
