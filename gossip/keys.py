@@ -64,7 +64,9 @@ def _base58btc_decode(text: str) -> bytes:
 def peer_id_from_public_key(public_key: bytes) -> str:
     """The libp2p peer id (``12D3KooW...``) of an ed25519 public key."""
     if len(public_key) != PUBLIC_KEY_BYTES:
-        raise ValueError(f"an ed25519 public key has {PUBLIC_KEY_BYTES} bytes, got {len(public_key)}")
+        raise ValueError(
+            f"an ed25519 public key has {PUBLIC_KEY_BYTES} bytes, got {len(public_key)}"
+        )
     encoded = _PROTOBUF_ED25519_PREFIX + public_key
     return _base58btc(bytes([_MULTIHASH_IDENTITY, len(encoded)]) + encoded)
 

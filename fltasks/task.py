@@ -1,0 +1,109 @@
+"""A learning task: the model factory, the data, the train step and the evaluation.
+
+One `Task` is shared by the simulator and the node daemon, so that a model trained
+in simulation and one trained across real nodes go through exactly the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class TaskError(ValueError):
+    """A task is malformed or cannot be loaded; the message is one line naming the fix."""
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """Model factory, standardized data and hyperparameters of one learning problem.
+
+    `make_model` must return identical initial weights on every call: nodes average
+    their models, and averaging models that start from different points of a
+    non-convex loss gives a model worse than either.
+    """
+
+    name: str
+    make_model: Callable[[], nn.Module]
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    lr: float
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        # A user's own task is checked here, once, rather than failing deep in training.
+        for split, x, y in (("train", self.x_train, self.y_train),
+                            ("test", self.x_test, self.y_test)):
+            if x.dtype != torch.float32 or x.dim() != 2:
+                raise TaskError(f"task {self.name!r}: x_{split} must be a 2-D float32 tensor, "
+                                f"got {x.dtype} of shape {tuple(x.shape)}")
+            if y.dtype != torch.int64 or y.dim() != 1:
+                raise TaskError(f"task {self.name!r}: y_{split} must be a 1-D int64 tensor, "
+                                f"got {y.dtype} of shape {tuple(y.shape)}")
+            if len(x) != len(y):
+                raise TaskError(f"task {self.name!r}: x_{split} has {len(x)} rows "
+                                f"but y_{split} has {len(y)}")
+        if self.num_classes < 2:
+            raise TaskError(f"task {self.name!r}: num_classes must be >= 2, "
+                            f"got {self.num_classes}")
+        if not self.lr > 0:
+            raise TaskError(f"task {self.name!r}: lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise TaskError(f"task {self.name!r}: batch_size must be >= 1, "
+                            f"got {self.batch_size}")
+
+    def train(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
+              generator: torch.Generator) -> float:
+        """Run plain minibatch SGD with cross-entropy in place; return the mean sample loss.
+
+        No momentum and no optimizer state survive the call: after gossip replaces the
+        weights, stale momentum would push them back toward the node's own model.
+        Shuffling draws only from `generator`, so a run is reproducible per node.
+        """
+        if len(x) == 0:
+            raise ValueError("cannot train on an empty shard: give every node at least one sample")
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        was_training = model.training
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        total_loss, total_count = 0.0, 0
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=generator)
+            for start in range(0, len(x), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+                grads = torch.autograd.grad(loss, params)
+                with torch.no_grad():
+                    for p, g in zip(params, grads, strict=True):
+                        p.sub_(g, alpha=self.lr)
+                total_loss += loss.item() * len(batch)
+                total_count += len(batch)
+        model.train(was_training)
+        return total_loss / total_count
+
+    def evaluate(self, model: nn.Module, x: torch.Tensor | None = None,
+                 y: torch.Tensor | None = None) -> float:
+        """Return the accuracy of `model` on (x, y), by default the task's test split."""
+        if (x is None) != (y is None):
+            raise ValueError("pass both x and y, or neither to use the test split")
+        if x is None or y is None:
+            x, y = self.x_test, self.y_test
+        if len(x) == 0:
+            raise ValueError("cannot evaluate on an empty set")
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            correct = (model(x).argmax(dim=1) == y).sum().item()
+        model.train(was_training)
+        return correct / len(y)
+
+    def num_parameters(self) -> int:
+        """Number of trainable scalars in the model, i.e. the size of one update."""
+        return sum(p.numel() for p in self.make_model().parameters() if p.requires_grad)

@@ -1,0 +1,134 @@
+"""Admission: the verdict on each incoming update, and the counters operators read.
+
+A state machine fed with bytes and the caller's clock. Checks run cheapest
+first so that junk costs little: the size cap, the header schema, the
+allowlist, the signature (before any tensor is decoded), replay, staleness,
+the model fingerprint, then the values. A rejected update is never returned,
+so it cannot touch a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gossip import codec
+from gossip.errors import InvalidUpdate, Reason
+from gossip.update import Update
+
+
+@dataclass(frozen=True)
+class Accepted:
+    update: Update
+
+    @property
+    def accepted(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: Reason
+    detail: str
+
+    @property
+    def accepted(self) -> bool:
+        return False
+
+
+Verdict = Accepted | Rejected
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    """What this node accepts. ``allowlist`` None means any sender with a valid signature."""
+
+    fingerprint: bytes
+    max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
+    max_age_s: float = 600.0
+    max_clock_skew_s: float = 60.0
+    allowlist: frozenset[bytes] | None = None
+
+
+def all_finite(tensors: Iterable[np.ndarray]) -> bool:
+    """True when no value is NaN or infinite; one cheap reduction per tensor in the usual case."""
+    for array in tensors:
+        if array.dtype.kind != "f" or array.size == 0:
+            continue
+        # A finite sum proves every term finite (NaN and inf propagate). Only a
+        # sum that overflowed needs the exact, allocating check.
+        if (
+            not math.isfinite(float(np.sum(array, dtype=np.float64)))
+            and not np.isfinite(array).all()
+        ):
+            return False
+    return True
+
+
+@dataclass
+class Admission:
+    """Verdicts, per-sender replay state and per-reason counters for one node."""
+
+    policy: AdmissionPolicy
+    last_seq: dict[bytes, int] = field(default_factory=dict)
+    rejected: Counter[Reason] = field(default_factory=Counter)
+    accepted: int = 0
+
+    def admit(
+        self, data: bytes | bytearray | memoryview, now: float, remote_key: bytes | None = None
+    ) -> Verdict:
+        """Judge one message. ``remote_key``: the connection's peer key, if it came directly."""
+        try:
+            signed = codec.parse(data, self.policy.max_message_bytes)
+            allowlist = self.policy.allowlist
+            if allowlist is not None and signed.sender not in allowlist:
+                raise InvalidUpdate(Reason.UNKNOWN_SENDER, "the sender is not in the allowlist")
+            if remote_key is not None and signed.sender != remote_key:
+                raise InvalidUpdate(Reason.SENDER_MISMATCH, "signed by a key other than the peer's")
+            codec.check_signature(signed)
+            self._check_replay(signed.sender, signed.seq)
+            self._check_fresh(signed.header["created_at"], now)
+            if signed.header["fingerprint"] != self.policy.fingerprint:
+                raise InvalidUpdate(Reason.WRONG_MODEL, "the model fingerprint differs from ours")
+            update = codec.decode_tensors(signed)
+        except InvalidUpdate as error:
+            return self._reject(error)
+        return self._judge_values(update)
+
+    def admit_update(self, update: Update, now: float) -> Verdict:
+        """The checks after the signature, for an update that never was bytes (the simulator)."""
+        try:
+            self._check_replay(update.sender, update.seq)
+            self._check_fresh(update.created_at, now)
+            if update.fingerprint != self.policy.fingerprint:
+                raise InvalidUpdate(Reason.WRONG_MODEL, "the model fingerprint differs from ours")
+        except InvalidUpdate as error:
+            return self._reject(error)
+        return self._judge_values(update)
+
+    def _judge_values(self, update: Update) -> Verdict:
+        if not all_finite(update.tensors.values()):
+            return self._reject(InvalidUpdate(Reason.NON_FINITE, "a tensor holds NaN or inf"))
+        self.last_seq[update.sender] = update.seq
+        self.accepted += 1
+        return Accepted(update)
+
+    def _check_replay(self, sender: bytes, seq: int) -> None:
+        last = self.last_seq.get(sender)
+        if last is not None and seq <= last:
+            raise InvalidUpdate(Reason.REPLAY, f"sequence {seq} is not above {last}")
+
+    def _check_fresh(self, created_at: float, now: float) -> None:
+        age = now - created_at
+        if age > self.policy.max_age_s:
+            raise InvalidUpdate(Reason.STALE, f"created {age:.0f} s ago")
+        if -age > self.policy.max_clock_skew_s:
+            raise InvalidUpdate(Reason.STALE, f"created {-age:.0f} s in the future")
+
+    def _reject(self, error: InvalidUpdate) -> Rejected:
+        self.rejected[error.reason] += 1
+        return Rejected(error.reason, error.detail)

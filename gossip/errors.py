@@ -1,0 +1,29 @@
+"""The one error type of the gossip core, and the closed set of rejection reasons."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Why an incoming update was rejected; operators see these names in counters."""
+
+    BAD_SIGNATURE = "bad-signature"
+    UNKNOWN_SENDER = "unknown-sender"
+    SENDER_MISMATCH = "sender-mismatch"
+    REPLAY = "replay"
+    STALE = "stale"
+    WRONG_MODEL = "wrong-model"
+    NON_FINITE = "non-finite"
+    OVERSIZE = "oversize"
+    MALFORMED = "malformed"
+    UNKNOWN_CODEC = "unknown-codec"
+
+
+class InvalidUpdate(Exception):
+    """An update that must not be used; ``reason`` says which rule it broke."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail

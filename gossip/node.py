@@ -1,0 +1,117 @@
+"""One gossip participant: push-sum state, signing, admission and the inbox, with no I/O.
+
+The runtime (the libp2p daemon, or a test) feeds it bytes and the time and
+carries out what it returns: after a local round, :meth:`GossipNode.prepare`
+gives the one signed message to push to ``fanout`` neighbours; each incoming
+message goes through :meth:`GossipNode.receive`; :meth:`GossipNode.merge`
+folds the admitted ones into the model by the configured rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gossip import codec
+from gossip.admission import Accepted, Admission, AdmissionPolicy, Verdict
+from gossip.aggregation import Aggregator, PushSumMean
+from gossip.keys import NodeKey
+from gossip.layout import ModelLayout
+from gossip.pushsum import PushSum, Share
+from gossip.update import Update
+
+DEFAULT_INBOX_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A signed message and the share it carries, kept to refund it if delivery fails."""
+
+    message: bytearray
+    seq: int
+    share: Share
+
+
+@dataclass
+class GossipNode:
+    key: NodeKey
+    layout: ModelLayout
+    pushsum: PushSum
+    samples: int
+    admission: Admission
+    aggregator: Aggregator = field(default_factory=PushSumMean)
+    codec_id: str = "raw"
+    seq: int = 0
+    inbox_limit: int = DEFAULT_INBOX_LIMIT
+    inbox: list[Share] = field(default_factory=list)
+
+    @classmethod
+    def create(
+        cls,
+        key: NodeKey,
+        initial: dict[str, np.ndarray],
+        samples: int,
+        policy: AdmissionPolicy | None = None,
+        **options: object,
+    ) -> GossipNode:
+        """A node starting from model ``initial``, weighted by its ``samples``."""
+        layout = ModelLayout.of(initial)
+        policy = policy or AdmissionPolicy(fingerprint=layout.fingerprint)
+        if policy.fingerprint != layout.fingerprint:
+            raise ValueError("the admission policy's fingerprint is not this model's")
+        state = PushSum(layout.flatten(initial, dtype=np.float64), weight=max(samples, 1))
+        return cls(key, layout, state, samples, Admission(policy), **options)  # type: ignore[arg-type]
+
+    @property
+    def estimate(self) -> np.ndarray:
+        return self.pushsum.estimate
+
+    def model(self) -> dict[str, np.ndarray]:
+        """The current estimate as named tensors in their own dtypes."""
+        return self.layout.unflatten(self.pushsum.estimate)
+
+    def set_model(self, tensors: dict[str, np.ndarray]) -> None:
+        self.pushsum.replace_estimate(self.layout.flatten(tensors, dtype=np.float64))
+
+    def prepare(self, fanout: int, now: float) -> Outgoing:
+        """Split the weight for ``fanout`` neighbours and sign the one message they all get."""
+        share = self.pushsum.split(fanout)
+        self.seq += 1
+        update = Update(
+            sender=self.key.public_key,
+            seq=self.seq,
+            samples=self.samples,
+            weight=share.weight,
+            fingerprint=self.layout.fingerprint,
+            created_at=now,
+            tensors=self.layout.unflatten(share.estimate),
+            codec=self.codec_id,
+        )
+        return Outgoing(codec.encode(update, self.key), self.seq, share)
+
+    def refund(self, outgoing: Outgoing) -> None:
+        """A delivery failed for sure: take its share back so that no mass is lost."""
+        self.pushsum.absorb(outgoing.share.estimate, outgoing.share.weight)
+
+    def receive(
+        self, data: bytes | bytearray | memoryview, now: float, remote_key: bytes | None = None
+    ) -> Verdict:
+        """Admit one message; an accepted one waits in the inbox until :meth:`merge`."""
+        verdict = self.admission.admit(data, now, remote_key)
+        if isinstance(verdict, Accepted):
+            self._enqueue(verdict.update)
+        return verdict
+
+    def _enqueue(self, update: Update) -> None:
+        estimate = self.layout.flatten(update.tensors, dtype=np.float64)
+        self.inbox.append(Share(estimate, update.weight))
+        if len(self.inbox) >= self.inbox_limit:
+            self.merge()  # keeps memory bounded however fast peers push
+
+    def merge(self) -> int:
+        """Fold every admitted update into the model; returns how many were merged."""
+        received, self.inbox = self.inbox, []
+        if received:
+            self.aggregator.combine(self.pushsum, received)
+        return len(received)

@@ -1,0 +1,338 @@
+"""The node's transport: opaque byte payloads, one frame per libp2p stream.
+
+``Transport`` owns the libp2p host for the duration of ``async with Transport.open(...)``.
+Outbound, ``send`` writes one frame and half-closes; ``request`` writes one frame and
+reads one reply frame. Inbound, a handler set per protocol gets ``(peer_id, payload)``
+and may return a reply. Every outbound step is under the caller's timeout and every
+failure becomes a one-line ``TransportError``; inbound failures are counted by reason
+and never reach libp2p, which would otherwise log them with the payload.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from multiaddr import Multiaddr
+
+from gossip.keys import NodeKey
+from p2pfl.framing import FrameError, encode_uvarint, read_frame, write_frame
+from p2pfl.host import new_node_host, parse_multiaddr, split_peer_multiaddr
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LISTEN_ADDRS = ("/ip4/127.0.0.1/tcp/0",)
+DEFAULT_MAX_INBOUND_STREAMS_PER_PEER = 8
+# Closing or resetting a stream writes one small muxer frame; on a wedged connection
+# that write must not hold up the handler task (or host shutdown) for long.
+STREAM_CLEANUP_TIMEOUT = 1.0
+HOST_CLOSE_TIMEOUT = 5.0
+
+Handler = Callable[[str, bytes], Awaitable[bytes | None]]
+"""An inbound handler: ``(peer_id, payload) -> reply`` (None = no reply)."""
+
+_T = TypeVar("_T")
+
+
+class TransportError(Exception):
+    """An outbound operation failed; the message is one line naming the peer and the cause."""
+
+
+@dataclass(frozen=True)
+class _Route:
+    handler: Handler
+    max_size: int
+    read_timeout: float
+
+
+def _describe(error: BaseException) -> str:
+    """One line for an exception from libp2p (whose messages may span many lines)."""
+    if isinstance(error, BaseExceptionGroup) and error.exceptions:
+        return _describe(error.exceptions[0])
+    text = str(error).strip().splitlines()
+    first = text[0][:200] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _frame_size(payload_length: int) -> int:
+    return len(encode_uvarint(payload_length)) + payload_length
+
+
+def _full_addr(addr: Multiaddr, peer_id: str) -> str:
+    text = str(addr)
+    return text if "/p2p/" in text else f"{text}/p2p/{peer_id}"
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(STREAM_CLEANUP_TIMEOUT):
+        try:
+            await stream.reset()
+        except Exception:  # the stream is being discarded; nothing left to report
+            pass
+
+
+async def _close_quietly(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(STREAM_CLEANUP_TIMEOUT):
+        try:
+            await stream.close()
+        except Exception:
+            await _reset_quietly(stream)
+
+
+async def _close_host(host: IHost) -> None:
+    # Shielded so a cancelled caller still releases sockets and libp2p's tasks;
+    # bounded so a stuck close cannot hang the node's shutdown.
+    with trio.CancelScope(shield=True), trio.move_on_after(HOST_CLOSE_TIMEOUT):
+        try:
+            await host.close()
+        except Exception as error:
+            logger.warning("closing the libp2p host failed: %s", _describe(error))
+
+
+def _parse_peer_id(peer_id: str) -> ID:
+    try:
+        return ID.from_base58(peer_id)
+    except Exception:
+        raise ValueError(f"not a peer id: {peer_id!r}") from None
+
+
+class Transport:
+    """A running libp2p host moving byte payloads; create it with ``Transport.open``."""
+
+    def __init__(
+        self,
+        host: IHost,
+        nursery: trio.Nursery,
+        *,
+        max_inbound_streams_per_peer: int = DEFAULT_MAX_INBOUND_STREAMS_PER_PEER,
+    ) -> None:
+        self._host = host
+        self.nursery = nursery
+        """Background tasks of the node's network layer belong here; cancelled on exit."""
+        self.peer_id: str = str(host.get_id())
+        self.max_inbound_streams_per_peer = max_inbound_streams_per_peer
+        self.frame_errors: Counter[str] = Counter()
+        """Inbound frames that failed, by FrameError reason."""
+        self.stream_errors: Counter[str] = Counter()
+        """Inbound streams dropped for other reasons: busy, handler, reply, internal."""
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._inbound_open: Counter[str] = Counter()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        key: NodeKey,
+        listen_addrs: Sequence[str] = DEFAULT_LISTEN_ADDRS,
+        *,
+        max_inbound_streams_per_peer: int = DEFAULT_MAX_INBOUND_STREAMS_PER_PEER,
+    ) -> AsyncIterator[Transport]:
+        """Run a host for ``key`` listening on ``listen_addrs``; closed on exit, always."""
+        addrs = [parse_multiaddr(text) for text in listen_addrs]
+        host = new_node_host(key)
+        try:
+            async with host.run(addrs):
+                try:
+                    if len(host.get_transport_addrs()) < len(addrs):
+                        wanted = ", ".join(str(a) for a in addrs)
+                        raise TransportError(
+                            f"could not listen on {wanted}; check the address and that the "
+                            "port is free"
+                        )
+                    async with trio.open_nursery() as nursery:
+                        transport = cls(
+                            host, nursery, max_inbound_streams_per_peer=max_inbound_streams_per_peer
+                        )
+                        try:
+                            yield transport
+                        finally:
+                            nursery.cancel_scope.cancel()
+                finally:
+                    # libp2p requires close() before leaving run(), or sockets leak and
+                    # its background tasks log errors about hosts already gone.
+                    await _close_host(host)
+        finally:
+            await _close_host(host)  # idempotent; covers a failure inside run() itself
+
+    # -- identity and peers -------------------------------------------------------------
+
+    @property
+    def addrs(self) -> list[str]:
+        """Our dialable multiaddrs, with the bound port and ``/p2p/<our id>``."""
+        return [str(addr) for addr in self._host.get_addrs()]
+
+    def connected_peers(self) -> list[str]:
+        return [str(peer) for peer in self._host.get_connected_peers()]
+
+    def peer_addrs(self, peer_id: str) -> list[str]:
+        """The addresses the peerstore holds for ``peer_id`` (learnt from identify or dials)."""
+        try:
+            addrs = self._host.get_peerstore().addrs(_parse_peer_id(peer_id))
+        except Exception:  # unknown peer: libp2p raises PeerStoreError
+            return []
+        return sorted({_full_addr(addr, peer_id) for addr in addrs})
+
+    async def connect(self, multiaddr: str, timeout: float) -> str:
+        """Dial ``/ip4/.../tcp/N/p2p/<id>``; return the peer id. ValueError for a bad address."""
+        peer_id, addr = split_peer_multiaddr(multiaddr)
+        if peer_id == self.peer_id:
+            raise ValueError(f"{multiaddr} is this node's own address")
+        info = PeerInfo(_parse_peer_id(peer_id), [addr])
+        with trio.move_on_after(timeout):
+            try:
+                await self._host.connect(info)
+            except Exception as error:
+                raise TransportError(f"cannot connect to {multiaddr}: {_describe(error)}") from None
+            return peer_id
+        raise TransportError(f"connecting to {multiaddr} timed out after {timeout:g} s")
+
+    async def disconnect(self, peer_id: str) -> None:
+        with trio.move_on_after(STREAM_CLEANUP_TIMEOUT):
+            try:
+                await self._host.disconnect(_parse_peer_id(peer_id))
+            except Exception as error:
+                logger.debug("disconnect from %s: %s", peer_id, _describe(error))
+
+    # -- outbound -----------------------------------------------------------------------
+
+    async def send(self, peer_id: str, protocol: str, payload: bytes, timeout: float) -> None:
+        """Open a stream, write ``payload`` as one frame and half-close, within ``timeout``."""
+
+        async def exchange(stream: INetStream) -> None:
+            await write_frame(stream, payload, timeout)
+            self.bytes_sent += _frame_size(len(payload))
+            await stream.close()
+
+        await self._outbound(peer_id, protocol, timeout, "send", exchange)
+
+    async def request(
+        self, peer_id: str, protocol: str, payload: bytes, timeout: float, max_size: int
+    ) -> bytes:
+        """Write one frame, read one reply frame of at most ``max_size`` bytes."""
+
+        async def exchange(stream: INetStream) -> bytes:
+            await write_frame(stream, payload, timeout)
+            self.bytes_sent += _frame_size(len(payload))
+            # close_write, not close: NetStream.close also drops the stream from the
+            # connection's bookkeeping, and the reply has yet to be read.
+            await stream.close_write()
+            reply = await read_frame(stream, max_size, timeout)
+            self.bytes_received += _frame_size(len(reply))
+            await _close_quietly(stream)
+            return reply
+
+        return await self._outbound(peer_id, protocol, timeout, "request", exchange)
+
+    async def _outbound(
+        self,
+        peer_id: str,
+        protocol: str,
+        timeout: float,
+        action: str,
+        exchange: Callable[[INetStream], Awaitable[_T]],
+    ) -> _T:
+        remote = _parse_peer_id(peer_id)
+        what = f"{action} {protocol} to {peer_id}"
+        stream: INetStream | None = None
+        finished = False
+        with trio.move_on_after(timeout):
+            try:
+                stream = await self._host.new_stream(remote, [TProtocol(protocol)])
+                result = await exchange(stream)
+                finished = True
+                return result
+            except FrameError as error:
+                raise TransportError(f"{what} failed: {error}") from None
+            except Exception as error:
+                raise TransportError(f"{what} failed: {_describe(error)}") from None
+            finally:
+                if stream is not None and not finished:
+                    await _reset_quietly(stream)
+        raise TransportError(f"{what} timed out after {timeout:g} s")
+
+    # -- inbound ------------------------------------------------------------------------
+
+    def set_handler(
+        self, protocol: str, handler: Handler, max_size: int, read_timeout: float
+    ) -> None:
+        """Serve ``protocol``: read one frame (<= max_size, within read_timeout), call handler.
+
+        A non-None reply is written back as one frame within ``read_timeout``.
+        """
+        if max_size < 0 or not math.isfinite(read_timeout) or read_timeout <= 0:
+            raise ValueError("set_handler needs max_size >= 0 and a finite read_timeout > 0")
+        route = _Route(handler, max_size, read_timeout)
+
+        async def on_stream(stream: INetStream) -> None:
+            await self._serve(stream, protocol, route)
+
+        self._host.set_stream_handler(TProtocol(protocol), on_stream)
+
+    def remove_handler(self, protocol: str) -> None:
+        self._host.remove_stream_handler(TProtocol(protocol))
+
+    async def _serve(self, stream: INetStream, protocol: str, route: _Route) -> None:
+        # Runs in libp2p's task for this stream: nothing but cancellation may escape.
+        try:
+            peer_id = str(stream.muxed_conn.peer_id)
+        except Exception:
+            self.stream_errors["internal"] += 1
+            await _reset_quietly(stream)
+            return
+        if self._inbound_open[peer_id] >= self.max_inbound_streams_per_peer:
+            # Reset before reading anything: a flooding peer costs us no buffers.
+            self.stream_errors["busy"] += 1
+            await _reset_quietly(stream)
+            return
+        self._inbound_open[peer_id] += 1
+        try:
+            await self._serve_admitted(stream, peer_id, protocol, route)
+        except Exception as error:
+            self.stream_errors["internal"] += 1
+            logger.warning("inbound %s stream from %s: %s", protocol, peer_id, _describe(error))
+            await _reset_quietly(stream)
+        finally:
+            self._inbound_open[peer_id] -= 1
+            if self._inbound_open[peer_id] <= 0:
+                del self._inbound_open[peer_id]
+
+    async def _serve_admitted(
+        self, stream: INetStream, peer_id: str, protocol: str, route: _Route
+    ) -> None:
+        try:
+            payload = await read_frame(stream, route.max_size, route.read_timeout)
+        except FrameError as error:
+            self.frame_errors[error.reason] += 1
+            logger.debug("inbound %s frame from %s rejected: %s", protocol, peer_id, error)
+            await _reset_quietly(stream)
+            return
+        self.bytes_received += _frame_size(len(payload))
+        try:
+            reply = await route.handler(peer_id, payload)
+        except Exception as error:
+            self.stream_errors["handler"] += 1
+            # The type and first line only: handler errors may quote the payload.
+            logger.warning("handler for %s from %s raised %s", protocol, peer_id, _describe(error))
+            await _reset_quietly(stream)
+            return
+        if reply is not None:
+            try:
+                await write_frame(stream, reply, route.read_timeout)
+            except Exception as error:
+                self.stream_errors["reply"] += 1
+                logger.debug("reply on %s to %s failed: %s", protocol, peer_id, _describe(error))
+                await _reset_quietly(stream)
+                return
+            self.bytes_sent += _frame_size(len(reply))
+        await _close_quietly(stream)
