@@ -3,8 +3,9 @@
 A state machine fed with bytes and the caller's clock. Checks run cheapest
 first so that junk costs little: the size cap, the header schema, the
 allowlist, the signature (before any tensor is decoded), replay, staleness,
-the model fingerprint, then the values. A rejected update is never returned,
-so it cannot touch a model.
+the model fingerprint, the decoded tensors' layout (against that
+fingerprint), then the values. A rejected update is never returned, so it
+cannot touch a model.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class Admission:
             if signed.header["fingerprint"] != self.policy.fingerprint:
                 raise InvalidUpdate(Reason.WRONG_MODEL, "the model fingerprint differs from ours")
             update = codec.decode_tensors(signed)
+            self._check_layout(update)
         except InvalidUpdate as error:
             return self._reject(error)
         return self._judge_values(update)
@@ -106,9 +108,23 @@ class Admission:
             self._check_fresh(update.created_at, now)
             if update.fingerprint != self.policy.fingerprint:
                 raise InvalidUpdate(Reason.WRONG_MODEL, "the model fingerprint differs from ours")
+            self._check_layout(update)
         except InvalidUpdate as error:
             return self._reject(error)
         return self._judge_values(update)
+
+    def _check_layout(self, update: Update) -> None:
+        # The header's fingerprint is only a claim: a signed message may declare
+        # our fingerprint and still carry tensors of other names or shapes, which
+        # would crash or silently misalign the merge. Check what was decoded.
+        try:
+            fingerprint = update.layout.fingerprint
+        except ValueError as error:
+            raise InvalidUpdate(Reason.MALFORMED, str(error)) from None
+        if fingerprint != self.policy.fingerprint:
+            raise InvalidUpdate(
+                Reason.WRONG_SHAPE, "the tensors' names, dtypes or shapes differ from the model's"
+            )
 
     def _judge_values(self, update: Update) -> Verdict:
         if not all_finite(update.tensors.values()):

@@ -14,6 +14,7 @@ class Reason(StrEnum):
     REPLAY = "replay"
     STALE = "stale"
     WRONG_MODEL = "wrong-model"
+    WRONG_SHAPE = "wrong-shape"
     NON_FINITE = "non-finite"
     OVERSIZE = "oversize"
     MALFORMED = "malformed"

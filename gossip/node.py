@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gossip import codec
-from gossip.admission import Accepted, Admission, AdmissionPolicy, Verdict
+from gossip.admission import Accepted, Admission, AdmissionPolicy, Verdict, all_finite
 from gossip.aggregation import Aggregator, PushSumMean
+from gossip.errors import InvalidUpdate, Reason
 from gossip.keys import NodeKey
 from gossip.layout import ModelLayout
 from gossip.pushsum import PushSum, Share
@@ -73,6 +74,43 @@ class GossipNode:
 
     def set_model(self, tensors: dict[str, np.ndarray]) -> None:
         self.pushsum.replace_estimate(self.layout.flatten(tensors, dtype=np.float64))
+
+    def apply_local_step(self, before: np.ndarray, after: np.ndarray) -> None:
+        """Add what local training changed (``after - before``) to the estimate.
+
+        Applying the change rather than replacing the estimate keeps whatever
+        was merged while training ran.
+        """
+        self.pushsum.estimate += after - before
+
+    def snapshot(self, now: float) -> bytearray:
+        """The current model, signed, with weight 0: for a joining peer to adopt, not merge."""
+        update = Update(
+            sender=self.key.public_key,
+            seq=self.seq,
+            samples=self.samples,
+            weight=0.0,
+            fingerprint=self.layout.fingerprint,
+            created_at=now,
+            tensors=self.layout.unflatten(self.pushsum.estimate),
+            codec=self.codec_id,
+        )
+        return codec.encode(update, self.key)
+
+    def adopt(self, data: bytes | bytearray | memoryview, expected_sender: bytes) -> None:
+        """Take a neighbour's signed snapshot as our model (our weight stays ours).
+
+        Raises InvalidUpdate when it is not a valid snapshot of this model by
+        ``expected_sender``; the model is untouched then.
+        """
+        update = codec.decode(data, self.admission.policy.max_message_bytes)
+        if update.sender != expected_sender:
+            raise InvalidUpdate(Reason.SENDER_MISMATCH, "the snapshot is not the peer's own")
+        if update.fingerprint != self.layout.fingerprint:
+            raise InvalidUpdate(Reason.WRONG_MODEL, "the snapshot is of another model")
+        if not all_finite(update.tensors.values()):
+            raise InvalidUpdate(Reason.NON_FINITE, "the snapshot holds NaN or inf")
+        self.pushsum.replace_estimate(self.layout.flatten(update.tensors, dtype=np.float64))
 
     def prepare(self, fanout: int, now: float) -> Outgoing:
         """Split the weight for ``fanout`` neighbours and sign the one message they all get."""

@@ -22,7 +22,12 @@ MAX_UVARINT = (1 << (7 * MAX_UVARINT_BYTES)) - 1
 READ_CHUNK_BYTES = 4 * 1024 * 1024
 
 FrameErrorReason = Literal["oversize", "malformed", "truncated", "timeout"]
-FRAME_ERROR_REASONS: tuple[FrameErrorReason, ...] = ("oversize", "malformed", "truncated", "timeout")
+FRAME_ERROR_REASONS: tuple[FrameErrorReason, ...] = (
+    "oversize",
+    "malformed",
+    "truncated",
+    "timeout",
+)
 
 
 class FrameError(Exception):
@@ -95,7 +100,7 @@ async def read_frame(stream: ReadableStream, max_size: int, timeout: float) -> b
     "malformed" (bad varint), "truncated" (the stream ended or was reset mid-frame, or
     carried no frame at all), "timeout" (the whole frame took longer than ``timeout``).
     """
-    with trio.move_on_after(timeout) as scope:
+    with trio.move_on_after(timeout):
         return await _read_frame_unbounded(stream, max_size)
     raise FrameError("timeout", f"no complete frame within {timeout:g} s") from None
 

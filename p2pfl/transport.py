@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LISTEN_ADDRS = ("/ip4/127.0.0.1/tcp/0",)
 DEFAULT_MAX_INBOUND_STREAMS_PER_PEER = 8
+# Across all peers, so many cheap identities cannot add up to unbounded buffers either.
+DEFAULT_MAX_INBOUND_STREAMS = 64
 # Closing or resetting a stream writes one small muxer frame; on a wedged connection
 # that write must not hold up the handler task (or host shutdown) for long.
 STREAM_CLEANUP_TIMEOUT = 1.0
@@ -115,12 +117,14 @@ class Transport:
         nursery: trio.Nursery,
         *,
         max_inbound_streams_per_peer: int = DEFAULT_MAX_INBOUND_STREAMS_PER_PEER,
+        max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS,
     ) -> None:
         self._host = host
         self.nursery = nursery
         """Background tasks of the node's network layer belong here; cancelled on exit."""
         self.peer_id: str = str(host.get_id())
         self.max_inbound_streams_per_peer = max_inbound_streams_per_peer
+        self.max_inbound_streams = max_inbound_streams
         self.frame_errors: Counter[str] = Counter()
         """Inbound frames that failed, by FrameError reason."""
         self.stream_errors: Counter[str] = Counter()
@@ -137,6 +141,7 @@ class Transport:
         listen_addrs: Sequence[str] = DEFAULT_LISTEN_ADDRS,
         *,
         max_inbound_streams_per_peer: int = DEFAULT_MAX_INBOUND_STREAMS_PER_PEER,
+        max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS,
     ) -> AsyncIterator[Transport]:
         """Run a host for ``key`` listening on ``listen_addrs``; closed on exit, always."""
         addrs = [parse_multiaddr(text) for text in listen_addrs]
@@ -152,7 +157,10 @@ class Transport:
                         )
                     async with trio.open_nursery() as nursery:
                         transport = cls(
-                            host, nursery, max_inbound_streams_per_peer=max_inbound_streams_per_peer
+                            host,
+                            nursery,
+                            max_inbound_streams_per_peer=max_inbound_streams_per_peer,
+                            max_inbound_streams=max_inbound_streams,
                         )
                         try:
                             yield transport
@@ -166,6 +174,11 @@ class Transport:
             await _close_host(host)  # idempotent; covers a failure inside run() itself
 
     # -- identity and peers -------------------------------------------------------------
+
+    @property
+    def host(self) -> IHost:
+        """The underlying libp2p host, for protocols beyond one-frame streams."""
+        return self._host
 
     @property
     def addrs(self) -> list[str]:
@@ -188,7 +201,13 @@ class Transport:
         peer_id, addr = split_peer_multiaddr(multiaddr)
         if peer_id == self.peer_id:
             raise ValueError(f"{multiaddr} is this node's own address")
-        info = PeerInfo(_parse_peer_id(peer_id), [addr])
+        remote = _parse_peer_id(peer_id)
+        info = PeerInfo(remote, [addr])
+        # libp2p refuses for 60 s to redial a peer whose dials all failed ("negative
+        # cache"); an explicit connect must get through, e.g. to a restarted peer.
+        unblock = getattr(self._host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(remote)
         with trio.move_on_after(timeout):
             try:
                 await self._host.connect(info)
@@ -290,7 +309,10 @@ class Transport:
             self.stream_errors["internal"] += 1
             await _reset_quietly(stream)
             return
-        if self._inbound_open[peer_id] >= self.max_inbound_streams_per_peer:
+        if (
+            self._inbound_open[peer_id] >= self.max_inbound_streams_per_peer
+            or self._inbound_open.total() >= self.max_inbound_streams
+        ):
             # Reset before reading anything: a flooding peer costs us no buffers.
             self.stream_errors["busy"] += 1
             await _reset_quietly(stream)

@@ -1,0 +1,191 @@
+"""The ``p2pfl`` command: ``keygen``, ``node`` and ``status``.
+
+Errors a user can cause (a bad flag, key file, multiaddr or config) end the
+command with one line on stderr naming the cause and the fix, and exit code 2;
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from gossip.keys import KeyFileError, NodeKey
+from p2pfl.config import ConfigError, NodeConfig, build_config, load_config_file, parse_host_port
+
+logger = logging.getLogger("p2pfl")
+
+USAGE_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def _add_node_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = NodeConfig()
+    add = parser.add_argument
+    add("--config", metavar="FILE", help="TOML file with any of these settings; flags override it")
+    add("--key", help=f"node key file from `p2pfl keygen` (default {defaults.key})")
+    add("--listen", action="append", metavar="MULTIADDR",
+        help="address to listen on, repeatable (default /ip4/127.0.0.1/tcp/0)")
+    add("--bootstrap", action="append", metavar="MULTIADDR",
+        help="a member's /ip4/.../tcp/N/p2p/ID address, repeatable; none: first node")
+    add("--task", help="digits, breast-cancer, or module:function (default digits)")
+    add("--shard", metavar="I/N", help="train on shard I of N of the task's data (default 0/1)")
+    add("--partition", help="how shards are cut: iid, dirichlet:ALPHA, quantity:ALPHA")
+    add("--seed", type=int, help="seed of the task, shards and training (default 0)")
+    add("--state-dir", metavar="DIR", help="checkpoints go here (default p2pfl-state)")
+    add("--status-addr", metavar="HOST:PORT", help="serve /status and /metrics (default "
+        "127.0.0.1:0, a free port; the bound address is printed)")
+    add("--allow", metavar="FILE", help="only accept updates from these peer ids (one per line)")
+    add("--degree", type=int, help="gossip neighbours per node (default 4)")
+    add("--rounds", type=int, help="stop after this many local rounds (default: run until stopped)")
+    add("--local-epochs", type=int, help="epochs over the local shard per round (default 1)")
+    add("--min-neighbors", type=int, help="peers to know before training starts (default 1)")
+    add("--round-interval", type=float, metavar="SECONDS",
+        help="shortest time between round starts (default 0)")
+    add("--max-message-mb", type=float, help="largest update accepted (default 64)")
+    add("--send-timeout", type=float, metavar="SECONDS", help="per push (default 5)")
+    add("--log-format", choices=["text", "json"], help="log lines on stderr (default text)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pfl",
+        description="Decentralized federated learning: train on private data, gossip signed "
+        "model updates to peers over libp2p. No coordinator.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    keygen = commands.add_parser("keygen", help="create a node key and print its peer id")
+    keygen.add_argument("path", help="where to write the key (mode 0600)")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing key")
+    node = commands.add_parser("node", help="run a node until stopped or --rounds are done")
+    _add_node_flags(node)
+    status = commands.add_parser("status", help="print a running node's status as a table")
+    status.add_argument("--status-addr", required=True, metavar="HOST:PORT")
+    status.add_argument("--json", action="store_true", help="print the raw JSON instead")
+    return parser
+
+
+def node_config(args: argparse.Namespace) -> NodeConfig:
+    file_settings = load_config_file(args.config) if args.config else {}
+    flags: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in ("key", "task", "shard", "partition", "seed", "state_dir", "status_addr",
+                     "allow", "degree", "rounds", "local_epochs", "min_neighbors",
+                     "round_interval", "max_message_mb", "send_timeout", "log_format")
+    }
+    flags["listen"] = tuple(args.listen) if args.listen else None
+    flags["bootstrap"] = tuple(args.bootstrap) if args.bootstrap else None
+    return build_config(file_settings, flags)
+
+
+def run_keygen(args: argparse.Namespace) -> None:
+    key = NodeKey.generate()
+    key.save(args.path, overwrite=args.force)
+    print(key.peer_id)
+
+
+def run_node(args: argparse.Namespace) -> None:
+    config = node_config(args)
+    from p2pfl.logs import configure_logging
+
+    configure_logging(config.log_format)
+    key = NodeKey.load(config.key)
+    # Imported here: torch and libp2p take a second to import, which `keygen` and
+    # `--help` should not pay.
+    import trio
+
+    import torch
+
+    from fltasks import load_task
+    from p2pfl.host import parse_multiaddr
+    from p2pfl.runtime import NodeRuntime
+
+    # Nodes share machines with other nodes and with the event loop: one
+    # intra-op thread each avoids oversubscribing the cores.
+    torch.set_num_threads(1)
+
+    for addr in (*config.listen, *config.bootstrap):
+        try:
+            parse_multiaddr(addr)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    try:
+        task = load_task(config.task, seed=config.seed)
+        runtime = NodeRuntime(config, key, task, announce=lambda line: print(line, flush=True))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for received in signals:
+                        logger.info("received %s: checkpointing and stopping",
+                                    signal.Signals(received).name)
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(stop_on_signal)
+            await runtime.run()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    print(f"stopped at round {runtime.round} accuracy {runtime.accuracy}", flush=True)
+
+
+def fetch_status(status_addr: str, timeout: float = 5.0) -> dict[str, Any]:
+    host, port = parse_host_port(status_addr)
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=timeout) as response:
+            return json.load(response)
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise UserError(f"no node answers at {status_addr} ({reason}); is it running?") from None
+
+
+def run_status(args: argparse.Namespace) -> None:
+    status = fetch_status(args.status_addr)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"p2pfl node {status['peer_id']}", show_header=False)
+    for field, value in status.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        elif isinstance(value, list):
+            value = "\n".join(map(str, value)) or "-"
+        elif isinstance(value, float):
+            value = f"{value:.4f}"
+        table.add_row(field, str(value))
+    Console().print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"keygen": run_keygen, "node": run_node, "status": run_status}
+    try:
+        handlers[args.command](args)
+    except (UserError, ConfigError, KeyFileError) as error:
+        print(f"p2pfl {args.command}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The node's settings: one dataclass, filled from a TOML file and then from flags.
+
+Every setting is both a flag (``--state-dir``) and a TOML key (``state_dir``);
+flags override the file. Validation happens here, once, and each problem is a
+``ConfigError`` whose message is one line naming the setting and the fix.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message is one line."""
+
+
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    key: str = "node.key"
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    bootstrap: tuple[str, ...] = ()
+    task: str = "digits"
+    shard: str = "0/1"
+    partition: str = "iid"
+    seed: int = 0
+    state_dir: str = "p2pfl-state"
+    status_addr: str = "127.0.0.1:0"
+    allow: str | None = None
+    degree: int = 4
+    rounds: int | None = None
+    local_epochs: int = 1
+    min_neighbors: int = 1
+    round_interval: float = 0.0
+    max_message_mb: float = 64.0
+    send_timeout: float = 5.0
+    log_format: str = "text"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def shard_index(self) -> tuple[int, int]:
+        index, count = self.shard.split("/")
+        return int(index), int(count)
+
+    def validate(self) -> NodeConfig:
+        """Check every setting; return self so calls chain."""
+        try:
+            index, count = self.shard_index
+        except ValueError:
+            raise ConfigError(f"--shard {self.shard!r}: expected I/N, e.g. 0/8") from None
+        if not (count >= 1 and 0 <= index < count):
+            raise ConfigError(f"--shard {self.shard!r}: need 0 <= I < N")
+        if self.degree < 1:
+            raise ConfigError(f"--degree {self.degree}: must be at least 1")
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError(f"--rounds {self.rounds}: must be >= 1 (omit it to run forever)")
+        if self.local_epochs < 1:
+            raise ConfigError(f"--local-epochs {self.local_epochs}: must be at least 1")
+        if self.min_neighbors < 0:
+            raise ConfigError(f"--min-neighbors {self.min_neighbors}: must be >= 0")
+        if self.round_interval < 0 or self.send_timeout <= 0 or self.max_message_mb <= 0:
+            raise ConfigError("--round-interval must be >= 0; --send-timeout and "
+                              "--max-message-mb must be > 0")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"--log-format {self.log_format!r}: choose text or json")
+        if not self.listen:
+            raise ConfigError("--listen: give at least one multiaddr, e.g. /ip4/0.0.0.0/tcp/4001")
+        parse_host_port(self.status_addr)
+        return self
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--status-addr {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return host, int(port)
+
+
+_LIST_KEYS = {"listen", "bootstrap"}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings in a TOML file, as a dict of known keys."""
+    source = Path(path)
+    try:
+        with source.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {source}: no such file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"--config {source}: not valid TOML ({error})") from None
+    known = {item.name for item in fields(NodeConfig)} - {"extra"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"--config {source}: unknown key(s) {', '.join(unknown)}; "
+                          f"known keys are {', '.join(sorted(known))}")
+    settings: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name in _LIST_KEYS:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"--config {source}: {name} must be a list of strings")
+            value = tuple(value)
+        settings[name] = value
+    return settings
+
+
+def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -> NodeConfig:
+    """Defaults, overridden by the file, overridden by flags that were given (not None)."""
+    merged = dict(file_settings)
+    merged.update({k: v for k, v in flag_settings.items() if v is not None})
+    defaults = NodeConfig()
+    typed: dict[str, Any] = {}
+    for item in fields(NodeConfig):
+        if item.name not in merged or item.name == "extra":
+            continue
+        value = merged[item.name]
+        default = getattr(defaults, item.name)
+        expected = type(default) if default is not None else None
+        if expected in (int, float) and isinstance(value, bool):
+            raise ConfigError(f"{item.name}: expected a number, got {value!r}")
+        if expected is float and isinstance(value, int):
+            value = float(value)
+        if expected is not None and expected is not tuple and not isinstance(value, expected):
+            raise ConfigError(f"{item.name}: expected {expected.__name__}, got {value!r}")
+        typed[item.name] = tuple(value) if item.name in _LIST_KEYS else value
+    return replace(defaults, **typed).validate()
+
+
+def load_allowlist(path: str | Path) -> frozenset[bytes]:
+    """Peer ids, one per line (``#`` comments allowed), as ed25519 public keys."""
+    source = Path(path)
+    try:
+        lines = source.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise ConfigError(f"--allow {source}: cannot read ({error.strerror})") from None
+    keys = set()
+    for number, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            key = public_key_from_peer_id(text)
+        except ValueError:
+            raise ConfigError(f"--allow {source}:{number}: {text!r} is not an ed25519 peer id "
+                              "(12D3KooW...)") from None
+        assert peer_id_from_public_key(key) == text
+        keys.add(key)
+    return frozenset(keys)

@@ -1,0 +1,170 @@
+"""Push-sum for all nodes at once: estimates stacked as one [n, P] tensor, mixing as a sparse product.
+
+The rule is :class:`gossip.pushsum.PushSum`'s, applied to every node in one
+synchronous round. With mass ``X = w * Z``, a round is ``X' = A X`` and
+``w' = A w`` where ``A`` is the round's column-stochastic push matrix
+(``A[i, j] = 1/(d_j+1)`` for a delivered message ``j -> i`` and for ``j``'s
+own kept share), built from a :class:`~topologies.network.RoundPlan`: lost
+messages' columns lose their entry (mass lost), refunded ones go back onto the
+sender's diagonal, offline nodes keep an identity row and column, and delayed
+messages go into a queue of future arrivals.
+
+Rather than forming ``X`` and dividing back, the weights are folded into the
+matrix: ``Z' = diag(1/w') A diag(w) Z``, a row-stochastic matrix, so a round
+costs one sparse-times-dense product into a preallocated buffer and no extra
+pass over the [n, P] state. Arrivals of delayed mass add ``mass / w'`` on the
+receiving rows only.
+
+Measured on this 2-core machine (10,000 nodes x 4,810 parameters, small-world
+k=4): the product takes 30 ms in float32 and 68 ms in float64 with
+``torch.addmm(..., out=)`` (torch CSR), against 90/190 ms for scipy and
+200/555 ms for ``torch.sparse.mm``, whose fresh 200-400 MB output costs page
+faults every round. Float32 is the default; float64 matches the node-by-node
+gossip core to ~1e-12 and is what the equivalence test uses.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from topologies.network import DELIVERED, REFUNDED, NetworkModel, RoundPlan
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks")
+
+
+class StackedPushSum:
+    """Every node's push-sum estimate ``z`` (rows of ``estimates``) and weight ``w``."""
+
+    def __init__(self, estimates: torch.Tensor, weights: np.ndarray,
+                 network: NetworkModel) -> None:
+        if estimates.dim() != 2 or estimates.shape[0] != network.n:
+            raise ValueError(f"estimates must be [n={network.n}, P], got {tuple(estimates.shape)}")
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (network.n,) or not (weights > 0).all():
+            raise ValueError("push-sum weights must be positive, one per node (sample counts)")
+        self.network = network
+        self.estimates = estimates.contiguous()
+        self._spare = torch.empty_like(self.estimates)
+        self.weights = weights.copy()
+        # due round -> (mass [n, P], weight [n]) of delayed shares still in flight
+        self._in_flight: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+        self._share = 1.0 / (network.degree + 1.0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.estimates.dtype
+
+    @property
+    def mass_in_flight(self) -> float:
+        return float(sum(w.sum() for _, w in self._in_flight.values()))
+
+    def gossip(self, plan: RoundPlan) -> None:
+        """One push-sum round under ``plan``: split, send, refund, lose, delay, absorb."""
+        net = self.network
+        n = net.n
+        w = self.weights
+        src, dst, fate = net.src, net.dst, plan.fate
+        coef = self._share[src]
+        refunds = np.bincount(src[fate == REFUNDED], minlength=n)
+        keep = np.where(plan.online, (1.0 + refunds) * self._share, 1.0)
+
+        delivered = fate == DELIVERED
+        now = delivered & (net.delay == 0) if net.conditions.delay else delivered
+        rows = np.concatenate([dst[now], np.arange(n)])
+        cols = np.concatenate([src[now], np.arange(n)])
+        vals = np.concatenate([coef[now], keep])
+        push = sp.csr_array((vals, (rows, cols)), shape=(n, n))
+        push.sum_duplicates()
+        new_w = push @ w
+
+        arrived = self._arrivals(plan)
+        if arrived is not None:
+            new_w = new_w + arrived[1]
+
+        # Row-stochastic form: Z' = diag(1/w') A diag(w) Z (+ arrivals / w').
+        row_of = np.repeat(np.arange(n), np.diff(push.indptr))
+        data = push.data * w[push.indices] / new_w[row_of]
+        mix = torch.sparse_csr_tensor(
+            torch.from_numpy(push.indptr.astype(np.int64)),
+            torch.from_numpy(push.indices.astype(np.int64)),
+            torch.from_numpy(data).to(self.dtype), size=(n, n))
+        out = self._spare
+        torch.addmm(out, mix, self.estimates, beta=0.0, out=out)
+
+        if net.conditions.delay:
+            self._send_delayed(plan, delivered, coef, w)
+        if arrived is not None:
+            mass, weight = arrived
+            hit = np.flatnonzero(weight > 0)
+            if len(hit):
+                idx = torch.from_numpy(hit)
+                scale = torch.from_numpy(1.0 / new_w[hit]).to(self.dtype).unsqueeze(1)
+                out.index_add_(0, idx, mass.index_select(0, idx) * scale)
+
+        self._spare, self.estimates = self.estimates, out
+        self.weights = new_w
+
+    def _send_delayed(self, plan: RoundPlan, delivered: np.ndarray, coef: np.ndarray,
+                      w: np.ndarray) -> None:
+        net = self.network
+        late = delivered & (net.delay > 0)
+        for lag in np.unique(net.delay[late]):
+            arcs = late & (net.delay == lag)
+            shares = sp.csr_array((coef[arcs] * w[net.src[arcs]], (net.dst[arcs], net.src[arcs])),
+                                  shape=(net.n, net.n))
+            shares.sum_duplicates()
+            mass, weight = self._bucket(plan.round + int(lag))
+            weight += shares @ np.ones(net.n)
+            mix = torch.sparse_csr_tensor(
+                torch.from_numpy(shares.indptr.astype(np.int64)),
+                torch.from_numpy(shares.indices.astype(np.int64)),
+                torch.from_numpy(shares.data).to(self.dtype), size=(net.n, net.n))
+            torch.addmm(mass, mix, self.estimates, out=mass)
+
+    def _bucket(self, due: int) -> tuple[torch.Tensor, np.ndarray]:
+        if due not in self._in_flight:
+            n, size = self.estimates.shape
+            self._in_flight[due] = (torch.zeros(n, size, dtype=self.dtype), np.zeros(n))
+        return self._in_flight[due]
+
+    def _arrivals(self, plan: RoundPlan) -> tuple[torch.Tensor, np.ndarray] | None:
+        """Shares due now; those for offline receivers wait one more round."""
+        arrived = self._in_flight.pop(plan.round, None)
+        if arrived is None:
+            return None
+        mass, weight = arrived
+        waiting = np.flatnonzero(~plan.online & (weight > 0))
+        if len(waiting):
+            later_mass, later_weight = self._bucket(plan.round + 1)
+            idx = torch.from_numpy(waiting)
+            later_mass.index_add_(0, idx, mass.index_select(0, idx))
+            later_weight[waiting] += weight[waiting]
+            weight = weight.copy()
+            weight[waiting] = 0.0
+        return mass, weight
+
+
+def consensus_distance(estimates: torch.Tensor, scratch: torch.Tensor | None = None,
+                       chunk: int = 1024) -> float:
+    """Mean squared Euclidean distance of the rows from their plain (unweighted) mean.
+
+    Chunked through a reusable scratch buffer: subtracting the mean from the whole
+    [n, P] tensor at once allocates (and page-faults) hundreds of MB per round.
+    """
+    n = estimates.shape[0]
+    mean = estimates.mean(dim=0)
+    if scratch is None or scratch.shape[0] < min(chunk, n) or scratch.dtype != estimates.dtype:
+        scratch = torch.empty(min(chunk, n), estimates.shape[1], dtype=estimates.dtype)
+    total = 0.0
+    for start in range(0, n, chunk):
+        block = estimates[start:start + chunk]
+        buf = scratch[:len(block)]
+        torch.sub(block, mean, out=buf)
+        flat = buf.view(-1)
+        total += float(torch.dot(flat, flat))
+    return total / n
