@@ -34,24 +34,40 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--config", metavar="FILE", help="TOML file with any of these settings; flags override it")
     add("--key", help=f"node key file from `p2pfl keygen` (default {defaults.key})")
-    add("--listen", action="append", metavar="MULTIADDR",
-        help="address to listen on, repeatable (default /ip4/127.0.0.1/tcp/0)")
-    add("--bootstrap", action="append", metavar="MULTIADDR",
-        help="a member's /ip4/.../tcp/N/p2p/ID address, repeatable; none: first node")
+    add(
+        "--listen",
+        action="append",
+        metavar="MULTIADDR",
+        help="address to listen on, repeatable (default /ip4/127.0.0.1/tcp/0)",
+    )
+    add(
+        "--bootstrap",
+        action="append",
+        metavar="MULTIADDR",
+        help="a member's /ip4/.../tcp/N/p2p/ID address, repeatable; none: first node",
+    )
     add("--task", help="digits, breast-cancer, or module:function (default digits)")
     add("--shard", metavar="I/N", help="train on shard I of N of the task's data (default 0/1)")
     add("--partition", help="how shards are cut: iid, dirichlet:ALPHA, quantity:ALPHA")
     add("--seed", type=int, help="seed of the task, shards and training (default 0)")
     add("--state-dir", metavar="DIR", help="checkpoints go here (default p2pfl-state)")
-    add("--status-addr", metavar="HOST:PORT", help="serve /status and /metrics (default "
-        "127.0.0.1:0, a free port; the bound address is printed)")
+    add(
+        "--status-addr",
+        metavar="HOST:PORT",
+        help="serve /status and /metrics (default "
+        "127.0.0.1:0, a free port; the bound address is printed)",
+    )
     add("--allow", metavar="FILE", help="only accept updates from these peer ids (one per line)")
     add("--degree", type=int, help="gossip neighbours per node (default 4)")
     add("--rounds", type=int, help="stop after this many local rounds (default: run until stopped)")
     add("--local-epochs", type=int, help="epochs over the local shard per round (default 1)")
     add("--min-neighbors", type=int, help="peers to know before training starts (default 1)")
-    add("--round-interval", type=float, metavar="SECONDS",
-        help="shortest time between round starts (default 0)")
+    add(
+        "--round-interval",
+        type=float,
+        metavar="SECONDS",
+        help="shortest time between round starts (default 0)",
+    )
     add("--max-message-mb", type=float, help="largest update accepted (default 64)")
     add("--send-timeout", type=float, metavar="SECONDS", help="per push (default 5)")
     add("--log-format", choices=["text", "json"], help="log lines on stderr (default text)")
@@ -79,9 +95,24 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
     file_settings = load_config_file(args.config) if args.config else {}
     flags: dict[str, Any] = {
         name: getattr(args, name)
-        for name in ("key", "task", "shard", "partition", "seed", "state_dir", "status_addr",
-                     "allow", "degree", "rounds", "local_epochs", "min_neighbors",
-                     "round_interval", "max_message_mb", "send_timeout", "log_format")
+        for name in (
+            "key",
+            "task",
+            "shard",
+            "partition",
+            "seed",
+            "state_dir",
+            "status_addr",
+            "allow",
+            "degree",
+            "rounds",
+            "local_epochs",
+            "min_neighbors",
+            "round_interval",
+            "max_message_mb",
+            "send_timeout",
+            "log_format",
+        )
     }
     flags["listen"] = tuple(args.listen) if args.listen else None
     flags["bootstrap"] = tuple(args.bootstrap) if args.bootstrap else None
@@ -102,9 +133,8 @@ def run_node(args: argparse.Namespace) -> None:
     key = NodeKey.load(config.key)
     # Imported here: torch and libp2p take a second to import, which `keygen` and
     # `--help` should not pay.
-    import trio
-
     import torch
+    import trio
 
     from fltasks import load_task
     from p2pfl.host import parse_multiaddr
@@ -131,8 +161,9 @@ def run_node(args: argparse.Namespace) -> None:
             async def stop_on_signal() -> None:
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for received in signals:
-                        logger.info("received %s: checkpointing and stopping",
-                                    signal.Signals(received).name)
+                        logger.info(
+                            "received %s: checkpointing and stopping", signal.Signals(received).name
+                        )
                         nursery.cancel_scope.cancel()
                         return
 

@@ -66,8 +66,9 @@ class NodeConfig:
         if self.min_neighbors < 0:
             raise ConfigError(f"--min-neighbors {self.min_neighbors}: must be >= 0")
         if self.round_interval < 0 or self.send_timeout <= 0 or self.max_message_mb <= 0:
-            raise ConfigError("--round-interval must be >= 0; --send-timeout and "
-                              "--max-message-mb must be > 0")
+            raise ConfigError(
+                "--round-interval must be >= 0; --send-timeout and --max-message-mb must be > 0"
+            )
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format {self.log_format!r}: choose text or json")
         if not self.listen:
@@ -99,8 +100,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     known = {item.name for item in fields(NodeConfig)} - {"extra"}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"--config {source}: unknown key(s) {', '.join(unknown)}; "
-                          f"known keys are {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"--config {source}: unknown key(s) {', '.join(unknown)}; "
+            f"known keys are {', '.join(sorted(known))}"
+        )
     settings: dict[str, Any] = {}
     for name, value in raw.items():
         if name in _LIST_KEYS:
@@ -150,8 +153,9 @@ def load_allowlist(path: str | Path) -> frozenset[bytes]:
         try:
             key = public_key_from_peer_id(text)
         except ValueError:
-            raise ConfigError(f"--allow {source}:{number}: {text!r} is not an ed25519 peer id "
-                              "(12D3KooW...)") from None
+            raise ConfigError(
+                f"--allow {source}:{number}: {text!r} is not an ed25519 peer id (12D3KooW...)"
+            ) from None
         assert peer_id_from_public_key(key) == text
         keys.add(key)
     return frozenset(keys)

@@ -25,8 +25,9 @@ def long_link_count(degree: int) -> int:
     return 0 if degree < 2 else max(1, degree // 4)
 
 
-def choose_neighbors(own: str, known: Sequence[str], degree: int, rng: random.Random,
-                     keep: Sequence[str] = ()) -> list[str]:
+def choose_neighbors(
+    own: str, known: Sequence[str], degree: int, rng: random.Random, keep: Sequence[str] = ()
+) -> list[str]:
     """Up to ``degree`` peers of ``known``: ring neighbours first, then long links.
 
     ``keep`` are the current long links: they stay while still known, so that

@@ -296,7 +296,10 @@ async def discovery_round(transport: Transport, book: PeerBook, fanout: int, tim
         try:
             if peer_id not in transport.connected_peers():
                 await _connect_any(transport, addrs, timeout)
-            learnt += await exchange_peers(transport, peer_id, book, timeout)
+            new = await exchange_peers(transport, peer_id, book, timeout)
+            # Not `learnt += await ...`: that reads `learnt` before the await, and the
+            # concurrent exchanges would overwrite each other's counts.
+            learnt += new
         except TransportError as error:
             forgotten = book.mark_failed(peer_id)
             logger.debug(

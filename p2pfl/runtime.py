@@ -23,7 +23,7 @@ import trio
 
 from fltasks import Task, partition
 from gossip import AdmissionPolicy, GossipNode, InvalidUpdate, NodeKey, Outgoing
-from gossip.keys import public_key_from_peer_id
+from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from p2pfl.checkpoint import CheckpointStore, NodeState
 from p2pfl.config import NodeConfig, load_allowlist, parse_host_port
 from p2pfl.neighbors import choose_neighbors
@@ -48,15 +48,17 @@ def model_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def load_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    model.load_state_dict({name: torch.from_numpy(np.ascontiguousarray(a))
-                           for name, a in arrays.items()})
+    model.load_state_dict(
+        {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+    )
 
 
 class NodeRuntime:
     """One daemon's state and loops; :meth:`run` until done or cancelled."""
 
-    def __init__(self, config: NodeConfig, key: NodeKey, task: Task,
-                 announce: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, config: NodeConfig, key: NodeKey, task: Task, announce: Callable[[str], None] = print
+    ) -> None:
         self.config = config
         self.key = key
         self.task = task
@@ -144,6 +146,11 @@ class NodeRuntime:
             "weight": self.gossip.pushsum.weight,
             "sequence": self.gossip.seq,
             "known_peers": len(self.book),
+            # Highest sequence accepted from each sender: shows whose updates get through.
+            "last_seq": {
+                peer_id_from_public_key(sender): seq
+                for sender, seq in self.gossip.admission.last_seq.items()
+            },
             "send_failures": dict(self.send_failures),
             "task": self.task.name,
         }
@@ -155,8 +162,9 @@ class NodeRuntime:
         if verdict.accepted:
             self.book.mark_alive(peer_id)
         else:
-            logger.info("rejected an update from %s: %s (%s)", peer_id, verdict.reason.value,
-                        verdict.detail)
+            logger.info(
+                "rejected an update from %s: %s (%s)", peer_id, verdict.reason.value, verdict.detail
+            )
         return None
 
     async def _on_model_request(self, peer_id: str, payload: bytes) -> bytes:
@@ -208,7 +216,10 @@ class NodeRuntime:
         for peer_id in peers:
             try:
                 reply = await self.transport.request(
-                    peer_id, MODEL_PROTOCOL, b"", DIAL_TIMEOUT_S,
+                    peer_id,
+                    MODEL_PROTOCOL,
+                    b"",
+                    DIAL_TIMEOUT_S,
                     self.gossip.admission.policy.max_message_bytes + 8,
                 )
             except TransportError as error:
@@ -230,8 +241,11 @@ class NodeRuntime:
         next_log = time.monotonic()
         while len(self.book) < self.config.min_neighbors:
             if time.monotonic() >= next_log:
-                logger.info("waiting for %d peer(s) before training (known: %d)",
-                            self.config.min_neighbors, len(self.book))
+                logger.info(
+                    "waiting for %d peer(s) before training (known: %d)",
+                    self.config.min_neighbors,
+                    len(self.book),
+                )
                 next_log += WAIT_LOG_INTERVAL_S
             await trio.sleep(0.1)
 
@@ -243,8 +257,9 @@ class NodeRuntime:
             try:
                 with trio.fail_after(self.config.send_timeout):
                     await self._connect(peer_id)
-                    await transport.send(peer_id, UPDATE_PROTOCOL, outgoing.message,
-                                         self.config.send_timeout)
+                    await transport.send(
+                        peer_id, UPDATE_PROTOCOL, outgoing.message, self.config.send_timeout
+                    )
             except (TransportError, trio.TooSlowError) as error:
                 # Not delivered: take the weight share back so no mass is lost.
                 self.gossip.refund(outgoing)
@@ -279,16 +294,18 @@ class NodeRuntime:
         self.gossip.merge()  # what arrived while training
         snapshot = self.gossip.estimate.copy()
         self.accuracy = await trio.to_thread.run_sync(self._evaluate, snapshot)
-        self.neighbors = choose_neighbors(self.key.peer_id, self.book.known(),
-                                          self.config.degree, self.rng, keep=self.neighbors)
+        self.neighbors = choose_neighbors(
+            self.key.peer_id, self.book.known(), self.config.degree, self.rng, keep=self.neighbors
+        )
         outgoing = self.gossip.prepare(len(self.neighbors), time.time())
         self.round += 1
         # Checkpoint before sending: a restart then never reuses a sequence number
         # that peers have already seen.
         await self.checkpoint()
         await self._push(outgoing, self.neighbors)
-        logger.info("round %d accuracy %.4f neighbours %d", self.round, self.accuracy,
-                    len(self.neighbors))
+        logger.info(
+            "round %d accuracy %.4f neighbours %d", self.round, self.accuracy, len(self.neighbors)
+        )
 
     async def _training_loop(self) -> None:
         await self._wait_for_peers()

@@ -36,16 +36,30 @@ def render_metrics(status: dict[str, Any]) -> str:
     metric("p2pfl_neighbors", "gauge", "Current gossip neighbours.", len(status["neighbors"]))
     if status.get("accuracy") is not None:
         metric("p2pfl_accuracy", "gauge", "Test accuracy of the current model.", status["accuracy"])
-    metric("p2pfl_updates_sent_total", "counter", "Updates delivered to neighbours.",
-           status["updates_sent"])
-    metric("p2pfl_updates_accepted_total", "counter", "Incoming updates admitted.",
-           status["updates_accepted"])
+    metric(
+        "p2pfl_updates_sent_total",
+        "counter",
+        "Updates delivered to neighbours.",
+        status["updates_sent"],
+    )
+    metric(
+        "p2pfl_updates_accepted_total",
+        "counter",
+        "Incoming updates admitted.",
+        status["updates_accepted"],
+    )
     for reason, count in sorted(status["updates_rejected"].items()):
-        metric("p2pfl_updates_rejected_total", "counter", "Incoming updates rejected, by reason.",
-               count, f'{{reason="{reason}"}}')
+        metric(
+            "p2pfl_updates_rejected_total",
+            "counter",
+            "Incoming updates rejected, by reason.",
+            count,
+            f'{{reason="{reason}"}}',
+        )
     metric("p2pfl_bytes_sent_total", "counter", "Payload bytes sent.", status["bytes_sent"])
-    metric("p2pfl_bytes_received_total", "counter", "Payload bytes received.",
-           status["bytes_received"])
+    metric(
+        "p2pfl_bytes_received_total", "counter", "Payload bytes received.", status["bytes_received"]
+    )
     metric("p2pfl_uptime_seconds", "gauge", "Seconds since the node started.", status["uptime_s"])
     return "\n".join(lines) + "\n"
 
@@ -84,8 +98,9 @@ def answer(request_line: str, source: StatusSource) -> bytes:
     return _response(404, "Not Found", "text/plain", b"try /status or /metrics\n")
 
 
-async def serve_status(host: str, port: int, source: StatusSource,
-                       task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_status(
+    host: str, port: int, source: StatusSource, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve until cancelled; reports the bound ``(host, port)`` through ``task_status``."""
 
     async def handle(stream: trio.SocketStream) -> None:

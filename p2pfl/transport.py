@@ -208,6 +208,11 @@ class Transport:
         unblock = getattr(self._host.get_network(), "unblock_peer", None)
         if unblock is not None:
             unblock(remote)
+        if peer_id not in self.connected_peers():
+            # libp2p dials only ONE address per transport kind (the first TCP one in the
+            # peerstore), so a stale address of a restarted peer would shadow the one
+            # given here for minutes: forget the old ones, dial exactly this one.
+            self._host.get_peerstore().clear_addrs(remote)
         with trio.move_on_after(timeout):
             try:
                 await self._host.connect(info)

@@ -317,15 +317,11 @@ async def test_four_nodes_bootstrapping_from_node_0_learn_each_other() -> None:
             everyone = {node.peer_id for node in nodes}
             for node, book in zip(nodes, books, strict=True):
                 assert set(book.known()) == everyone - {node.peer_id}
-            # The learnt addresses are real: node 3 can reach node 1 directly.
-            reply = await nodes[3].request(
-                nodes[1].peer_id,
-                PEERS_PROTOCOL,
-                msgpack.packb({"addrs": nodes[3].addrs}),
-                timeout=5,
-                max_size=1 << 20,
-            )
-            assert decode_reply(reply) is not None
+            # What was learnt is each peer's real listen address, not a guess.
+            for book in books:
+                for node in nodes:
+                    if node.peer_id in book:
+                        assert book.addrs(node.peer_id) == node.addrs
 
 
 async def test_malformed_peer_exchange_request_is_counted_not_fatal() -> None:

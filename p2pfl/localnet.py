@@ -1,0 +1,234 @@
+"""A network of real node daemons on loopback, as separate processes.
+
+Used by ``scripts/local_network.py`` (``make demo``), ``scripts/bench_network.py``
+and the end-to-end tests: each node is ``python -m p2pfl.cli node ...`` with
+its own key and state directory, exactly as an operator runs it. Node 0
+starts first; the others bootstrap from the address it prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gossip.keys import NodeKey
+
+STARTUP_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+class LocalNetworkError(Exception):
+    """A node could not be started; the message names the node and its log file."""
+
+
+@dataclass
+class LocalNode:
+    index: int
+    process: subprocess.Popen[str]
+    log_path: Path
+    state_dir: Path
+    key_path: Path
+    lines: list[str] = field(default_factory=list)
+    peer_id: str | None = None
+    listen: list[str] = field(default_factory=list)
+    status_url: str | None = None
+
+    def _reader(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            kind, _, value = line.partition(" ")
+            if kind == "peer-id":
+                self.peer_id = value
+            elif kind == "listen":
+                self.listen.append(value)
+            elif kind == "status":
+                self.status_url = value
+
+    def status(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        """The node's /status, or None while it is not (or no longer) answering."""
+        if self.status_url is None:
+            return None
+        try:
+            with urllib.request.urlopen(self.status_url, timeout=timeout) as response:
+                return json.load(response)
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    @property
+    def final_accuracy(self) -> float | None:
+        """From the ``stopped at round R accuracy A`` line a node prints on exit."""
+        for line in reversed(self.lines):
+            if line.startswith("stopped at round"):
+                value = line.rsplit(" ", 1)[-1]
+                return None if value == "None" else float(value)
+        return None
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+
+class LocalNetwork:
+    """Start, watch and stop N daemons; always use it as a context manager."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        nodes: int,
+        *,
+        rounds: int | None,
+        task: str = "digits",
+        partition: str = "dirichlet:0.5",
+        degree: int = 3,
+        seed: int = 0,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        if nodes < 2:
+            raise ValueError("a local network needs at least 2 nodes")
+        self.directory = Path(directory)
+        self.count = nodes
+        self.rounds = rounds
+        self.task = task
+        self.partition = partition
+        self.degree = degree
+        self.seed = seed
+        self.extra_args = extra_args
+        self.nodes: list[LocalNode | None] = [None] * nodes
+
+    def __enter__(self) -> LocalNetwork:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def command(self, index: int, bootstrap: str | None) -> list[str]:
+        node_dir = self.directory / f"node-{index}"
+        args = [
+            sys.executable,
+            "-m",
+            "p2pfl.cli",
+            "node",
+            "--key",
+            str(node_dir / "node.key"),
+            "--state-dir",
+            str(node_dir / "state"),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--status-addr",
+            "127.0.0.1:0",
+            "--task",
+            self.task,
+            "--shard",
+            f"{index}/{self.count}",
+            "--partition",
+            self.partition,
+            "--degree",
+            str(self.degree),
+            "--seed",
+            str(self.seed),
+        ]
+        if self.rounds is not None:
+            args += ["--rounds", str(self.rounds)]
+        if bootstrap:
+            args += ["--bootstrap", bootstrap]
+        return args + list(self.extra_args)
+
+    def start(self, index: int, bootstrap: str | None = None) -> LocalNode:
+        """Start node ``index`` (restarting it on its state dir if it ran before)."""
+        node_dir = self.directory / f"node-{index}"
+        node_dir.mkdir(parents=True, exist_ok=True)
+        key_path = node_dir / "node.key"
+        if not key_path.exists():
+            NodeKey.generate().save(key_path)
+        log_path = node_dir / "node.log"
+        log = log_path.open("a")
+        environment = dict(os.environ, PYTHONUNBUFFERED="1")
+        process = subprocess.Popen(
+            self.command(index, bootstrap),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=environment,
+            start_new_session=True,
+        )
+        log.close()
+        node = LocalNode(index, process, log_path, node_dir / "state", key_path)
+        threading.Thread(target=node._reader, daemon=True).start()
+        self.nodes[index] = node
+        return node
+
+    def wait_ready(self, node: LocalNode, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while node.status_url is None or not node.listen:
+            if not node.running:
+                raise LocalNetworkError(
+                    f"node {node.index} exited with code {node.process.returncode} before it "
+                    f"was ready; see {node.log_path}"
+                )
+            if time.monotonic() > deadline:
+                raise LocalNetworkError(
+                    f"node {node.index} not ready after {timeout:.0f} s; see {node.log_path}"
+                )
+            time.sleep(0.05)
+
+    def start_all(self) -> None:
+        first = self.start(0)
+        self.wait_ready(first)
+        for index in range(1, self.count):
+            self.start(index, bootstrap=first.listen[0])
+        for node in self.started():
+            self.wait_ready(node)
+
+    def started(self) -> list[LocalNode]:
+        return [node for node in self.nodes if node is not None]
+
+    def bootstrap_addr(self) -> str:
+        for node in self.started():
+            if node.running and node.listen:
+                return node.listen[0]
+        raise LocalNetworkError("no running node to bootstrap from")
+
+    def statuses(self) -> list[dict[str, Any] | None]:
+        return [node.status() if node is not None else None for node in self.nodes]
+
+    def wait_all_exited(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for node in self.started():
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                node.process.wait(remaining)
+            except subprocess.TimeoutExpired:
+                return False
+        return True
+
+    def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
+        node = self.nodes[index]
+        if node is not None and node.running:
+            node.process.send_signal(sig)
+            node.process.wait(STOP_TIMEOUT_S)
+
+    def stop_all(self) -> None:
+        """SIGTERM every node, then SIGKILL whatever is left: no process stays behind."""
+        for node in self.started():
+            if node.running:
+                node.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for node in self.started():
+            try:
+                node.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(node.process.pid, signal.SIGKILL)
+                node.process.wait()
