@@ -25,6 +25,7 @@ msgpack with ext types refused, and raw little-endian numbers.
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,9 @@ HEADER_FIELDS = frozenset(
     {"sender", "seq", "samples", "weight", "fingerprint", "created_at", "codec", "tensors"}
 )
 TENSOR_FIELDS = frozenset({"name", "dtype", "shape", "size"})
+# Tab and newline delimit the model fingerprint's lines (gossip.layout): a name
+# holding them could make another layout hash to ours. No control characters.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -179,8 +183,16 @@ def _check_header(header: Any) -> None:
         if type(entry) is not dict or set(entry) != TENSOR_FIELDS:
             raise _malformed(f"each tensor entry is a map with exactly {sorted(TENSOR_FIELDS)}")
         name, dtype, shape, size = entry["name"], entry["dtype"], entry["shape"], entry["size"]
-        if type(name) is not str or not 0 < len(name) <= MAX_NAME_CHARS or name in names:
-            raise _malformed("tensor names are unique non-empty strings of at most 256 characters")
+        if (
+            type(name) is not str
+            or not 0 < len(name) <= MAX_NAME_CHARS
+            or name in names
+            or _CONTROL_CHARACTER.search(name)
+        ):
+            raise _malformed(
+                "tensor names are unique non-empty strings of at most 256 characters "
+                "without control characters"
+            )
         names.add(name)
         if type(dtype) is not str or dtype not in ALLOWED_DTYPES:
             raise _malformed(f"tensor {name!r}: dtype {dtype!r} is not in the allowlist")

@@ -15,7 +15,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from gossip.keys import KeyFileError, NodeKey
 from p2pfl.config import ConfigError, NodeConfig, build_config, load_config_file, parse_host_port
@@ -27,6 +27,29 @@ USAGE_ERROR = 2
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _StartupWatch:
+    """A ``task_status`` for NodeRuntime.run that only records that the node is up."""
+
+    done = False
+
+    def started(self, value: object = None) -> None:
+        self.done = True
+
+
+def _sole_cause(error: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups, else ``error``."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def _add_node_flags(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +97,7 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="p2pfl",
         description="Decentralized federated learning: train on private data, gossip signed "
         "model updates to peers over libp2p. No coordinator.",
@@ -137,23 +160,30 @@ def run_node(args: argparse.Namespace) -> None:
     import trio
 
     from fltasks import load_task
-    from p2pfl.host import parse_multiaddr
+    from p2pfl.checkpoint import CheckpointError
+    from p2pfl.host import parse_multiaddr, split_peer_multiaddr
     from p2pfl.runtime import NodeRuntime
+    from p2pfl.transport import TransportError
 
     # Nodes share machines with other nodes and with the event loop: one
     # intra-op thread each avoids oversubscribing the cores.
     torch.set_num_threads(1)
 
-    for addr in (*config.listen, *config.bootstrap):
+    # A bootstrap address without /p2p/<id> can never be dialed: the node would
+    # wait for peers forever, logging a warning every few seconds.
+    checks = [("--listen", parse_multiaddr, addr) for addr in config.listen]
+    checks += [("--bootstrap", split_peer_multiaddr, addr) for addr in config.bootstrap]
+    for flag, check, addr in checks:
         try:
-            parse_multiaddr(addr)
+            check(addr)
         except ValueError as error:
-            raise UserError(str(error)) from None
+            raise UserError(f"{flag}: {error}") from None
     try:
         task = load_task(config.task, seed=config.seed)
         runtime = NodeRuntime(config, key, task, announce=lambda line: print(line, flush=True))
-    except ValueError as error:
+    except (ValueError, CheckpointError) as error:
         raise UserError(str(error)) from None
+    startup = _StartupWatch()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -168,10 +198,23 @@ def run_node(args: argparse.Namespace) -> None:
                         return
 
             nursery.start_soon(stop_on_signal)
-            await runtime.run()
+            await runtime.run(task_status=startup)
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseException as error:
+        cause = _sole_cause(error)
+        # Before the node is up, a failure to listen (an address not on this machine, a
+        # port in use) is the user's to fix; libp2p and trio wrap it in exception groups.
+        if not startup.done and isinstance(cause, TransportError):
+            raise UserError(f"--listen: {cause}") from None
+        if not startup.done and isinstance(cause, OSError):
+            raise UserError(
+                f"--status-addr {config.status_addr}: cannot listen ({cause.strerror or cause}); "
+                "use an address of this machine and a free port"
+            ) from None
+        raise
     print(f"stopped at round {runtime.round} accuracy {runtime.accuracy}", flush=True)
 
 

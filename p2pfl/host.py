@@ -71,10 +71,15 @@ class _ForwardLibp2pRecords(logging.Handler):
             message = record.getMessage()
         except Exception:
             message = str(record.msg)
-        message = message.replace("\n", " | ")
+        # Only the first line: libp2p embeds whole tracebacks of routine peer failures
+        # (a peer killed mid-handshake) in its messages; operators need the cause only.
+        message = message.strip().split("\n", 1)[0]
         if len(message) > MAX_LOG_MESSAGE_CHARS:
             message = message[:MAX_LOG_MESSAGE_CHARS] + "...(cut)"
-        self._target.log(record.levelno, "libp2p %s: %s", record.name, message)
+        # libp2p logs routine peer failures (a dead peer's dial, 4 lines per attempt) at
+        # ERROR; in a P2P network those are expected, so they are warnings to us.
+        level = min(record.levelno, logging.WARNING)
+        self._target.log(level, "libp2p %s: %s", record.name, message)
 
 
 def route_libp2p_logging() -> None:

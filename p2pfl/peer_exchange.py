@@ -78,10 +78,13 @@ class PeerBook:
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self._entries
 
-    def add(self, peer_id: str, addrs: Iterable[str]) -> bool:
+    def add(self, peer_id: str, addrs: Iterable[str], *, first_hand: bool = True) -> bool:
         """Record ``peer_id`` at ``addrs`` (merged, capped); True if the peer was new.
 
-        A new peer without any address is not recorded: nobody could dial it.
+        ``first_hand`` addresses come from the peer itself over an authenticated stream
+        and go first; second-hand ones (another peer's reply, which anyone can forge)
+        only fill free slots and do not count as having seen the peer. A new peer
+        without any address is not recorded: nobody could dial it.
         """
         addrs = list(addrs)
         if peer_id == self.own_peer_id:
@@ -97,10 +100,13 @@ class PeerBook:
             is_new = True
         else:
             is_new = False
-        # Fresh addresses first, so a peer that moved is reached at its new address.
-        merged = list(dict.fromkeys([*addrs, *entry.addrs]))
+        if first_hand:
+            # Fresh addresses first, so a peer that moved is reached at its new address.
+            merged = list(dict.fromkeys([*addrs, *entry.addrs]))
+            entry.last_seen = now
+        else:
+            merged = list(dict.fromkeys([*entry.addrs, *addrs]))
         entry.addrs = tuple(merged[:MAX_ADDRS_PER_PEER])
-        entry.last_seen = now
         return is_new
 
     def mark_alive(self, peer_id: str) -> None:
@@ -280,7 +286,9 @@ async def exchange_peers(transport: Transport, peer_id: str, book: PeerBook, tim
     peers, dropped = decoded
     if dropped:
         book.rejected["bad_entry"] += dropped
-    return sum(book.add(pid, addrs) for pid, addrs in peers if pid != transport.peer_id)
+    return sum(
+        book.add(pid, addrs, first_hand=False) for pid, addrs in peers if pid != transport.peer_id
+    )
 
 
 async def discovery_round(transport: Transport, book: PeerBook, fanout: int, timeout: float) -> int:

@@ -129,7 +129,9 @@ class EventSimulation:
             self._push(START + rng.uniform(0, period[1]), "wake", i)
 
     def _push(self, time: float, kind: str, source: int, target: int = -1, outgoing=None) -> None:
-        heapq.heappush(self._events, _Event(time, next(self._counter), kind, source, target, outgoing))
+        heapq.heappush(
+            self._events, _Event(time, next(self._counter), kind, source, target, outgoing)
+        )
 
     def kill(self, index: int) -> None:
         """From now on ``index`` neither sends nor receives; what it held is gone."""

@@ -129,6 +129,19 @@ async def test_send_delivers_1_kib_and_8_mib_intact() -> None:
             assert b.bytes_received == a.bytes_sent > len(small) + len(large)
 
 
+@pytest.mark.slow
+async def test_send_delivers_64_mib_intact() -> None:
+    with trio.fail_after(60):
+        async with transports(2) as [a, b]:
+            received: list[tuple[str, bytes]] = []
+            b.set_handler(PROTOCOL, collect_into(received), max_size=64 << 20, read_timeout=30)
+            peer = await a.connect(b.addrs[0], timeout=5)
+            payload = os.urandom(64 << 20)
+            await a.send(peer, PROTOCOL, payload, timeout=30)
+            await wait_until(lambda: len(received) == 1)
+            assert received[0][1] == payload
+
+
 async def test_request_returns_the_reply_frame() -> None:
     with trio.fail_after(10):
         async with transports(2) as [a, b]:
@@ -373,3 +386,22 @@ def test_decode_reply_drops_bad_entries_and_keeps_good_ones() -> None:
         [(good, [f"/ip4/10.0.0.1/tcp/1/p2p/{good}"])],
         2,
     )
+
+
+def test_second_hand_addresses_never_displace_first_hand_ones() -> None:
+    peer = NodeKey.generate().peer_id
+    book = PeerBook(NodeKey.generate().peer_id)
+    real = f"/ip4/10.0.0.1/tcp/1/p2p/{peer}"
+    assert book.add(peer, [real]) is True
+    forged = [f"/ip4/10.6.6.{i}/tcp/1/p2p/{peer}" for i in range(20)]
+    assert book.add(peer, forged, first_hand=False) is False
+    assert book.addrs(peer)[0] == real
+    assert len(book.addrs(peer)) == 8
+
+
+def test_peer_book_forgets_a_peer_after_repeated_failures() -> None:
+    peer = NodeKey.generate().peer_id
+    book = PeerBook(NodeKey.generate().peer_id)
+    book.add(peer, [f"/ip4/10.0.0.1/tcp/1/p2p/{peer}"])
+    assert [book.mark_failed(peer) for _ in range(3)] == [False, False, True]
+    assert peer not in book and book.sample(5) == []

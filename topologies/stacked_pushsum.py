@@ -1,4 +1,4 @@
-"""Push-sum for all nodes at once: estimates stacked as one [n, P] tensor, mixing as a sparse product.
+"""Push-sum for all nodes at once: estimates stacked in one [n, P] tensor, mixing as sparse product.
 
 The rule is :class:`gossip.pushsum.PushSum`'s, applied to every node in one
 synchronous round. With mass ``X = w * Z``, a round is ``X' = A X`` and
@@ -48,7 +48,7 @@ class StackedPushSum:
         if weights.shape != (network.n,) or not (weights > 0).all():
             raise ValueError("push-sum weights must be positive, one per node (sample counts)")
         self.network = network
-        self.estimates = estimates.contiguous()
+        self.estimates = estimates.clone(memory_format=torch.contiguous_format)  # never alias
         self._spare = torch.empty_like(self.estimates)
         self.weights = weights.copy()
         # due round -> (mass [n, P], weight [n]) of delayed shares still in flight
@@ -150,16 +150,21 @@ class StackedPushSum:
 
 
 def consensus_distance(estimates: torch.Tensor, scratch: torch.Tensor | None = None,
-                       chunk: int = 1024) -> float:
+                       chunk: int = 256) -> float:
     """Mean squared Euclidean distance of the rows from their plain (unweighted) mean.
 
-    Chunked through a reusable scratch buffer: subtracting the mean from the whole
-    [n, P] tensor at once allocates (and page-faults) hundreds of MB per round.
+    Centered, not ``mean ||z||^2 - ||mean||^2``: near consensus that difference
+    cancels to noise in float32. The mean is one matrix-vector product (3x faster
+    than a reduction over dim 0 here) and the centering goes through a reusable
+    scratch buffer in blocks of rows: subtracting the mean from the whole [n, P]
+    tensor at once allocates and page-faults hundreds of MB per round, and blocks
+    much smaller than ~100 rows pay more in thread start-up than in arithmetic.
     """
-    n = estimates.shape[0]
-    mean = estimates.mean(dim=0)
-    if scratch is None or scratch.shape[0] < min(chunk, n) or scratch.dtype != estimates.dtype:
-        scratch = torch.empty(min(chunk, n), estimates.shape[1], dtype=estimates.dtype)
+    n, size = estimates.shape
+    mean = torch.mv(estimates.t(), torch.full((n,), 1.0 / n, dtype=estimates.dtype))
+    rows = min(chunk, n)
+    if scratch is None or scratch.shape[0] < rows or scratch.dtype != estimates.dtype:
+        scratch = torch.empty(rows, size, dtype=estimates.dtype)
     total = 0.0
     for start in range(0, n, chunk):
         block = estimates[start:start + chunk]

@@ -1,8 +1,15 @@
-"""The interface every tensor codec implements, and the registry of codec ids."""
+"""The interface every tensor codec implements, and the registry of codec ids.
+
+An id is either a plain name (``raw``, ``fp16``, ``int8``) registered with
+:func:`register`, or ``family:parameter`` (``topk:0.01``) for a codec family
+registered with :func:`register_family`, whose factory builds the codec from
+the parameter text or returns None when the text is not a valid parameter.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,7 +32,10 @@ class TensorCodec(ABC):
         """The tensor a payload stands for; ValueError if the payload does not fit."""
 
 
+CodecFactory = Callable[[str], "TensorCodec | None"]
+
 _CODECS: dict[str, TensorCodec] = {}
+_FAMILIES: dict[str, CodecFactory] = {}
 
 
 def register(codec: TensorCodec) -> TensorCodec:
@@ -33,5 +43,37 @@ def register(codec: TensorCodec) -> TensorCodec:
     return codec
 
 
-def codec_by_id(codec_id: str) -> TensorCodec | None:
-    return _CODECS.get(codec_id)
+def register_family(name: str, factory: CodecFactory) -> None:
+    """Make ids ``name:PARAMETER`` resolve to ``factory(PARAMETER)``."""
+    if ":" in name:
+        raise ValueError(f"a codec family name cannot contain ':' (got {name!r})")
+    _FAMILIES[name] = factory
+
+
+def resolve_codec(codec_id: str) -> TensorCodec | None:
+    """The codec an id names, or None when no registered codec or family accepts it.
+
+    Ids come from the network, so a malformed parameter is None, never an error.
+    """
+    codec = _CODECS.get(codec_id)
+    if codec is not None:
+        return codec
+    family, sep, parameter = codec_id.partition(":")
+    factory = _FAMILIES.get(family) if sep else None
+    return factory(parameter) if factory is not None else None
+
+
+codec_by_id = resolve_codec  # the older name, still used by gossip.codec
+
+
+def element_count(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def require_float(codec_id: str, array: np.ndarray) -> None:
+    """Lossy codecs take floating-point tensors only; say so in one line."""
+    if array.dtype.kind != "f":
+        raise ValueError(
+            f"codec {codec_id!r} encodes floating-point tensors only, got {array.dtype.name}; "
+            "use the 'raw' codec for models with integer tensors"
+        )

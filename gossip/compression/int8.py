@@ -1,0 +1,106 @@
+"""Blockwise symmetric 8-bit quantization: about a quarter of float32's size.
+
+The flattened tensor is cut into blocks of ``BLOCK = 256`` values (the last
+block may be shorter). Each block has one float32 scale, ``max|x| / 127``,
+and each value is sent as ``q = round(x / scale)``, an int8 in [-127, 127];
+the receiver reads ``x̂ = q * scale``. Payload, little-endian::
+
+    [ceil(n / 256) scales, float32][n values, int8]
+
+so ``n + 4 * ceil(n / 256)`` bytes, 3.94x smaller than float32 for large n.
+
+Error bound: ``|x - x̂| <= scale / 2`` for every element of its block, up to
+float32 rounding (at most ``scale * 2**-16`` more, and for float64 tensors
+the float32 rounding of x itself). An all-zero block has scale 0 and comes
+back exact. A block whose ``max|x| / 127`` underflows float32 gets the
+smallest subnormal as its scale, so the bound still holds. Values beyond
+float32's range (float64 tensors only) are clipped to it first.
+
+Only floating-point tensors; NaN and infinite values are refused at encode.
+Decoding refuses a payload whose length is not exact for the declared shape,
+and scales that are negative, NaN or infinite.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gossip.compression.base import TensorCodec, element_count, register, require_float
+
+BLOCK = 256
+_LEVELS = 127
+_SCALE = np.dtype("<f4")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_SMALLEST_SUBNORMAL = np.float32(np.finfo(np.float32).smallest_subnormal)
+
+
+def _block_count(count: int) -> int:
+    return -(-count // BLOCK)
+
+
+def _per_block(values: np.ndarray, per_block: np.ndarray, op: np.ufunc, out: np.ndarray) -> None:
+    """``out = op(values, per_block[block of each value])``, without a Python loop."""
+    whole = values.size // BLOCK * BLOCK
+    blocks = whole // BLOCK
+    op(
+        values[:whole].reshape(blocks, BLOCK),
+        per_block[:blocks, None],
+        out=out[:whole].reshape(blocks, BLOCK),
+    )
+    if whole < values.size:
+        op(values[whole:], per_block[blocks], out=out[whole:])
+
+
+class Int8Codec(TensorCodec):
+    id = "int8"
+
+    def payload_size(self, array: np.ndarray) -> int:
+        return array.size + _SCALE.itemsize * _block_count(array.size)
+
+    def encode_into(self, array: np.ndarray, out: memoryview) -> None:
+        require_float(self.id, array)
+        count = array.size
+        blocks = _block_count(count)
+        if count == 0:
+            return
+        values = array.reshape(-1)
+        if values.dtype != np.float32:
+            values = np.clip(values, -_FLOAT32_MAX, _FLOAT32_MAX).astype(np.float32)
+        work = np.abs(values)
+        peak = np.maximum.reduceat(work, np.arange(0, count, BLOCK))  # NaN propagates
+        if not np.isfinite(peak).all():
+            raise ValueError("codec 'int8' cannot encode NaN or infinite values")
+        scales = peak / np.float32(_LEVELS)
+        scales[(scales == 0) & (peak > 0)] = _SMALLEST_SUBNORMAL
+        # Near float32's limit, 127 * scale could round past it and decode as inf.
+        overflowing = scales.astype(np.float64) * _LEVELS > _FLOAT32_MAX
+        scales[overflowing] = np.nextafter(scales[overflowing], np.float32(0))
+        divisors = np.where(scales > 0, scales, np.float32(1))  # a zero block stays zero
+        _per_block(values, divisors, np.divide, work)
+        np.rint(work, out=work)
+        np.frombuffer(out, dtype=_SCALE, count=blocks)[:] = scales
+        quantized = np.frombuffer(out, dtype=np.int8, offset=blocks * _SCALE.itemsize)
+        np.copyto(quantized, work, casting="unsafe")
+
+    def decode(self, payload: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        if dtype.kind != "f":
+            raise ValueError(f"int8 payload declared as {dtype.name}, a non-float dtype")
+        count = element_count(shape)
+        blocks = _block_count(count)
+        expected = count + _SCALE.itemsize * blocks
+        if len(payload) != expected:
+            raise ValueError(
+                f"int8 payload has {len(payload)} bytes, shape {shape} needs {expected}"
+            )
+        scales = np.frombuffer(payload, dtype=_SCALE, count=blocks)
+        if not (np.isfinite(scales).all() and (scales >= 0).all()):
+            raise ValueError("int8 payload has a negative, NaN or infinite scale")
+        quantized = np.frombuffer(payload, dtype=np.int8, offset=blocks * _SCALE.itemsize)
+        # Multiply in float32 for float16/float32 tensors, float64 for float64.
+        work_dtype = np.float64 if dtype.itemsize > 4 else np.float32
+        values = quantized.astype(work_dtype)
+        _per_block(values, scales.astype(work_dtype, copy=False), np.multiply, values)
+        return values.astype(dtype, copy=False).reshape(shape)
+
+
+register(Int8Codec())

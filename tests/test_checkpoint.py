@@ -1,0 +1,167 @@
+"""Checkpoints: atomic replacement, the previous file as fallback, and corruption detected."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import blake3
+import numpy as np
+import pytest
+
+from p2pfl.checkpoint import (
+    MAGIC,
+    CheckpointError,
+    CheckpointStore,
+    NodeState,
+    decode_state,
+    encode_state,
+)
+
+FINGERPRINT = bytes(range(32))
+PEER = "12D3KooWJbV6uzPMKBPtwhgUXm8FnTnosy4gawhgjCLP6PdDPsdC"
+
+
+def state(round_: int) -> NodeState:
+    return NodeState(
+        round=round_,
+        seq=round_ * 2,
+        weight=0.25 + round_,
+        estimate=np.linspace(-1.0, 1.0, 97) * (round_ + 1),
+        fingerprint=FINGERPRINT,
+        last_seq={bytes([round_]) * 32: 7, b"\xff" * 32: 3},
+        peers={PEER: [f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}"]},
+        optimizer={"momentum": [1, 2, 3]},
+    )
+
+
+def assert_same_state(got: NodeState | None, want: NodeState) -> None:
+    assert got is not None
+    assert (got.round, got.seq, got.weight) == (want.round, want.seq, want.weight)
+    assert got.estimate.dtype == np.float64
+    np.testing.assert_array_equal(got.estimate, want.estimate)
+    assert got.fingerprint == want.fingerprint
+    assert got.last_seq == want.last_seq
+    assert got.peers == want.peers
+    assert got.optimizer == want.optimizer
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "state")
+    store.save(state(3))
+    assert_same_state(store.load(FINGERPRINT), state(3))
+
+
+def test_fresh_state_dir_loads_nothing(tmp_path: Path) -> None:
+    assert CheckpointStore(tmp_path / "empty").load(FINGERPRINT) is None
+
+
+def test_save_keeps_the_previous_checkpoint_and_leaves_no_temporary(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(state(1))
+    store.save(state(2))
+    assert_same_state(decode_state(store.current.read_bytes()), state(2))
+    assert_same_state(decode_state(store.previous.read_bytes()), state(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [store.current.name, store.previous.name]
+    )
+
+
+def test_a_write_that_fails_midway_leaves_the_current_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(state(1))
+
+    def disk_failure(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("p2pfl.checkpoint.os.fsync", disk_failure)
+    with pytest.raises(OSError):
+        store.save(state(2))
+    monkeypatch.undo()
+    assert_same_state(store.load(FINGERPRINT), state(1))
+
+
+@pytest.mark.parametrize("where", ["magic", "digest", "body", "last byte"])
+def test_flipped_byte_in_current_falls_back_to_previous(tmp_path: Path, where: str) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(state(1))
+    store.save(state(2))
+    size = store.current.stat().st_size
+    flip_byte(store.current, {"magic": 0, "digest": 10, "body": 60, "last byte": size - 1}[where])
+    assert_same_state(store.load(FINGERPRINT), state(1))
+
+
+def test_truncated_current_falls_back_to_previous(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(state(1))
+    store.save(state(2))
+    data = store.current.read_bytes()
+    store.current.write_bytes(data[: len(data) // 2])
+    assert_same_state(store.load(FINGERPRINT), state(1))
+
+
+def test_both_corrupt_is_a_checkpoint_error_naming_both_files(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(state(1))
+    store.save(state(2))
+    flip_byte(store.current, 50)
+    store.previous.write_bytes(store.previous.read_bytes()[:20])
+    with pytest.raises(CheckpointError) as caught:
+        store.load(FINGERPRINT)
+    message = str(caught.value)
+    assert store.current.name in message and store.previous.name in message
+    assert "\n" not in message
+
+
+def test_checkpoint_of_another_model_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(state(1))
+    with pytest.raises(CheckpointError, match="different model") as caught:
+        store.load(bytes(32))
+    assert "--state-dir" in str(caught.value)
+
+
+def test_file_is_magic_digest_msgpack_not_pickle(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(state(1))
+    data = store.current.read_bytes()
+    assert data.startswith(MAGIC) and MAGIC == b"P2CK"
+    body = data[36:]
+    # A pickle (protocol >= 2) starts with the PROTO opcode 0x80; a msgpack map with 0x8X.
+    assert body[:1] != b"\x80"
+
+
+class _Planted:
+    """Unpickling this would create the marker file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (self.marker.touch, ())
+
+
+def test_a_pickle_with_a_valid_digest_is_never_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    body = pickle.dumps(_Planted(marker))
+    forged = MAGIC + blake3.blake3(body).digest() + body
+    store = CheckpointStore(tmp_path / "state")
+    store.directory.mkdir()
+    store.current.write_bytes(forged)
+    with pytest.raises(CheckpointError):
+        store.load(FINGERPRINT)
+    assert not marker.exists()
+
+
+def test_encode_is_deterministic_and_decodes_back() -> None:
+    encoded = encode_state(state(5))
+    assert encode_state(state(5)) == encoded
+    assert_same_state(decode_state(encoded), state(5))

@@ -1,0 +1,124 @@
+"""Node runtimes in one trio process, over real libp2p on 127.0.0.1, training real digits.
+
+The third property of the brief, that a plaintext-only dialer cannot reach a node, is a
+property of the host every runtime uses (``Transport.open`` -> ``new_node_host``, Noise
+only) and is tested at that level in
+``tests/test_transport.py::test_plaintext_dialer_cannot_reach_a_noise_only_node``;
+it is not repeated here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trio
+
+from fltasks import Task, load_task
+from gossip import GossipNode, NodeKey
+from p2pfl.config import NodeConfig
+from p2pfl.runtime import UPDATE_PROTOCOL, NodeRuntime, model_arrays
+from p2pfl.transport import Transport
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+# Nodes share the machine with the event loop and each other (as cli.run_node does).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Task:
+    return load_task("digits")
+
+
+def make_runtime(
+    task: Task,
+    state_dir: Path,
+    index: int,
+    *,
+    rounds: int | None,
+    bootstrap: tuple[str, ...] = (),
+    round_interval: float = 0.0,
+) -> NodeRuntime:
+    config = NodeConfig(
+        key=str(state_dir / "unused.key"),
+        state_dir=str(state_dir),
+        listen=(LOOPBACK,),
+        status_addr="127.0.0.1:0",
+        task="digits",
+        shard=f"{index}/2",
+        partition="iid",
+        rounds=rounds,
+        min_neighbors=1,
+        round_interval=round_interval,
+        bootstrap=bootstrap,
+    ).validate()
+    return NodeRuntime(config, NodeKey.generate(), task, announce=lambda line: None)
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await trio.sleep(0.02)
+
+
+async def test_two_runtimes_exchange_signed_updates(digits: Task, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        first = make_runtime(digits, tmp_path / "a", 0, rounds=3, round_interval=0.2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run)
+            assert first.transport is not None
+            second = make_runtime(
+                digits,
+                tmp_path / "b",
+                1,
+                rounds=3,
+                round_interval=0.2,
+                bootstrap=(first.transport.addrs[0],),
+            )
+            nursery.start_soon(second.run)
+        # Both run() calls have returned: each node did its 3 rounds and stopped.
+        for me, other in ((first, second), (second, first)):
+            status = me.status()
+            assert status["round"] == 3
+            assert me.gossip.admission.accepted >= 1
+            assert other.key.peer_id in status["last_seq"]
+            assert status["updates_rejected"] == {}
+
+
+async def test_a_tampered_update_is_rejected_and_counted(digits: Task, tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        # No bootstrap and min_neighbors=1: the node serves but never trains, so its
+        # estimate can only change through what it receives.
+        node = make_runtime(digits, tmp_path / "node", 0, rounds=None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            assert node.transport is not None
+            attacker_key = NodeKey.generate()
+            attacker = GossipNode.create(attacker_key, model_arrays(digits.make_model()), 100)
+            message = bytes(attacker.prepare(1, time.time()).message)
+            tampered = bytearray(message)
+            tampered[-1] ^= 0x01  # one bit of the last tensor payload
+            estimate_before = node.gossip.estimate.copy()
+            async with Transport.open(attacker_key, [LOOPBACK]) as sender:
+                await sender.connect(node.transport.addrs[0], timeout=5)
+                await sender.send(node.key.peer_id, UPDATE_PROTOCOL, bytes(tampered), timeout=5)
+                await wait_until(lambda: node.status()["updates_rejected"] != {})
+                status = node.status()
+                assert status["updates_rejected"] == {"bad-signature": 1}
+                assert status["updates_accepted"] == 0
+                assert node.gossip.inbox == []
+                np.testing.assert_array_equal(node.gossip.estimate, estimate_before)
+
+                # The same bytes untampered, from the same key: accepted. So it was the
+                # flipped bit that was refused, not the sender.
+                await sender.send(node.key.peer_id, UPDATE_PROTOCOL, message, timeout=5)
+                await wait_until(lambda: node.status()["updates_accepted"] == 1)
+                status = node.status()
+                assert status["updates_rejected"] == {"bad-signature": 1}
+                assert status["last_seq"] == {attacker_key.peer_id: 1}
+                assert len(node.gossip.inbox) == 1
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,100 @@
+"""scripts/simulate.py as a user runs it: a subprocess with the venv's python."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "simulate.py"
+TOPOLOGIES = ("ring", "random", "small-world", "complete", "star")
+TOPOLOGY_FIELDS = {
+    "final_accuracy_mean",
+    "final_accuracy_min",
+    "target_accuracy",
+    "rounds_to_target",
+    "consensus_distance",
+    "spectral_gap",
+    "bytes_per_node_per_round",
+    "seconds",
+}
+FLAGS = {
+    "topology",
+    "nodes",
+    "degree",
+    "rewire",
+    "rounds",
+    "local_epochs",
+    "task",
+    "partition",
+    "loss",
+    "delay",
+    "churn",
+    "seed",
+    "out",
+}
+
+
+def simulate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_small_run_writes_every_promised_field_and_plot(tmp_path):
+    out = tmp_path / "run"
+    result = simulate(
+        "--topology",
+        "all",
+        "--nodes",
+        "8",
+        "--rounds",
+        "3",
+        "--loss",
+        "0.1",
+        "--delay",
+        "1",
+        "--churn",
+        "0.1",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert FLAGS <= set(summary["config"])
+    assert set(summary["centralized"]) >= {"final_accuracy", "seconds"}
+    assert 0.5 < summary["centralized"]["final_accuracy"] <= 1.0
+    assert set(summary["topologies"]) == set(TOPOLOGIES)
+    for name, entry in summary["topologies"].items():
+        assert TOPOLOGY_FIELDS <= set(entry), name
+        assert len(entry["consensus_distance"]) == 3
+        assert 0.0 <= entry["final_accuracy_min"] <= entry["final_accuracy_mean"] <= 1.0
+        assert 0.0 < entry["spectral_gap"] <= 1.0
+        assert entry["bytes_per_node_per_round"] > 0
+        assert entry["rounds_to_target"] is None or 1 <= entry["rounds_to_target"] <= 3
+        rows = (out / f"{name}.csv").read_text().splitlines()
+        assert rows[0].startswith("round,accuracy_mean,accuracy_min,accuracy_max,")
+        assert len(rows) == 1 + 3
+        assert (out / f"graph-{name}.png").stat().st_size > 0
+    for plot in ("accuracy.png", "consensus.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args, cause",
+    [
+        (("--loss", "1.5"), "--loss"),
+        (("--task", "nosuchmodule:make_task"), "nosuchmodule"),
+    ],
+)
+def test_bad_flag_exits_2_with_one_line(tmp_path, args, cause):
+    result = simulate(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert cause in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()

@@ -1,0 +1,149 @@
+"""The status endpoint: Prometheus text for /metrics, JSON for /status, on a real socket."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from p2pfl.status import render_metrics, serve_status
+
+SAMPLE: dict[str, Any] = {
+    "peer_id": "12D3KooWJbV6uzPMKBPtwhgUXm8FnTnosy4gawhgjCLP6PdDPsdC",
+    "round": 7,
+    "neighbors": ["a", "b", "c"],
+    "accuracy": 0.875,
+    "updates_sent": 21,
+    "updates_accepted": 18,
+    "updates_rejected": {"bad-signature": 2, "replay": 1},
+    "bytes_sent": 123456,
+    "bytes_received": 654321,
+    "uptime_s": 12.5,
+}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, labels) -> value, parsed by the Prometheus client's own parser."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_parse_as_prometheus_text_with_the_status_values() -> None:
+    parsed = samples(render_metrics(SAMPLE))
+    assert parsed[("p2pfl_round", ())] == 7
+    assert parsed[("p2pfl_neighbors", ())] == 3
+    assert parsed[("p2pfl_accuracy", ())] == 0.875
+    assert parsed[("p2pfl_updates_sent_total", ())] == 21
+    assert parsed[("p2pfl_updates_accepted_total", ())] == 18
+    assert parsed[("p2pfl_bytes_received_total", ())] == 654321
+    assert parsed[("p2pfl_uptime_seconds", ())] == 12.5
+
+
+def test_rejections_are_one_counter_labelled_by_reason() -> None:
+    parsed = samples(render_metrics(SAMPLE))
+    rejected = {
+        labels: value
+        for (name, labels), value in parsed.items()
+        if name == "p2pfl_updates_rejected_total"
+    }
+    assert rejected == {(("reason", "bad-signature"),): 2, (("reason", "replay"),): 1}
+
+
+def test_each_metric_has_one_help_and_one_type_line_before_its_samples() -> None:
+    lines = render_metrics(SAMPLE).splitlines()
+    names = {line.split("{")[0].split()[0] for line in lines if not line.startswith("#")}
+    for name in names:
+        helps = [i for i, line in enumerate(lines) if line.startswith(f"# HELP {name} ")]
+        types = [i for i, line in enumerate(lines) if line.startswith(f"# TYPE {name} ")]
+        first_sample = min(
+            i for i, line in enumerate(lines) if line.split("{")[0].split()[0] == name
+        )
+        assert len(helps) == 1 and len(types) == 1
+        assert helps[0] < types[0] < first_sample
+    kinds = {line.split()[2]: line.split()[3] for line in lines if line.startswith("# TYPE ")}
+    assert all(kinds[n] == "counter" for n in kinds if n.endswith("_total"))
+    assert kinds["p2pfl_round"] == "gauge"
+
+
+def test_accuracy_is_left_out_before_the_first_evaluation() -> None:
+    text = render_metrics({**SAMPLE, "accuracy": None, "updates_rejected": {}})
+    assert "p2pfl_accuracy" not in text
+    assert "p2pfl_updates_rejected_total" not in text
+    assert samples(text)[("p2pfl_round", ())] == 7
+
+
+# -- the server ---------------------------------------------------------------------------
+
+
+async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        data = bytearray()
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines)}
+    assert int(headers["content-length"]) == len(body)
+    return int(status_line.split()[1]), headers, body
+
+
+async def start_server(nursery: trio.Nursery) -> int:
+    host, port = await nursery.start(serve_status, "127.0.0.1", 0, lambda: dict(SAMPLE))
+    assert host == "127.0.0.1" and port > 0
+    return port
+
+
+async def test_get_status_returns_the_status_as_json() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await start_server(nursery)
+            code, headers, body = await http_get(port, "/status")
+            assert code == 200
+            assert headers["content-type"] == "application/json"
+            assert json.loads(body) == SAMPLE
+            nursery.cancel_scope.cancel()
+
+
+async def test_get_metrics_returns_prometheus_text() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await start_server(nursery)
+            code, headers, body = await http_get(port, "/metrics")
+            assert code == 200
+            assert headers["content-type"].startswith("text/plain; version=0.0.4")
+            assert samples(body.decode())[("p2pfl_round", ())] == 7
+            nursery.cancel_scope.cancel()
+
+
+async def test_other_paths_are_404() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await start_server(nursery)
+            for path in ("/", "/statusx", "/../etc/passwd"):
+                code, _, _ = await http_get(port, path)
+                assert code == 404, path
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_client_does_not_block_other_requests() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await start_server(nursery)
+            silent = await trio.open_tcp_stream("127.0.0.1", port)
+            half = await trio.open_tcp_stream("127.0.0.1", port)
+            await half.send_all(b"GET /sta")  # a request line that never ends
+            # Well under the server's 5 s per-request timeout: the others are not waited for.
+            with trio.fail_after(2):
+                code, _, body = await http_get(port, "/status")
+            assert code == 200
+            assert json.loads(body)["round"] == 7
+            await silent.aclose()
+            await half.aclose()
+            nursery.cancel_scope.cancel()
