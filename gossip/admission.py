@@ -53,6 +53,9 @@ class AdmissionPolicy:
     max_age_s: float = 600.0
     max_clock_skew_s: float = 60.0
     allowlist: frozenset[bytes] | None = None
+    # Push-sum weights are sample counts split into shares; no honest share comes
+    # near this, and a huge one would drive the receiver's weight to infinity.
+    max_weight: float = 1e12
 
 
 def all_finite(tensors: Iterable[np.ndarray]) -> bool:
@@ -91,6 +94,8 @@ class Admission:
             if remote_key is not None and signed.sender != remote_key:
                 raise InvalidUpdate(Reason.SENDER_MISMATCH, "signed by a key other than the peer's")
             codec.check_signature(signed)
+            if signed.header["weight"] > self.policy.max_weight:
+                raise InvalidUpdate(Reason.MALFORMED, "weight above the policy's cap")
             self._check_replay(signed.sender, signed.seq)
             self._check_fresh(signed.header["created_at"], now)
             if signed.header["fingerprint"] != self.policy.fingerprint:

@@ -45,7 +45,9 @@ class GossipNode:
     codec_id: str = "raw"
     seq: int = 0
     inbox_limit: int = DEFAULT_INBOX_LIMIT
-    inbox: list[Share] = field(default_factory=list)
+    # One entry per sender: a member that pushes many updates between merges
+    # still gets one vote in a robust rule. Its shares combine exactly (push-sum).
+    inbox: dict[bytes, Share] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -143,13 +145,19 @@ class GossipNode:
 
     def _enqueue(self, update: Update) -> None:
         estimate = self.layout.flatten(update.tensors, dtype=np.float64)
-        self.inbox.append(Share(estimate, update.weight))
+        earlier = self.inbox.get(update.sender)
+        if earlier is not None and earlier.weight + update.weight > 0:
+            total = earlier.weight + update.weight
+            estimate = earlier.estimate + (update.weight / total) * (estimate - earlier.estimate)
+            self.inbox[update.sender] = Share(estimate, total)
+        else:
+            self.inbox[update.sender] = Share(estimate, update.weight)
         if len(self.inbox) >= self.inbox_limit:
-            self.merge()  # keeps memory bounded however fast peers push
+            self.merge()  # keeps memory bounded however many peers push
 
     def merge(self) -> int:
         """Fold every admitted update into the model; returns how many were merged."""
-        received, self.inbox = self.inbox, []
+        received, self.inbox = list(self.inbox.values()), {}
         if received:
             self.aggregator.combine(self.pushsum, received)
         return len(received)

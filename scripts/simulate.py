@@ -140,6 +140,9 @@ def fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Waiting OpenMP threads sleep rather than spin: on a busy 2-core machine spinning
+    # made runs 3-5x slower (see scripts/bench_simulate.py). Must precede importing torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from fltasks import TaskError, load_task, parse_partition, partition

@@ -109,7 +109,7 @@ def assert_rejected(
     assert verdict.detail
     assert node.admission.rejected[reason] == counted + 1
     assert node.admission.accepted == accepted
-    assert node.inbox == []
+    assert len(node.inbox) == 0
     np.testing.assert_array_equal(node.estimate, before)
     assert node.pushsum.weight == weight
     return verdict

@@ -188,3 +188,22 @@ def test_median_gossip_can_stall_short_of_consensus_on_a_ring() -> None:
             [robust.median(values[[i, i - 1, (i + 1) % 6], None])[0] for i in range(6)]
         )
     np.testing.assert_array_equal(values, [0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+
+
+def test_a_sender_pushing_many_updates_between_merges_gets_one_vote() -> None:
+    from gossip import GossipNode, NodeKey
+
+    model = {"w": np.zeros(4, dtype=np.float32)}
+    node = GossipNode.create(NodeKey(bytes(32)), model, samples=10,
+                             aggregator=aggregator_by_name("median"))
+    honest = [GossipNode.create(NodeKey(bytes([i]) * 32), model, samples=10) for i in (1, 2)]
+    attacker = GossipNode.create(NodeKey(bytes([9]) * 32), model, samples=10)
+    attacker.set_model({"w": np.full(4, 1000.0, dtype=np.float32)})
+    for sender in honest:
+        assert node.receive(sender.prepare(1, START).message, START).accepted
+    for _ in range(5):
+        assert node.receive(attacker.prepare(1, START).message, START).accepted
+    assert len(node.inbox) == 3
+    node.merge()
+    # Own, two honest zeros and one attacker vote: the median stays at zero.
+    assert np.allclose(node.estimate, 0.0)
