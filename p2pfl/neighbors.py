@@ -1,11 +1,19 @@
-"""Choosing gossip neighbours: mostly near peers on an id ring, plus a few random long links.
+"""Choosing gossip neighbours: ring neighbours plus a few long links, with bounded in-degree.
 
 This is the small-world recipe (Watts and Strogatz 1998; Kleinberg 2000) made
-local: every node places every known peer on a ring by a hash of its peer id
+local. Every node places every known peer on a ring by a hash of its peer id
 and links to its nearest successors and predecessors, which alone makes a
-connected ring once peers know each other, and adds a few uniformly random
-long links, which shrink the diameter and speed up mixing. Nodes agree on the
-ring without talking, so each node's in-degree stays near K as well.
+connected ring once peers know each other. It then adds a few long links,
+which shrink the diameter and speed up mixing.
+
+The long links are random, but every node draws the *same* rank offsets: the
+random generator is seeded by a hash of the membership itself (the sorted
+peer ids). Node at rank ``r`` links to rank ``r + offset``; since adding an
+offset is a bijection on ranks, each node receives exactly as many long
+links as it makes. Uniformly random long links would instead give some
+nodes many incoming links (in a 200-node network almost always more than
+twice the degree). Nodes agree on the offsets without talking; when their
+knowledge differs the offsets differ too, and the links are simply random.
 """
 
 from __future__ import annotations
@@ -25,32 +33,34 @@ def long_link_count(degree: int) -> int:
     return 0 if degree < 2 else max(1, degree // 4)
 
 
-def choose_neighbors(
-    own: str, known: Sequence[str], degree: int, rng: random.Random, keep: Sequence[str] = ()
-) -> list[str]:
-    """Up to ``degree`` peers of ``known``: ring neighbours first, then long links.
+def _membership_offsets(members: Sequence[str], count: int, near_span: int) -> list[int]:
+    """``count`` distinct rank offsets outside the near neighbourhood, the same on every node."""
+    size = len(members)
+    candidates = list(range(near_span + 1, size - near_span))
+    seed = blake3.blake3("\n".join(members).encode()).digest()[:8]
+    return random.Random(int.from_bytes(seed, "big")).sample(candidates,
+                                                             min(count, len(candidates)))
 
-    ``keep`` are the current long links: they stay while still known, so that
-    the overlay does not churn every round.
-    """
-    peers = sorted(set(known) - {own}, key=ring_position)
+
+def choose_neighbors(own: str, known: Sequence[str], degree: int) -> list[str]:
+    """Up to ``degree`` peers of ``known``: ring neighbours first, then long links."""
+    peers = set(known) - {own}
     if len(peers) <= degree:
-        return peers
+        return sorted(peers, key=ring_position)
+    members = sorted(peers | {own}, key=lambda p: (ring_position(p), p))
+    size = len(members)
+    rank = members.index(own)
     near_count = degree - long_link_count(degree)
-    own_position = ring_position(own)
-    successors = [p for p in peers if ring_position(p) > own_position] + [
-        p for p in peers if ring_position(p) <= own_position
-    ]
-    predecessors = list(reversed(successors))
     near: list[str] = []
-    for index in range(len(peers)):
-        for side in (successors, predecessors):
-            if len(near) < near_count and side[index] not in near:
-                near.append(side[index])
+    for step in range(1, size):
+        for candidate in (members[(rank + step) % size], members[(rank - step) % size]):
+            if len(near) < near_count and candidate != own and candidate not in near:
+                near.append(candidate)
         if len(near) >= near_count:
             break
-    others = [p for p in peers if p not in near]
-    long_links = [p for p in keep if p in others][: degree - len(near)]
-    remaining = [p for p in others if p not in long_links]
-    long_links += rng.sample(remaining, min(degree - len(near) - len(long_links), len(remaining)))
+    # The near part spans at most ceil(near_count / 2) ranks on each side.
+    near_span = (near_count + 1) // 2
+    offsets = _membership_offsets(members, degree - len(near), near_span)
+    long_links = [members[(rank + offset) % size] for offset in offsets]
+    long_links = [p for p in dict.fromkeys(long_links) if p not in near and p != own]
     return near + long_links

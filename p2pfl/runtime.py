@@ -85,7 +85,6 @@ class NodeRuntime:
         self.send_failures: Counter[str] = Counter()
         self.neighbors: list[str] = []
         self.started = time.monotonic()
-        self.rng = random.Random(key.seed)
         self.transport: Transport | None = None
         self.book = PeerBook(key.peer_id, rng=random.Random(key.seed + b"book"))
         self.resumed = self._restore()
@@ -294,9 +293,7 @@ class NodeRuntime:
         self.gossip.merge()  # what arrived while training
         snapshot = self.gossip.estimate.copy()
         self.accuracy = await trio.to_thread.run_sync(self._evaluate, snapshot)
-        self.neighbors = choose_neighbors(
-            self.key.peer_id, self.book.known(), self.config.degree, self.rng, keep=self.neighbors
-        )
+        self.neighbors = choose_neighbors(self.key.peer_id, self.book.known(), self.config.degree)
         outgoing = self.gossip.prepare(len(self.neighbors), time.time())
         self.round += 1
         # Checkpoint before sending: a restart then never reuses a sequence number
