@@ -110,6 +110,16 @@ class GossipNode:
             raise InvalidUpdate(Reason.SENDER_MISMATCH, "the snapshot is not the peer's own")
         if update.fingerprint != self.layout.fingerprint:
             raise InvalidUpdate(Reason.WRONG_MODEL, "the snapshot is of another model")
+        # The header's fingerprint is only a claim (as in Admission._check_layout): tensors
+        # of other names or shapes would crash the flatten below, or silently misalign it.
+        try:
+            decoded = update.layout.fingerprint
+        except ValueError as error:
+            raise InvalidUpdate(Reason.MALFORMED, str(error)) from None
+        if decoded != self.layout.fingerprint:
+            raise InvalidUpdate(
+                Reason.WRONG_SHAPE, "the snapshot's tensors differ from the model's layout"
+            )
         if not all_finite(update.tensors.values()):
             raise InvalidUpdate(Reason.NON_FINITE, "the snapshot holds NaN or inf")
         self.pushsum.replace_estimate(self.layout.flatten(update.tensors, dtype=np.float64))

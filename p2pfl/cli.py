@@ -80,7 +80,11 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         help="serve /status and /metrics (default "
         "127.0.0.1:0, a free port; the bound address is printed)",
     )
-    add("--allow", metavar="FILE", help="only accept updates from these peer ids (one per line)")
+    add(
+        "--allow",
+        metavar="FILE",
+        help="serve and gossip with only these peer ids (one per line); others are refused",
+    )
     add("--degree", type=int, help="gossip neighbours per node (default 4)")
     add("--rounds", type=int, help="stop after this many local rounds (default: run until stopped)")
     add("--local-epochs", type=int, help="epochs over the local shard per round (default 1)")
@@ -93,6 +97,43 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--max-message-mb", type=float, help="largest update accepted (default 64)")
     add("--send-timeout", type=float, metavar="SECONDS", help="per push (default 5)")
+    add(
+        "--read-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a whole inbound message must arrive within this (default 10)",
+    )
+    add(
+        "--peer-mb-per-min",
+        type=float,
+        metavar="MIB",
+        help="inbound MiB per peer and minute, plus a burst of one largest message (default 64)",
+    )
+    add(
+        "--aggregator",
+        choices=["mean", "trimmed-mean", "median", "clipped"],
+        help="how received models are combined (default mean; the others resist bad members)",
+    )
+    add(
+        "--trim-fraction",
+        type=float,
+        metavar="BETA",
+        help="trimmed-mean/clipped: fraction treated as outliers (default 0.2)",
+    )
+    add("--clip-tau", type=float, metavar="TAU", help="clipped: fixed radius (default adaptive)")
+    add(
+        "--dp-clip",
+        type=float,
+        metavar="C",
+        help="differential privacy: clip each round's update to L2 norm C (needs --dp-noise)",
+    )
+    add(
+        "--dp-noise",
+        type=float,
+        metavar="SIGMA",
+        help="differential privacy: Gaussian noise of std SIGMA*C (needs --dp-clip)",
+    )
+    add("--dp-delta", type=float, help="delta of the reported (epsilon, delta) (default 1e-5)")
     add("--log-format", choices=["text", "json"], help="log lines on stderr (default text)")
 
 
@@ -134,6 +175,14 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "round_interval",
             "max_message_mb",
             "send_timeout",
+            "read_timeout",
+            "peer_mb_per_min",
+            "aggregator",
+            "trim_fraction",
+            "clip_tau",
+            "dp_clip",
+            "dp_noise",
+            "dp_delta",
             "log_format",
         )
     }

@@ -7,12 +7,15 @@ flags override the file. Validation happens here, once, and each problem is a
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from gossip.aggregation import AGGREGATORS, Aggregator, aggregator_by_name
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
+from gossip.robust import DEFAULT_TRIM_FRACTION
 
 
 class ConfigError(ValueError):
@@ -41,6 +44,17 @@ class NodeConfig:
     round_interval: float = 0.0
     max_message_mb: float = 64.0
     send_timeout: float = 5.0
+    # A whole inbound frame must arrive within this many seconds (one deadline per frame).
+    read_timeout: float = 10.0
+    # Inbound bytes per peer and minute, on top of a burst of one largest message.
+    peer_mb_per_min: float = 64.0
+    aggregator: str = "mean"
+    trim_fraction: float = DEFAULT_TRIM_FRACTION
+    clip_tau: float | None = None
+    # Differential privacy of the local training delta: off unless both are given.
+    dp_clip: float | None = None
+    dp_noise: float | None = None
+    dp_delta: float = 1e-5
     log_format: str = "text"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -48,6 +62,18 @@ class NodeConfig:
     def shard_index(self) -> tuple[int, int]:
         index, count = self.shard.split("/")
         return int(index), int(count)
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_clip is not None
+
+    def make_aggregator(self) -> Aggregator:
+        """The averaging rule these settings name, with its parameters."""
+        if self.aggregator == "trimmed-mean":
+            return aggregator_by_name(self.aggregator, beta=self.trim_fraction)
+        if self.aggregator == "clipped":
+            return aggregator_by_name(self.aggregator, tau=self.clip_tau, beta=self.trim_fraction)
+        return aggregator_by_name(self.aggregator)
 
     def validate(self) -> NodeConfig:
         """Check every setting; return self so calls chain."""
@@ -69,12 +95,40 @@ class NodeConfig:
             raise ConfigError(
                 "--round-interval must be >= 0; --send-timeout and --max-message-mb must be > 0"
             )
+        if not (math.isfinite(self.read_timeout) and self.read_timeout > 0):
+            raise ConfigError(f"--read-timeout {self.read_timeout}: must be seconds > 0")
+        if not (math.isfinite(self.peer_mb_per_min) and self.peer_mb_per_min > 0):
+            raise ConfigError(f"--peer-mb-per-min {self.peer_mb_per_min}: must be > 0")
+        self._validate_aggregation()
+        self._validate_privacy()
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format {self.log_format!r}: choose text or json")
         if not self.listen:
             raise ConfigError("--listen: give at least one multiaddr, e.g. /ip4/0.0.0.0/tcp/4001")
         parse_host_port(self.status_addr)
         return self
+
+    def _validate_aggregation(self) -> None:
+        if self.aggregator not in AGGREGATORS:
+            raise ConfigError(
+                f"--aggregator {self.aggregator!r}: choose one of {', '.join(AGGREGATORS)}"
+            )
+        if not 0.0 < self.trim_fraction < 0.5:
+            raise ConfigError(f"--trim-fraction {self.trim_fraction}: must be in (0, 0.5)")
+        if self.clip_tau is not None:
+            if self.aggregator != "clipped":
+                raise ConfigError("--clip-tau: only used with --aggregator clipped; drop it")
+            if not (math.isfinite(self.clip_tau) and self.clip_tau >= 0):
+                raise ConfigError(f"--clip-tau {self.clip_tau}: must be a finite number >= 0")
+
+    def _validate_privacy(self) -> None:
+        if (self.dp_clip is None) != (self.dp_noise is None):
+            raise ConfigError("--dp-clip and --dp-noise: give both to turn DP on, or neither")
+        for flag, value in (("--dp-clip", self.dp_clip), ("--dp-noise", self.dp_noise)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} {value}: must be a finite number > 0")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ConfigError(f"--dp-delta {self.dp_delta}: must be in (0, 1), e.g. 1e-5")
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -85,6 +139,8 @@ def parse_host_port(text: str) -> tuple[str, int]:
 
 
 _LIST_KEYS = {"listen", "bootstrap"}
+# Settings that are off (None) by default and a number when given.
+_OPTIONAL_FLOATS = {"clip_tau", "dp_clip", "dp_noise"}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -128,6 +184,8 @@ def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -
         value = merged[item.name]
         default = getattr(defaults, item.name)
         expected = type(default) if default is not None else None
+        if item.name in _OPTIONAL_FLOATS and value is not None:
+            expected = float
         if expected in (int, float) and isinstance(value, bool):
             raise ConfigError(f"{item.name}: expected a number, got {value!r}")
         if expected is float and isinstance(value, int):

@@ -6,15 +6,20 @@ sender whose receiver stops reading for 5 s), pushes one signed update to
 the current neighbours concurrently, each push under a timeout, and
 checkpoints. A dead neighbour costs one timeout and its weight share is
 refunded; a slow one costs nothing at all.
+
+With an allowlist (``--allow``) the node talks to members only: the transport
+refuses every inbound stream of anyone else before reading it, and the peer book
+never records a non-member, so none is dialed or chosen as a neighbour.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -24,10 +29,13 @@ import trio
 from fltasks import Task, partition
 from gossip import AdmissionPolicy, GossipNode, InvalidUpdate, NodeKey, Outgoing
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
+from gossip.privacy import GaussianMechanism
 from p2pfl.checkpoint import CheckpointStore, NodeState
 from p2pfl.config import NodeConfig, load_allowlist, parse_host_port
+from p2pfl.framing import MAX_UVARINT_BYTES
 from p2pfl.neighbors import choose_neighbors
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
+from p2pfl.ratelimit import MIB, PeerRateLimiter
 from p2pfl.status import serve_status
 from p2pfl.transport import Transport, TransportError
 
@@ -36,7 +44,7 @@ logger = logging.getLogger(__name__)
 UPDATE_PROTOCOL = "/p2pfl/update/1.0.0"
 MODEL_PROTOCOL = "/p2pfl/model/1.0.0"
 DIAL_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = NodeConfig.read_timeout  # the default; config.read_timeout is what runs
 DISCOVERY_INTERVAL_S = 2.0
 DISCOVERY_FANOUT = 3
 WAIT_LOG_INTERVAL_S = 10.0
@@ -51,6 +59,34 @@ def load_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
     model.load_state_dict(
         {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
     )
+
+
+class MemberBook(PeerBook):
+    """A peer book that records members of the allowlist only (None: everyone)."""
+
+    def __init__(self, own_peer_id: str, members: frozenset[str] | None, **options: Any) -> None:
+        super().__init__(own_peer_id, **options)
+        self.members = members
+
+    def add(self, peer_id: str, addrs: Iterable[str], *, first_hand: bool = True) -> bool:
+        if self.members is not None and peer_id not in self.members:
+            self.rejected["not_allowed"] += 1
+            return False
+        return super().add(peer_id, addrs, first_hand=first_hand)
+
+
+def _dp_steps_from(saved: dict[str, Any], noise_multiplier: float) -> int:
+    """Accountant steps at ``noise_multiplier`` that cost at least what ``saved`` records.
+
+    RDP per step scales as 1/sigma^2, so steps taken at another sigma convert to
+    ``steps * (sigma_now / sigma_then)^2`` of the current one, rounded up: the
+    budget is never under-reported when an operator changes ``--dp-noise``.
+    """
+    steps = int(saved.get("dp_steps", 0))
+    then = saved.get("dp_noise")
+    if steps <= 0 or then is None or float(then) == noise_multiplier:
+        return max(steps, 0)
+    return math.ceil(steps * (noise_multiplier / float(then)) ** 2)
 
 
 class NodeRuntime:
@@ -71,13 +107,33 @@ class NodeRuntime:
         self.generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
         initial = model_arrays(self.model)
         allowlist = load_allowlist(config.allow) if config.allow else None
+        self.members: frozenset[str] | None = (
+            None
+            if allowlist is None
+            else frozenset(peer_id_from_public_key(member) for member in allowlist)
+        )
         probe = GossipNode.create(key, initial, samples=len(self.shard))
         policy = AdmissionPolicy(
             fingerprint=probe.layout.fingerprint,
-            max_message_bytes=int(config.max_message_mb * 1024 * 1024),
+            max_message_bytes=int(config.max_message_mb * MIB),
             allowlist=allowlist,
         )
-        self.gossip = GossipNode.create(key, initial, samples=len(self.shard), policy=policy)
+        self.gossip = GossipNode.create(
+            key,
+            initial,
+            samples=len(self.shard),
+            policy=policy,
+            aggregator=config.make_aggregator(),
+        )
+        # Noise from OS entropy, never from the experiment seed: whoever can
+        # reproduce the noise can subtract it.
+        self.privacy: GaussianMechanism | None = None
+        if config.dp_clip is not None and config.dp_noise is not None:
+            self.privacy = GaussianMechanism(
+                config.dp_clip, config.dp_noise, np.random.default_rng()
+            )
+        # Kept from the checkpoint even while DP is off, so turning it back on resumes it.
+        self._saved_privacy: dict[str, Any] = {}
         self.store = CheckpointStore(config.state_dir)
         self.round = 0
         self.accuracy: float | None = None
@@ -86,7 +142,7 @@ class NodeRuntime:
         self.neighbors: list[str] = []
         self.started = time.monotonic()
         self.transport: Transport | None = None
-        self.book = PeerBook(key.peer_id, rng=random.Random(key.seed + b"book"))
+        self.book = MemberBook(key.peer_id, self.members, rng=random.Random(key.seed + b"book"))
         self.resumed = self._restore()
 
     # -- state ----------------------------------------------------------------------------
@@ -102,6 +158,10 @@ class NodeRuntime:
         self.gossip.admission.last_seq.update(state.last_seq)
         for peer_id, addrs in state.peers.items():
             self.book.add(peer_id, addrs)
+        self._saved_privacy = dict(state.optimizer)
+        if self.privacy is not None:
+            accountant = self.privacy.accountant
+            accountant.steps = _dp_steps_from(state.optimizer, self.privacy.noise_multiplier)
         logger.info("resumed from checkpoint at round %d, sequence %d", state.round, state.seq)
         return True
 
@@ -114,7 +174,14 @@ class NodeRuntime:
             fingerprint=self.gossip.layout.fingerprint,
             last_seq=dict(self.gossip.admission.last_seq),
             peers={peer_id: self.book.addrs(peer_id) for peer_id in self.book.known()},
+            optimizer=self._privacy_state(),
         )
+
+    def _privacy_state(self) -> dict[str, Any]:
+        if self.privacy is None:
+            return dict(self._saved_privacy)
+        privacy = self.privacy
+        return {"dp_steps": privacy.accountant.steps, "dp_noise": privacy.noise_multiplier}
 
     async def checkpoint(self) -> None:
         state = self._state()  # taken on the loop, written in a thread
@@ -127,8 +194,13 @@ class NodeRuntime:
         )
         if transport is not None:
             rejected.update(transport.frame_errors)
-            if transport.stream_errors.get("busy"):
-                rejected["busy"] += transport.stream_errors["busy"]
+            for reason in ("busy", "rate-limited"):
+                if transport.stream_errors.get(reason):
+                    rejected[reason] += transport.stream_errors[reason]
+            # A non-member's update stream is refused unread: its sender is unknown.
+            if transport.streams_refused.get(UPDATE_PROTOCOL):
+                rejected["unknown-sender"] += transport.streams_refused[UPDATE_PROTOCOL]
+        spent = self.privacy.spent(self.config.dp_delta) if self.privacy else None
         return {
             "peer_id": self.key.peer_id,
             "addrs": transport.addrs if transport else [],
@@ -151,6 +223,10 @@ class NodeRuntime:
                 for sender, seq in self.gossip.admission.last_seq.items()
             },
             "send_failures": dict(self.send_failures),
+            "streams_refused": dict(transport.streams_refused) if transport else {},
+            "aggregator": self.gossip.aggregator.name,
+            "epsilon": spent["epsilon"] if spent else None,
+            "delta": spent["delta"] if spent else None,
             "task": self.task.name,
         }
 
@@ -192,6 +268,10 @@ class NodeRuntime:
         for addr in self.config.bootstrap:
             try:
                 peer_id = await self.transport.connect(addr, DIAL_TIMEOUT_S)
+                if self.members is not None and peer_id not in self.members:
+                    logger.warning("bootstrap %s: not in the allowlist; skipped", addr)
+                    await self.transport.disconnect(peer_id)
+                    continue
                 self.book.add(peer_id, [addr])
                 await exchange_peers(self.transport, peer_id, self.book, DIAL_TIMEOUT_S)
                 reached.append(peer_id)
@@ -289,6 +369,13 @@ class NodeRuntime:
         self.gossip.merge()
         before = self.gossip.estimate.copy()
         after = await trio.to_thread.run_sync(self._train, before)
+        if self.privacy is not None:
+            try:
+                after = self.privacy.privatize_step(before, after)
+            except ValueError as error:
+                # Training diverged: releasing nothing this round costs no privacy.
+                logger.warning("round %d: local step dropped: %s", self.round + 1, error)
+                after = before
         self.gossip.apply_local_step(before, after)
         self.gossip.merge()  # what arrived while training
         snapshot = self.gossip.estimate.copy()
@@ -315,11 +402,18 @@ class NodeRuntime:
         """Run until ``config.rounds`` are done or the caller cancels; always checkpoint."""
         config = self.config
         max_bytes = self.gossip.admission.policy.max_message_bytes
-        async with Transport.open(self.key, config.listen) as transport:
+        # The burst is one largest frame, so a member can always deliver a full update.
+        limiter = PeerRateLimiter(
+            config.peer_mb_per_min * MIB / 60.0, max_bytes + MAX_UVARINT_BYTES
+        )
+        async with Transport.open(
+            self.key, config.listen, allowed_peers=self.members, rate_limiter=limiter
+        ) as transport:
             self.transport = transport
-            transport.set_handler(UPDATE_PROTOCOL, self._on_update, max_bytes, READ_TIMEOUT_S)
-            transport.set_handler(MODEL_PROTOCOL, self._on_model_request, 0, READ_TIMEOUT_S)
-            serve_peer_exchange(transport, self.book)
+            timeout = config.read_timeout
+            transport.set_handler(UPDATE_PROTOCOL, self._on_update, max_bytes, timeout)
+            transport.set_handler(MODEL_PROTOCOL, self._on_model_request, 0, timeout)
+            serve_peer_exchange(transport, self.book, read_timeout=timeout)
             try:
                 async with trio.open_nursery() as nursery:
                     host, port = parse_host_port(config.status_addr)

@@ -6,6 +6,11 @@ reads one reply frame. Inbound, a handler set per protocol gets ``(peer_id, payl
 and may return a reply. Every outbound step is under the caller's timeout and every
 failure becomes a one-line ``TransportError``; inbound failures are counted by reason
 and never reach libp2p, which would otherwise log them with the payload.
+
+Inbound streams pass three gates before any byte is read: the peer must be allowed
+(``allowed_peers``, when set), must have byte budget left (``rate_limiter``), and must
+hold fewer than the per-peer and global stream caps. A stream that fails a gate is
+reset; body bytes are charged to the peer's budget as they are read.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from multiaddr import Multiaddr
 from gossip.keys import NodeKey
 from p2pfl.framing import FrameError, encode_uvarint, read_frame, write_frame
 from p2pfl.host import new_node_host, parse_multiaddr, split_peer_multiaddr
+from p2pfl.ratelimit import PeerRateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,37 @@ _T = TypeVar("_T")
 
 class TransportError(Exception):
     """An outbound operation failed; the message is one line naming the peer and the cause."""
+
+
+class _RateLimited(Exception):
+    """A peer's byte budget ran out while we were reading its frame."""
+
+
+class _MeteredStream:
+    """Reads from ``stream``, charging every byte to the remote peer's budget.
+
+    Each read reserves what it asks for before waiting and refunds what did not
+    arrive, so concurrent streams of one peer cannot together overdraw its budget.
+    """
+
+    def __init__(self, stream: INetStream, limiter: PeerRateLimiter, peer_id: str) -> None:
+        self._stream = stream
+        self._limiter = limiter
+        self._peer_id = peer_id
+
+    async def read(self, n: int | None = None) -> bytes:
+        if n is None:
+            raise ValueError("a metered read needs a size")
+        if not self._limiter.allows(self._peer_id, n, trio.current_time()):
+            raise _RateLimited(f"{self._peer_id} is over its byte budget")
+        self._limiter.charge(self._peer_id, n, trio.current_time())
+        got = 0
+        try:
+            data = await self._stream.read(n)
+            got = len(data)
+            return data
+        finally:
+            self._limiter.charge(self._peer_id, got - n, trio.current_time())
 
 
 @dataclass(frozen=True)
@@ -118,6 +155,8 @@ class Transport:
         *,
         max_inbound_streams_per_peer: int = DEFAULT_MAX_INBOUND_STREAMS_PER_PEER,
         max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS,
+        allowed_peers: frozenset[str] | None = None,
+        rate_limiter: PeerRateLimiter | None = None,
     ) -> None:
         self._host = host
         self.nursery = nursery
@@ -125,10 +164,17 @@ class Transport:
         self.peer_id: str = str(host.get_id())
         self.max_inbound_streams_per_peer = max_inbound_streams_per_peer
         self.max_inbound_streams = max_inbound_streams
+        self.allowed_peers = allowed_peers
+        """Peer ids whose inbound streams are served; None serves everyone."""
+        self.rate_limiter = rate_limiter
+        """Per-peer byte budget of inbound frames and of replies; None: unlimited."""
         self.frame_errors: Counter[str] = Counter()
         """Inbound frames that failed, by FrameError reason."""
         self.stream_errors: Counter[str] = Counter()
-        """Inbound streams dropped for other reasons: busy, handler, reply, internal."""
+        """Inbound streams dropped for other reasons: busy, rate-limited, handler, reply,
+        internal."""
+        self.streams_refused: Counter[str] = Counter()
+        """Inbound streams from peers not in ``allowed_peers``, by protocol."""
         self.bytes_sent = 0
         self.bytes_received = 0
         self._inbound_open: Counter[str] = Counter()
@@ -142,6 +188,8 @@ class Transport:
         *,
         max_inbound_streams_per_peer: int = DEFAULT_MAX_INBOUND_STREAMS_PER_PEER,
         max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS,
+        allowed_peers: frozenset[str] | None = None,
+        rate_limiter: PeerRateLimiter | None = None,
     ) -> AsyncIterator[Transport]:
         """Run a host for ``key`` listening on ``listen_addrs``; closed on exit, always."""
         addrs = [parse_multiaddr(text) for text in listen_addrs]
@@ -161,6 +209,8 @@ class Transport:
                             nursery,
                             max_inbound_streams_per_peer=max_inbound_streams_per_peer,
                             max_inbound_streams=max_inbound_streams,
+                            allowed_peers=allowed_peers,
+                            rate_limiter=rate_limiter,
                         )
                         try:
                             yield transport
@@ -314,6 +364,18 @@ class Transport:
             self.stream_errors["internal"] += 1
             await _reset_quietly(stream)
             return
+        if self.allowed_peers is not None and peer_id not in self.allowed_peers:
+            # Not a member: no byte of its stream is read, and its connection is dropped.
+            self.streams_refused[protocol] += 1
+            logger.debug("refused a %s stream from %s: not in the allowlist", protocol, peer_id)
+            await _reset_quietly(stream)
+            self.nursery.start_soon(self.disconnect, peer_id)
+            return
+        limiter = self.rate_limiter
+        if limiter is not None and limiter.available(peer_id, trio.current_time()) < 1:
+            self.stream_errors["rate-limited"] += 1
+            await _reset_quietly(stream)
+            return
         if (
             self._inbound_open[peer_id] >= self.max_inbound_streams_per_peer
             or self._inbound_open.total() >= self.max_inbound_streams
@@ -337,8 +399,14 @@ class Transport:
     async def _serve_admitted(
         self, stream: INetStream, peer_id: str, protocol: str, route: _Route
     ) -> None:
+        limiter = self.rate_limiter
+        source = stream if limiter is None else _MeteredStream(stream, limiter, peer_id)
         try:
-            payload = await read_frame(stream, route.max_size, route.read_timeout)
+            payload = await read_frame(source, route.max_size, route.read_timeout)
+        except _RateLimited:
+            self.stream_errors["rate-limited"] += 1
+            await _reset_quietly(stream)
+            return
         except FrameError as error:
             self.frame_errors[error.reason] += 1
             logger.debug("inbound %s frame from %s rejected: %s", protocol, peer_id, error)
@@ -362,4 +430,7 @@ class Transport:
                 await _reset_quietly(stream)
                 return
             self.bytes_sent += _frame_size(len(reply))
+            if limiter is not None:
+                # What we serve a peer counts against its budget too (model fetches).
+                limiter.charge(peer_id, _frame_size(len(reply)), trio.current_time())
         await _close_quietly(stream)

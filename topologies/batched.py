@@ -68,8 +68,10 @@ class ParameterLayout:
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-parameter views [n, *shape] into the stacked flat tensor [n, P] (no copy)."""
         n = flat.shape[0]
-        return {name: flat[:, off:off + math.prod(shape)].view(n, *shape)
-                for name, shape, off in zip(self.names, self.shapes, self.offsets, strict=True)}
+        return {
+            name: flat[:, off : off + math.prod(shape)].view(n, *shape)
+            for name, shape, off in zip(self.names, self.shapes, self.offsets, strict=True)
+        }
 
 
 class PaddedShards:
@@ -82,7 +84,7 @@ class PaddedShards:
         width = int(self.sizes.max())
         index = np.zeros((len(shards), width), dtype=np.int64)
         for i, shard in enumerate(shards):
-            index[i, :len(shard)] = shard
+            index[i, : len(shard)] = shard
         self.index = torch.from_numpy(index)
         self.valid = torch.arange(width).unsqueeze(0) < self.sizes.unsqueeze(1)
 
@@ -100,23 +102,31 @@ class BatchedTrainer:
         self.task = task
         self.layout = layout
 
-    def train(self, flat: torch.Tensor, shards: PaddedShards, epochs: int,
-              generator: torch.Generator, active: torch.Tensor | None = None) -> None:
+    def train(
+        self,
+        flat: torch.Tensor,
+        shards: PaddedShards,
+        epochs: int,
+        generator: torch.Generator,
+        active: torch.Tensor | None = None,
+    ) -> None:
         """Run ``epochs`` of local SGD for every active node, updating ``flat`` [n, P] in place."""
         x_all, y_all, batch = self.task.x_train, self.task.y_train, self.task.batch_size
         sizes = shards.sizes if active is None else torch.where(active, shards.sizes, 0)
         steps = math.ceil(int(sizes.max()) / batch)
         if steps == 0:
             return
-        params = {k: v.detach().clone().requires_grad_(True)
-                  for k, v in self.layout.views(flat).items()}
+        params = {
+            k: v.detach().clone().requires_grad_(True) for k, v in self.layout.views(flat).items()
+        }
         for _ in range(epochs):
             order = shards.epoch_order(generator)
             for step in range(steps):
                 start = step * batch
-                idx = order[:, start:start + batch]
-                mask = (torch.arange(start, start + idx.shape[1]).unsqueeze(0)
-                        < sizes.unsqueeze(1)).to(torch.float32)
+                idx = order[:, start : start + batch]
+                mask = (
+                    torch.arange(start, start + idx.shape[1]).unsqueeze(0) < sizes.unsqueeze(1)
+                ).to(torch.float32)
                 self.sgd_step(params, x_all[idx], y_all[idx], mask)
         for name, view in self.layout.views(flat).items():
             view.copy_(params[name].detach())
@@ -126,13 +136,14 @@ class BatchedTrainer:
         out = []
         with torch.no_grad():
             for start in range(0, flat.shape[0], EVAL_CHUNK_NODES):
-                params = self.layout.views(flat[start:start + EVAL_CHUNK_NODES])
+                params = self.layout.views(flat[start : start + EVAL_CHUNK_NODES])
                 logits = self.predict(params, x)
                 out.append((logits.argmax(dim=-1) == y).float().mean(dim=1))
         return torch.cat(out)
 
-    def sgd_step(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                 mask: torch.Tensor) -> None:
+    def sgd_step(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+    ) -> None:
         raise NotImplementedError
 
     def predict(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -153,10 +164,13 @@ class MLPTrainer(BatchedTrainer):
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        return (isinstance(model, nn.Sequential) and len(model) > 0
-                and all(isinstance(m, nn.Linear | nn.ReLU) for m in model)
-                and all(m.bias is not None for m in model if isinstance(m, nn.Linear))
-                and all(p.requires_grad for p in model.parameters()))
+        return (
+            isinstance(model, nn.Sequential)
+            and len(model) > 0
+            and all(isinstance(m, nn.Linear | nn.ReLU) for m in model)
+            and all(m.bias is not None for m in model if isinstance(m, nn.Linear))
+            and all(p.requires_grad for p in model.parameters())
+        )
 
     def forward(self, params: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
         """``h`` is [n, B, in], or [B, in] shared by every node (evaluation)."""
@@ -170,11 +184,13 @@ class MLPTrainer(BatchedTrainer):
             h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
         return h
 
-    def sgd_step(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                 mask: torch.Tensor) -> None:
+    def sgd_step(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+    ) -> None:
         logits = self.forward(params, x)
-        per_sample = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                     reduction="none").view_as(mask)
+        per_sample = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
+        ).view_as(mask)
         per_node = (per_sample * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         grads = torch.autograd.grad(per_node.sum(), list(params.values()))
         with torch.no_grad():
@@ -203,10 +219,13 @@ class FunctionalTrainer(BatchedTrainer):
         self._grads = vmap(grad(node_loss), randomness="different")
         self._predict = vmap(
             lambda params, x: functional_call(self.model, (params, self.buffers), (x,)),
-            in_dims=(0, None), randomness="different")
+            in_dims=(0, None),
+            randomness="different",
+        )
 
-    def sgd_step(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                 mask: torch.Tensor) -> None:
+    def sgd_step(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+    ) -> None:
         self.model.train()
         with torch.no_grad():
             grads = self._grads({k: v.detach() for k, v in params.items()}, x, y, mask)
@@ -218,8 +237,9 @@ class FunctionalTrainer(BatchedTrainer):
         return self._predict(params, x)
 
 
-def make_trainer(task: Task, model: nn.Module | None = None,
-                 generic: bool = False) -> BatchedTrainer:
+def make_trainer(
+    task: Task, model: nn.Module | None = None, generic: bool = False
+) -> BatchedTrainer:
     """The fastest trainer that handles ``task``'s model (``generic`` forces vmap)."""
     model = model if model is not None else task.make_model()
     layout = ParameterLayout.of(model)

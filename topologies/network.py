@@ -79,8 +79,11 @@ class NetworkModel:
         self.n = n
         self.conditions = conditions
         self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6E6574]))
-        link_delay = (self._rng.integers(0, conditions.delay + 1, size=len(edges))
-                      if conditions.delay else np.zeros(len(edges), dtype=np.int64))
+        link_delay = (
+            self._rng.integers(0, conditions.delay + 1, size=len(edges))
+            if conditions.delay
+            else np.zeros(len(edges), dtype=np.int64)
+        )
         # Both directions of every link, sorted by sender so that per-sender
         # reductions are contiguous.
         src = np.concatenate([edges[:, 0], edges[:, 1]])
@@ -114,16 +117,19 @@ class NetworkModel:
         return RoundPlan(round_index, online, fate)
 
 
-def message_bytes(parameter_shapes: dict[str, tuple[int, ...]]) -> int:
+def message_bytes(parameter_shapes: dict[str, tuple[int, ...]], codec: str = "raw") -> int:
     """Exact size of one update on the wire, as the gossip codec encodes it.
 
-    Encodes one real signed update (raw float32 codec) for the model's layout:
-    the 73-byte prefix (magic, version, ed25519 signature, header length), the
-    msgpack header (sender key, seq, weight, fingerprint, tensor names and
-    shapes) and 4 bytes per parameter. libp2p's own framing (yamux 12 bytes
-    and Noise 16 bytes per frame of at most 64 KiB) is not counted.
+    Encodes one real signed update (float32 tensors, tensor codec ``codec``)
+    for the model's layout: the 73-byte prefix (magic, version, ed25519
+    signature, header length), the msgpack header (sender key, seq, weight,
+    fingerprint, codec id, tensor names and shapes) and each tensor's payload
+    (4 bytes per parameter for ``raw``). Every codec's payload size depends
+    only on the shapes, so this is exact for any message of the run. libp2p's
+    own framing (yamux 12 bytes and Noise 16 bytes per frame of at most 64 KiB)
+    is not counted.
     """
-    from gossip import codec
+    from gossip import codec as codec_module
     from gossip.keys import NodeKey
     from gossip.layout import ModelLayout
     from gossip.update import Update
@@ -132,7 +138,14 @@ def message_bytes(parameter_shapes: dict[str, tuple[int, ...]]) -> int:
     layout = ModelLayout.of(tensors)
     key = NodeKey.generate()
     # Large seq and non-round floats so msgpack picks its widest encodings.
-    update = Update(sender=key.public_key, seq=2**40, samples=2**20, weight=math.pi,
-                    fingerprint=layout.fingerprint, created_at=1.7e9 + math.pi,
-                    tensors=tensors)
-    return len(codec.encode(update, key))
+    update = Update(
+        sender=key.public_key,
+        seq=2**40,
+        samples=2**20,
+        weight=math.pi,
+        fingerprint=layout.fingerprint,
+        created_at=1.7e9 + math.pi,
+        tensors=tensors,
+        codec=codec,
+    )
+    return len(codec_module.encode(update, key))

@@ -18,8 +18,17 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from topologies.simulator import RoundMetrics  # noqa: E402
 
 MAX_DRAWN_NODES = 64
-CSV_FIELDS = ("round", "accuracy_mean", "accuracy_min", "accuracy_max",
-              "consensus_distance", "bytes_per_node", "online")
+CSV_FIELDS = (
+    "round",
+    "accuracy_mean",
+    "accuracy_min",
+    "accuracy_max",
+    "consensus_distance",
+    "bytes_per_node",
+    "online",
+    "honest_accuracy_mean",
+    "honest_accuracy_min",
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,8 @@ class TopologyRun:
     spectral_gap: float
     seconds: float
     message_bytes: int = 0
+    epsilon: float | None = None  # differential privacy spent, None without DP
+    delta: float | None = None
 
 
 def rounds_to_target(history: Sequence[RoundMetrics], target: float) -> int | None:
@@ -47,12 +58,19 @@ def topology_summary(run: TopologyRun, target: float) -> dict:
         "final_accuracy_mean": last.accuracy_mean if last else None,
         "final_accuracy_min": last.accuracy_min if last else None,
         "final_accuracy_max": last.accuracy_max if last else None,
+        # Byzantine nodes left out; equal to the figures above without attackers.
+        "honest_accuracy_mean": last.honest_accuracy_mean if last else None,
+        "honest_accuracy_min": last.honest_accuracy_min if last else None,
         "target_accuracy": target,
         "rounds_to_target": rounds_to_target(history, target),
         "consensus_distance": [m.consensus_distance for m in history],
         "spectral_gap": run.spectral_gap,
-        "bytes_per_node_per_round": (sum(m.bytes_per_node for m in history) / len(history)
-                                     if history else 0.0),
+        "bytes_per_node_per_round": (
+            sum(m.bytes_per_node for m in history) / len(history) if history else 0.0
+        ),
+        "message_bytes": run.message_bytes,
+        "epsilon": run.epsilon,
+        "delta": run.delta,
         "seconds": run.seconds,
         "nodes": run.graph.number_of_nodes(),
         "edges": run.graph.number_of_edges(),
@@ -78,12 +96,19 @@ def plot_accuracy(path: Path, runs: Sequence[TopologyRun], centralized: float) -
     for run in runs:
         rounds = [m.round for m in run.history]
         ax.plot(rounds, [m.accuracy_mean for m in run.history], label=run.name)
-        ax.fill_between(rounds, [m.accuracy_min for m in run.history],
-                        [m.accuracy_max for m in run.history], alpha=0.12)
+        ax.fill_between(
+            rounds,
+            [m.accuracy_min for m in run.history],
+            [m.accuracy_max for m in run.history],
+            alpha=0.12,
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.axhline(centralized, color="black", linestyle="--", label="centralized")
-    ax.set(xlabel="round", ylabel="test accuracy (mean over nodes; band: min-max)",
-           title="Accuracy per round")
+    ax.set(
+        xlabel="round",
+        ylabel="test accuracy (mean over nodes; band: min-max)",
+        title="Accuracy per round",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -93,12 +118,18 @@ def plot_accuracy(path: Path, runs: Sequence[TopologyRun], centralized: float) -
 def plot_consensus(path: Path, runs: Sequence[TopologyRun]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
-        ax.plot([m.round for m in run.history],
-                [max(m.consensus_distance, 1e-30) for m in run.history], label=run.name)
+        ax.plot(
+            [m.round for m in run.history],
+            [max(m.consensus_distance, 1e-30) for m in run.history],
+            label=run.name,
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_yscale("log")
-    ax.set(xlabel="round", ylabel="mean squared distance to the mean model",
-           title="Consensus distance per round")
+    ax.set(
+        xlabel="round",
+        ylabel="mean squared distance to the mean model",
+        title="Consensus distance per round",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -110,8 +141,11 @@ def draw_graph(path: Path, name: str, graph: nx.Graph, seed: int) -> bool:
     if graph.number_of_nodes() > MAX_DRAWN_NODES:
         return False
     fig, ax = plt.subplots(figsize=(5, 5))
-    layout = (nx.circular_layout(graph) if name in ("ring", "small-world", "complete")
-              else nx.spring_layout(graph, seed=seed))
+    layout = (
+        nx.circular_layout(graph)
+        if name in ("ring", "small-world", "complete")
+        else nx.spring_layout(graph, seed=seed)
+    )
     nx.draw_networkx(graph, layout, ax=ax, node_size=120, font_size=6, width=0.6)
     ax.set_title(f"{name}: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges")
     ax.set_axis_off()

@@ -14,11 +14,25 @@ Metrics per round (:class:`RoundMetrics`):
 * bytes sent per node: messages that left their sender (delivered or lost;
   refused connections carry nothing) times the exact encoded size of one update
   from :func:`topologies.network.message_bytes`, divided by n.
+
+Hostile peers and fewer bytes plug in around that loop, each off by default
+and each a small piece with the gossip core's own rules:
+
+* ``aggregator``: gossip's robust rules, batched (:mod:`topologies.robust`);
+* ``byzantine``/``attack``: nodes that send attack vectors (:mod:`topologies.attacks`).
+  They are left out of the honest metrics (``honest_accuracy_*``, and the
+  consensus distance, taken over honest nodes only when there are attackers);
+  a non-finite message is dropped as gossip's admission would reject it;
+* ``dp_clip``/``dp_noise``: gossip's Gaussian mechanism on every honest
+  node's round delta (:mod:`topologies.privacy`);
+* ``compression``: gossip's codecs, batched, with error feedback or CHOCO
+  public copies (:mod:`topologies.compression`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,14 +42,19 @@ import numpy as np
 import torch
 
 from fltasks import Task
+from topologies.attacks import ATTACKS, Adversary, choose_byzantine
 from topologies.batched import BatchedTrainer, PaddedShards, make_trainer
+from topologies.compression import DEFAULT_CHOCO_STEP, BatchedCodec, Compressor, resolve_codec
 from topologies.network import (
     DELIVERED,
     LOST,
     NetworkConditions,
     NetworkModel,
+    RoundPlan,
     message_bytes,
 )
+from topologies.privacy import DELTA, BatchedGaussianMechanism
+from topologies.robust import batched_rule
 from topologies.stacked_pushsum import StackedPushSum, consensus_distance
 
 # Below this many stacked values per op, a second thread costs more in start-up and
@@ -64,6 +83,16 @@ class SimulationConfig:
     network: NetworkConditions = field(default_factory=NetworkConditions)
     seed: int = 0
     dtype: torch.dtype = torch.float32  # of the stacked estimates and the mixing product
+    aggregator: str = "mean"  # or a robust rule of gossip.aggregation
+    trim_fraction: float | None = None  # beta of trimmed-mean and clipped (gossip's default)
+    clip_radius: float | None = None  # fixed tau of clipped; None: adaptive
+    byzantine: int = 0
+    attack: str = "sign-flip"
+    attack_scale: float | None = None  # None: the attack's default (topologies.attacks)
+    dp_clip: float | None = None
+    dp_noise: float | None = None
+    compression: str = "none"  # none, fp16, int8, topk:FRACTION
+    choco_step: float = DEFAULT_CHOCO_STEP  # gamma of top-k's public-copy mixing
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -72,6 +101,37 @@ class SimulationConfig:
             raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
         if self.dtype not in (torch.float32, torch.float64):
             raise ValueError("dtype must be torch.float32 or torch.float64")
+        rule = batched_rule(self.aggregator, self.trim_fraction, self.clip_radius)
+        if rule is None and (self.trim_fraction is not None or self.clip_radius is not None):
+            raise ValueError(
+                "trim fraction and clip radius need a robust aggregator (trimmed-mean or clipped)"
+            )
+        if rule is not None and self.network.delay:
+            raise ValueError(
+                f"aggregator {self.aggregator!r} needs delay 0 in the simulator "
+                "(delayed messages are only modelled for push-sum's mean)"
+            )
+        if self.byzantine < 0:
+            raise ValueError(f"byzantine must be >= 0, got {self.byzantine}")
+        if self.attack not in ATTACKS:
+            raise ValueError(f"unknown attack {self.attack!r}; choose one of: {', '.join(ATTACKS)}")
+        if self.attack_scale is not None and not math.isfinite(self.attack_scale):
+            raise ValueError(f"attack scale must be a finite number, got {self.attack_scale}")
+        if (self.dp_clip is None) != (self.dp_noise is None):
+            raise ValueError("differential privacy needs both a clip norm and a noise multiplier")
+        if self.dp_clip is not None:
+            BatchedGaussianMechanism(self.dp_clip, self.dp_noise, 1, 0)  # validates C and sigma
+        codec = resolve_codec(self.compression)
+        sparse = BatchedCodec(codec, []).sparse
+        if sparse and not self.network.ideal:
+            raise ValueError(
+                f"compression {self.compression} keeps public copies that every "
+                "neighbour must update: it needs loss, delay and churn 0"
+            )
+        if not (math.isfinite(self.choco_step) and 0 < self.choco_step <= 1):
+            raise ValueError(f"the CHOCO step must be in (0, 1], got {self.choco_step}")
+        if self.choco_step != DEFAULT_CHOCO_STEP and not sparse:
+            raise ValueError("the CHOCO step applies to topk compression only")
 
 
 @dataclass(frozen=True)
@@ -83,15 +143,25 @@ class RoundMetrics:
     consensus_distance: float
     bytes_per_node: float
     online: int
+    honest_accuracy_mean: float | None = None  # over honest nodes (all nodes without attackers)
+    honest_accuracy_min: float | None = None
 
 
 class Simulation:
     """One run on one graph. Build with :meth:`for_task`, or directly for consensus only."""
 
-    def __init__(self, graph: nx.Graph, estimates: torch.Tensor, weights: np.ndarray,
-                 config: SimulationConfig, *, task: Task | None = None,
-                 trainer: BatchedTrainer | None = None, shards: PaddedShards | None = None,
-                 parameter_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        graph: nx.Graph,
+        estimates: torch.Tensor,
+        weights: np.ndarray,
+        config: SimulationConfig,
+        *,
+        task: Task | None = None,
+        trainer: BatchedTrainer | None = None,
+        shards: PaddedShards | None = None,
+        parameter_shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
         if (config.train or config.evaluate) and (task is None or trainer is None):
             raise ValueError("training or evaluation needs a task and its trainer")
         if config.train and shards is None:
@@ -104,13 +174,45 @@ class Simulation:
         self.round = 0
         self._generator = torch.Generator().manual_seed(config.seed)
         shapes = parameter_shapes or {"parameters": (estimates.shape[1],)}
-        self.message_bytes = message_bytes(shapes)
-        self._scratch = torch.empty(min(256, graph.number_of_nodes()), estimates.shape[1],
-                                    dtype=config.dtype)
+        n = graph.number_of_nodes()
+        codec = resolve_codec(config.compression)
+        self.message_bytes = message_bytes(shapes, codec.id)
+        self._scratch = torch.empty(min(256, n), estimates.shape[1], dtype=config.dtype)
+
+        self.rule = batched_rule(config.aggregator, config.trim_fraction, config.clip_radius)
+        self.byzantine = choose_byzantine(n, config.byzantine, config.seed)
+        self.honest = ~self.byzantine
+        self._honest_rows = torch.from_numpy(np.flatnonzero(self.honest))
+        self.adversary = None
+        if config.byzantine:
+            net = self.network
+            neighbours = np.split(net.dst, np.cumsum(net.degree)[:-1])
+            self.adversary = Adversary(
+                self.byzantine, config.attack, config.attack_scale, neighbours, config.seed
+            )
+        batched = BatchedCodec(codec, [math.prod(shape) for shape in shapes.values()])
+        self.compressor = (
+            None
+            if batched.lossless
+            else Compressor(batched, self.state.estimates, config.choco_step)
+        )
+        self.privacy = (
+            None
+            if config.dp_clip is None
+            else BatchedGaussianMechanism(config.dp_clip, config.dp_noise, n, config.seed)
+        )
+        self._plain = self.rule is None and self.adversary is None and self.compressor is None
 
     @classmethod
-    def for_task(cls, task: Task, graph: nx.Graph, shards: list[np.ndarray],
-                 config: SimulationConfig, *, generic: bool = False) -> Simulation:
+    def for_task(
+        cls,
+        task: Task,
+        graph: nx.Graph,
+        shards: list[np.ndarray],
+        config: SimulationConfig,
+        *,
+        generic: bool = False,
+    ) -> Simulation:
         """Every node starts from the task's one initial model, weighted by its shard size."""
         n = graph.number_of_nodes()
         if len(shards) != n:
@@ -121,8 +223,16 @@ class Simulation:
         estimates = initial.unsqueeze(0).expand(n, -1).to(config.dtype).contiguous()
         weights = np.array([len(s) for s in shards], dtype=np.float64)
         shapes = dict(zip(trainer.layout.names, trainer.layout.shapes, strict=True))
-        return cls(graph, estimates, weights, config, task=task, trainer=trainer,
-                   shards=PaddedShards(shards), parameter_shapes=shapes)
+        return cls(
+            graph,
+            estimates,
+            weights,
+            config,
+            task=task,
+            trainer=trainer,
+            shards=PaddedShards(shards),
+            parameter_shapes=shapes,
+        )
 
     @property
     def estimates(self) -> torch.Tensor:
@@ -132,24 +242,65 @@ class Simulation:
     def weights(self) -> np.ndarray:
         return self.state.weights
 
+    def epsilon(self, delta: float = DELTA) -> float | None:
+        """The privacy spent so far by the most-trained honest node, or None without DP."""
+        return None if self.privacy is None else self.privacy.epsilon(delta)
+
     def step(self) -> RoundMetrics:
         """Train, gossip, measure: one round."""
         plan = self.network.plan(self.round)
         if self.config.train:
             self._train(torch.from_numpy(plan.online))
-        self.state.gossip(plan)
+        if self._plain:
+            self.state.gossip(plan)
+        else:
+            sent = self._what_is_sent(plan)
+            plan = self._admit(plan, sent)
+            if self.rule is not None:
+                self.state.gossip_robust(plan, sent, self.rule)
+            else:
+                public = self.compressor is not None and self.compressor.uses_public_copies
+                self.state.gossip_sent(
+                    plan, sent, public=public, step=self.config.choco_step if public else 1.0
+                )
         self.round += 1
-        sent = int(np.count_nonzero((plan.fate == DELIVERED) | (plan.fate == LOST)))
+        messages = int(np.count_nonzero((plan.fate == DELIVERED) | (plan.fate == LOST)))
         acc = self.accuracy() if self.config.evaluate else None
+        honest_acc = acc if acc is None or self.adversary is None else acc[self._honest_rows]
+        estimates = self.state.estimates
+        if self.adversary is not None:
+            estimates = estimates.index_select(0, self._honest_rows)
         return RoundMetrics(
             round=self.round,
             accuracy_mean=None if acc is None else float(acc.mean()),
             accuracy_min=None if acc is None else float(acc.min()),
             accuracy_max=None if acc is None else float(acc.max()),
-            consensus_distance=consensus_distance(self.state.estimates, self._scratch),
-            bytes_per_node=sent * self.message_bytes / self.network.n,
+            consensus_distance=consensus_distance(estimates, self._scratch),
+            bytes_per_node=messages * self.message_bytes / self.network.n,
             online=int(plan.online.sum()),
+            honest_accuracy_mean=None if honest_acc is None else float(honest_acc.mean()),
+            honest_accuracy_min=None if honest_acc is None else float(honest_acc.min()),
         )
+
+    def _what_is_sent(self, plan: RoundPlan) -> torch.Tensor:
+        """Each node's message as its receivers decode it: attack, then compression."""
+        targets = self.state.estimates
+        if self.adversary is not None:
+            targets = self.adversary.apply(targets)
+        if self.compressor is None:
+            return targets
+        return self.compressor.encode(
+            targets, torch.from_numpy(plan.online), torch.from_numpy(self.honest)
+        )
+
+    def _admit(self, plan: RoundPlan, sent: torch.Tensor) -> RoundPlan:
+        """Receivers reject non-finite messages (gossip's admission): they count as lost."""
+        finite = torch.isfinite(sent).all(dim=1).numpy()
+        if finite.all():
+            return plan
+        fate = plan.fate.copy()
+        fate[(fate == DELIVERED) & ~finite[self.network.src]] = LOST
+        return RoundPlan(plan.round, plan.online, fate)
 
     def run(self, on_round: Callable[[RoundMetrics], None] | None = None) -> list[RoundMetrics]:
         history = []
@@ -174,7 +325,11 @@ class Simulation:
         assert self.trainer is not None and self.shards is not None
         estimates = self.state.estimates
         flat = estimates if estimates.dtype == torch.float32 else estimates.float()
+        before = None if self.privacy is None else flat.clone()
         self.trainer.train(flat, self.shards, self.config.local_epochs, self._generator, active)
+        if self.privacy is not None:
+            rows = torch.from_numpy(np.flatnonzero(active.numpy() & self.honest))
+            self.privacy.privatize(before, flat, rows)
         if flat is not estimates:
             estimates.copy_(flat)  # push-sum's replace_estimate: the weight does not move
 
@@ -192,7 +347,8 @@ def centralized_baseline(task: Task, epochs: int, seed: int) -> CentralizedResul
     small = sum(p.numel() for p in model.parameters()) * task.batch_size < SINGLE_THREAD_BELOW
     with torch_threads(1) if small else contextlib.nullcontext():
         if epochs > 0:
-            task.train(model, task.x_train, task.y_train, epochs,
-                       torch.Generator().manual_seed(seed))
+            task.train(
+                model, task.x_train, task.y_train, epochs, torch.Generator().manual_seed(seed)
+            )
         accuracy = task.evaluate(model)
     return CentralizedResult(accuracy, time.perf_counter() - start)

@@ -21,6 +21,15 @@ k=4): the product takes 30 ms in float32 and 68 ms in float64 with
 200/555 ms for ``torch.sparse.mm``, whose fresh 200-400 MB output costs page
 faults every round. Float32 is the default; float64 matches the node-by-node
 gossip core to ~1e-12 and is what the equivalence test uses.
+
+When what a node sends differs from its estimate (a Byzantine node's attack
+vector, a compressed estimate, a CHOCO public copy), :meth:`StackedPushSum.gossip_sent`
+mixes ``Z' = diag(a) Z + M S``: the node keeps its own share of its exact
+estimate, receivers fold in the sent rows ``S``. Robust rules
+(:meth:`StackedPushSum.gossip_robust`) replace the weighted mean with
+:mod:`topologies.robust`'s batched rule over each node's received rows; the
+weights add up exactly as in the mean. The plain :meth:`StackedPushSum.gossip`
+is untouched by either, so runs without those features cost what they did.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from topologies.network import DELIVERED, REFUNDED, NetworkModel, RoundPlan
+from topologies.network import DELIVERED, LOST, REFUNDED, NetworkModel, RoundPlan
+from topologies.robust import BatchedRule, received_now
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
@@ -40,8 +50,7 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks")
 class StackedPushSum:
     """Every node's push-sum estimate ``z`` (rows of ``estimates``) and weight ``w``."""
 
-    def __init__(self, estimates: torch.Tensor, weights: np.ndarray,
-                 network: NetworkModel) -> None:
+    def __init__(self, estimates: torch.Tensor, weights: np.ndarray, network: NetworkModel) -> None:
         if estimates.dim() != 2 or estimates.shape[0] != network.n:
             raise ValueError(f"estimates must be [n={network.n}, P], got {tuple(estimates.shape)}")
         weights = np.asarray(weights, dtype=np.float64)
@@ -92,7 +101,9 @@ class StackedPushSum:
         mix = torch.sparse_csr_tensor(
             torch.from_numpy(push.indptr.astype(np.int64)),
             torch.from_numpy(push.indices.astype(np.int64)),
-            torch.from_numpy(data).to(self.dtype), size=(n, n))
+            torch.from_numpy(data).to(self.dtype),
+            size=(n, n),
+        )
         out = self._spare
         torch.addmm(out, mix, self.estimates, beta=0.0, out=out)
 
@@ -109,22 +120,130 @@ class StackedPushSum:
         self._spare, self.estimates = self.estimates, out
         self.weights = new_w
 
-    def _send_delayed(self, plan: RoundPlan, delivered: np.ndarray, coef: np.ndarray,
-                      w: np.ndarray) -> None:
+    def gossip_sent(
+        self, plan: RoundPlan, sent: torch.Tensor, *, public: bool = False, step: float = 1.0
+    ) -> None:
+        """One push-sum round in which receivers fold in the rows of ``sent``, not the estimates.
+
+        ``public=False``: each node keeps its own share of its exact estimate
+        (as the gossip core does; a compressed or forged message changes only
+        what receivers get). ``public=True``: CHOCO-style public copies (see
+        :mod:`topologies.compression`): a node also gives away the mass its
+        receivers get, ``step * w_i / (d_i + 1) * sent_i`` per message that
+        left, so mass is conserved; ``step`` is CHOCO's ``gamma``, a lazier
+        push-sum (the weight share is ``step * w_i / (d_i + 1)`` too).
+        """
+        net = self.network
+        n = net.n
+        w = self.weights
+        src, dst, fate = net.src, net.dst, plan.fate
+        if public and net.conditions.delay:
+            raise ValueError("public copies need delivery in the same round (delay 0)")
+        coef = step * self._share[src]
+        delivered = fate == DELIVERED
+        left = delivered | (fate == LOST)
+        given = np.bincount(src[left], weights=coef[left], minlength=n)
+        keep = 1.0 - given
+        now = delivered & (net.delay == 0) if net.conditions.delay else delivered
+        received = np.bincount(dst[now], weights=coef[now] * w[src[now]], minlength=n)
+        new_w = keep * w + received
+        arrived = self._arrivals(plan)
+        if arrived is not None:
+            new_w = new_w + arrived[1]
+
+        rows = dst[now]
+        cols = src[now]
+        vals = coef[now] * w[cols] / new_w[rows]
+        if public:
+            rows = np.concatenate([rows, np.arange(n)])
+            cols = np.concatenate([cols, np.arange(n)])
+            vals = np.concatenate([vals, -given * w / new_w])
+            own = w / new_w
+        else:
+            own = keep * w / new_w
+        mix = sp.csr_array((vals, (rows, cols)), shape=(n, n))
+        mix.sum_duplicates()
+        out = self._spare
+        torch.addmm(out, self._torch_csr(mix), sent.to(self.dtype), beta=0.0, out=out)
+        out.addcmul_(self.estimates, torch.from_numpy(own).to(self.dtype).unsqueeze(1))
+
+        if net.conditions.delay:
+            self._send_delayed(plan, delivered, coef, w, sent)
+        if arrived is not None:
+            self._absorb_arrivals(out, arrived, new_w)
+        self._spare, self.estimates = self.estimates, out
+        self.weights = new_w
+
+    def gossip_robust(self, plan: RoundPlan, sent: torch.Tensor, rule: BatchedRule) -> None:
+        """One round with a robust rule: each node's estimate becomes ``rule`` of its set.
+
+        The set is the node's own estimate and the rows of ``sent`` delivered
+        to it this round; the weight adds up as in push-sum (own kept share
+        plus refunds plus the shares received), as in :mod:`gossip.aggregation`.
+        """
+        net = self.network
+        if net.conditions.delay:
+            raise ValueError("robust aggregation in the simulator needs delay 0")
+        n = net.n
+        src, dst, fate = net.src, net.dst, plan.fate
+        coef = self._share[src]
+        refunds = np.bincount(src[fate == REFUNDED], minlength=n)
+        keep = np.where(plan.online, (1.0 + refunds) * self._share, 1.0)
+        delivered = fate == DELIVERED
+        new_w = keep * self.weights + np.bincount(
+            dst[delivered], weights=coef[delivered] * self.weights[src[delivered]], minlength=n
+        )
+        got = received_now(net, plan)
+        others = sent.to(self.dtype)[got.senders]
+        self.estimates = rule(self.estimates, others, got.valid).contiguous()
+        self._spare = torch.empty_like(self.estimates)
+        self.weights = new_w
+
+    def _torch_csr(self, matrix: sp.csr_array) -> torch.Tensor:
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(matrix.indptr.astype(np.int64)),
+            torch.from_numpy(matrix.indices.astype(np.int64)),
+            torch.from_numpy(matrix.data).to(self.dtype),
+            size=matrix.shape,
+        )
+
+    def _absorb_arrivals(
+        self, out: torch.Tensor, arrived: tuple[torch.Tensor, np.ndarray], new_w: np.ndarray
+    ) -> None:
+        mass, weight = arrived
+        hit = np.flatnonzero(weight > 0)
+        if len(hit):
+            idx = torch.from_numpy(hit)
+            scale = torch.from_numpy(1.0 / new_w[hit]).to(self.dtype).unsqueeze(1)
+            out.index_add_(0, idx, mass.index_select(0, idx) * scale)
+
+    def _send_delayed(
+        self,
+        plan: RoundPlan,
+        delivered: np.ndarray,
+        coef: np.ndarray,
+        w: np.ndarray,
+        sent: torch.Tensor | None = None,
+    ) -> None:
         net = self.network
         late = delivered & (net.delay > 0)
         for lag in np.unique(net.delay[late]):
             arcs = late & (net.delay == lag)
-            shares = sp.csr_array((coef[arcs] * w[net.src[arcs]], (net.dst[arcs], net.src[arcs])),
-                                  shape=(net.n, net.n))
+            shares = sp.csr_array(
+                (coef[arcs] * w[net.src[arcs]], (net.dst[arcs], net.src[arcs])),
+                shape=(net.n, net.n),
+            )
             shares.sum_duplicates()
             mass, weight = self._bucket(plan.round + int(lag))
             weight += shares @ np.ones(net.n)
             mix = torch.sparse_csr_tensor(
                 torch.from_numpy(shares.indptr.astype(np.int64)),
                 torch.from_numpy(shares.indices.astype(np.int64)),
-                torch.from_numpy(shares.data).to(self.dtype), size=(net.n, net.n))
-            torch.addmm(mass, mix, self.estimates, out=mass)
+                torch.from_numpy(shares.data).to(self.dtype),
+                size=(net.n, net.n),
+            )
+            source = self.estimates if sent is None else sent.to(self.dtype)
+            torch.addmm(mass, mix, source, out=mass)
 
     def _bucket(self, due: int) -> tuple[torch.Tensor, np.ndarray]:
         if due not in self._in_flight:
@@ -149,8 +268,9 @@ class StackedPushSum:
         return mass, weight
 
 
-def consensus_distance(estimates: torch.Tensor, scratch: torch.Tensor | None = None,
-                       chunk: int = 256) -> float:
+def consensus_distance(
+    estimates: torch.Tensor, scratch: torch.Tensor | None = None, chunk: int = 256
+) -> float:
     """Mean squared Euclidean distance of the rows from their plain (unweighted) mean.
 
     Centered, not ``mean ||z||^2 - ||mean||^2``: near consensus that difference
@@ -167,8 +287,8 @@ def consensus_distance(estimates: torch.Tensor, scratch: torch.Tensor | None = N
         scratch = torch.empty(rows, size, dtype=estimates.dtype)
     total = 0.0
     for start in range(0, n, chunk):
-        block = estimates[start:start + chunk]
-        buf = scratch[:len(block)]
+        block = estimates[start : start + chunk]
+        buf = scratch[: len(block)]
         torch.sub(block, mean, out=buf)
         flat = buf.view(-1)
         total += float(torch.dot(flat, flat))

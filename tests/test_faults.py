@@ -1,0 +1,250 @@
+"""Faults a running network must survive, with in-process node runtimes over real libp2p.
+
+- A neighbour dies in the middle of receiving an update: the sender's push fails
+  within its timeout, the weight share is refunded, and the sender keeps going.
+- The network splits in two halves that train apart, then heals when one node of
+  each half dials the other: the halves' models draw together again.
+- A node restarts: the privacy budget it spent is not forgotten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+
+from fltasks import Task, load_task
+from fltasks.datasets import mlp
+from gossip import NodeKey
+from gossip.privacy import GaussianMechanism
+from p2pfl.checkpoint import CheckpointStore
+from p2pfl.config import NodeConfig
+from p2pfl.peer_exchange import PeerBook, exchange_peers, serve_peer_exchange
+from p2pfl.runtime import UPDATE_PROTOCOL, NodeRuntime
+from p2pfl.transport import Transport
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Task:
+    return load_task("digits")
+
+
+def make_runtime(
+    task: Task, state_dir: Path, shard: str, key: NodeKey | None = None, **settings: Any
+) -> NodeRuntime:
+    config = NodeConfig(
+        key=str(state_dir / "unused.key"),
+        state_dir=str(state_dir),
+        listen=(LOOPBACK,),
+        status_addr="127.0.0.1:0",
+        shard=shard,
+        partition="iid",
+        **settings,
+    ).validate()
+    return NodeRuntime(config, key or NodeKey.generate(), task, announce=lambda line: None)
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    with trio.move_on_after(timeout):
+        while not condition():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+# -- a neighbour dies mid-transfer --------------------------------------------------------
+
+
+async def test_a_neighbour_dying_mid_transfer_costs_one_timeout_and_no_weight(
+    digits: Task, tmp_path: Path
+) -> None:
+    # A 64-4096-10 model: a 1.2 MB update, several yamux windows, so the transfer is
+    # still running when the receiver stalls after its first chunk and then dies.
+    wide = replace(digits, make_model=partial(mlp, (64, 4096, 10), 0))
+    send_timeout = 5.0
+    receiver_key = NodeKey.generate()
+    stalled = trio.Event()
+    kill_receiver = trio.CancelScope()
+
+    async def run_receiver(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with kill_receiver:
+            async with Transport.open(receiver_key, [LOOPBACK]) as receiver:
+                serve_peer_exchange(receiver, PeerBook(receiver.peer_id), read_timeout=5)
+
+                async def read_a_little(stream: INetStream) -> None:
+                    await stream.read(64 * 1024)
+                    stalled.set()
+                    await trio.sleep_forever()
+
+                receiver.host.set_stream_handler(TProtocol(UPDATE_PROTOCOL), read_a_little)
+                task_status.started(receiver.addrs[0])
+                await trio.sleep_forever()
+
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(run_receiver)
+            sender = make_runtime(
+                wide,
+                tmp_path / "sender",
+                "0/2",
+                bootstrap=(address,),
+                send_timeout=send_timeout,
+                round_interval=0.2,
+            )
+            initial_weight = sender.gossip.pushsum.weight
+            await nursery.start(sender.run)
+
+            with trio.fail_after(30):
+                await stalled.wait()
+            # Mid-transfer: half of the weight travels with the update being sent.
+            assert sender.gossip.pushsum.weight == pytest.approx(initial_weight / 2)
+            assert sender.round == 1
+            kill_receiver.cancel()
+            died = trio.current_time()
+            await wait_until(
+                lambda: sender.send_failures[receiver_key.peer_id] >= 1,
+                send_timeout + 5,
+                "the push to the dead neighbour to fail",
+            )
+            assert trio.current_time() - died < send_timeout + 1.5
+            assert sender.gossip.pushsum.weight == pytest.approx(initial_weight, rel=1e-12)
+
+            # The sender keeps running rounds, and forgets the dead neighbour after a
+            # few failed pushes; no weight is lost on any of them.
+            await wait_until(lambda: sender.round >= 5, 60, "the sender at round 5")
+            assert sender.updates_sent == 0
+            assert receiver_key.peer_id not in sender.book
+            assert sender.gossip.pushsum.weight == pytest.approx(initial_weight, rel=1e-12)
+            nursery.cancel_scope.cancel()
+
+
+# -- partition and heal -------------------------------------------------------------------
+
+HALF = 4
+
+
+def half_task(task: Task, labels: range) -> Task:
+    """The task with training data of ``labels`` only: the two halves learn apart."""
+    keep = torch.isin(task.y_train, torch.tensor(list(labels)))
+    return replace(task, x_train=task.x_train[keep], y_train=task.y_train[keep])
+
+
+def half_gap(nodes: list[NodeRuntime]) -> float:
+    """L2 distance between the mean models of the two halves."""
+    first = np.mean([node.gossip.estimate for node in nodes[:HALF]], axis=0)
+    second = np.mean([node.gossip.estimate for node in nodes[HALF:]], axis=0)
+    return float(np.linalg.norm(first - second))
+
+
+async def test_a_partitioned_network_converges_again_after_it_heals(
+    digits: Task, tmp_path: Path
+) -> None:
+    tasks = [half_task(digits, range(0, 5)), half_task(digits, range(5, 10))]
+    settings = {"degree": 3, "round_interval": 0.25, "send_timeout": 5.0}
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            nodes: list[NodeRuntime] = []
+            for side in (0, 1):
+                # Each half bootstraps from its own first node: two separate networks.
+                first = make_runtime(tasks[side], tmp_path / f"{side}-0", f"0/{HALF}", **settings)
+                await nursery.start(first.run)
+                assert first.transport is not None
+                nodes.append(first)
+                for index in range(1, HALF):
+                    node = make_runtime(
+                        tasks[side],
+                        tmp_path / f"{side}-{index}",
+                        f"{index}/{HALF}",
+                        bootstrap=(first.transport.addrs[0],),
+                        **settings,
+                    )
+                    await nursery.start(node.run)
+                    nodes.append(node)
+
+            split_rounds = 12
+            await wait_until(
+                lambda: min(node.round for node in nodes) >= split_rounds,
+                60,
+                f"every node at round {split_rounds}",
+            )
+            halves = [{n.key.peer_id for n in nodes[:HALF]}, {n.key.peer_id for n in nodes[HALF:]}]
+            for side, members in enumerate(halves):
+                for node in nodes[side * HALF : (side + 1) * HALF]:
+                    assert set(node.book.known()) <= members, "the halves met before the heal"
+            split_gap = half_gap(nodes)
+
+            # Heal: one node of the second half dials one of the first and swaps peers;
+            # discovery spreads the rest.
+            bridge, contact = nodes[HALF], nodes[0]
+            assert bridge.transport is not None and contact.transport is not None
+            await bridge.transport.connect(contact.transport.addrs[0], timeout=5)
+            await exchange_peers(bridge.transport, contact.key.peer_id, bridge.book, timeout=5)
+            everyone = {n.key.peer_id for n in nodes}
+            await wait_until(
+                lambda: all(set(n.book.known()) | {n.key.peer_id} == everyone for n in nodes),
+                30,
+                "every node to know all the others",
+            )
+            healed_at = [node.round for node in nodes]
+            await wait_until(
+                lambda: all(n.round >= r + 15 for n, r in zip(nodes, healed_at, strict=True)),
+                60,
+                "15 more rounds on every node",
+            )
+            healed_gap = half_gap(nodes)
+            nursery.cancel_scope.cancel()
+    print(f"gap between the halves: split {split_gap:.3f}, healed {healed_gap:.3f}")
+    assert split_gap > 0.5, "the halves did not drift apart: the test shows nothing"
+    assert healed_gap < split_gap / 2
+
+
+# -- the privacy budget survives a restart ------------------------------------------------
+
+
+async def test_dp_is_applied_reported_and_its_budget_survives_a_restart(
+    digits: Task, tmp_path: Path
+) -> None:
+    key = NodeKey.generate()
+    settings = {"dp_clip": 1.0, "dp_noise": 4.0, "rounds": 3, "min_neighbors": 0}
+    with trio.fail_after(60):
+        node = make_runtime(digits, tmp_path / "node", "0/1", key, **settings)
+        assert node.status()["epsilon"] == 0.0
+        initial = node.gossip.estimate.copy()
+        await node.run()
+        # Noise of std sigma*C = 4 on each of 4,810 coordinates moves the model by about
+        # 4 * sqrt(4810 * 3) ~ 480 in 3 rounds; clipped training alone moves it by <= 3.
+        assert np.linalg.norm(node.gossip.estimate - initial) > 100
+        expected = GaussianMechanism(1.0, 4.0, np.random.default_rng(), steps=3).spent(1e-5)
+        status = node.status()
+        assert (status["epsilon"], status["delta"]) == (expected["epsilon"], 1e-5)
+        saved = CheckpointStore(tmp_path / "node").load(node.gossip.layout.fingerprint)
+        assert saved is not None and saved.optimizer["dp_steps"] == 3
+
+        # Restarted with more noise: the 3 steps at sigma 4 are re-counted at sigma 8
+        # (12 steps) so that epsilon is never under-reported.
+        again = make_runtime(
+            digits, tmp_path / "node", "0/1", key, **{**settings, "dp_noise": 8.0, "rounds": 4}
+        )
+        assert again.privacy is not None and again.privacy.accountant.steps == 12
+        await again.run()
+        assert again.privacy.accountant.steps == 13
+
+        # Without DP, status says so, and the saved budget is kept for later.
+        plain = make_runtime(digits, tmp_path / "node", "0/1", key, rounds=5, min_neighbors=0)
+        assert (plain.status()["epsilon"], plain.status()["delta"]) == (None, None)
+        await plain.run()
+        saved = CheckpointStore(tmp_path / "node").load(node.gossip.layout.fingerprint)
+        assert saved is not None and saved.optimizer == {"dp_steps": 13, "dp_noise": 8.0}

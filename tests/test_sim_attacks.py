@@ -1,0 +1,191 @@
+"""Hostile peers in the simulator: gossip's robust rules, Byzantine nodes, DP and churn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fltasks import load_task, partition
+from gossip import robust
+from gossip.aggregation import aggregator_by_name
+from gossip.privacy import GaussianMechanism, clip_to_norm
+from gossip.pushsum import PushSum
+from topologies import robust as batched
+from topologies.attacks import alie_z_max, choose_byzantine
+from topologies.graphs import small_world
+from topologies.network import DELIVERED, REFUNDED, NetworkConditions, NetworkModel
+from topologies.privacy import DELTA, BatchedGaussianMechanism
+from topologies.simulator import Simulation, SimulationConfig
+from topologies.stacked_pushsum import consensus_distance
+
+
+def padded_sets(seed: int = 0, n: int = 40, width: int = 7, size: int = 13):
+    """Own rows, padded received rows and a mask with every count from 0 to ``width``."""
+    rng = np.random.default_rng(seed)
+    own = rng.normal(size=(n, size))
+    others = rng.normal(size=(n, width, size)) * rng.uniform(0.1, 10, size=(n, width, 1))
+    counts = np.arange(n) % (width + 1)
+    valid = np.zeros((n, width), dtype=bool)
+    for i, count in enumerate(counts):
+        valid[i, rng.permutation(width)[:count]] = True
+    return own, others, valid
+
+
+def per_node(own, others, valid, rule):
+    return np.stack([rule(own[i], others[i][valid[i]]) for i in range(len(own))])
+
+
+@pytest.mark.parametrize("beta", [0.2, 0.34])
+def test_batched_trimmed_mean_is_gossips(beta):
+    own, others, valid = padded_sets()
+    got = batched.trimmed_mean(*map(torch.from_numpy, (own, others, valid)), beta)
+    expected = per_node(
+        own, others, valid, lambda z, rest: robust.trimmed_mean(np.vstack([z, rest]), beta)
+    )
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_batched_median_is_gossips():
+    own, others, valid = padded_sets(seed=1)
+    got = batched.median(*map(torch.from_numpy, (own, others, valid)))
+    expected = per_node(own, others, valid, lambda z, rest: robust.median(np.vstack([z, rest])))
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+@pytest.mark.parametrize("tau", [None, 0.0, 2.5])
+def test_batched_clipped_step_is_gossips(tau):
+    own, others, valid = padded_sets(seed=2)
+    got = batched.clipped_step(*map(torch.from_numpy, (own, others, valid)), tau=tau, beta=0.2)
+
+    def reference(z, rest):
+        if len(rest) == 0:
+            return z
+        radius = robust.adaptive_tau(z, rest, 0.2) if tau is None else tau
+        return robust.clipped_step(z, rest, radius)
+
+    np.testing.assert_allclose(
+        got.numpy(), per_node(own, others, valid, reference), rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("name", ["trimmed-mean", "median", "clipped"])
+def test_robust_round_is_gossips_aggregator_node_by_node(name):
+    """Estimates and weights after lossy, churned rounds equal gossip's Aggregator.combine."""
+    graph = small_world(16, 4, 0.3, seed=2)
+    rng = np.random.default_rng(3)
+    estimates, weights = rng.normal(size=(16, 5)), rng.integers(1, 50, size=16).astype(float)
+    conditions = NetworkConditions(loss=0.2, churn=0.2)
+    config = SimulationConfig(
+        rounds=3, train=False, evaluate=False, network=conditions, seed=7,
+        dtype=torch.float64, aggregator=name,
+    )
+    simulation = Simulation(graph, torch.from_numpy(estimates), weights, config)
+    simulation.run()
+
+    network = NetworkModel(graph, conditions, seed=7)
+    rule = aggregator_by_name(name)
+    nodes = [PushSum(z, w) for z, w in zip(estimates, weights, strict=True)]
+    for t in range(3):
+        plan = network.plan(t)
+        shares = {i: nodes[i].split(int(network.degree[i])) for i in range(16) if plan.online[i]}
+        inbox: dict[int, list] = {i: [] for i in range(16)}
+        for arc in range(network.num_arcs):
+            sender, receiver = int(network.src[arc]), int(network.dst[arc])
+            if plan.fate[arc] == REFUNDED:
+                nodes[sender].absorb(shares[sender].estimate, shares[sender].weight)
+            elif plan.fate[arc] == DELIVERED:
+                inbox[receiver].append(shares[sender])
+        for i, received in inbox.items():
+            rule.combine(nodes[i], received)
+    np.testing.assert_allclose(
+        simulation.estimates.numpy(), np.stack([node.estimate for node in nodes]), atol=1e-12
+    )
+    np.testing.assert_allclose(simulation.weights, [node.weight for node in nodes], rtol=1e-12)
+
+
+def digits_run(rounds: int, nodes: int = 16, degree: int = 6, **options):
+    task = load_task("digits", seed=0)
+    graph = small_world(nodes, degree, 0.1, seed=0)
+    shards = partition(task.y_train, nodes, "iid", seed=0)
+    network = options.pop("network", NetworkConditions())
+    config = SimulationConfig(rounds=rounds, seed=0, network=network, **options)
+    simulation = Simulation.for_task(task, graph, shards, config)
+    return simulation, simulation.run()
+
+
+def test_byzantine_nodes_are_left_out_of_honest_metrics():
+    simulation, history = digits_run(2, byzantine=3, attack="noise")
+    honest = ~choose_byzantine(16, 3, seed=0)
+    assert honest.sum() == 13 and (simulation.honest == honest).all()
+    accuracy = simulation.accuracy().numpy()
+    last = history[-1]
+    assert last.honest_accuracy_mean == pytest.approx(accuracy[honest].mean())
+    assert last.honest_accuracy_min == pytest.approx(accuracy[honest].min())
+    assert last.accuracy_mean == pytest.approx(accuracy.mean())
+    rows = torch.from_numpy(np.flatnonzero(honest))
+    assert last.consensus_distance == pytest.approx(
+        consensus_distance(simulation.estimates[rows]), rel=1e-6
+    )
+
+
+def test_without_attackers_honest_metrics_are_all_nodes():
+    _, history = digits_run(1)
+    assert history[-1].honest_accuracy_mean == history[-1].accuracy_mean
+    assert history[-1].honest_accuracy_min == history[-1].accuracy_min
+
+
+def test_scale_attack_breaks_the_mean_and_not_robust_rules():
+    clean = digits_run(6)[1][-1].honest_accuracy_mean
+    attacked = {
+        name: digits_run(6, byzantine=2, attack="scale", aggregator=name)[1][-1]
+        for name in ("mean", "trimmed-mean", "clipped")
+    }
+    assert clean > 0.85
+    assert attacked["mean"].honest_accuracy_mean < 0.5
+    for name in ("trimmed-mean", "clipped"):
+        assert attacked[name].honest_accuracy_mean > clean - 0.05, name
+
+
+def test_alie_default_is_the_papers_z_max():
+    # Baruch et al. 2019: n = 50, f = 12 -> s = 14, z = Phi^-1(36/50) ~ 0.58.
+    assert alie_z_max(50, 12) == pytest.approx(0.5828, abs=1e-3)
+
+
+def test_dp_clip_is_gossips_clip_to_norm():
+    rng = np.random.default_rng(0)
+    deltas = rng.normal(size=(20, 30)) * rng.uniform(0.01, 3, size=(20, 1))
+    mechanism = BatchedGaussianMechanism(1.5, 0.7, nodes=20, seed=0)
+    clipped = mechanism.clip(torch.from_numpy(deltas)).numpy()
+    expected = np.stack([clip_to_norm(row, 1.5) for row in deltas])
+    np.testing.assert_allclose(clipped, expected, rtol=1e-14, atol=0)
+
+
+def test_dp_noise_has_gossips_std_and_touches_only_selected_rows():
+    mechanism = BatchedGaussianMechanism(0.5, 2.0, nodes=4, seed=0)
+    before = torch.zeros(4, 50_000, dtype=torch.float64)
+    after = before.clone()
+    after[:, 0] = 10.0  # a delta of norm 10, clipped to 0.5
+    mechanism.privatize(before, after, torch.tensor([0, 2]))
+    assert after[1, 0] == 10.0 and after[3, 0] == 10.0  # not privatized
+    noise = after[[0, 2], 1:]
+    reference = GaussianMechanism(0.5, 2.0, np.random.default_rng(0))
+    assert noise.std().item() == pytest.approx(reference.noise_std, rel=0.01)
+    assert noise.mean().item() == pytest.approx(0.0, abs=0.01)
+    assert mechanism.steps.tolist() == [1, 0, 1, 0]
+
+
+def test_dp_epsilon_is_gossips_accountant_for_the_rounds_trained():
+    simulation, _ = digits_run(3, nodes=8, degree=4, dp_clip=1.0, dp_noise=1.0)
+    reference = GaussianMechanism(1.0, 1.0, np.random.default_rng(0))
+    reference.accountant.step(3)
+    assert simulation.epsilon() == pytest.approx(reference.spent(DELTA)["epsilon"])
+    assert simulation.epsilon() > 0
+
+
+def test_twenty_percent_churn_per_round_still_converges():
+    simulation, history = digits_run(8, network=NetworkConditions(churn=0.2))
+    assert all(m.online == 13 for m in history)  # round(0.2 * 16) offline every round
+    assert history[-1].consensus_distance < 0.5 * history[0].consensus_distance
+    assert history[-1].accuracy_mean > history[0].accuracy_mean + 0.05
+    assert history[-1].accuracy_min > 0.8

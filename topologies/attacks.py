@@ -1,0 +1,110 @@
+"""Byzantine nodes: which ones, and what they send instead of their honest estimate.
+
+A Byzantine node runs the protocol honestly inside (it trains, aggregates and
+keeps an honest estimate ``z``, with the same rule as everyone) but every
+message it sends carries an attack vector in place of ``z``, with the normal
+push-sum weight share (a weight is only a claim). The ``F`` Byzantine nodes
+are drawn uniformly with the run's seed. Attacks, with ``s`` the
+``--attack-scale``:
+
+* ``sign-flip``: ``-s * z`` (default ``s = 1``: the negated honest estimate);
+* ``scale``: ``s * z`` (default ``s = 10``);
+* ``noise``: ``z + N(0, s^2)`` per coordinate (default ``s = 1``, large next
+  to the digits MLP's weights of ~0.1);
+* ``alie``, "A Little Is Enough" (Baruch, Baruch and Goldberg, NeurIPS 2019):
+  ``mean - s * std``, coordinate-wise over the current estimates of the
+  attacker's honest neighbours, which it is assumed to see (omniscient,
+  colluding attackers, as in the paper). The default ``s`` is the paper's
+  ``z_max = Phi^-1((n - q) / n)`` with ``q = floor(n/2 + 1) - f`` for ``n``
+  nodes of which ``f`` are Byzantine (:func:`alie_z_max`). An attacker with no
+  honest neighbour sends its own estimate.
+
+A non-finite attack vector (a scale attack that overflowed) would be rejected
+by every receiver's admission (``gossip.admission.all_finite``): the simulator
+drops it like a lost message (see :class:`topologies.simulator.Simulation`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.stats import norm
+
+ATTACKS = ("sign-flip", "scale", "noise", "alie")
+DEFAULT_SCALE = {"sign-flip": 1.0, "scale": 10.0, "noise": 1.0}
+
+
+def alie_z_max(nodes: int, byzantine: int) -> float:
+    """Baruch et al. 2019, section 4: ``Phi^-1((n - q) / n)``, ``q = floor(n/2 + 1) - f``."""
+    supporters = math.floor(nodes / 2 + 1) - byzantine
+    return float(norm.ppf((nodes - supporters) / nodes))
+
+
+def choose_byzantine(nodes: int, count: int, seed: int) -> np.ndarray:
+    """A bool mask [n] of ``count`` Byzantine nodes, drawn with the run's seed."""
+    if not 0 <= count < nodes:
+        raise ValueError(f"byzantine must be in [0, {nodes - 1}] for {nodes} nodes, got {count}")
+    mask = np.zeros(nodes, dtype=bool)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x42797A]))
+    mask[rng.choice(nodes, size=count, replace=False)] = True
+    return mask
+
+
+class Adversary:
+    """The Byzantine nodes of one run and the attack vectors they send."""
+
+    def __init__(
+        self,
+        byzantine: np.ndarray,
+        attack: str,
+        scale: float | None,
+        neighbours: list[np.ndarray],
+        seed: int,
+    ) -> None:
+        if attack not in ATTACKS:
+            raise ValueError(f"unknown attack {attack!r}; choose one of: {', '.join(ATTACKS)}")
+        if scale is not None and not math.isfinite(scale):
+            raise ValueError(f"attack scale must be a finite number, got {scale}")
+        self.byzantine = np.asarray(byzantine, dtype=bool)
+        self.attack = attack
+        n, count = len(self.byzantine), int(self.byzantine.sum())
+        self.scale = (
+            float(scale)
+            if scale is not None
+            else alie_z_max(n, count)
+            if attack == "alie"
+            else DEFAULT_SCALE[attack]
+        )
+        self.rows = torch.from_numpy(np.flatnonzero(self.byzantine))
+        honest = ~self.byzantine
+        # For ALIE: each attacker's honest neighbours.
+        self._honest_neighbours = [
+            torch.from_numpy(neighbours[b][honest[neighbours[b]]])
+            for b in np.flatnonzero(self.byzantine)
+        ]
+        self._generator = torch.Generator().manual_seed(seed + 0x6E6F)
+
+    def vectors(self, estimates: torch.Tensor) -> torch.Tensor:
+        """The attack vectors [F, P] the Byzantine rows send this round."""
+        own = estimates.index_select(0, self.rows)
+        if self.attack == "sign-flip":
+            return -self.scale * own
+        if self.attack == "scale":
+            return self.scale * own
+        if self.attack == "noise":
+            noise = torch.randn(own.shape, generator=self._generator, dtype=own.dtype)
+            return own + self.scale * noise
+        out = own.clone()
+        for row, honest in enumerate(self._honest_neighbours):
+            if len(honest):
+                seen = estimates.index_select(0, honest)
+                out[row] = seen.mean(dim=0) - self.scale * seen.std(dim=0, correction=0)
+        return out
+
+    def apply(self, estimates: torch.Tensor) -> torch.Tensor:
+        """What every node sends: ``estimates`` with the Byzantine rows replaced (a copy)."""
+        sent = estimates.clone()
+        sent[self.rows] = self.vectors(estimates)
+        return sent

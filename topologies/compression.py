@@ -1,0 +1,178 @@
+"""Compressed gossip in the simulator: gossip's codecs, batched over nodes, and what is sent.
+
+The codecs are :mod:`gossip.compression`'s, resolved by id
+(:func:`gossip.compression.resolve_codec`). A message is encoded tensor by
+tensor, so the batched forms below work per tensor of the model's layout (a
+column block of the stacked [n, P] tensor) and give exactly what the codec's
+``decode`` gives for each node's row (``tests/test_sim_compression.py``):
+
+* ``fp16``: clip to +-65504, round to half precision and back;
+* ``int8``: blocks of 256 values, scale ``max|x| / 127`` in float32,
+  ``round(x / scale) * scale``;
+* ``topk:F``: the ``codec.kept(size)`` largest magnitudes of each tensor kept
+  (as float32), the rest zero. Ties may be broken differently from the codec's
+  first-by-position rule; the kept values are the same.
+
+The bytes a node sends per message are those of one real encoded update with
+that codec (:func:`topologies.network.message_bytes`), exact because every
+codec's payload size depends only on the tensor shapes.
+
+What is sent, by codec:
+
+* ``fp16`` and ``int8`` compress the whole estimate, as the daemon does
+  (:meth:`gossip.node.GossipNode.prepare` encodes the share's estimate), with
+  the residual memory of :class:`gossip.compression.ErrorFeedback` (EF-SGD,
+  Karimireddy et al., ICML 2019): a node sends ``Q(z + e)`` and keeps
+  ``e <- z + e - Q(z + e)``. Receivers fold in the decoded estimate with the
+  sender's weight share; the sender keeps its own share of its exact ``z``.
+* ``topk`` sends differences to a public copy, CHOCO-gossip style (Koloskova,
+  Stich and Jaggi, "Decentralized Stochastic Optimization and Gossip
+  Algorithms with Compressed Communication", ICML 2019). Each node ``i`` has a
+  public copy ``x̂_i`` that all its neighbours hold; each round it sends
+  ``q_i = topk(z_i - x̂_i)`` and everyone sets ``x̂_i += q_i``. The residual
+  ``z_i - x̂_i`` is the error-feedback memory: nothing is dropped, only sent
+  later. Mixing is push-sum on the public copies with a step ``gamma``
+  (:meth:`topologies.stacked_pushsum.StackedPushSum.gossip_sent`, ``public=True``):
+  along each delivered arc ``j -> i`` the mass ``gamma w_j/(d_j+1) x̂_j``
+  moves from ``j`` to ``i`` (the sender subtracts what its neighbours add, so
+  mass is conserved exactly), with the weight share ``gamma w_j/(d_j+1)``.
+  With ``x̂ = z`` and ``gamma = 1`` this is exactly push-sum; in estimate
+  terms it is CHOCO's ``z_i += gamma sum_j W_ij (x̂_j - x̂_i)`` with push-sum's
+  weights. Public copies start at the nodes' starting models, which are
+  public (every node builds the same initial model from the task). CHOCO
+  needs every ``q_i`` to reach every neighbour, so the simulator refuses
+  ``topk`` with loss, delay or churn rather than model re-synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gossip.compression import Fp16Codec, Int8Codec, RawCodec, TensorCodec, TopKCodec
+from gossip.compression import resolve_codec as gossip_resolve_codec
+from gossip.compression.fp16 import HALF_MAX
+from gossip.compression.int8 import BLOCK
+
+_LEVELS = 127.0
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_SMALLEST_SUBNORMAL = float(np.finfo(np.float32).smallest_subnormal)
+DEFAULT_CHOCO_STEP = 1.0
+
+
+def resolve_codec(name: str) -> TensorCodec:
+    """``none`` (raw float32) or a gossip codec id; ValueError naming the choices otherwise."""
+    codec = gossip_resolve_codec("raw" if name == "none" else name)
+    if codec is None or not isinstance(codec, RawCodec | Fp16Codec | Int8Codec | TopKCodec):
+        raise ValueError(
+            f"unknown compression {name!r}; choose none, fp16, int8 or topk:FRACTION "
+            "with FRACTION in (0, 1]"
+        )
+    return codec
+
+
+def fp16_round_trip(block: torch.Tensor) -> torch.Tensor:
+    return block.clamp(-HALF_MAX, HALF_MAX).to(torch.float16).to(block.dtype)
+
+
+def int8_round_trip(block: torch.Tensor) -> torch.Tensor:
+    """:class:`gossip.compression.Int8Codec` encode then decode, for every row of [n, size]."""
+    n, size = block.shape
+    values = (
+        block if block.dtype == torch.float32 else block.clamp(-_FLOAT32_MAX, _FLOAT32_MAX).float()
+    )
+    blocks = -(-size // BLOCK)
+    padded = F.pad(values, (0, blocks * BLOCK - size)).view(n, blocks, BLOCK)
+    peak = padded.abs().amax(dim=2)
+    scales = peak / _LEVELS
+    scales = torch.where((scales == 0) & (peak > 0), _SMALLEST_SUBNORMAL, scales)
+    divisors = torch.where(scales > 0, scales, 1.0)
+    quantized = torch.round(padded / divisors.unsqueeze(2))
+    work = torch.float64 if block.dtype == torch.float64 else torch.float32
+    decoded = quantized.to(work) * scales.to(work).unsqueeze(2)
+    return decoded.view(n, -1)[:, :size].to(block.dtype)
+
+
+def topk_round_trip(block: torch.Tensor, kept: int) -> torch.Tensor:
+    """The ``kept`` largest magnitudes of each row (as float32 values), zeros elsewhere."""
+    index = block.abs().topk(kept, dim=1, sorted=False).indices
+    values = block.gather(1, index)
+    if values.dtype != torch.float32:
+        values = values.clamp(-_FLOAT32_MAX, _FLOAT32_MAX).float().to(block.dtype)
+    return torch.zeros_like(block).scatter_(1, index, values)
+
+
+class BatchedCodec:
+    """One gossip codec applied to every row of a stacked [n, P] tensor, tensor by tensor."""
+
+    def __init__(self, codec: TensorCodec, sizes: list[int]) -> None:
+        self.codec = codec
+        self.sizes = list(sizes)
+
+    @property
+    def lossless(self) -> bool:
+        return isinstance(self.codec, RawCodec)
+
+    @property
+    def sparse(self) -> bool:
+        return isinstance(self.codec, TopKCodec)
+
+    def round_trip(self, stacked: torch.Tensor) -> torch.Tensor:
+        """What receivers decode for each row (a new tensor)."""
+        if self.lossless:
+            return stacked.float().to(stacked.dtype)
+        parts, start = [], 0
+        for size in self.sizes:
+            block = stacked[:, start : start + size]
+            start += size
+            if isinstance(self.codec, Fp16Codec):
+                parts.append(fp16_round_trip(block))
+            elif isinstance(self.codec, Int8Codec):
+                parts.append(int8_round_trip(block))
+            else:
+                assert isinstance(self.codec, TopKCodec)
+                parts.append(topk_round_trip(block, self.codec.kept(size)))
+        return torch.cat(parts, dim=1)
+
+
+class Compressor:
+    """What each node's message carries under one codec, with the sender-side memory.
+
+    ``encode(targets, senders)`` takes the vectors the nodes want to convey
+    (honest estimates, or attack vectors) and returns what receivers hold
+    afterwards: the decoded estimate (fp16, int8) or the public copies (topk).
+    Only rows in ``senders`` send, and only their memory moves.
+    """
+
+    def __init__(
+        self, codec: BatchedCodec, start: torch.Tensor, step: float = DEFAULT_CHOCO_STEP
+    ) -> None:
+        if not (math.isfinite(step) and 0 < step <= 1):
+            raise ValueError(f"the CHOCO step gamma must be in (0, 1], got {step}")
+        self.codec = codec
+        self.step = float(step)
+        self.public = start.clone() if codec.sparse else None
+        self.memory = None if codec.sparse else torch.zeros_like(start)
+
+    @property
+    def uses_public_copies(self) -> bool:
+        return self.public is not None
+
+    def encode(
+        self, targets: torch.Tensor, senders: torch.Tensor, feedback: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``feedback`` (bool [n]): rows that keep error-feedback memory (honest ones)."""
+        rows = senders.nonzero().flatten()
+        if self.public is not None:
+            residual = targets.index_select(0, rows) - self.public.index_select(0, rows)
+            self.public.index_add_(0, rows, self.codec.round_trip(residual))
+            return self.public
+        assert self.memory is not None
+        use = senders if feedback is None else senders & feedback
+        wanted = targets + self.memory * use.unsqueeze(1).to(targets.dtype)
+        sent = self.codec.round_trip(wanted)
+        self.memory[use] = (wanted - sent)[use]
+        return sent
