@@ -93,6 +93,7 @@ class LocalNetwork:
         partition: str = "dirichlet:0.5",
         degree: int = 3,
         seed: int = 0,
+        local_epochs: int = 5,
         extra_args: tuple[str, ...] = (),
     ) -> None:
         if nodes < 2:
@@ -104,6 +105,9 @@ class LocalNetwork:
         self.partition = partition
         self.degree = degree
         self.seed = seed
+        # Demo shards hold ~170 samples (6 minibatches): a few epochs per round make
+        # each round worth its gossip; real deployments with real data use 1.
+        self.local_epochs = local_epochs
         self.extra_args = extra_args
         self.nodes: list[LocalNode | None] = [None] * nodes
 
@@ -139,6 +143,8 @@ class LocalNetwork:
             str(self.degree),
             "--seed",
             str(self.seed),
+            "--local-epochs",
+            str(self.local_epochs),
         ]
         if self.rounds is not None:
             args += ["--rounds", str(self.rounds)]

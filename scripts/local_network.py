@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=positive_int, default=8, help="daemons to run (default 8)")
     parser.add_argument(
-        "--rounds", type=positive_int, default=30, help="local rounds per node (default 30)"
+        "--rounds", type=positive_int, default=20, help="local rounds per node (default 20)"
     )
     parser.add_argument("--task", default="digits", help="digits, breast-cancer or module:function")
     parser.add_argument(
@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="iid, dirichlet:ALPHA or quantity:ALPHA (default dirichlet:0.5)",
     )
     parser.add_argument("--degree", type=positive_int, default=3, help="neighbours per node")
+    parser.add_argument(
+        "--local-epochs",
+        type=positive_int,
+        default=5,
+        help="epochs over each node's shard per round (default 5: demo shards are tiny)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--out",
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         partition=args.partition,
         degree=args.degree,
         seed=args.seed,
+        local_epochs=args.local_epochs,
     ) as network:
         try:
             network.start_all()
