@@ -121,7 +121,7 @@ class StackedPushSum:
         self.weights = new_w
 
     def gossip_sent(
-        self, plan: RoundPlan, sent: torch.Tensor, *, public: bool = False, step: float = 1.0
+        self, plan: RoundPlan, sent: torch.Tensor, *, public: float = 0.0, step: float = 1.0
     ) -> None:
         """One push-sum round in which receivers fold in the rows of ``sent``, not the estimates.
 
@@ -154,13 +154,11 @@ class StackedPushSum:
         rows = dst[now]
         cols = src[now]
         vals = coef[now] * w[cols] / new_w[rows]
+        own = (keep + public * given) * w / new_w
         if public:
             rows = np.concatenate([rows, np.arange(n)])
             cols = np.concatenate([cols, np.arange(n)])
-            vals = np.concatenate([vals, -given * w / new_w])
-            own = w / new_w
-        else:
-            own = keep * w / new_w
+            vals = np.concatenate([vals, -public * given * w / new_w])
         mix = sp.csr_array((vals, (rows, cols)), shape=(n, n))
         mix.sum_duplicates()
         out = self._spare
