@@ -60,6 +60,13 @@ def render_metrics(status: dict[str, Any]) -> str:
     metric(
         "p2pfl_bytes_received_total", "counter", "Payload bytes received.", status["bytes_received"]
     )
+    if status.get("epsilon") is not None:
+        metric(
+            "p2pfl_dp_epsilon",
+            "gauge",
+            f"Differential-privacy epsilon spent so far, at delta={status.get('delta')}.",
+            status["epsilon"],
+        )
     metric("p2pfl_uptime_seconds", "gauge", "Seconds since the node started.", status["uptime_s"])
     return "\n".join(lines) + "\n"
 

@@ -313,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GAMMA",
         help="topk only: step of the public-copy mixing, in (0, 1] (default 1)",
     )
+    compression.add_argument(
+        "--choco-compensation",
+        type=_probability,
+        default=None,
+        metavar="C",
+        help="topk only: fraction in [0, 1] of the mass its sparse messages did not carry "
+        "that a sender keeps; 1 conserves mass (CHOCO), 0 drops it (default 0.5)",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
     run.add_argument(
@@ -334,7 +342,9 @@ def _flag_names(message: str) -> str:
     """Config errors name fields; the user typed flags."""
     for field, flag in (
         ("trim fraction and clip radius", "--trim-fraction and --clip-radius"),
+        ("the CHOCO step and compensation", "--choco-step and --choco-compensation"),
         ("the CHOCO step", "--choco-step"),
+        ("the CHOCO compensation", "--choco-compensation"),
         ("needs delay 0", "needs --delay 0"),
         ("it needs loss, delay and churn 0", "it needs --loss 0 --delay 0 --churn 0"),
     ):
@@ -398,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
             dp_noise=args.dp_noise,
             compression=args.compression,
             **({} if args.choco_step is None else {"choco_step": args.choco_step}),
+            **(
+                {}
+                if args.choco_compensation is None
+                else {"choco_compensation": args.choco_compensation}
+            ),
         )
     except ValueError as exc:
         return fail(_flag_names(str(exc).splitlines()[0]))

@@ -147,3 +147,9 @@ async def test_a_silent_client_does_not_block_other_requests() -> None:
             await silent.aclose()
             await half.aclose()
             nursery.cancel_scope.cancel()
+
+
+def test_epsilon_is_exported_only_when_privacy_is_on() -> None:
+    assert "p2pfl_dp_epsilon" not in render_metrics(SAMPLE)
+    with_dp = dict(SAMPLE, epsilon=3.5, delta=1e-5)
+    assert samples(render_metrics(with_dp))[("p2pfl_dp_epsilon", ())] == 3.5

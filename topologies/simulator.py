@@ -44,7 +44,13 @@ import torch
 from fltasks import Task
 from topologies.attacks import ATTACKS, Adversary, choose_byzantine
 from topologies.batched import BatchedTrainer, PaddedShards, make_trainer
-from topologies.compression import DEFAULT_CHOCO_STEP, BatchedCodec, Compressor, resolve_codec
+from topologies.compression import (
+    DEFAULT_CHOCO_STEP,
+    DEFAULT_COMPENSATION,
+    BatchedCodec,
+    Compressor,
+    resolve_codec,
+)
 from topologies.network import (
     DELIVERED,
     LOST,
@@ -93,6 +99,7 @@ class SimulationConfig:
     dp_noise: float | None = None
     compression: str = "none"  # none, fp16, int8, topk:FRACTION
     choco_step: float = DEFAULT_CHOCO_STEP  # gamma of top-k's public-copy mixing
+    choco_compensation: float = DEFAULT_COMPENSATION  # residual mass a top-k sender keeps
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -130,8 +137,12 @@ class SimulationConfig:
             )
         if not (math.isfinite(self.choco_step) and 0 < self.choco_step <= 1):
             raise ValueError(f"the CHOCO step must be in (0, 1], got {self.choco_step}")
-        if self.choco_step != DEFAULT_CHOCO_STEP and not sparse:
-            raise ValueError("the CHOCO step applies to topk compression only")
+        if not 0 <= self.choco_compensation <= 1:
+            raise ValueError(f"the CHOCO compensation must be in [0, 1], got "
+                             f"{self.choco_compensation}")
+        if not sparse and (self.choco_step != DEFAULT_CHOCO_STEP
+                           or self.choco_compensation != DEFAULT_COMPENSATION):
+            raise ValueError("the CHOCO step and compensation apply to topk compression only")
 
 
 @dataclass(frozen=True)
@@ -261,7 +272,10 @@ class Simulation:
             else:
                 public = self.compressor is not None and self.compressor.uses_public_copies
                 self.state.gossip_sent(
-                    plan, sent, public=public, step=self.config.choco_step if public else 1.0
+                    plan,
+                    sent,
+                    compensation=self.config.choco_compensation if public else 0.0,
+                    step=self.config.choco_step if public else 1.0,
                 )
         self.round += 1
         messages = int(np.count_nonzero((plan.fate == DELIVERED) | (plan.fate == LOST)))

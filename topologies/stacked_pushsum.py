@@ -121,23 +121,25 @@ class StackedPushSum:
         self.weights = new_w
 
     def gossip_sent(
-        self, plan: RoundPlan, sent: torch.Tensor, *, public: float = 0.0, step: float = 1.0
+        self, plan: RoundPlan, sent: torch.Tensor, *, compensation: float = 0.0, step: float = 1.0
     ) -> None:
         """One push-sum round in which receivers fold in the rows of ``sent``, not the estimates.
 
-        ``public=False``: each node keeps its own share of its exact estimate
-        (as the gossip core does; a compressed or forged message changes only
-        what receivers get). ``public=True``: CHOCO-style public copies (see
-        :mod:`topologies.compression`): a node also gives away the mass its
-        receivers get, ``step * w_i / (d_i + 1) * sent_i`` per message that
-        left, so mass is conserved; ``step`` is CHOCO's ``gamma``, a lazier
-        push-sum (the weight share is ``step * w_i / (d_i + 1)`` too).
+        ``compensation=0``: each node keeps its own share of its exact
+        estimate (as the gossip core does; a compressed or forged message
+        changes only what receivers get). ``compensation=c > 0``, for public
+        copies (see :mod:`topologies.compression`): the sender also keeps the
+        fraction ``c`` of the mass its messages did not carry,
+        ``c * step * w_i / (d_i + 1) * (z_i - sent_i)`` per message that left;
+        ``c = 1`` conserves mass exactly (CHOCO-gossip). ``step`` is CHOCO's
+        ``gamma``, a lazier push-sum (the weight share is
+        ``step * w_i / (d_i + 1)`` too).
         """
         net = self.network
         n = net.n
         w = self.weights
         src, dst, fate = net.src, net.dst, plan.fate
-        if public and net.conditions.delay:
+        if compensation and net.conditions.delay:
             raise ValueError("public copies need delivery in the same round (delay 0)")
         coef = step * self._share[src]
         delivered = fate == DELIVERED
@@ -154,11 +156,11 @@ class StackedPushSum:
         rows = dst[now]
         cols = src[now]
         vals = coef[now] * w[cols] / new_w[rows]
-        own = (keep + public * given) * w / new_w
-        if public:
+        own = (keep + compensation * given) * w / new_w
+        if compensation:
             rows = np.concatenate([rows, np.arange(n)])
             cols = np.concatenate([cols, np.arange(n)])
-            vals = np.concatenate([vals, -public * given * w / new_w])
+            vals = np.concatenate([vals, -compensation * given * w / new_w])
         mix = sp.csr_array((vals, (rows, cols)), shape=(n, n))
         mix.sum_duplicates()
         out = self._spare
