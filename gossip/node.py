@@ -27,11 +27,12 @@ DEFAULT_INBOX_LIMIT = 64
 
 @dataclass(frozen=True)
 class Outgoing:
-    """A signed message and the share it carries, kept to refund it if delivery fails."""
+    """A signed message and what it carries, kept to refund it if delivery fails."""
 
     message: bytearray
     seq: int
-    share: Share
+    tensors: dict[str, np.ndarray]
+    weight: float
 
 
 @dataclass
@@ -126,23 +127,30 @@ class GossipNode:
 
     def prepare(self, fanout: int, now: float) -> Outgoing:
         """Split the weight for ``fanout`` neighbours and sign the one message they all get."""
-        share = self.pushsum.split(fanout)
+        weight = self.pushsum.split_weight(fanout)
         self.seq += 1
+        # One cast of the estimate into the model's dtypes, then one copy into the
+        # message: with multi-megabyte models every pass over the bytes shows.
+        estimate = self.pushsum.estimate
+        tensors = {
+            name: array.copy() if np.shares_memory(array, estimate) else array
+            for name, array in self.layout.unflatten(estimate).items()
+        }
         update = Update(
             sender=self.key.public_key,
             seq=self.seq,
             samples=self.samples,
-            weight=share.weight,
+            weight=weight,
             fingerprint=self.layout.fingerprint,
             created_at=now,
-            tensors=self.layout.unflatten(share.estimate),
+            tensors=tensors,
             codec=self.codec_id,
         )
-        return Outgoing(codec.encode(update, self.key), self.seq, share)
+        return Outgoing(codec.encode(update, self.key), self.seq, tensors, weight)
 
     def refund(self, outgoing: Outgoing) -> None:
         """A delivery failed for sure: take its share back so that no mass is lost."""
-        self.pushsum.absorb(outgoing.share.estimate, outgoing.share.weight)
+        self.pushsum.absorb(self.layout.flatten(outgoing.tensors), outgoing.weight)
 
     def receive(
         self, data: bytes | bytearray | memoryview, now: float, remote_key: bytes | None = None

@@ -56,13 +56,17 @@ class PushSum:
     def mass(self) -> np.ndarray:
         return self.estimate * self.weight
 
-    def split(self, fanout: int) -> Share:
-        """Keep ``1/(fanout+1)`` of the weight; return the share each message carries."""
+    def split_weight(self, fanout: int) -> float:
+        """Keep ``1/(fanout+1)`` of the weight; return the weight each message carries."""
         if fanout < 0:
             raise ValueError("fanout must be >= 0")
         share = self.weight / (fanout + 1)
         self.weight = share
-        return Share(self.estimate.copy(), share)
+        return share
+
+    def split(self, fanout: int) -> Share:
+        """:meth:`split_weight`, with a copy of the estimate the messages carry."""
+        return Share(self.estimate.copy(), self.split_weight(fanout))
 
     def absorb(self, estimate: np.ndarray, weight: float) -> None:
         """Add a received (or refunded) share: ``z <- (w z + w_j z_j) / (w + w_j)``."""

@@ -2,7 +2,8 @@
 
 Part (a), learning speed. ``p2pfl.localnet.LocalNetwork`` starts ``--nodes`` real
 daemons (``python -m p2pfl.cli node``, one process each) on 127.0.0.1: the digits
-task, non-IID shards (``--partition``, default ``dirichlet:0.5``), degree 3, and
+task, non-IID shards (``--partition``, default ``dirichlet:0.5``), degree 3,
+``--local-epochs`` per round (default: LocalNetwork's, as ``make demo`` runs), and
 ``--rounds`` high enough that no node stops before the target. Every node's
 ``GET /status`` is polled (concurrently, every ``--poll`` s) until one poll sees
 EVERY node's ``accuracy`` >= ``--target``; then all nodes are stopped at once.
@@ -25,11 +26,14 @@ is ``87 / seconds_to_target`` (goal >= 20x); ``speedup_vs_reference_incl_startup
 is ``87 / seconds_to_target_incl_startup``.
 
 Part (b), throughput of one update exchange, in ONE trio process holding both
-ends (so sender and receiver share one core's event loop; the numbers are a lower
-bound for two processes). Two ``p2pfl.transport.Transport`` hosts on 127.0.0.1
-(``p2pfl.host.new_node_host``: Noise, yamux) connect once before timing; each
-transfer opens a new stream, as the node does. For float32 models of 262,144 and
-2,097,152 values (1 MiB and 8 MiB of tensor data), best of ``--repeats``:
+ends (so sender and receiver take turns on one event loop and their CPU costs
+add up; two processes would likely do better). Two ``p2pfl.transport.Transport``
+hosts on 127.0.0.1 (``p2pfl.host.new_node_host``: Noise, yamux; the receiver
+meters inbound bytes per peer as the daemon does, with a budget no run can
+exhaust) connect once before timing; each transfer opens a new stream, as the
+node does. For float32 models of 262,144 and 2,097,152 values (1 MiB and 8 MiB
+of tensor data), best of ``--repeats`` runs, the methods taking turns so that
+load from other work on a shared machine hits them alike:
 
 * ``stream_mb_s``: the node's whole update path: ``GossipNode.prepare`` (flatten,
   encode, BLAKE3 + ed25519 sign) on the sender, ``Transport.send`` on
@@ -85,6 +89,7 @@ from p2pfl.localnet import LocalNetwork, LocalNetworkError
 from p2pfl.ratelimit import PeerRateLimiter
 from p2pfl.runtime import READ_TIMEOUT_S, UPDATE_PROTOCOL
 from p2pfl.transport import Transport
+from p2pfl.tuning import keep_large_buffers_in_heap
 
 REFERENCE_SECONDS = 87.0  # p2pfl 0.4.4 on this machine, quoted from the project issue
 GOAL_SPEEDUP = 20.0
@@ -116,6 +121,9 @@ def measure_learning(args: argparse.Namespace) -> dict[str, Any]:
         "final_accuracies": None,
     }
     with tempfile.TemporaryDirectory(prefix="bench-network-") as scratch:
+        options: dict[str, Any] = {}
+        if args.local_epochs is not None:
+            options["local_epochs"] = args.local_epochs
         network = LocalNetwork(
             args.out if args.out is not None else Path(scratch),
             args.nodes,
@@ -124,7 +132,9 @@ def measure_learning(args: argparse.Namespace) -> dict[str, Any]:
             partition=args.partition,
             degree=args.degree,
             seed=args.seed,
+            **options,
         )
+        result["local_epochs"] = network.local_epochs
         with network, ThreadPoolExecutor(max_workers=args.nodes) as pool:
             launched = time.monotonic()
             try:
@@ -404,7 +414,8 @@ def report(args: argparse.Namespace, learning: dict[str, Any], throughput: dict[
 
     table = Table(
         title=f"(a) {args.nodes} daemons on loopback, digits {args.partition}, "
-        f"degree {args.degree}: time until every node's accuracy >= {args.target}",
+        f"degree {args.degree}, {learning.get('local_epochs')} local epochs per round: "
+        f"time until every node's accuracy >= {args.target}",
         caption="The 87 s reference is the figure measured for p2pfl 0.4.4 on this machine, "
         "quoted from the project issue, not re-measured here. One run; the machine may be "
         "shared with other work.",
@@ -419,7 +430,7 @@ def report(args: argparse.Namespace, learning: dict[str, Any], throughput: dict[
     )
     table.add_row(
         "seconds_to_target_incl_startup",
-        str(learning["seconds_to_target_incl_startup"] or "timeout"),
+        "timeout" if with_startup is None else f"{with_startup} s",
         "",
     )
     table.add_row("rounds_to_target (max over nodes)", str(learning["rounds_to_target"]), "")
@@ -489,6 +500,7 @@ def report(args: argparse.Namespace, learning: dict[str, Any], throughput: dict[
         "speedup_vs_reference": speedup,
         "speedup_vs_reference_incl_startup": speedup_incl,
         "rounds_at_ready": learning["rounds_at_ready"],
+        "local_epochs": learning.get("local_epochs"),
         "goal_speedup": GOAL_SPEEDUP,
         "speedup_goal_met": None if speedup is None else speedup >= GOAL_SPEEDUP,
         "stream_mb_s": big["stream_mb_s"],
@@ -513,6 +525,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=100, help="--rounds of each daemon")
     parser.add_argument("--degree", type=int, default=3, help="gossip neighbours per node")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--local-epochs",
+        type=int,
+        default=None,
+        help="epochs per round of each daemon (default: LocalNetwork's, as `make demo`)",
+    )
     parser.add_argument("--poll", type=float, default=0.1, help="status poll interval, seconds")
     parser.add_argument("--repeats", type=int, default=9, help="best of this many transfers")
     parser.add_argument(
@@ -543,6 +561,8 @@ def main(argv: list[str] | None = None) -> None:
         "final_accuracies": None,
     }
     learning = empty_learning if args.skip_learning else measure_learning(args)
+    # The same process tuning as `p2pfl node` applies to itself (see p2pfl/tuning.py).
+    keep_large_buffers_in_heap()
     throughput = trio.run(measure_throughput, args.repeats)
     report(args, learning, throughput)
 

@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="C",
         help="topk only: fraction in [0, 1] of the mass its sparse messages did not carry "
-        "that a sender keeps; 1 conserves mass (CHOCO), 0 drops it (default 0.5)",
+        "that a sender keeps; 1 conserves mass (CHOCO), 0 drops it (default 0)",
     )
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")

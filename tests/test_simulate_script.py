@@ -98,3 +98,38 @@ def test_bad_flag_exits_2_with_one_line(tmp_path, args, cause):
     assert len(lines) == 1, result.stderr
     assert cause in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_hostile_private_compressed_run_reports_honest_accuracy_bytes_and_epsilon(tmp_path):
+    out = tmp_path / "run"
+    flags = ("--topology", "ring", "--nodes", "8", "--rounds", "2", "--out", str(out))
+    hostile = ("--byzantine", "1", "--attack", "sign-flip", "--aggregator", "clipped")
+    private = ("--dp-clip", "1", "--dp-noise", "0.5", "--compression", "int8")
+    result = simulate(*flags, *hostile, *private, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"]["delta"] == 1e-5 and summary["privacy"]["epsilon"] > 0
+    for entry in summary["topologies"].values():
+        assert 0.0 <= entry["honest_accuracy_min"] <= entry["honest_accuracy_mean"] <= 1.0
+        assert entry["epsilon"] == summary["privacy"]["epsilon"]
+        assert entry["delta"] == 1e-5
+        assert entry["message_bytes"] < 0.3 * 4 * 4810  # int8
+    for column in ("honest mean", "honest min", "epsilon", "KB/node/round"):
+        assert column in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, cause",
+    [
+        (("--nodes", "4", "--byzantine", "4"), "--byzantine"),
+        (("--compression", "zip"), "--compression"),
+        (("--dp-noise", "1"), "--dp-clip"),
+        (("--compression", "topk:0.01", "--loss", "0.1"), "--loss 0"),
+    ],
+)
+def test_bad_hostile_or_compression_flag_exits_2_with_one_line(tmp_path, args, cause):
+    result = simulate(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert cause in lines[0] and "Traceback" not in result.stderr

@@ -138,10 +138,12 @@ class SimulationConfig:
         if not (math.isfinite(self.choco_step) and 0 < self.choco_step <= 1):
             raise ValueError(f"the CHOCO step must be in (0, 1], got {self.choco_step}")
         if not 0 <= self.choco_compensation <= 1:
-            raise ValueError(f"the CHOCO compensation must be in [0, 1], got "
-                             f"{self.choco_compensation}")
-        if not sparse and (self.choco_step != DEFAULT_CHOCO_STEP
-                           or self.choco_compensation != DEFAULT_COMPENSATION):
+            raise ValueError(
+                f"the CHOCO compensation must be in [0, 1], got {self.choco_compensation}"
+            )
+        if not sparse and (
+            self.choco_step != DEFAULT_CHOCO_STEP or self.choco_compensation != DEFAULT_COMPENSATION
+        ):
             raise ValueError("the CHOCO step and compensation apply to topk compression only")
 
 

@@ -1,0 +1,32 @@
+"""Process tuning for a node that moves multi-megabyte updates every round.
+
+glibc serves allocations above 128 KiB with fresh ``mmap`` pages and returns
+them on free, so every update buffer costs one page fault per 4 KiB page
+(about 2,000 for an 8 MB update, ~7 ms here). Raising the mmap and trim
+thresholds keeps such buffers in the heap, where they are reused warm.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_HEAP_THRESHOLD_BYTES = 256 * 1024 * 1024
+
+
+def keep_large_buffers_in_heap() -> bool:
+    """Ask glibc to reuse large buffers; False (and no change) where that is not glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 2 * _HEAP_THRESHOLD_BYTES)
+    )

@@ -1,0 +1,104 @@
+"""Fewer bytes per round in the simulator: gossip's codecs, batched, and convergence with each."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fltasks import load_task, partition
+from gossip.compression import resolve_codec
+from gossip.compression.feedback import round_trip
+from topologies.compression import BatchedCodec
+from topologies.graphs import small_world
+from topologies.network import NetworkConditions, message_bytes
+from topologies.simulator import Simulation, SimulationConfig
+
+DIGITS_LAYOUT = {"0.weight": (64, 64), "0.bias": (64,), "2.weight": (10, 64), "2.bias": (10,)}
+
+
+def test_int8_and_topk_messages_are_smaller_by_the_promised_factors():
+    raw = message_bytes(DIGITS_LAYOUT)
+    assert raw / message_bytes(DIGITS_LAYOUT, "int8") >= 3.5
+    assert raw / message_bytes(DIGITS_LAYOUT, "fp16") >= 1.9
+    assert raw / message_bytes(DIGITS_LAYOUT, "topk:0.01") >= 20
+
+
+@pytest.mark.parametrize("codec_id", ["fp16", "int8", "topk:0.01", "topk:0.1"])
+def test_batched_codec_equals_gossips_decode(codec_id):
+    rng = np.random.default_rng(0)
+    sizes = [4096, 64, 640, 10, 300]  # 300: a partial int8 block
+    stacked = (rng.normal(size=(6, sum(sizes))) * rng.uniform(1e-3, 1e3, size=(6, 1))).astype(
+        np.float32
+    )
+    stacked[2, 4096 : 4096 + 64] = 0.0  # an all-zero tensor (int8: zero scale)
+    got = BatchedCodec(resolve_codec(codec_id), sizes).round_trip(torch.from_numpy(stacked))
+    codec = resolve_codec(codec_id)
+    for row in range(6):
+        start = 0
+        for size in sizes:
+            expected = round_trip(codec, stacked[row, start : start + size])
+            np.testing.assert_array_equal(got[row, start : start + size].numpy(), expected)
+            start += size
+
+
+def digits_run(compression: str, rounds: int = 8):
+    task = load_task("digits", seed=0)
+    graph = small_world(16, 4, 0.1, seed=0)
+    shards = partition(task.y_train, 16, "dirichlet:0.5", seed=0)
+    config = SimulationConfig(rounds=rounds, local_epochs=2, seed=0, compression=compression)
+    simulation = Simulation.for_task(task, graph, shards, config)
+    return simulation, simulation.run()
+
+
+@pytest.mark.parametrize("compression", ["fp16", "int8", "topk:0.01"])
+def test_simulator_converges_with_each_codec(compression):
+    plain = digits_run("none")[1]
+    simulation, history = digits_run(compression)
+    ratio = plain[-1].bytes_per_node / history[-1].bytes_per_node
+    assert ratio >= {"fp16": 1.9, "int8": 3.5, "topk:0.01": 20}[compression]
+    assert history[-1].accuracy_mean > history[0].accuracy_mean + 0.1
+    assert history[-1].consensus_distance < 2 * plain[-1].consensus_distance
+    if compression != "topk:0.01":
+        assert history[-1].accuracy_mean > plain[-1].accuracy_mean - 0.01
+
+
+@pytest.mark.parametrize("compression", ["fp16", "int8", "topk:0.01"])
+def test_consensus_distance_falls_with_each_codec(compression):
+    graph = small_world(16, 4, 0.2, seed=1)
+    rng = np.random.default_rng(2)
+    estimates, weights = rng.normal(size=(16, 200)), rng.integers(1, 30, size=16).astype(float)
+    config = SimulationConfig(rounds=300, train=False, evaluate=False, compression=compression)
+    history = Simulation(graph, torch.from_numpy(estimates).float(), weights, config).run()
+    # top-k moves 2 of 200 values per message: slower, as expected.
+    fall = 1e-1 if compression.startswith("topk") else 1e-3
+    assert history[-1].consensus_distance < fall * history[0].consensus_distance
+
+
+def test_public_copy_gossip_conserves_mass_and_reaches_the_weighted_mean():
+    """With full compensation, top-k gossip keeps sum(w z) and agrees on the weighted mean."""
+    graph = small_world(12, 4, 0.2, seed=1)
+    rng = np.random.default_rng(1)
+    estimates, weights = rng.normal(size=(12, 40)), rng.integers(1, 30, size=12).astype(float)
+    config = SimulationConfig(
+        rounds=400,
+        train=False,
+        evaluate=False,
+        dtype=torch.float64,
+        compression="topk:0.1",
+        choco_step=0.2,
+        choco_compensation=1.0,
+    )
+    simulation = Simulation(graph, torch.from_numpy(estimates), weights, config)
+    simulation.run()
+    mass = simulation.weights @ simulation.estimates.numpy()
+    np.testing.assert_allclose(mass, weights @ estimates, rtol=1e-9, atol=1e-9)
+    weighted_mean = weights @ estimates / weights.sum()
+    np.testing.assert_allclose(
+        simulation.estimates.numpy(), np.broadcast_to(weighted_mean, (12, 40)), atol=1e-6
+    )
+
+
+def test_topk_refuses_an_unreliable_network():
+    with pytest.raises(ValueError, match="loss, delay and churn 0"):
+        SimulationConfig(compression="topk:0.01", network=NetworkConditions(churn=0.1))
