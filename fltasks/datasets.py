@@ -1,23 +1,61 @@
 """The built-in tasks, on data shipped with scikit-learn so that nothing is downloaded.
 
+The data files are read straight from scikit-learn's package directory with
+numpy: importing scikit-learn itself costs a node 1.5-2 s of start-up, and
+eight daemons starting together on two cores pay that eight times.
+`tests/test_tasks.py` checks the arrays equal scikit-learn's own loaders.
+
 `mlp` and `split_and_standardize` are public so that a user's own task can be
 built the same way (see `tests/user_task_example.py`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_breast_cancer, load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from fltasks.task import Task
 
 TEST_FRACTION = 0.25
+
+
+def _sklearn_data_file(name: str) -> Path:
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("scikit-learn is not installed; it ships the built-in data sets")
+    return Path(spec.origin).parent / "datasets" / "data" / name
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: 1,797 rows of 64 pixel values (0-16) and a label."""
+    table = np.loadtxt(_sklearn_data_file("digits.csv.gz"), delimiter=",")
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+def load_breast_cancer_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's Wisconsin breast cancer: 569 rows of 30 features and a label."""
+    table = np.loadtxt(_sklearn_data_file("breast_cancer.csv"), delimiter=",", skiprows=1)
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+def stratified_split(
+    y: np.ndarray, seed: int, test_fraction: float = TEST_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices with each label in both splits in proportion, seeded."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        cut = int(round(test_fraction * len(members)))
+        test.append(members[:cut])
+        train.append(members[cut:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 def mlp(sizes: Sequence[int], seed: int) -> nn.Sequential:
@@ -46,9 +84,8 @@ def split_and_standardize(
     Using test statistics would leak the test set into training. Constant features
     (digits has blank border pixels) keep a scale of 1 instead of dividing by zero.
     """
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
+    train, test = stratified_split(np.asarray(y), seed, test_fraction)
+    x_tr, x_te, y_tr, y_te = x[train], x[test], y[train], y[test]
     mean = x_tr.mean(axis=0)
     std = x_tr.std(axis=0)
     std[std == 0] = 1.0
@@ -68,8 +105,8 @@ def digits(seed: int = 0) -> Task:
     4,810 parameters: small enough to simulate thousands of nodes on a laptop, and
     centralized SGD reaches >= 95% test accuracy in about 20 epochs.
     """
-    data = load_digits()
-    x_train, y_train, x_test, y_test = split_and_standardize(data.data, data.target, seed)
+    x, y = load_digits_arrays()
+    x_train, y_train, x_test, y_test = split_and_standardize(x, y, seed)
     return Task(
         name="digits",
         make_model=partial(mlp, (64, 64, 10), seed),
@@ -83,8 +120,8 @@ def breast_cancer(seed: int = 0) -> Task:
 
     The tabular, two-class case of the kind a group of hospitals would share.
     """
-    data = load_breast_cancer()
-    x_train, y_train, x_test, y_test = split_and_standardize(data.data, data.target, seed)
+    x, y = load_breast_cancer_arrays()
+    x_train, y_train, x_test, y_test = split_and_standardize(x, y, seed)
     return Task(
         name="breast-cancer",
         make_model=partial(mlp, (30, 16, 2), seed),

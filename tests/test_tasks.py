@@ -248,3 +248,27 @@ def test_load_task_errors_are_one_clear_line(spec: str, message: str) -> None:
     assert message in str(info.value)
     assert "\n" not in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_bundled_data_equals_scikit_learns_loaders() -> None:
+    from sklearn.datasets import load_breast_cancer, load_digits
+
+    from fltasks.datasets import load_breast_cancer_arrays, load_digits_arrays
+
+    for ours, theirs in ((load_digits_arrays(), load_digits()),
+                         (load_breast_cancer_arrays(), load_breast_cancer())):
+        assert np.array_equal(ours[0], theirs.data)
+        assert np.array_equal(ours[1], theirs.target)
+
+
+def test_stratified_split_keeps_label_proportions_and_is_seeded() -> None:
+    from fltasks.datasets import load_digits_arrays, stratified_split
+
+    _, y = load_digits_arrays()
+    train, test = stratified_split(y, seed=0)
+    assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == len(y)
+    for label in range(10):
+        share = np.mean(y[test] == label) / np.mean(y == label)
+        assert 0.9 < share < 1.1
+    assert np.array_equal(stratified_split(y, seed=0)[1], test)
+    assert not np.array_equal(stratified_split(y, seed=1)[1], test)
