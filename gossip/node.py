@@ -96,7 +96,7 @@ class GossipNode:
             fingerprint=self.layout.fingerprint,
             created_at=now,
             tensors=self.layout.unflatten(self.pushsum.estimate),
-            codec=self.codec_id,
+            codec="raw",  # a joining node adopts it whole: never lossy
         )
         return codec.encode(update, self.key)
 

@@ -110,6 +110,10 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         help="inbound MiB per peer and minute, plus a burst of one largest message (default 64)",
     )
     add(
+        "--compression",
+        help="how updates travel: raw, fp16 (2x fewer bytes) or int8 (~4x) (default raw)",
+    )
+    add(
         "--aggregator",
         choices=["mean", "trimmed-mean", "median", "clipped"],
         help="how received models are combined (default mean; the others resist bad members)",
@@ -178,6 +182,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "read_timeout",
             "peer_mb_per_min",
             "aggregator",
+            "compression",
             "trim_fraction",
             "clip_tau",
             "dp_clip",

@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 
 
 LOG_FORMATS = ("text", "json")
+# Codecs that carry a whole model per message (see gossip/compression/).
+DAEMON_CODECS = ("raw", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class NodeConfig:
     # Inbound bytes per peer and minute, on top of a burst of one largest message.
     peer_mb_per_min: float = 64.0
     aggregator: str = "mean"
+    # How update tensors travel: raw float32, or fp16/int8 for 2x/4x fewer bytes.
+    compression: str = "raw"
     trim_fraction: float = DEFAULT_TRIM_FRACTION
     clip_tau: float | None = None
     # Differential privacy of the local training delta: off unless both are given.
@@ -101,6 +105,17 @@ class NodeConfig:
             raise ConfigError(f"--peer-mb-per-min {self.peer_mb_per_min}: must be > 0")
         self._validate_aggregation()
         self._validate_privacy()
+        if self.compression not in DAEMON_CODECS:
+            hint = (
+                "; top-k needs every neighbour to keep a public copy of the sender's model, "
+                "which only the simulator does so far"
+                if self.compression.startswith("topk")
+                else ""
+            )
+            raise ConfigError(
+                f"--compression {self.compression!r}: choose one of "
+                f"{', '.join(DAEMON_CODECS)}{hint}"
+            )
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format {self.log_format!r}: choose text or json")
         if not self.listen:

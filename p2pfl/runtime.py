@@ -31,7 +31,7 @@ from gossip import AdmissionPolicy, GossipNode, InvalidUpdate, NodeKey, Outgoing
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from gossip.privacy import GaussianMechanism
 from p2pfl.checkpoint import CheckpointStore, NodeState
-from p2pfl.config import NodeConfig, load_allowlist, parse_host_port
+from p2pfl.config import ConfigError, NodeConfig, load_allowlist, parse_host_port
 from p2pfl.framing import MAX_UVARINT_BYTES
 from p2pfl.neighbors import choose_neighbors
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
@@ -124,7 +124,14 @@ class NodeRuntime:
             samples=len(self.shard),
             policy=policy,
             aggregator=config.make_aggregator(),
+            codec_id=config.compression,
         )
+        non_float = [s.name for s in self.gossip.layout.specs if not s.dtype.startswith("float")]
+        if config.compression != "raw" and non_float:
+            raise ConfigError(
+                f"--compression {config.compression}: the model has non-float tensors "
+                f"({', '.join(non_float[:3])}); use --compression raw"
+            )
         # Noise from OS entropy, never from the experiment seed: whoever can
         # reproduce the noise can subtract it.
         self.privacy: GaussianMechanism | None = None
@@ -225,6 +232,7 @@ class NodeRuntime:
             "send_failures": dict(self.send_failures),
             "streams_refused": dict(transport.streams_refused) if transport else {},
             "aggregator": self.gossip.aggregator.name,
+            "compression": self.gossip.codec_id,
             "epsilon": spent["epsilon"] if spent else None,
             "delta": spent["delta"] if spent else None,
             "task": self.task.name,

@@ -43,6 +43,7 @@ def make_runtime(
     rounds: int | None,
     bootstrap: tuple[str, ...] = (),
     round_interval: float = 0.0,
+    compression: str = "raw",
 ) -> NodeRuntime:
     config = NodeConfig(
         key=str(state_dir / "unused.key"),
@@ -56,6 +57,7 @@ def make_runtime(
         min_neighbors=1,
         round_interval=round_interval,
         bootstrap=bootstrap,
+        compression=compression,
     ).validate()
     return NodeRuntime(config, NodeKey.generate(), task, announce=lambda line: None)
 
@@ -65,9 +67,14 @@ async def wait_until(condition: Callable[[], bool]) -> None:
         await trio.sleep(0.02)
 
 
-async def test_two_runtimes_exchange_signed_updates(digits: Task, tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", ["raw", "int8"])
+async def test_two_runtimes_exchange_signed_updates(
+    digits: Task, tmp_path: Path, compression: str
+) -> None:
     with trio.fail_after(60):
-        first = make_runtime(digits, tmp_path / "a", 0, rounds=3, round_interval=0.2)
+        first = make_runtime(
+            digits, tmp_path / "a", 0, rounds=3, round_interval=0.2, compression=compression
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(first.run)
             assert first.transport is not None
@@ -78,6 +85,7 @@ async def test_two_runtimes_exchange_signed_updates(digits: Task, tmp_path: Path
                 rounds=3,
                 round_interval=0.2,
                 bootstrap=(first.transport.addrs[0],),
+                compression=compression,
             )
             nursery.start_soon(second.run)
         # Both run() calls have returned: each node did its 3 rounds and stopped.
@@ -87,6 +95,7 @@ async def test_two_runtimes_exchange_signed_updates(digits: Task, tmp_path: Path
             assert me.gossip.admission.accepted >= 1
             assert other.key.peer_id in status["last_seq"]
             assert status["updates_rejected"] == {}
+            assert status["compression"] == compression
 
 
 async def test_a_tampered_update_is_rejected_and_counted(digits: Task, tmp_path: Path) -> None:
