@@ -173,6 +173,60 @@ def measure_learning(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# -- (c) bytes on the wire per codec -------------------------------------------------------
+
+CODECS = ("raw", "fp16", "int8")
+
+
+def measure_wire_bytes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Per codec: a short real run, payload bytes each node sent per round, from /status."""
+    results: dict[str, dict[str, Any]] = {}
+    for codec in CODECS:
+        with tempfile.TemporaryDirectory(prefix=f"bench-wire-{codec}-") as scratch:
+            network = LocalNetwork(
+                Path(scratch),
+                args.codec_nodes,
+                rounds=args.codec_rounds,
+                task="digits",
+                partition=args.partition,
+                degree=args.degree,
+                seed=args.seed,
+                extra_args=("--compression", codec),
+            )
+            latest: dict[int, dict[str, Any]] = {}
+            with network, ThreadPoolExecutor(max_workers=args.codec_nodes) as pool:
+                try:
+                    network.start_all()
+                except LocalNetworkError as error:
+                    console.print(f"[red]the {codec} network did not start: {error}[/red]")
+                    continue
+                deadline = time.monotonic() + args.timeout
+                while time.monotonic() < deadline and any(n.running for n in network.started()):
+                    for node, status in zip(
+                        network.started(), _accuracies(network, pool), strict=True
+                    ):
+                        if status is not None and status["round"] > 0:
+                            latest[node.index] = status
+                    time.sleep(args.poll)
+                finals = [n.final_accuracy for n in network.started()]
+            per_round = [s["bytes_sent"] / s["round"] for s in latest.values()]
+            results[codec] = {
+                "bytes_per_node_per_round": round(sum(per_round) / len(per_round))
+                if per_round
+                else None,
+                "final_accuracy_mean": round(
+                    sum(a for a in finals if a is not None)
+                    / max(1, sum(a is not None for a in finals)),
+                    4,
+                ),
+            }
+    raw = results.get("raw", {}).get("bytes_per_update")
+    for entry in results.values():
+        value = entry["bytes_per_update"]
+        entry["fewer_bytes_than_raw"] = round(raw / value, 2) if raw and value else None
+    return results
+
+
 # -- (b) throughput -----------------------------------------------------------------------
 
 
@@ -405,7 +459,12 @@ def _met(ok: bool | None) -> str:
     return "[green]met[/green]" if ok else "[red]NOT met[/red]"
 
 
-def report(args: argparse.Namespace, learning: dict[str, Any], throughput: dict[str, Any]) -> None:
+def report(
+    args: argparse.Namespace,
+    learning: dict[str, Any],
+    throughput: dict[str, Any],
+    wire: dict[str, dict[str, Any]],
+) -> None:
     seconds = learning["seconds_to_target"]
     speedup = round(REFERENCE_SECONDS / seconds, 1) if seconds else None
     with_startup = learning["seconds_to_target_incl_startup"]
@@ -485,6 +544,23 @@ def report(args: argparse.Namespace, learning: dict[str, Any], throughput: dict[
         )
     console.print(table)
 
+    if wire:
+        codecs = Table(
+            title=f"(c) bytes on the wire per node per round, by codec: {args.codec_nodes} "
+            f"daemons, {args.codec_rounds} rounds, degree {args.degree} (payload bytes sent, "
+            "from /status)"
+        )
+        for column in ("codec", "bytes/node/round", "x fewer than raw", "final accuracy mean"):
+            codecs.add_column(column, justify="right")
+        for codec, row in wire.items():
+            codecs.add_row(
+                codec,
+                f"{row['bytes_per_node_per_round']:,}",
+                f"{row['fewer_bytes_than_raw']}",
+                f"{row['final_accuracy_mean']}",
+            )
+        console.print(codecs)
+
     summary = {
         "nodes": args.nodes,
         "target_accuracy": args.target,
@@ -511,6 +587,7 @@ def report(args: argparse.Namespace, learning: dict[str, Any], throughput: dict[
         "stream_goal_met": big["stream_vs_bare_ratio"] >= GOAL_STREAM_VS_BARE,
         "throughput": throughput,
         "repeats": args.repeats,
+        "wire_bytes_per_node_per_round": wire,
     }
     sys.stdout.flush()
     print(json.dumps(summary))
@@ -540,8 +617,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep the nodes' keys, state and logs here (default: a temporary directory)",
     )
     parser.add_argument(
-        "--skip-learning", action="store_true", help="only part (b), the throughput (~10 s)"
+        "--skip-learning", action="store_true", help="skip part (a), the learning speed"
     )
+    parser.add_argument(
+        "--skip-codecs", action="store_true", help="skip part (c), bytes on the wire per codec"
+    )
+    parser.add_argument("--codec-nodes", type=int, default=4, help="daemons per codec run")
+    parser.add_argument("--codec-rounds", type=int, default=20, help="rounds per codec run")
     args = parser.parse_args(argv)
     if args.nodes < 2:
         parser.error("--nodes must be at least 2")
@@ -564,7 +646,8 @@ def main(argv: list[str] | None = None) -> None:
     # The same process tuning as `p2pfl node` applies to itself (see p2pfl/tuning.py).
     keep_large_buffers_in_heap()
     throughput = trio.run(measure_throughput, args.repeats)
-    report(args, learning, throughput)
+    wire = {} if args.skip_codecs else measure_wire_bytes(args)
+    report(args, learning, throughput, wire)
 
 
 if __name__ == "__main__":
