@@ -435,6 +435,10 @@ class NodeRuntime:
                     if reached and not self.resumed:
                         await self._adopt_current_model(reached)
                     nursery.start_soon(self._discovery_loop)
+                    if self.resumed:
+                        # Report the restored model's accuracy before its first new round.
+                        restored = self.gossip.estimate.copy()
+                        self.accuracy = await trio.to_thread.run_sync(self._evaluate, restored)
                     await self._training_loop()
                     nursery.cancel_scope.cancel()
             finally:

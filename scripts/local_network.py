@@ -10,6 +10,7 @@ process is stopped on exit, whatever happens.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         f"Starting {args.nodes} daemons on 127.0.0.1 ({args.task}, {args.partition}, "
         f"{args.rounds} rounds); logs in {args.out}/node-*/node.log"
     )
+    if args.out.exists():
+        if any(p for p in args.out.iterdir() if not p.name.startswith("node-")):
+            console.print(f"[red]error:[/red] {args.out} holds other files; choose another --out")
+            return 2
+        # A demo starts fresh: old checkpoints would resume nodes at their last round.
+        shutil.rmtree(args.out)
     started = time.monotonic()
     with LocalNetwork(
         args.out,
