@@ -210,9 +210,16 @@ def measure_wire_bytes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                     time.sleep(args.poll)
                 finals = [n.final_accuracy for n in network.started()]
             per_round = [s["bytes_sent"] / s["round"] for s in latest.values()]
+            # Per update sent: independent of how many neighbours each node had.
+            per_update = [
+                s["bytes_sent"] / s["updates_sent"] for s in latest.values() if s["updates_sent"]
+            ]
             results[codec] = {
                 "bytes_per_node_per_round": round(sum(per_round) / len(per_round))
                 if per_round
+                else None,
+                "bytes_per_update": round(sum(per_update) / len(per_update))
+                if per_update
                 else None,
                 "final_accuracy_mean": round(
                     sum(a for a in finals if a is not None)
