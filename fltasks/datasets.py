@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fltasks.task import Task
+from fltasks.task import Task, TaskError
 
 TEST_FRACTION = 0.25
 
@@ -28,8 +28,13 @@ TEST_FRACTION = 0.25
 def _sklearn_data_file(name: str) -> Path:
     spec = importlib.util.find_spec("sklearn")
     if spec is None or spec.origin is None:
-        raise RuntimeError("scikit-learn is not installed; it ships the built-in data sets")
-    return Path(spec.origin).parent / "datasets" / "data" / name
+        raise TaskError("scikit-learn is not installed; it ships the built-in data sets "
+                        "(run `make demo` or `pip install scikit-learn`)")
+    path = Path(spec.origin).parent / "datasets" / "data" / name
+    if not path.is_file():
+        raise TaskError(f"data file {path} is missing; reinstall scikit-learn "
+                        "(`pip install --force-reinstall scikit-learn`)")
+    return path
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:

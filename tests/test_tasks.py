@@ -272,3 +272,12 @@ def test_stratified_split_keeps_label_proportions_and_is_seeded() -> None:
         assert 0.9 < share < 1.1
     assert np.array_equal(stratified_split(y, seed=0)[1], test)
     assert not np.array_equal(stratified_split(y, seed=1)[1], test)
+
+
+def test_missing_bundled_data_is_one_clear_task_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fltasks.datasets as datasets
+    from fltasks import TaskError
+
+    monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(TaskError, match="scikit-learn is not installed"):
+        datasets.digits()
