@@ -9,6 +9,7 @@ is detected by its digest and the previous one is used instead.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from dataclasses import dataclass, field
@@ -105,6 +106,35 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.current = self.directory / FILE_NAME
         self.previous = self.directory / (FILE_NAME + ".prev")
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Claim the directory for this process: two nodes writing one state would corrupt it.
+
+        The lock is an ``flock`` on ``.lock``, released by the kernel when the
+        process ends however it ends, so a crash never leaves it stale.
+        """
+        if self._lock_fd is not None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CheckpointError(
+                f"state dir {self.directory} is in use by another node (pid {holder}); "
+                "stop it or give this node its own --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def save(self, state: NodeState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

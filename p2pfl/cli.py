@@ -293,14 +293,18 @@ def run_status(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     table = Table(title=f"p2pfl node {status['peer_id']}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
     for field, value in status.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        if value is None:
+            value = "-"
+        elif isinstance(value, dict):
+            value = "\n".join(f"{k}: {v}" for k, v in value.items()) or "-"
         elif isinstance(value, list):
             value = "\n".join(map(str, value)) or "-"
         elif isinstance(value, float):
             value = f"{value:.4f}"
-        table.add_row(field, str(value))
+        table.add_row(field.replace("_", " "), str(value))
     Console().print(table)
 
 

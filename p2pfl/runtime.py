@@ -142,6 +142,7 @@ class NodeRuntime:
         # Kept from the checkpoint even while DP is off, so turning it back on resumes it.
         self._saved_privacy: dict[str, Any] = {}
         self.store = CheckpointStore(config.state_dir)
+        self.store.lock()  # held until run() ends; the kernel drops it if we crash
         self.round = 0
         self.accuracy: float | None = None
         self.updates_sent = 0
@@ -445,3 +446,4 @@ class NodeRuntime:
                 with trio.CancelScope(shield=True):
                     await self.checkpoint()
                 self.transport = None
+                self.store.unlock()

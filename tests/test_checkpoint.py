@@ -165,3 +165,13 @@ def test_encode_is_deterministic_and_decodes_back() -> None:
     encoded = encode_state(state(5))
     assert encode_state(state(5)) == encoded
     assert_same_state(decode_state(encoded), state(5))
+
+
+def test_a_state_dir_in_use_by_another_store_is_refused_in_one_line(tmp_path: Path) -> None:
+    first = CheckpointStore(tmp_path)
+    first.lock()
+    with pytest.raises(CheckpointError, match="in use by another node") as refused:
+        CheckpointStore(tmp_path).lock()
+    assert "\n" not in str(refused.value)
+    first.unlock()
+    CheckpointStore(tmp_path).lock()  # free again once the holder lets go
