@@ -20,6 +20,12 @@ from gossip.compression import ErrorFeedback, codec_by_id
 from gossip.errors import InvalidUpdate, Reason
 from gossip.keys import NodeKey
 from gossip.layout import ModelLayout
+from gossip.public_copy import (
+    DEFAULT_SYNC_EVERY,
+    PublicCopies,
+    PublicCopySender,
+    is_difference_codec,
+)
 from gossip.pushsum import PushSum, Share
 from gossip.update import Update
 
@@ -32,7 +38,7 @@ class Outgoing:
 
     message: bytearray
     seq: int
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, np.ndarray]  # what receivers fold in (for top-k: the public copy)
     weight: float
 
 
@@ -52,6 +58,15 @@ class GossipNode:
     # One entry per sender: a member that pushes many updates between merges
     # still gets one vote in a robust rule. Its shares combine exactly (push-sum).
     inbox: dict[bytes, Share] = field(default_factory=dict)
+    # Top-k sends differences to a public copy (see gossip/public_copy.py).
+    sync_every: int = DEFAULT_SYNC_EVERY
+    sender_copy: PublicCopySender | None = None
+    public_copies: PublicCopies = field(default_factory=PublicCopies)
+
+    def __post_init__(self) -> None:
+        if self.sender_copy is None and is_difference_codec(self.codec_id):
+            self.sender_copy = PublicCopySender(self.codec_id, self.sync_every)
+            self.public_copies.keep_all = True
 
     @classmethod
     def create(
@@ -129,6 +144,8 @@ class GossipNode:
         self.pushsum.replace_estimate(self.layout.flatten(update.tensors, dtype=np.float64))
         for feedback in self.feedback.values():
             feedback.reset()  # the residual belonged to the model we just dropped
+        if self.sender_copy is not None:
+            self.sender_copy.reset()
 
     def prepare(self, fanout: int, now: float) -> Outgoing:
         """Split the weight for ``fanout`` neighbours and sign the one message they all get."""
@@ -141,8 +158,12 @@ class GossipNode:
             name: array.copy() if np.shares_memory(array, estimate) else array
             for name, array in self.layout.unflatten(estimate).items()
         }
-        if self.codec_id != "raw":
-            tensors = self._compress(tensors)
+        codec_id, folded = self.codec_id, tensors
+        if self.sender_copy is not None:
+            codec_id, tensors, copy = self.sender_copy.next_message(estimate, self.layout)
+            folded = self.layout.unflatten(copy)
+        elif self.codec_id != "raw":
+            tensors = folded = self._compress(tensors)
         update = Update(
             sender=self.key.public_key,
             seq=self.seq,
@@ -151,9 +172,9 @@ class GossipNode:
             fingerprint=self.layout.fingerprint,
             created_at=now,
             tensors=tensors,
-            codec=self.codec_id,
+            codec=codec_id,
         )
-        return Outgoing(codec.encode(update, self.key), self.seq, tensors, weight)
+        return Outgoing(codec.encode(update, self.key), self.seq, folded, weight)
 
     def _compress(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """What a lossy codec will deliver, with error feedback so its error is not lost."""
@@ -179,7 +200,10 @@ class GossipNode:
         return verdict
 
     def _enqueue(self, update: Update) -> None:
-        estimate = self.layout.flatten(update.tensors, dtype=np.float64)
+        values = self.layout.flatten(update.tensors, dtype=np.float64)
+        estimate = self.public_copies.model_of(update.sender, update.seq, update.codec, values)
+        if estimate is None:
+            return  # a top-k difference to a copy we do not have: like a lost message
         earlier = self.inbox.get(update.sender)
         if earlier is not None and earlier.weight + update.weight > 0:
             total = earlier.weight + update.weight

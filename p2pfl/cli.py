@@ -111,7 +111,8 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--compression",
-        help="how updates travel: raw, fp16 (2x fewer bytes) or int8 (~4x) (default raw)",
+        help="how updates travel: raw, fp16 (2x fewer bytes), int8 (~4x) or topk:F "
+        "(differences to a public copy, e.g. topk:0.01) (default raw)",
     )
     add(
         "--aggregator",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.aggregation import AGGREGATORS, Aggregator, aggregator_by_name
+from gossip.compression import codec_by_id
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from gossip.robust import DEFAULT_TRIM_FRACTION
 
@@ -23,8 +24,6 @@ class ConfigError(ValueError):
 
 
 LOG_FORMATS = ("text", "json")
-# Codecs that carry a whole model per message (see gossip/compression/).
-DAEMON_CODECS = ("raw", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,8 @@ class NodeConfig:
     # Inbound bytes per peer and minute, on top of a burst of one largest message.
     peer_mb_per_min: float = 64.0
     aggregator: str = "mean"
-    # How update tensors travel: raw float32, or fp16/int8 for 2x/4x fewer bytes.
+    # How update tensors travel: raw float32, fp16/int8 for 2x/4x fewer bytes, or
+    # topk:F, differences to a public copy (gossip/public_copy.py).
     compression: str = "raw"
     trim_fraction: float = DEFAULT_TRIM_FRACTION
     clip_tau: float | None = None
@@ -105,16 +105,10 @@ class NodeConfig:
             raise ConfigError(f"--peer-mb-per-min {self.peer_mb_per_min}: must be > 0")
         self._validate_aggregation()
         self._validate_privacy()
-        if self.compression not in DAEMON_CODECS:
-            hint = (
-                "; top-k needs every neighbour to keep a public copy of the sender's model, "
-                "which only the simulator does so far"
-                if self.compression.startswith("topk")
-                else ""
-            )
+        if codec_by_id(self.compression) is None:
             raise ConfigError(
-                f"--compression {self.compression!r}: choose one of "
-                f"{', '.join(DAEMON_CODECS)}{hint}"
+                f"--compression {self.compression!r}: choose raw, fp16, int8 or topk:F "
+                "with 0 < F <= 1 (e.g. topk:0.01)"
             )
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format {self.log_format!r}: choose text or json")

@@ -234,6 +234,8 @@ class NodeRuntime:
             "streams_refused": dict(transport.streams_refused) if transport else {},
             "aggregator": self.gossip.aggregator.name,
             "compression": self.gossip.codec_id,
+            # Top-k differences that arrived when our copy of the sender was stale.
+            "out_of_step": self.gossip.public_copies.out_of_step,
             "epsilon": spent["epsilon"] if spent else None,
             "delta": spent["delta"] if spent else None,
             "task": self.task.name,

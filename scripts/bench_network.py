@@ -175,7 +175,7 @@ def measure_learning(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- (c) bytes on the wire per codec -------------------------------------------------------
 
-CODECS = ("raw", "fp16", "int8")
+CODECS = ("raw", "fp16", "int8", "topk:0.01")
 
 
 def measure_wire_bytes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -67,7 +67,7 @@ async def wait_until(condition: Callable[[], bool]) -> None:
         await trio.sleep(0.02)
 
 
-@pytest.mark.parametrize("compression", ["raw", "int8"])
+@pytest.mark.parametrize("compression", ["raw", "int8", "topk:0.1"])
 async def test_two_runtimes_exchange_signed_updates(
     digits: Task, tmp_path: Path, compression: str
 ) -> None:
