@@ -557,12 +557,19 @@ def report(
             f"daemons, {args.codec_rounds} rounds, degree {args.degree} (payload bytes sent, "
             "from /status)"
         )
-        for column in ("codec", "bytes/node/round", "x fewer than raw", "final accuracy mean"):
+        for column in (
+            "codec",
+            "bytes/node/round",
+            "bytes/update",
+            "x fewer than raw (per update)",
+            "final accuracy mean",
+        ):
             codecs.add_column(column, justify="right")
         for codec, row in wire.items():
             codecs.add_row(
                 codec,
                 f"{row['bytes_per_node_per_round']:,}",
+                f"{row['bytes_per_update']:,}",
                 f"{row['fewer_bytes_than_raw']}",
                 f"{row['final_accuracy_mean']}",
             )
