@@ -73,6 +73,23 @@ def all_finite(tensors: Iterable[np.ndarray]) -> bool:
     return True
 
 
+def check_layout(update: Update, fingerprint: bytes) -> None:
+    """Raise unless the decoded tensors really are the model ``fingerprint`` names.
+
+    The header's fingerprint is only a claim: a signed message may declare
+    ours and still carry tensors of other names or shapes, which would crash
+    or silently misalign a merge. This checks what was decoded.
+    """
+    try:
+        decoded = update.layout.fingerprint
+    except ValueError as error:
+        raise InvalidUpdate(Reason.MALFORMED, str(error)) from None
+    if decoded != fingerprint:
+        raise InvalidUpdate(
+            Reason.WRONG_SHAPE, "the tensors' names, dtypes or shapes differ from the model's"
+        )
+
+
 @dataclass
 class Admission:
     """Verdicts, per-sender replay state and per-reason counters for one node."""
@@ -101,7 +118,7 @@ class Admission:
             if signed.header["fingerprint"] != self.policy.fingerprint:
                 raise InvalidUpdate(Reason.WRONG_MODEL, "the model fingerprint differs from ours")
             update = codec.decode_tensors(signed)
-            self._check_layout(update)
+            check_layout(update, self.policy.fingerprint)
         except InvalidUpdate as error:
             return self._reject(error)
         return self._judge_values(update)
@@ -113,23 +130,10 @@ class Admission:
             self._check_fresh(update.created_at, now)
             if update.fingerprint != self.policy.fingerprint:
                 raise InvalidUpdate(Reason.WRONG_MODEL, "the model fingerprint differs from ours")
-            self._check_layout(update)
+            check_layout(update, self.policy.fingerprint)
         except InvalidUpdate as error:
             return self._reject(error)
         return self._judge_values(update)
-
-    def _check_layout(self, update: Update) -> None:
-        # The header's fingerprint is only a claim: a signed message may declare
-        # our fingerprint and still carry tensors of other names or shapes, which
-        # would crash or silently misalign the merge. Check what was decoded.
-        try:
-            fingerprint = update.layout.fingerprint
-        except ValueError as error:
-            raise InvalidUpdate(Reason.MALFORMED, str(error)) from None
-        if fingerprint != self.policy.fingerprint:
-            raise InvalidUpdate(
-                Reason.WRONG_SHAPE, "the tensors' names, dtypes or shapes differ from the model's"
-            )
 
     def _judge_values(self, update: Update) -> Verdict:
         if not all_finite(update.tensors.values()):

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gossip import codec
-from gossip.admission import Accepted, Admission, AdmissionPolicy, Verdict, all_finite
+from gossip.admission import (
+    Accepted,
+    Admission,
+    AdmissionPolicy,
+    Verdict,
+    all_finite,
+    check_layout,
+)
 from gossip.aggregation import Aggregator, PushSumMean
 from gossip.compression import ErrorFeedback, codec_by_id
 from gossip.errors import InvalidUpdate, Reason
@@ -129,16 +136,7 @@ class GossipNode:
             raise InvalidUpdate(Reason.SENDER_MISMATCH, "the snapshot is not the peer's own")
         if update.fingerprint != self.layout.fingerprint:
             raise InvalidUpdate(Reason.WRONG_MODEL, "the snapshot is of another model")
-        # The header's fingerprint is only a claim (as in Admission._check_layout): tensors
-        # of other names or shapes would crash the flatten below, or silently misalign it.
-        try:
-            decoded = update.layout.fingerprint
-        except ValueError as error:
-            raise InvalidUpdate(Reason.MALFORMED, str(error)) from None
-        if decoded != self.layout.fingerprint:
-            raise InvalidUpdate(
-                Reason.WRONG_SHAPE, "the snapshot's tensors differ from the model's layout"
-            )
+        check_layout(update, self.layout.fingerprint)
         if not all_finite(update.tensors.values()):
             raise InvalidUpdate(Reason.NON_FINITE, "the snapshot holds NaN or inf")
         self.pushsum.replace_estimate(self.layout.flatten(update.tensors, dtype=np.float64))
