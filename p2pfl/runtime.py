@@ -151,6 +151,7 @@ class NodeRuntime:
         self.started = time.monotonic()
         self.transport: Transport | None = None
         self.book = MemberBook(key.peer_id, self.members, rng=random.Random(key.seed + b"book"))
+        self.adopted_from: dict[str, Any] | None = None
         self.resumed = self._restore()
 
     # -- state ----------------------------------------------------------------------------
@@ -234,6 +235,8 @@ class NodeRuntime:
             "streams_refused": dict(transport.streams_refused) if transport else {},
             "aggregator": self.gossip.aggregator.name,
             "compression": self.gossip.codec_id,
+            # The peer whose model this node started from when it joined, if any.
+            "adopted_from": self.adopted_from,
             # Top-k differences that arrived when our copy of the sender was stale.
             "out_of_step": self.gossip.public_copies.out_of_step,
             "epsilon": spent["epsilon"] if spent else None,
@@ -325,6 +328,7 @@ class NodeRuntime:
         except InvalidUpdate as error:
             logger.warning("not adopting the model of %s: %s", best_peer, error)
             return
+        self.adopted_from = {"peer_id": best_peer, "round": best_round}
         logger.info("adopted the model of %s at its round %d", best_peer, best_round)
 
     async def _wait_for_peers(self) -> None:

@@ -44,6 +44,7 @@ def make_runtime(
     bootstrap: tuple[str, ...] = (),
     round_interval: float = 0.0,
     compression: str = "raw",
+    min_neighbors: int = 1,
 ) -> NodeRuntime:
     config = NodeConfig(
         key=str(state_dir / "unused.key"),
@@ -54,7 +55,7 @@ def make_runtime(
         shard=f"{index}/2",
         partition="iid",
         rounds=rounds,
-        min_neighbors=1,
+        min_neighbors=min_neighbors,
         round_interval=round_interval,
         bootstrap=bootstrap,
         compression=compression,
@@ -131,3 +132,29 @@ async def test_a_tampered_update_is_rejected_and_counted(digits: Task, tmp_path:
                 assert status["last_seq"] == {attacker_key.peer_id: 1}
                 assert len(node.gossip.inbox) == 1
             nursery.cancel_scope.cancel()
+
+
+async def test_a_node_joining_a_running_network_adopts_its_current_model(
+    digits: Task, tmp_path: Path
+) -> None:
+    with trio.fail_after(60):
+        # The first node trains alone (min_neighbors=0) until it is a few rounds in.
+        first = make_runtime(
+            digits, tmp_path / "a", 0, rounds=None, round_interval=0.05, min_neighbors=0
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run)
+            assert first.transport is not None
+            await wait_until(lambda: first.round >= 3)
+            joiner = make_runtime(
+                digits, tmp_path / "b", 1, rounds=1, bootstrap=(first.transport.addrs[0],)
+            )
+            await nursery.start(joiner.run)
+            # It joins, then adopts before its first round (bounded by fail_after).
+            await wait_until(lambda: joiner.adopted_from is not None or joiner.round > 0)
+            adopted = joiner.status()["adopted_from"]
+            assert adopted is not None
+            assert adopted["peer_id"] == first.key.peer_id and adopted["round"] >= 3
+            nursery.cancel_scope.cancel()
+        fresh = make_runtime(digits, tmp_path / "c", 1, rounds=1)
+        assert fresh.status()["adopted_from"] is None
