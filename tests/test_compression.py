@@ -447,3 +447,20 @@ def test_gossip_node_with_a_lossy_codec_keeps_its_error_in_feedback() -> None:
     mean_error = np.abs(np.mean(sent, axis=0) - vector).max()
     assert single_error > 0
     assert mean_error < single_error / 20
+
+
+def test_int8_subnormal_block_keeps_its_sign_and_error_bound() -> None:
+    # Found by hypothesis: peak / 127 rounded to a subnormal scale far below the
+    # quotient, so round(x / scale) passed 127 and wrapped to a negative int8.
+    array = np.array([3.78e-43, -1.0e-44], dtype=np.float32)
+    decoded = round_trip(Int8Codec(), array)
+    assert np.sign(decoded[0]) == 1
+    scale = np.frombuffer(bytes(_int8_payload(array)[:4]), dtype="<f4")[0]
+    assert np.all(np.abs(decoded - array) <= scale / 2 + np.finfo(np.float32).smallest_subnormal)
+
+
+def _int8_payload(array: np.ndarray) -> bytearray:
+    codec = Int8Codec()
+    payload = bytearray(codec.payload_size(array))
+    codec.encode_into(array, memoryview(payload))
+    return payload

@@ -102,3 +102,14 @@ def test_public_copy_gossip_conserves_mass_and_reaches_the_weighted_mean():
 def test_topk_refuses_an_unreliable_network():
     with pytest.raises(ValueError, match="loss, delay and churn 0"):
         SimulationConfig(compression="topk:0.01", network=NetworkConditions(churn=0.1))
+
+
+def test_batched_int8_equals_the_codec_on_a_subnormal_block() -> None:
+    from gossip.compression import Int8Codec
+    from gossip.compression.feedback import round_trip as codec_round_trip
+    from topologies.compression import int8_round_trip
+
+    rows = np.array([[3.78e-43, -1.0e-44, 0.0], [1.0, -2.0, 0.5]], dtype=np.float32)
+    batched = int8_round_trip(torch.from_numpy(rows)).numpy()
+    for row, got in zip(rows, batched, strict=True):
+        assert np.array_equal(got, codec_round_trip(Int8Codec(), row))

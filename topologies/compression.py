@@ -104,8 +104,10 @@ def int8_round_trip(block: torch.Tensor) -> torch.Tensor:
     peak = padded.abs().amax(dim=2)
     scales = peak / _LEVELS
     scales = torch.where((scales == 0) & (peak > 0), _SMALLEST_SUBNORMAL, scales)
+    low = peak.double() > (_LEVELS + 0.5) * scales.double()  # as the codec, for subnormals
+    scales = torch.where(low, torch.nextafter(scales, torch.tensor(float("inf"))), scales)
     divisors = torch.where(scales > 0, scales, 1.0)
-    quantized = torch.round(padded / divisors.unsqueeze(2))
+    quantized = torch.round(padded / divisors.unsqueeze(2)).clamp(-_LEVELS, _LEVELS)
     work = torch.float64 if block.dtype == torch.float64 else torch.float32
     decoded = quantized.to(work) * scales.to(work).unsqueeze(2)
     return decoded.view(n, -1)[:, :size].to(block.dtype)

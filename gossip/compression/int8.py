@@ -72,12 +72,18 @@ class Int8Codec(TensorCodec):
             raise ValueError("codec 'int8' cannot encode NaN or infinite values")
         scales = peak / np.float32(_LEVELS)
         scales[(scales == 0) & (peak > 0)] = _SMALLEST_SUBNORMAL
+        # For subnormal peaks, peak / 127 rounds to a scale far below the quotient, so
+        # |x| / scale could pass 127.5 and lose the error bound: step those scales up.
+        # (Only those: normal scales stay as they are, which keeps re-encoding exact.)
+        low = peak.astype(np.float64) > (_LEVELS + 0.5) * scales.astype(np.float64)
+        scales[low] = np.nextafter(scales[low], np.float32(np.inf))
         # Near float32's limit, 127 * scale could round past it and decode as inf.
         overflowing = scales.astype(np.float64) * _LEVELS > _FLOAT32_MAX
         scales[overflowing] = np.nextafter(scales[overflowing], np.float32(0))
         divisors = np.where(scales > 0, scales, np.float32(1))  # a zero block stays zero
         _per_block(values, divisors, np.divide, work)
         np.rint(work, out=work)
+        np.clip(work, -_LEVELS, _LEVELS, out=work)  # never wrap around in the int8 cast
         np.frombuffer(out, dtype=_SCALE, count=blocks)[:] = scales
         quantized = np.frombuffer(out, dtype=np.int8, offset=blocks * _SCALE.itemsize)
         np.copyto(quantized, work, casting="unsafe")
