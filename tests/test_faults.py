@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -21,18 +20,16 @@ import torch
 import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
+from runtimes import LOOPBACK, make_runtime, wait_until
 
 from fltasks import Task, load_task
 from fltasks.datasets import mlp
 from gossip import NodeKey
 from gossip.privacy import GaussianMechanism
 from p2pfl.checkpoint import CheckpointStore
-from p2pfl.config import NodeConfig
 from p2pfl.peer_exchange import PeerBook, exchange_peers, serve_peer_exchange
 from p2pfl.runtime import UPDATE_PROTOCOL, NodeRuntime
 from p2pfl.transport import Transport
-
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 torch.set_num_threads(1)
 
@@ -40,29 +37,6 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def digits() -> Task:
     return load_task("digits")
-
-
-def make_runtime(
-    task: Task, state_dir: Path, shard: str, key: NodeKey | None = None, **settings: Any
-) -> NodeRuntime:
-    config = NodeConfig(
-        key=str(state_dir / "unused.key"),
-        state_dir=str(state_dir),
-        listen=(LOOPBACK,),
-        status_addr="127.0.0.1:0",
-        shard=shard,
-        partition="iid",
-        **settings,
-    ).validate()
-    return NodeRuntime(config, key or NodeKey.generate(), task, announce=lambda line: None)
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    with trio.move_on_after(timeout):
-        while not condition():
-            await trio.sleep(0.05)
-        return
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 # -- a neighbour dies mid-transfer --------------------------------------------------------

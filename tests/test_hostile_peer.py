@@ -24,6 +24,7 @@ import torch
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from runtimes import wait_until
 
 from fltasks import Task, load_task
 from gossip import NodeKey, Update, encode
@@ -123,12 +124,6 @@ def assert_same_state(before: tuple[Any, ...], after: tuple[Any, ...]) -> None:
 
 def rejected(node: NodeRuntime) -> Counter[str]:
     return Counter(node.status()["updates_rejected"])
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
 
 
 async def raw_stream(attacker: Transport, node: NodeRuntime, protocol: str = UPDATE_PROTOCOL):

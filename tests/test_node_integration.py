@@ -10,21 +10,18 @@ it is not repeated here.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import trio
+from runtimes import LOOPBACK, make_runtime, wait_until
 
 from fltasks import Task, load_task
 from gossip import GossipNode, NodeKey
-from p2pfl.config import NodeConfig
-from p2pfl.runtime import UPDATE_PROTOCOL, NodeRuntime, model_arrays
+from p2pfl.runtime import UPDATE_PROTOCOL, model_arrays
 from p2pfl.transport import Transport
-
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 # Nodes share the machine with the event loop and each other (as cli.run_node does).
 torch.set_num_threads(1)
@@ -35,46 +32,13 @@ def digits() -> Task:
     return load_task("digits")
 
 
-def make_runtime(
-    task: Task,
-    state_dir: Path,
-    index: int,
-    *,
-    rounds: int | None,
-    bootstrap: tuple[str, ...] = (),
-    round_interval: float = 0.0,
-    compression: str = "raw",
-    min_neighbors: int = 1,
-) -> NodeRuntime:
-    config = NodeConfig(
-        key=str(state_dir / "unused.key"),
-        state_dir=str(state_dir),
-        listen=(LOOPBACK,),
-        status_addr="127.0.0.1:0",
-        task="digits",
-        shard=f"{index}/2",
-        partition="iid",
-        rounds=rounds,
-        min_neighbors=min_neighbors,
-        round_interval=round_interval,
-        bootstrap=bootstrap,
-        compression=compression,
-    ).validate()
-    return NodeRuntime(config, NodeKey.generate(), task, announce=lambda line: None)
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await trio.sleep(0.02)
-
-
 @pytest.mark.parametrize("compression", ["raw", "int8", "topk:0.1"])
 async def test_two_runtimes_exchange_signed_updates(
     digits: Task, tmp_path: Path, compression: str
 ) -> None:
     with trio.fail_after(60):
         first = make_runtime(
-            digits, tmp_path / "a", 0, rounds=3, round_interval=0.2, compression=compression
+            digits, tmp_path / "a", "0/2", rounds=3, round_interval=0.2, compression=compression
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(first.run)
@@ -82,7 +46,7 @@ async def test_two_runtimes_exchange_signed_updates(
             second = make_runtime(
                 digits,
                 tmp_path / "b",
-                1,
+                "1/2",
                 rounds=3,
                 round_interval=0.2,
                 bootstrap=(first.transport.addrs[0],),
@@ -103,7 +67,7 @@ async def test_a_tampered_update_is_rejected_and_counted(digits: Task, tmp_path:
     with trio.fail_after(30):
         # No bootstrap and min_neighbors=1: the node serves but never trains, so its
         # estimate can only change through what it receives.
-        node = make_runtime(digits, tmp_path / "node", 0, rounds=None)
+        node = make_runtime(digits, tmp_path / "node", "0/2", rounds=None)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             assert node.transport is not None
@@ -140,14 +104,14 @@ async def test_a_node_joining_a_running_network_adopts_its_current_model(
     with trio.fail_after(60):
         # The first node trains alone (min_neighbors=0) until it is a few rounds in.
         first = make_runtime(
-            digits, tmp_path / "a", 0, rounds=None, round_interval=0.05, min_neighbors=0
+            digits, tmp_path / "a", "0/2", rounds=None, round_interval=0.05, min_neighbors=0
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(first.run)
             assert first.transport is not None
             await wait_until(lambda: first.round >= 3)
             joiner = make_runtime(
-                digits, tmp_path / "b", 1, rounds=1, bootstrap=(first.transport.addrs[0],)
+                digits, tmp_path / "b", "1/2", rounds=1, bootstrap=(first.transport.addrs[0],)
             )
             await nursery.start(joiner.run)
             # It joins, then adopts before its first round (bounded by fail_after).
@@ -156,5 +120,5 @@ async def test_a_node_joining_a_running_network_adopts_its_current_model(
             assert adopted is not None
             assert adopted["peer_id"] == first.key.peer_id and adopted["round"] >= 3
             nursery.cancel_scope.cancel()
-        fresh = make_runtime(digits, tmp_path / "c", 1, rounds=1)
+        fresh = make_runtime(digits, tmp_path / "c", "1/2", rounds=1)
         assert fresh.status()["adopted_from"] is None
