@@ -91,15 +91,23 @@ class StackedPushSum:
     def mass_in_flight(self) -> float:
         return float(sum(w.sum() for _, w in self._in_flight.values()))
 
+    def _split(self, plan: RoundPlan) -> tuple[np.ndarray, np.ndarray]:
+        """Push-sum's split for this round: each message's share of its sender's weight
+        (per link), and the fraction each node keeps (its own share plus refunds of the
+        sends that failed; offline nodes keep everything)."""
+        net = self.network
+        coef = self._share[net.src]
+        refunds = np.bincount(net.src[plan.fate == REFUNDED], minlength=net.n)
+        keep = np.where(plan.online, (1.0 + refunds) * self._share, 1.0)
+        return coef, keep
+
     def gossip(self, plan: RoundPlan) -> None:
         """One push-sum round under ``plan``: split, send, refund, lose, delay, absorb."""
         net = self.network
         n = net.n
         w = self.weights
         src, dst, fate = net.src, net.dst, plan.fate
-        coef = self._share[src]
-        refunds = np.bincount(src[fate == REFUNDED], minlength=n)
-        keep = np.where(plan.online, (1.0 + refunds) * self._share, 1.0)
+        coef, keep = self._split(plan)
 
         delivered = fate == DELIVERED
         now = delivered & (net.delay == 0) if net.conditions.delay else delivered
@@ -200,9 +208,7 @@ class StackedPushSum:
             raise ValueError("robust aggregation in the simulator needs delay 0")
         n = net.n
         src, dst, fate = net.src, net.dst, plan.fate
-        coef = self._share[src]
-        refunds = np.bincount(src[fate == REFUNDED], minlength=n)
-        keep = np.where(plan.online, (1.0 + refunds) * self._share, 1.0)
+        coef, keep = self._split(plan)
         delivered = fate == DELIVERED
         new_w = keep * self.weights + np.bincount(
             dst[delivered], weights=coef[delivered] * self.weights[src[delivered]], minlength=n
