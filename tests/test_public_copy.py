@@ -66,7 +66,7 @@ def test_adopting_a_model_makes_the_next_message_raw() -> None:
     sender, other = node(1, rng.standard_normal(100)), node(2, rng.standard_normal(100))
     sender.prepare(1, NOW)
     assert wire.decode(sender.prepare(1, NOW).message).codec == "topk:0.1"
-    sender.adopt(other.snapshot(NOW), other.key.public_key)
+    sender.adopt([sender.read_snapshot(other.snapshot(NOW), other.key.public_key)])
     assert wire.decode(sender.prepare(1, NOW).message).codec == "raw"
 
 
