@@ -27,16 +27,11 @@ from gossip.admission import (
     check_layout,
 )
 from gossip.aggregation import MAX_WEIGHT, Aggregator, PushSumMean, add_weight
-from gossip.compression import ErrorFeedback, codec_by_id
+from gossip.encoders import Encoder, encoder_for
 from gossip.errors import InvalidUpdate, Reason
 from gossip.keys import NodeKey
 from gossip.layout import ModelLayout
-from gossip.public_copy import (
-    DEFAULT_SYNC_EVERY,
-    PublicCopies,
-    PublicCopySender,
-    is_difference_codec,
-)
+from gossip.public_copy import DEFAULT_SYNC_EVERY, PublicCopies, is_difference_codec
 from gossip.pushsum import PushSum, Share
 from gossip.update import Update
 from gossip.votes import DEFAULT_MAX_AGE_ROUNDS, VoteTable
@@ -81,8 +76,6 @@ class GossipNode:
     codec_id: str = "raw"
     seq: int = 0
     inbox_limit: int = DEFAULT_INBOX_LIMIT
-    # Per tensor, what a lossy codec has not delivered yet (see compression/feedback.py).
-    feedback: dict[str, ErrorFeedback] = field(default_factory=dict)
     # One vote per sender (gossip/votes.py): a member that pushes many updates
     # between merges still gets one vote. Its shares combine exactly (push-sum).
     votes: VoteTable = field(default_factory=lambda: VoteTable(DEFAULT_MAX_AGE_ROUNDS))
@@ -95,15 +88,18 @@ class GossipNode:
     merges: dict[str, int] = field(default_factory=lambda: {"quorum": 0, "bounded": 0})
     # Top-k sends differences to a public copy (see gossip/public_copy.py).
     sync_every: int = DEFAULT_SYNC_EVERY
-    sender_copy: PublicCopySender | None = None
+    # What each message carries, per codec (gossip/encoders.py); set from codec_id.
+    encoder: Encoder | None = None
+    # Receivers' copies of top-k senders' public models.
     public_copies: PublicCopies = field(default_factory=PublicCopies)
 
     def __post_init__(self) -> None:
         if self.quorum < 1:
             raise ValueError(f"the quorum must be at least 1 sender, got {self.quorum}")
         self.quorum = max(self.quorum, self.aggregator.min_senders)
-        if self.sender_copy is None and is_difference_codec(self.codec_id):
-            self.sender_copy = PublicCopySender(self.codec_id, self.sync_every)
+        if self.encoder is None:
+            self.encoder = encoder_for(self.codec_id, self.sync_every)
+        if is_difference_codec(self.codec_id):
             self.public_copies.keep_all = True
 
     @classmethod
@@ -240,29 +236,16 @@ class GossipNode:
         if not models:
             raise ValueError("adopt needs at least one model")
         self.pushsum.replace_estimate(robust.median(np.stack(models)))
-        for feedback in self.feedback.values():
-            feedback.reset()  # the residual belonged to the model we just dropped
-        if self.sender_copy is not None:
-            self.sender_copy.reset()
+        assert self.encoder is not None
+        self.encoder.reset()
 
     def prepare(self, fanout: int, now: float) -> Outgoing:
         """Split the weight for ``fanout`` neighbours and sign the one message they all get."""
         weight = self.pushsum.split_weight(fanout)
         self.seq += 1
         self.round += 1
-        # One cast of the estimate into the model's dtypes, then one copy into the
-        # message: with multi-megabyte models every pass over the bytes shows.
-        estimate = self.pushsum.estimate
-        tensors = {
-            name: array.copy() if np.shares_memory(array, estimate) else array
-            for name, array in self.layout.unflatten(estimate).items()
-        }
-        codec_id, folded = self.codec_id, tensors
-        if self.sender_copy is not None:
-            codec_id, tensors, copy = self.sender_copy.next_message(estimate, self.layout)
-            folded = self.layout.unflatten(copy)
-        elif self.codec_id != "raw":
-            tensors = folded = self._compress(tensors)
+        assert self.encoder is not None
+        codec_id, tensors, folded = self.encoder.encode(self.pushsum.estimate, self.layout)
         update = Update(
             sender=self.key.public_key,
             seq=self.seq,
@@ -274,16 +257,6 @@ class GossipNode:
             codec=codec_id,
         )
         return Outgoing(codec.encode(update, self.key), self.seq, folded, weight)
-
-    def _compress(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """What a lossy codec will deliver, with error feedback so its error is not lost."""
-        tensor_codec = codec_by_id(self.codec_id)
-        if tensor_codec is None:
-            raise ValueError(f"unknown codec {self.codec_id!r}")
-        for name in tensors:
-            if name not in self.feedback:
-                self.feedback[name] = ErrorFeedback(tensor_codec)
-        return {name: self.feedback[name].compress(array) for name, array in tensors.items()}
 
     def refund(self, outgoing: Outgoing) -> None:
         """A delivery failed for sure: take its share back so that no mass is lost."""

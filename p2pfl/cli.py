@@ -209,6 +209,9 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "dp_noise",
             "dp_delta",
             "log_format",
+            "linger",
+            "quorum",
+            "attack",
         )
     }
     flags["listen"] = tuple(args.listen) if args.listen else None

@@ -28,7 +28,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from p2pfl.status import serve_status
 from p2pfl.transport import Transport, TransportError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 UPDATE_PROTOCOL = "/p2pfl/update/1.0.0"
 MODEL_PROTOCOL = "/p2pfl/model/1.0.0"
@@ -63,6 +64,10 @@ ADOPT_FROM = 5
 # An --attack member pushes this often, whatever its rounds do (bounded by the
 # receivers' per-peer rate limit).
 ATTACK_PUSH_INTERVAL_S = 0.03
+# From this many parameters on, gossip work (verify and decode, merge, encode and
+# sign) runs in a worker thread: at 10M parameters one such step takes from tens
+# of milliseconds to seconds, and the loop must keep every stream draining.
+OFFLOAD_MIN_PARAMETERS = 1_000_000
 
 
 def model_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -175,7 +180,12 @@ class NodeRuntime:
         self.join_refused: Counter[str] = Counter()
         self.serving = False  # finished its rounds; gossiping without training
         self._peer_view: tuple[str, ...] | None = None
+        # Every call into the gossip core holds this lock, one at a time, so that a
+        # call running in a worker thread never races another (see _gossip).
+        self._gossip_lock = trio.Lock()
+        self.offload = self.gossip.layout.size >= OFFLOAD_MIN_PARAMETERS
         self.resumed = self._restore()
+        self._status_view = self._gossip_view()
 
     # -- state ----------------------------------------------------------------------------
 
@@ -200,8 +210,8 @@ class NodeRuntime:
         logger.info("resumed from checkpoint at round %d, sequence %d", state.round, state.seq)
         return True
 
-    def _state(self) -> NodeState:
-        gossip = self.gossip.state()
+    def _state(self, gossip: GossipState | None = None) -> NodeState:
+        gossip = gossip or self.gossip.state()
         return NodeState(
             round=self.round,
             seq=gossip.seq,
@@ -220,12 +230,37 @@ class NodeRuntime:
         return {"dp_steps": privacy.accountant.steps, "dp_noise": privacy.noise_multiplier}
 
     async def checkpoint(self) -> None:
-        state = self._state()  # taken on the loop, written in a thread
+        gossip = await self._gossip(self.gossip.state)
+        state = self._state(gossip)  # the peer book is read on the loop
         await trio.to_thread.run_sync(self.store.save, state)
+
+    async def _gossip(self, work: Callable[..., T], *args: Any) -> T:
+        """Run ``work`` on the gossip core: one call at a time, off the loop for large models.
+
+        The status endpoint reads a view refreshed here, under the same lock,
+        so it never iterates a table that a worker thread is changing.
+        """
+        async with self._gossip_lock:
+            if self.offload:
+                result = await trio.to_thread.run_sync(work, *args)
+            else:
+                result = work(*args)
+            self._status_view = self._gossip_view()
+            return result
+
+    def _gossip_view(self) -> dict[str, Any]:
+        gossip = self.gossip
+        return {
+            "counters": gossip.counters(),
+            "weight": gossip.pushsum.weight,
+            "sequence": gossip.seq,
+            "last_seq": dict(gossip.admission.last_seq),
+        }
 
     def status(self) -> dict[str, Any]:
         transport = self.transport
-        counters = self.gossip.counters()
+        view = self._status_view
+        counters = view["counters"]
         rejected: Counter[str] = Counter(counters["rejected"])  # type: ignore[arg-type]
         if transport is not None:
             rejected.update(transport.frame_errors)
@@ -256,13 +291,13 @@ class NodeRuntime:
             "bytes_received": transport.bytes_received if transport else 0,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "samples": len(self.shard),
-            "weight": self.gossip.pushsum.weight,
-            "sequence": self.gossip.seq,
+            "weight": view["weight"],
+            "sequence": view["sequence"],
             "known_peers": len(self.book),
             # Highest sequence accepted from each sender: shows whose updates get through.
             "last_seq": {
                 peer_id_from_public_key(sender): seq
-                for sender, seq in self.gossip.admission.last_seq.items()
+                for sender, seq in view["last_seq"].items()
             },
             "send_failures": dict(self.send_failures),
             "streams_refused": dict(transport.streams_refused) if transport else {},
@@ -281,7 +316,7 @@ class NodeRuntime:
 
     # -- inbound --------------------------------------------------------------------------
 
-    def _refresh_peers(self) -> None:
+    async def _refresh_peers(self) -> None:
         """Tell the gossip core whom it may hear from, when the known membership changed."""
         known = tuple(self.book.known())
         if known == self._peer_view:
@@ -293,11 +328,12 @@ class NodeRuntime:
                 allowed.add(public_key_from_peer_id(peer_id))
             except ValueError:
                 continue  # not an ed25519 id: it could not sign an update anyway
-        self.gossip.set_peers(frozenset(allowed))
+        await self._gossip(self.gossip.set_peers, frozenset(allowed))
 
     async def _on_update(self, peer_id: str, payload: bytes) -> None:
-        self._refresh_peers()
-        verdict = self.gossip.receive(payload, time.time(), public_key_from_peer_id(peer_id))
+        await self._refresh_peers()
+        sender = public_key_from_peer_id(peer_id)
+        verdict = await self._gossip(self.gossip.receive, payload, time.time(), sender)
         if verdict.accepted:
             self.book.mark_alive(peer_id)
         else:
@@ -308,7 +344,8 @@ class NodeRuntime:
 
     async def _on_model_request(self, peer_id: str, payload: bytes) -> bytes:
         # The reply carries our round so the joiner can pick the most advanced peer.
-        return self.round.to_bytes(8, "big") + bytes(self.gossip.snapshot(time.time()))
+        snapshot = await self._gossip(self.gossip.snapshot, time.time())
+        return self.round.to_bytes(8, "big") + bytes(snapshot)
 
     # -- network loops --------------------------------------------------------------------
 
@@ -379,7 +416,8 @@ class NodeRuntime:
                 )
                 if len(reply) < 8:
                     raise InvalidUpdate(Reason.MALFORMED, "the reply is too short")
-                models.append(self.gossip.read_snapshot(memoryview(reply)[8:], sender))
+                snapshot = memoryview(reply)[8:]
+                models.append(await self._gossip(self.gossip.read_snapshot, snapshot, sender))
             except InvalidUpdate as error:
                 self.join_refused[error.reason.value] += 1
                 logger.warning("not adopting the model of %s: %s", peer_id, error)
@@ -396,7 +434,7 @@ class NodeRuntime:
             sources.append({"peer_id": peer_id, "claimed_round": claimed})
         if not models:
             return
-        self.gossip.adopt(models)
+        await self._gossip(self.gossip.adopt, models)
         self.adopted_from = {"rule": "median", "peers": sources}
         logger.info("adopted the median of %d member model(s)", len(models))
 
@@ -425,7 +463,7 @@ class NodeRuntime:
                     )
             except (TransportError, trio.TooSlowError) as error:
                 # Not delivered: take the weight share back so no mass is lost.
-                self.gossip.refund(outgoing)
+                await self._gossip(self.gossip.refund, outgoing)
                 self.send_failures[peer_id] += 1
                 if self.book.mark_failed(peer_id):
                     logger.info("forgot neighbour %s after repeated failures", peer_id)
@@ -445,6 +483,9 @@ class NodeRuntime:
         self.task.train(self.model, self.x, self.y, self.config.local_epochs, self.generator)
         return self.gossip.layout.flatten(model_arrays(self.model))
 
+    def _estimate(self) -> np.ndarray:
+        return self.gossip.estimate.copy()
+
     def _evaluate(self, estimate: np.ndarray) -> float:
         load_arrays(self.model, self.gossip.layout.unflatten(estimate))
         return float(self.task.evaluate(self.model))
@@ -453,15 +494,15 @@ class NodeRuntime:
         """Train (unless serving), merge the votes once, evaluate, push, checkpoint."""
         if not self.serving:
             await self._train_step()
-        self._refresh_peers()
-        self.gossip.merge()
-        snapshot = self.gossip.estimate.copy()
+        await self._refresh_peers()
+        await self._gossip(self.gossip.merge)
+        snapshot = await self._gossip(self._estimate)
         self.accuracy = await trio.to_thread.run_sync(self._evaluate, snapshot)
         self.neighbors = choose_neighbors(self.key.peer_id, self.book.known(), self.config.degree)
         if self.attacker is not None:
-            outgoing = self.attacker.prepare(time.time())
+            outgoing = await self._gossip(self.attacker.prepare, time.time())
         else:
-            outgoing = self.gossip.prepare(len(self.neighbors), time.time())
+            outgoing = await self._gossip(self.gossip.prepare, len(self.neighbors), time.time())
         if not self.serving:
             self.round += 1
         # Checkpoint before sending: a restart then never reuses a sequence number
@@ -477,7 +518,7 @@ class NodeRuntime:
         )
 
     async def _train_step(self) -> None:
-        before = self.gossip.estimate.copy()
+        before = await self._gossip(self._estimate)
         after = await trio.to_thread.run_sync(self._train, before)
         if self.privacy is not None:
             try:
@@ -486,7 +527,7 @@ class NodeRuntime:
                 # Training diverged: releasing nothing this round costs no privacy.
                 logger.warning("round %d: local step dropped: %s", self.round + 1, error)
                 after = before
-        self.gossip.apply_local_step(before, after)
+        await self._gossip(self.gossip.apply_local_step, before, after)
 
     async def _paced(self, started: float) -> None:
         await trio.sleep(max(0.0, self.config.round_interval - (time.monotonic() - started)))
@@ -514,7 +555,8 @@ class NodeRuntime:
         while True:
             peers = self.book.known()
             if peers:
-                await self._push(self.attacker.prepare(time.time()), peers)
+                outgoing = await self._gossip(self.attacker.prepare, time.time())
+                await self._push(outgoing, peers)
             await trio.sleep(ATTACK_PUSH_INTERVAL_S)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -38,7 +38,7 @@ def test_an_in_step_receiver_holds_the_senders_copy_bit_for_bit() -> None:
         sizes.append(len(outgoing.message))
         assert receiver.receive(outgoing.message, NOW).accepted
         held = receiver.public_copies.copies[sender.key.public_key].vector
-        assert np.array_equal(held, sender.sender_copy.copy)
+        assert np.array_equal(held, sender.encoder.sender.copy)
         assert np.allclose(held, sender.layout.flatten(outgoing.tensors), rtol=1e-6)
     assert codecs == (["raw"] + ["topk:0.1"] * (SYNC - 1)) * 3
     assert max(sizes[1:SYNC]) < sizes[0] / 3
