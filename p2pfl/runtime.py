@@ -233,6 +233,8 @@ class NodeRuntime:
             },
             "send_failures": dict(self.send_failures),
             "streams_refused": dict(transport.streams_refused) if transport else {},
+            # Connections cut before any stream (p2pfl.gating), by reason.
+            "connections_refused": dict(transport.connections_refused) if transport else {},
             "aggregator": self.gossip.aggregator.name,
             "compression": self.gossip.codec_id,
             # The peer whose model this node started from when it joined, if any.

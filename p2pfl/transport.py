@@ -7,6 +7,8 @@ and may return a reply. Every outbound step is under the caller's timeout and ev
 failure becomes a one-line ``TransportError``; inbound failures are counted by reason
 and never reach libp2p, which would otherwise log them with the payload.
 
+Connections are gated before streams (p2pfl.gating): handshakes per IP are rate-limited,
+and with ``allowed_peers`` a non-member's connection is closed right after Noise.
 Inbound streams pass three gates before any byte is read: the peer must be allowed
 (``allowed_peers``, when set), must have byte budget left (``rate_limiter``), and must
 hold fewer than the per-peer and global stream caps. A stream that fails a gate is
@@ -32,6 +34,7 @@ from multiaddr import Multiaddr
 
 from gossip.keys import NodeKey
 from p2pfl.framing import FrameError, encode_uvarint, read_frame, write_frame
+from p2pfl.gating import DEFAULT_MAX_CONNECTIONS_PER_IP, ConnectionGate, InboundGuard
 from p2pfl.host import new_node_host, parse_multiaddr, split_peer_multiaddr
 from p2pfl.ratelimit import PeerRateLimiter
 
@@ -157,6 +160,7 @@ class Transport:
         max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS,
         allowed_peers: frozenset[str] | None = None,
         rate_limiter: PeerRateLimiter | None = None,
+        gate: ConnectionGate | None = None,
     ) -> None:
         self._host = host
         self.nursery = nursery
@@ -175,6 +179,9 @@ class Transport:
         internal."""
         self.streams_refused: Counter[str] = Counter()
         """Inbound streams from peers not in ``allowed_peers``, by protocol."""
+        self._gate = gate
+        self.connections_refused: Counter[str] = gate.refused if gate else Counter()
+        """Connections refused before any stream, by reason (see p2pfl.gating)."""
         self.bytes_sent = 0
         self.bytes_received = 0
         self._inbound_open: Counter[str] = Counter()
@@ -190,10 +197,18 @@ class Transport:
         max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS,
         allowed_peers: frozenset[str] | None = None,
         rate_limiter: PeerRateLimiter | None = None,
+        guard: InboundGuard | None = None,
+        max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
     ) -> AsyncIterator[Transport]:
-        """Run a host for ``key`` listening on ``listen_addrs``; closed on exit, always."""
+        """Run a host for ``key`` listening on ``listen_addrs``; closed on exit, always.
+
+        ``guard`` replaces the default per-IP handshake limits (tests pass small ones).
+        """
         addrs = [parse_multiaddr(text) for text in listen_addrs]
-        host = new_node_host(key)
+        gate = ConnectionGate(
+            allowed_peers, guard=guard, max_connections_per_ip=max_connections_per_ip
+        )
+        host = new_node_host(key, gate=gate)
         try:
             async with host.run(addrs):
                 try:
@@ -211,6 +226,7 @@ class Transport:
                             max_inbound_streams=max_inbound_streams,
                             allowed_peers=allowed_peers,
                             rate_limiter=rate_limiter,
+                            gate=gate,
                         )
                         try:
                             yield transport
@@ -234,6 +250,19 @@ class Transport:
     def addrs(self) -> list[str]:
         """Our dialable multiaddrs, with the bound port and ``/p2p/<our id>``."""
         return [str(addr) for addr in self._host.get_addrs()]
+
+    def protect(self, peer_id: str, tag: str) -> None:
+        """Keep ``peer_id``'s connections from pruning and per-IP limits (libp2p tags)."""
+        _parse_peer_id(peer_id)
+        if self._gate is not None:
+            self._gate.manager.protect(peer_id, tag)
+
+    def unprotect(self, peer_id: str, tag: str) -> None:
+        if self._gate is not None:
+            self._gate.manager.unprotect(peer_id, tag)
+
+    def is_protected(self, peer_id: str) -> bool:
+        return self._gate is not None and self._gate.manager.is_protected(peer_id)
 
     def connected_peers(self) -> list[str]:
         return [str(peer) for peer in self._host.get_connected_peers()]
