@@ -5,9 +5,10 @@ Three gates, each at the earliest point where what it needs is known:
 1. Before any byte of Noise, only the remote IP is known. :class:`InboundGuard` wraps
    the swarm's inbound-connection handler: a token bucket per IP limits handshakes
    per second, and a cap per IP bounds handshakes in progress. At the cap the *oldest*
-   handshake of that IP is cut, not the newcomer: a Noise handshake takes
-   milliseconds, so an old pending one is a peer holding the door shut (raw TCP that
-   never speaks), and a member sharing the IP (every daemon on loopback) still gets in.
+   handshake of that IP is cut, if it has been pending for a second, rather than the
+   newcomer: a Noise handshake takes milliseconds, so an old pending one is a peer
+   holding the door shut (raw TCP that never speaks), and a member sharing the IP
+   (every daemon on loopback) still gets in.
 2. Right after the Noise handshake the peer id is authenticated.
    :class:`MembersOnlyNoise` closes the connection of a peer outside the allowlist
    there, per connection, before a muxer or any stream (so identify and ping never
@@ -45,7 +46,13 @@ logger = logging.getLogger(__name__)
 # keeps a flood from one address to a small, steady share of one core.
 DEFAULT_HANDSHAKES_PER_IP_PER_S = 20.0
 DEFAULT_HANDSHAKE_BURST = 40.0
-DEFAULT_MAX_PENDING_PER_IP = 8
+# Handshakes in progress per IP: enough for every daemon of a 32-node test network on
+# one machine to join one bootstrap node at once.
+DEFAULT_MAX_PENDING_PER_IP = 32
+# A pending handshake older than this may be cut for a newcomer. Honest ones finish in
+# milliseconds; keeping DEFAULT_MAX_PENDING_PER_IP silent ones younger than this would
+# take 32 connections a second, more than the handshake rate allows.
+DEFAULT_EVICTABLE_AFTER_S = 1.0
 # Established connections per IP of peers that are not protected (with --allow there
 # are none: outsiders are cut after Noise). Protected peers do not count.
 DEFAULT_MAX_CONNECTIONS_PER_IP = 64
@@ -53,8 +60,8 @@ CLOSE_TIMEOUT_S = 1.0
 MEMBER_TAG = "p2pfl-member"
 
 Refusals = Counter[str]
-"""Refused connections by reason: handshake-rate, handshake-evicted, not-member,
-ip-connections."""
+"""Refused connections by reason: handshake-rate, handshake-busy, handshake-evicted,
+not-member, ip-connections, resource-limit."""
 
 
 class MembersOnlyNoise(NoiseTransport):
@@ -90,6 +97,7 @@ class MembersOnlyNoise(NoiseTransport):
 @dataclass(eq=False)
 class _Handshake:
     ip: str
+    started: float
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     evicted: bool = False
     refusal: str | None = None
@@ -132,13 +140,19 @@ class InboundGuard:
         handshakes_per_ip_per_s: float = DEFAULT_HANDSHAKES_PER_IP_PER_S,
         handshake_burst: float = DEFAULT_HANDSHAKE_BURST,
         max_pending_per_ip: int = DEFAULT_MAX_PENDING_PER_IP,
+        evictable_after: float = DEFAULT_EVICTABLE_AFTER_S,
     ) -> None:
         if max_pending_per_ip < 1:
             raise ValueError("max_pending_per_ip must be at least 1")
         self.refused = refused
         self.max_pending_per_ip = max_pending_per_ip
+        self.evictable_after = evictable_after
         self._rate = PeerRateLimiter(handshakes_per_ip_per_s, handshake_burst)
         self._pending: dict[str, list[_Handshake]] = {}
+
+    def handshakes_available(self, ip: str) -> float:
+        """Handshakes ``ip`` may start right now (its token bucket)."""
+        return self._rate.available(ip, trio.current_time())
 
     def pending(self, ip: str) -> int:
         return len(self._pending.get(ip, ()))
@@ -167,13 +181,17 @@ class InboundGuard:
             self.refused["handshake-rate"] += 1
             await _close_quietly(connection)
             return
-        self._rate.charge(ip, 1, now)
         queue = self._pending.setdefault(ip, [])
         if len(queue) >= self.max_pending_per_ip:
+            if now - queue[0].started < self.evictable_after:
+                self.refused["handshake-busy"] += 1
+                await _close_quietly(connection)
+                return
             oldest = queue.pop(0)
             oldest.evicted = True
             oldest.scope.cancel()
-        handshake = _Handshake(ip)
+        self._rate.charge(ip, 1, now)
+        handshake = _Handshake(ip, now)
         queue.append(handshake)
         closed = trio.Event()
         close = connection.close

@@ -17,7 +17,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.identity_utils import create_identity_from_seed
-from libp2p.network.config import ConnectionConfig
+from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from multiaddr import Multiaddr
 
@@ -128,5 +128,9 @@ def new_node_host(
         # Would mean libp2p derives ids differently from gossip.keys: signatures
         # checked against the peer id would then silently fail for every update.
         raise RuntimeError(f"libp2p peer id {host.get_id()} differs from key id {key.peer_id}")
-    gate.install(host.get_network())
+    swarm = host.get_network()
+    # One attempt per dial: callers retry on their own schedule, under a per-address
+    # budget (p2pfl.transport); libp2p's 3 quick retries would multiply every dial.
+    swarm.retry_config = RetryConfig(max_retries=0)
+    gate.install(swarm)
     return host

@@ -68,11 +68,11 @@ class MemberBook(PeerBook):
         super().__init__(own_peer_id, **options)
         self.members = members
 
-    def add(self, peer_id: str, addrs: Iterable[str], *, first_hand: bool = True) -> bool:
+    def add(self, peer_id: str, addrs: Iterable[str], **how: Any) -> bool:
         if self.members is not None and peer_id not in self.members:
             self.rejected["not_allowed"] += 1
             return False
-        return super().add(peer_id, addrs, first_hand=first_hand)
+        return super().add(peer_id, addrs, **how)
 
 
 def _dp_steps_from(saved: dict[str, Any], noise_multiplier: float) -> int:

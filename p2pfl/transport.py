@@ -48,6 +48,9 @@ DEFAULT_MAX_INBOUND_STREAMS = 64
 # that write must not hold up the handler task (or host shutdown) for long.
 STREAM_CLEANUP_TIMEOUT = 1.0
 HOST_CLOSE_TIMEOUT = 5.0
+# Dials per network address (without /p2p) and minute, whoever names it: peer exchange
+# may name many fake ids at one address, and must not make us hammer it.
+DIALS_PER_ADDRESS_PER_MIN = 3
 
 Handler = Callable[[str, bytes], Awaitable[bytes | None]]
 """An inbound handler: ``(peer_id, payload) -> reply`` (None = no reply)."""
@@ -185,6 +188,11 @@ class Transport:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._inbound_open: Counter[str] = Counter()
+        self._dial_budget = PeerRateLimiter(
+            DIALS_PER_ADDRESS_PER_MIN / 60.0, DIALS_PER_ADDRESS_PER_MIN
+        )
+        self.dials_deferred = 0
+        """Dials not made because their address was over its per-minute budget."""
 
     @classmethod
     @asynccontextmanager
@@ -218,6 +226,10 @@ class Transport:
                             f"could not listen on {wanted}; check the address and that the "
                             "port is free"
                         )
+                    # libp2p's auto-connector dials every peerstore address (including
+                    # those peers report about themselves) to reach 150 connections;
+                    # this node chooses whom to dial, under a per-address budget.
+                    await host.get_network().auto_connector.stop()
                     async with trio.open_nursery() as nursery:
                         transport = cls(
                             host,
@@ -240,6 +252,11 @@ class Transport:
             await _close_host(host)  # idempotent; covers a failure inside run() itself
 
     # -- identity and peers -------------------------------------------------------------
+
+    @property
+    def gate(self) -> ConnectionGate | None:
+        """Who may hold a connection to this host (p2pfl.gating)."""
+        return self._gate
 
     @property
     def host(self) -> IHost:
@@ -267,6 +284,21 @@ class Transport:
     def connected_peers(self) -> list[str]:
         return [str(peer) for peer in self._host.get_connected_peers()]
 
+    def remote_ip(self, peer_id: str) -> str | None:
+        """The IP our connection to ``peer_id`` runs over (None when not connected)."""
+        try:
+            connections = self._host.get_network().get_connections(_parse_peer_id(peer_id))
+        except Exception:
+            return None
+        for connection in connections:
+            try:
+                address = connection.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
+            except Exception:
+                continue
+            if address:
+                return str(address[0])
+        return None
+
     def peer_addrs(self, peer_id: str) -> list[str]:
         """The addresses the peerstore holds for ``peer_id`` (learnt from identify or dials)."""
         try:
@@ -282,16 +314,25 @@ class Transport:
             raise ValueError(f"{multiaddr} is this node's own address")
         remote = _parse_peer_id(peer_id)
         info = PeerInfo(remote, [addr])
+        if peer_id in self.connected_peers():
+            return peer_id
+        now = trio.current_time()
+        if not self._dial_budget.allows(str(addr), 1, now):
+            self.dials_deferred += 1
+            raise TransportError(
+                f"not dialing {addr}: dialled {DIALS_PER_ADDRESS_PER_MIN} times in the last minute"
+            )
+        self._dial_budget.charge(str(addr), 1, now)
         # libp2p refuses for 60 s to redial a peer whose dials all failed ("negative
-        # cache"); an explicit connect must get through, e.g. to a restarted peer.
+        # cache"); a connect within our per-address budget must get through, e.g. to
+        # a restarted peer.
         unblock = getattr(self._host.get_network(), "unblock_peer", None)
         if unblock is not None:
             unblock(remote)
-        if peer_id not in self.connected_peers():
-            # libp2p dials only ONE address per transport kind (the first TCP one in the
-            # peerstore), so a stale address of a restarted peer would shadow the one
-            # given here for minutes: forget the old ones, dial exactly this one.
-            self._host.get_peerstore().clear_addrs(remote)
+        # libp2p dials only ONE address per transport kind (the first TCP one in the
+        # peerstore), so a stale address of a restarted peer would shadow the one
+        # given here for minutes: forget the old ones, dial exactly this one.
+        self._host.get_peerstore().clear_addrs(remote)
         with trio.move_on_after(timeout):
             try:
                 await self._host.connect(info)
