@@ -194,7 +194,9 @@ class NodeRuntime:
 
     async def checkpoint(self) -> None:
         state = self._state()  # taken on the loop, written in a thread
-        await trio.to_thread.run_sync(self.store.save, state)
+        # An I/O error (full disk, EMFILE) is logged and counted, never fatal: the
+        # last good checkpoint stays, and the next round tries again.
+        await trio.to_thread.run_sync(self.store.try_save, state)
 
     def status(self) -> dict[str, Any]:
         transport = self.transport
@@ -235,6 +237,8 @@ class NodeRuntime:
             "streams_refused": dict(transport.streams_refused) if transport else {},
             # Connections cut before any stream (p2pfl.gating), by reason.
             "connections_refused": dict(transport.connections_refused) if transport else {},
+            # Checkpoint writes that failed, by errno name (the node kept running).
+            "checkpoint_failures": dict(self.store.failures),
             "aggregator": self.gossip.aggregator.name,
             "compression": self.gossip.codec_id,
             # The peer whose model this node started from when it joined, if any.
