@@ -217,7 +217,8 @@ def test_a_forged_checkpoint_is_refused_in_one_line_and_the_previous_one_used(
         decode_state(store.current.read_bytes(), expected_length=97)
     assert "\n" not in str(refused.value)
     assert_same_state(store.load(FINGERPRINT, expected_length=97), state(1))
-    warning = next(r.getMessage() for r in caplog.records if "ignoring checkpoint" in r.getMessage())
+    messages = [record.getMessage() for record in caplog.records]
+    warning = next(message for message in messages if "ignoring checkpoint" in message)
     assert store.previous.name in warning and "\n" not in warning
 
 
