@@ -35,7 +35,7 @@ from p2pfl.config import ConfigError, NodeConfig, load_allowlist, parse_host_por
 from p2pfl.framing import MAX_UVARINT_BYTES
 from p2pfl.neighbors import choose_neighbors
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
-from p2pfl.ratelimit import MIB, PeerRateLimiter
+from p2pfl.ratelimit import MIB, LogThrottle, PeerRateLimiter
 from p2pfl.status import serve_status
 from p2pfl.transport import Transport, TransportError
 
@@ -48,6 +48,8 @@ READ_TIMEOUT_S = NodeConfig.read_timeout  # the default; config.read_timeout is 
 DISCOVERY_INTERVAL_S = 2.0
 DISCOVERY_FANOUT = 3
 WAIT_LOG_INTERVAL_S = 10.0
+REJECTION_LOG_INTERVAL_S = 10.0
+MAX_REJECTION_DETAIL_CHARS = 200
 
 
 def model_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -152,6 +154,10 @@ class NodeRuntime:
         self.transport: Transport | None = None
         self.book = MemberBook(key.peer_id, self.members, rng=random.Random(key.seed + b"book"))
         self.adopted_from: dict[str, Any] | None = None
+        # Rejections logged per (peer, reason) at most once per interval; see _log_rejection.
+        self._rejection_log = LogThrottle(REJECTION_LOG_INTERVAL_S)
+        # Updates refused before admission, by reason (shown with updates_rejected).
+        self.refused_updates: Counter[str] = Counter()
         self.resumed = self._restore()
 
     # -- state ----------------------------------------------------------------------------
@@ -203,6 +209,7 @@ class NodeRuntime:
         rejected: Counter[str] = Counter(
             {reason.value: n for reason, n in self.gossip.admission.rejected.items()}
         )
+        rejected.update(self.refused_updates)
         if transport is not None:
             rejected.update(transport.frame_errors)
             for reason in ("busy", "rate-limited"):
@@ -253,14 +260,30 @@ class NodeRuntime:
     # -- inbound --------------------------------------------------------------------------
 
     async def _on_update(self, peer_id: str, payload: bytes) -> None:
-        verdict = self.gossip.receive(payload, time.time(), public_key_from_peer_id(peer_id))
+        try:
+            sender_key = public_key_from_peer_id(peer_id)
+        except ValueError:
+            # Not an ed25519 identity (e.g. secp256k1): it cannot sign updates for us.
+            self.refused_updates["unsupported-key"] += 1
+            self._log_rejection(peer_id, "unsupported-key", "its peer id is not an ed25519 key")
+            return None
+        verdict = self.gossip.receive(payload, time.time(), sender_key)
         if verdict.accepted:
             self.book.mark_alive(peer_id)
         else:
-            logger.info(
-                "rejected an update from %s: %s (%s)", peer_id, verdict.reason.value, verdict.detail
-            )
+            self._log_rejection(peer_id, verdict.reason.value, verdict.detail)
         return None
+
+    def _log_rejection(self, peer_id: str, reason: str, detail: str) -> None:
+        """One bounded line per peer and reason every REJECTION_LOG_INTERVAL_S at most;
+        the counters count every rejection."""
+        held_back = self._rejection_log.admit((peer_id, reason), time.monotonic())
+        if held_back is None:
+            return
+        if len(detail) > MAX_REJECTION_DETAIL_CHARS:
+            detail = detail[:MAX_REJECTION_DETAIL_CHARS] + "...(cut)"
+        more = f"; {held_back} more from this peer for this reason since" if held_back else ""
+        logger.info("rejected an update from %s: %s (%s)%s", peer_id, reason, detail, more)
 
     async def _on_model_request(self, peer_id: str, payload: bytes) -> bytes:
         # The reply carries our round so the joiner can pick the most advanced peer.
