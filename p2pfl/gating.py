@@ -9,10 +9,10 @@ Three gates, each at the earliest point where what it needs is known:
    newcomer: a Noise handshake takes milliseconds, so an old pending one is a peer
    holding the door shut (raw TCP that never speaks), and a member sharing the IP
    (every daemon on loopback) still gets in.
-2. Right after the Noise handshake the peer id is authenticated.
-   :class:`MembersOnlyNoise` closes the connection of a peer outside the allowlist
-   there, per connection, before a muxer or any stream (so identify and ping never
-   answer it).
+2. Right after the Noise handshake the peer id is authenticated. :class:`GatedNoise`
+   closes the connection of a peer outside the allowlist, or whose key is not
+   ed25519, there, per connection, before a muxer or any stream (so identify and
+   ping never answer it).
 3. When the connection is registered, :class:`GatedResourceManager` (libp2p's
    ``ResourceManager``, whose admission hook the swarm calls with the peer id and IP)
    caps connections per IP for unprotected peers. Members are in libp2p's allowlist
@@ -38,6 +38,7 @@ from libp2p.rcmgr.manager import ResourceManager
 from libp2p.security.exceptions import HandshakeFailure
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
+from gossip.keys import public_key_from_peer_id
 from p2pfl.ratelimit import PeerRateLimiter
 
 logger = logging.getLogger(__name__)
@@ -61,31 +62,43 @@ MEMBER_TAG = "p2pfl-member"
 
 Refusals = Counter[str]
 """Refused connections by reason: handshake-rate, handshake-busy, handshake-evicted,
-not-member, ip-connections, resource-limit."""
+handshake-failed, unsupported-key, not-member, ip-connections, resource-limit."""
 
 
-class MembersOnlyNoise(NoiseTransport):
-    """Noise that closes the connection when the authenticated peer is not a member."""
+class GatedNoise(NoiseTransport):
+    """Noise that closes the connection right after the handshake when the authenticated
+    peer cannot take part: its key is not ed25519 (it could not sign updates), or it is
+    not a member (when there is an allowlist)."""
 
     def __init__(
-        self, *args: Any, members: frozenset[str], refused: Refusals, **kwargs: Any
+        self, *args: Any, members: frozenset[str] | None, refused: Refusals, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
         self._members = members
         self._refused = refused
 
+    def _refusal(self, peer: str) -> str | None:
+        try:
+            public_key_from_peer_id(peer)
+        except ValueError:
+            return "unsupported-key"
+        if self._members is not None and peer not in self._members:
+            return "not-member"
+        return None
+
     async def _admit(self, conn: ISecureConn) -> ISecureConn:
         peer = str(conn.get_remote_peer())
-        if peer in self._members:
+        reason = self._refusal(peer)
+        if reason is None:
             return conn
-        refuse(self._refused, "not-member")
-        logger.debug("closed the connection of %s after Noise: not in the allowlist", peer)
+        refuse(self._refused, reason)
+        logger.debug("closed the connection of %s after Noise: %s", peer, reason)
         with trio.move_on_after(CLOSE_TIMEOUT_S):
             try:
                 await conn.close()
             except Exception:  # closing a connection we are discarding anyway
                 pass
-        raise HandshakeFailure(f"{peer} is not in the allowlist")
+        raise HandshakeFailure(f"{peer} refused: {reason}")
 
     async def secure_inbound(self, conn: IRawConnection) -> ISecureConn:
         return await self._admit(await super().secure_inbound(conn))
@@ -100,6 +113,7 @@ class _Handshake:
     started: float
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     evicted: bool = False
+    established: bool = False
     refusal: str | None = None
 
 
@@ -172,6 +186,7 @@ class InboundGuard:
         """The current task's handshake is over: it no longer counts as pending."""
         handshake = _CURRENT_HANDSHAKE.get()
         if handshake is not None:
+            handshake.established = True
             self._forget(handshake)
 
     async def _handle(self, original: InboundHandler, connection: Any, maddr: Any) -> None:
@@ -222,6 +237,9 @@ class InboundGuard:
                 self.refused[handshake.refusal] += 1
             elif handshake.evicted:
                 self.refused["handshake-evicted"] += 1
+            elif not handshake.established:
+                # The peer hung up, stalled past the upgrade timeout or spoke garbage.
+                self.refused["handshake-failed"] += 1
             if not closed.is_set():
                 await _close_quietly(connection)
 
@@ -359,9 +377,7 @@ class ConnectionGate:
         )
 
     def noise(self, key_pair: Any, noise_privkey: Any) -> NoiseTransport:
-        if self.members is None:
-            return NoiseTransport(key_pair, noise_privkey=noise_privkey)
-        return MembersOnlyNoise(
+        return GatedNoise(
             key_pair, noise_privkey=noise_privkey, members=self.members, refused=self.refused
         )
 

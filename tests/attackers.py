@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack
 
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.secp256k1 import create_new_key_pair as create_secp256k1_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
@@ -27,29 +28,38 @@ from p2pfl.host import split_peer_multiaddr
 STEP_TIMEOUT_S = 5.0
 
 
-async def open_throwaway_noise(target: str, stack: AsyncExitStack) -> bool:
-    """Dial ``target`` with a fresh key, do Noise and pick yamux; True if the target
-    let the connection live through the muxer choice. The connection is left open
-    (idle) until ``stack`` closes."""
+UNREACHED = "unreached"
+CUT = "cut"
+UPGRADED = "upgraded"
+
+
+async def open_throwaway_noise(
+    target: str, stack: AsyncExitStack, key_type: str = "ed25519"
+) -> str:
+    """Dial ``target`` with a fresh key (``ed25519`` or ``secp256k1``), do Noise and pick
+    yamux. Returns UNREACHED (no TCP connection), CUT (the target ended it before the
+    muxer was chosen) or UPGRADED. The connection is left open (idle) until ``stack``
+    closes."""
     peer_id, addr = split_peer_multiaddr(target)
-    key_pair = create_new_key_pair()
+    key_pair = create_new_key_pair() if key_type == "ed25519" else create_secp256k1_key_pair()
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
     upgrader = TransportUpgrader(
         {TProtocol(NOISE_PROTOCOL_ID): noise}, {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
     )
+    raw = None
     with trio.move_on_after(STEP_TIMEOUT_S):
         try:
             raw = await TCP().dial(Multiaddr(str(addr)))
         except Exception:
-            return False
+            return UNREACHED
         stack.push_async_callback(_close, raw)
         try:
             secured = await upgrader.upgrade_security(raw, True, ID.from_base58(peer_id))
             await upgrader.upgrade_connection(secured, ID.from_base58(peer_id))
         except Exception:
-            return False
-        return True
-    return False
+            return CUT
+        return UPGRADED
+    return UNREACHED if raw is None else CUT
 
 
 async def open_silent_tcp(target: str, stack: AsyncExitStack) -> None:

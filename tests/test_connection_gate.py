@@ -13,7 +13,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
-from attackers import open_silent_tcp, open_throwaway_noise
+from attackers import UNREACHED, UPGRADED, open_silent_tcp, open_throwaway_noise
 from runtimes import wait_until
 
 from gossip.keys import NodeKey
@@ -51,20 +51,23 @@ async def test_400_outsider_connections_then_a_member_joins_and_is_heard() -> No
     member = NodeKey.generate()
     async with gated_node(frozenset({member.peer_id})) as (node, received):
         async with AsyncExitStack() as held:
-            survived = 0
+            outcomes: Counter[str] = Counter()
 
             async def attack() -> None:
-                nonlocal survived
-                survived += await open_throwaway_noise(node.addrs[0], held)
+                outcomes[await open_throwaway_noise(node.addrs[0], held)] += 1
 
             async with trio.open_nursery() as nursery:
                 for _ in range(OUTSIDER_CONNECTIONS):
                     nursery.start_soon(attack)
             refused = node.connections_refused
-            # Every attempt was cut, each counted once (when its handler ends): refused
-            # before Noise, cut while pending, or closed right after Noise.
-            await wait_until(lambda: refused.total() == OUTSIDER_CONNECTIONS)
-            assert survived == 0
+            # Every connection that reached the node was cut and counted once (when its
+            # handler ends): refused before Noise, cut or failed while pending, or
+            # closed right after Noise. (A loaded machine may drop a few SYNs.)
+            reached = OUTSIDER_CONNECTIONS - outcomes[UNREACHED]
+            await wait_until(lambda: refused.total() >= reached, 30, "the counts")
+            print(f"attacker: {dict(outcomes)}; node refused: {dict(refused)}")
+            assert refused.total() == reached
+            assert outcomes[UPGRADED] == 0
             assert refused["not-member"] >= 1
             assert node.connected_peers() == []
             # The attacker's connections are still open on its side. The member shares
@@ -116,10 +119,18 @@ async def test_connections_per_ip_are_capped_for_unprotected_peers_only() -> Non
     async with gated_node(None, max_connections_per_ip=3) as (node, received):
         async with AsyncExitStack() as held:
             for _ in range(5):
-                await open_throwaway_noise(node.addrs[0], held)
+                assert await open_throwaway_noise(node.addrs[0], held) != UNREACHED
             await wait_until(lambda: node.connections_refused["ip-connections"] == 2)
             assert len(node.connected_peers()) == 3
             friend = NodeKey.generate()
             node.protect(friend.peer_id, "test-friend")
             await deliver(friend, node, received)
             assert node.connections_refused["ip-connections"] == 2
+
+
+async def test_a_secp256k1_peer_is_closed_after_noise_and_counted() -> None:
+    async with gated_node(None) as (node, _):
+        async with AsyncExitStack() as held:
+            assert await open_throwaway_noise(node.addrs[0], held, "secp256k1") != UNREACHED
+            await wait_until(lambda: node.connections_refused["unsupported-key"] == 1)
+            assert node.connected_peers() == []

@@ -15,6 +15,8 @@ from pathlib import Path
 import msgpack
 import pytest
 import trio
+from libp2p.crypto.secp256k1 import create_new_key_pair as create_secp256k1_key_pair
+from libp2p.peer.id import ID
 from runtimes import wait_until
 from test_hostile_peer import LOOPBACK, rejected, running_daemon
 
@@ -97,3 +99,14 @@ async def test_a_flood_of_hostile_headers_is_all_counted_in_one_short_log_line(
     ]
     assert len(lines) == 1
     assert len(lines[0]) < len(member.peer_id) + MAX_REJECTION_DETAIL_CHARS + 100
+
+
+async def test_an_update_from_a_non_ed25519_peer_is_counted_as_unsupported_key(
+    digits: Task, tmp_path: Path
+) -> None:
+    # GatedNoise closes such a peer's connection first (tests/test_connection_gate.py);
+    # should one still deliver an update, it is refused and counted, not a handler error.
+    secp_peer = str(ID.from_pubkey(create_secp256k1_key_pair().public_key))
+    async with running_daemon(digits, tmp_path / "node", []) as (node, _):
+        await node._on_update(secp_peer, b"anything")
+        assert rejected(node)["unsupported-key"] == 1
