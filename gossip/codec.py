@@ -47,6 +47,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_TENSORS = 4096
 MAX_NAME_CHARS = 256
+# Longest string a header may hold, in UTF-8 bytes: a tensor name of MAX_NAME_CHARS
+# characters of up to 4 bytes each (dtype and codec names are far shorter).
+MAX_HEADER_STR_BYTES = 4 * MAX_NAME_CHARS
 MAX_RANK = 8
 MAX_SEQ = 2**63 - 1
 
@@ -230,11 +233,21 @@ def parse(
             strict_map_key=True,
             object_pairs_hook=_no_duplicate_keys,
             ext_hook=_refuse_ext,
+            # Limits msgpack checks at each container's or string's length prefix,
+            # before building any element: a header of a million unknown keys is
+            # refused at its first byte, not after a second of parsing.
+            max_map_len=len(HEADER_FIELDS),
+            max_array_len=MAX_TENSORS,
+            max_str_len=MAX_HEADER_STR_BYTES,
+            max_bin_len=max(PUBLIC_KEY_BYTES, FINGERPRINT_BYTES),
+            max_ext_len=0,
         )
     except InvalidUpdate:
         raise
     except Exception as error:  # msgpack raises many types for bad bytes; all mean malformed
-        raise _malformed(f"header is not valid msgpack ({type(error).__name__})") from None
+        reason = str(error).splitlines()[0][:80] if str(error) else ""
+        detail = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+        raise _malformed(f"header is not valid msgpack ({detail})") from None
     _check_header(header)
     payloads = view[_HEADER_AT + header_length :]
     declared = sum(entry["size"] for entry in header["tensors"])

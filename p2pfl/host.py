@@ -17,12 +17,12 @@ from libp2p.abc import IHost
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.identity_utils import create_identity_from_seed
-from libp2p.network.config import ConnectionConfig
+from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
 
 from gossip.keys import NodeKey
+from p2pfl.gating import ConnectionGate
 
 # A libp2p log line is cut to this many characters: some of its messages embed whole
 # stream payloads, which must never reach the node's logs.
@@ -94,13 +94,20 @@ def route_libp2p_logging() -> None:
     source.addHandler(_ForwardLibp2pRecords(logging.getLogger("p2pfl.libp2p")))
 
 
-def new_node_host(key: NodeKey, *, negotiate_timeout: float = 5.0) -> IHost:
-    """A libp2p host whose peer id is ``key.peer_id``, speaking Noise + yamux over TCP."""
+def new_node_host(
+    key: NodeKey, *, negotiate_timeout: float = 5.0, gate: ConnectionGate | None = None
+) -> IHost:
+    """A libp2p host whose peer id is ``key.peer_id``, speaking Noise + yamux over TCP.
+
+    ``gate`` decides who may hold a connection (p2pfl.gating); by default everyone,
+    within the per-IP limits.
+    """
     route_libp2p_logging()
+    gate = gate if gate is not None else ConnectionGate()
     key_pair = create_identity_from_seed(key.seed)
     # Noise needs its own static x25519 key; it is authenticated by the identity key
     # during the handshake, so a fresh one per host is what libp2p itself does.
-    noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+    noise = gate.noise(key_pair, create_new_x25519_key_pair().private_key)
     connection_config = ConnectionConfig(
         max_connections_per_peer=1,
         dial_timeout=negotiate_timeout,
@@ -115,9 +122,15 @@ def new_node_host(key: NodeKey, *, negotiate_timeout: float = 5.0) -> IHost:
         muxer_preference="YAMUX",
         connection_config=connection_config,
         enable_mDNS=False,
+        resource_manager=gate.manager,
     )
     if str(host.get_id()) != key.peer_id:
         # Would mean libp2p derives ids differently from gossip.keys: signatures
         # checked against the peer id would then silently fail for every update.
         raise RuntimeError(f"libp2p peer id {host.get_id()} differs from key id {key.peer_id}")
+    swarm = host.get_network()
+    # One attempt per dial: callers retry on their own schedule, under a per-address
+    # budget (p2pfl.transport); libp2p's 3 quick retries would multiply every dial.
+    swarm.retry_config = RetryConfig(max_retries=0)
+    gate.install(swarm)
     return host

@@ -5,7 +5,8 @@ Protocol ``/p2pfl/peers/1.0.0``, one request and one reply frame, msgpack maps:
 - request: ``{"addrs": [requester's full multiaddrs]}``
 - reply:   ``{"peers": [[peer_id, [multiaddr, ...]], ...]}`` (at most 64 peers)
 
-Both sides validate strictly (exact keys, types, lengths, caps) and drop what does not
+Only first-hand peers' verified addresses are passed on (see ``PeerBook``). Both
+sides validate strictly (exact keys, types, lengths, caps) and drop what does not
 fit; every drop is counted in ``PeerBook.rejected``. The requester's advertised
 addresses are kept only if they name the peer id Noise authenticated on the stream, so
 no one can plant addresses for another node. msgpack is decoded with ext types
@@ -40,88 +41,156 @@ MAX_PEER_ID_CHARS = 64
 MAX_REQUEST_BYTES = 4 * 1024
 MAX_REPLY_BYTES = 256 * 1024
 DEFAULT_MAX_BOOK_PEERS = 1024
-# A peer is forgotten after this many failed exchanges in a row.
+# A first-hand peer is forgotten after this many failed exchanges in a row.
 MAX_CONSECUTIVE_FAILURES = 3
+# Second-hand addresses kept per peer: a liar cannot fill every slot of a real peer.
+MAX_HEARD_ADDRS = 2
+# Second-hand entries one source may have in the book: half a reply.
+DEFAULT_PER_SOURCE_QUOTA = MAX_PEERS_PER_REPLY // 2
 # Wildcard listen addresses mean "every interface here"; they are useless to others.
 _UNDIALABLE_PREFIXES = ("/ip4/0.0.0.0/", "/ip6/::/")
 
 
 @dataclass
 class PeerEntry:
-    addrs: tuple[str, ...]
-    last_seen: float
+    """What the book knows of one peer; dial order is ``addrs()``."""
+
+    first_hand: bool
+    """The peer itself reached us over an authenticated connection (addrman's "tried")."""
+    added: float
+    last_seen: float | None = None
+    """When we last heard from the peer itself; None for second-hand entries."""
+    source: str | None = None
+    """Who told us about a second-hand entry (its quota is per source)."""
+    verified: tuple[str, ...] = ()
+    """Addresses on the IP the peer's authenticated connection ran over: the only
+    addresses we pass on."""
+    claimed: tuple[str, ...] = ()
+    """Addresses the peer advertised for itself."""
+    heard: tuple[str, ...] = ()
+    """Second-hand addresses (at most MAX_HEARD_ADDRS), dropped once it is first-hand."""
     failures: int = 0
+
+    def addrs(self) -> list[str]:
+        merged = dict.fromkeys([*self.verified, *self.claimed, *self.heard])
+        return list(merged)[:MAX_ADDRS_PER_PEER]
+
+
+def address_ip(addr: str) -> str | None:
+    """The IP of ``/ip4/A/...`` or ``/ip6/A/...``; None for anything else."""
+    parts = addr.split("/")
+    if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+        return parts[2]
+    return None
 
 
 class PeerBook:
-    """Known peers: peer id -> addresses and when we last heard of or from them."""
+    """Known peers, modelled on Bitcoin Core's addrman: first-hand and second-hand tables.
+
+    First-hand ("tried") peers reached us themselves. Second-hand ("new") peers were
+    named by someone else, which anyone can forge: they are stale until the peer
+    itself answers, hold at most MAX_HEARD_ADDRS addresses, count against a quota
+    per source and a table of their own, and never evict a first-hand peer. Only
+    first-hand peers are ``known()`` (neighbour candidates), and only their
+    verified addresses are passed on, so a forged entry goes no further than the
+    node it was sent to.
+    """
 
     def __init__(
         self,
         own_peer_id: str,
         *,
         max_peers: int = DEFAULT_MAX_BOOK_PEERS,
+        max_second_hand: int | None = None,
+        per_source_quota: int = DEFAULT_PER_SOURCE_QUOTA,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self.own_peer_id = own_peer_id
         self.max_peers = max_peers
+        self.max_second_hand = (
+            max_second_hand if max_second_hand is not None else max(1, max_peers // 4)
+        )
+        self.per_source_quota = per_source_quota
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._entries: dict[str, PeerEntry] = {}
         self.rejected: Counter[str] = Counter()
-        """Dropped protocol input by reason: malformed_request, malformed_reply, bad_entry."""
+        """Dropped protocol input by reason: malformed_request, malformed_reply, bad_entry,
+        over_quota (second-hand entries over a source's quota or the table's size)."""
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """How many peers are known first-hand (the neighbour candidates)."""
+        return sum(1 for entry in self._entries.values() if entry.first_hand)
 
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self._entries
 
-    def add(self, peer_id: str, addrs: Iterable[str], *, first_hand: bool = True) -> bool:
-        """Record ``peer_id`` at ``addrs`` (merged, capped); True if the peer was new.
+    def add(
+        self,
+        peer_id: str,
+        addrs: Iterable[str],
+        *,
+        first_hand: bool = True,
+        source: str | None = None,
+        observed_ip: str | None = None,
+    ) -> bool:
+        """Record ``peer_id`` at ``addrs``; True if the peer was new to the book.
 
-        ``first_hand`` addresses come from the peer itself over an authenticated stream
-        and go first; second-hand ones (another peer's reply, which anyone can forge)
-        only fill free slots and do not count as having seen the peer. A new peer
-        without any address is not recorded: nobody could dial it.
+        ``first_hand`` addresses come from the peer itself over an authenticated
+        connection whose remote IP was ``observed_ip``: those on that IP are verified.
+        Second-hand ones (``source``'s reply) only fill an unverified entry's free
+        slots. A new peer without any address is not recorded: nobody could dial it.
         """
-        addrs = list(addrs)
+        addrs = list(dict.fromkeys(addrs))
         if peer_id == self.own_peer_id:
             return False
-        now = self._clock()
         entry = self._entries.get(peer_id)
+        now = self._clock()
+        if not first_hand:
+            if entry is not None:
+                if not entry.first_hand and len(entry.heard) < MAX_HEARD_ADDRS:
+                    entry.heard = tuple(dict.fromkeys([*entry.heard, *addrs]))[:MAX_HEARD_ADDRS]
+                return False
+            if not addrs or not self._room_for_second_hand(source):
+                return False
+            self._entries[peer_id] = PeerEntry(
+                first_hand=False, added=now, source=source, heard=tuple(addrs[:MAX_HEARD_ADDRS])
+            )
+            return True
+        is_new = entry is None
         if entry is None:
             if not addrs:
                 return False
-            if len(self._entries) >= self.max_peers:
-                self._evict_stalest()
-            entry = self._entries[peer_id] = PeerEntry(addrs=(), last_seen=now)
-            is_new = True
-        else:
-            is_new = False
-        if first_hand:
-            # Fresh addresses first, so a peer that moved is reached at its new address.
-            merged = list(dict.fromkeys([*addrs, *entry.addrs]))
-            entry.last_seen = now
-        else:
-            merged = list(dict.fromkeys([*entry.addrs, *addrs]))
-        entry.addrs = tuple(merged[:MAX_ADDRS_PER_PEER])
+            self._make_room_for_first_hand()
+            entry = self._entries[peer_id] = PeerEntry(first_hand=True, added=now)
+        entry.first_hand, entry.source, entry.last_seen, entry.heard = True, None, now, ()
+        verified = [addr for addr in addrs if observed_ip and address_ip(addr) == observed_ip]
+        # Fresh addresses first, so a peer that moved is reached at its new address.
+        entry.verified = tuple(dict.fromkeys([*verified, *entry.verified]))[:MAX_ADDRS_PER_PEER]
+        entry.claimed = tuple(dict.fromkeys([*addrs, *entry.claimed]))[:MAX_ADDRS_PER_PEER]
         return is_new
 
     def mark_alive(self, peer_id: str) -> None:
+        """The peer itself just proved it is alive (over an authenticated connection)."""
         entry = self._entries.get(peer_id)
         if entry is not None:
             entry.failures = 0
+            entry.first_hand = True
+            entry.source = None
             entry.last_seen = self._clock()
 
     def mark_failed(self, peer_id: str) -> bool:
-        """Count a failed exchange; True if the peer was forgotten because of it."""
+        """Count a failed exchange; True if the peer was forgotten because of it.
+
+        A second-hand entry is forgotten at its first failure: it was never shown to
+        exist. A first-hand one after MAX_CONSECUTIVE_FAILURES in a row.
+        """
         entry = self._entries.get(peer_id)
         if entry is None:
             return False
         entry.failures += 1
-        if entry.failures >= MAX_CONSECUTIVE_FAILURES:
+        if not entry.first_hand or entry.failures >= MAX_CONSECUTIVE_FAILURES:
             del self._entries[peer_id]
             return True
         return False
@@ -130,25 +199,70 @@ class PeerBook:
         self._entries.pop(peer_id, None)
 
     def known(self) -> list[str]:
-        return sorted(self._entries)
+        """Peers known first-hand, sorted: the only ones chosen as neighbours."""
+        return sorted(pid for pid, entry in self._entries.items() if entry.first_hand)
+
+    def second_hand(self) -> list[str]:
+        return sorted(pid for pid, entry in self._entries.items() if not entry.first_hand)
 
     def addrs(self, peer_id: str) -> list[str]:
         entry = self._entries.get(peer_id)
-        return list(entry.addrs) if entry else []
+        return entry.addrs() if entry else []
 
     def last_seen(self, peer_id: str) -> float | None:
         entry = self._entries.get(peer_id)
         return entry.last_seen if entry else None
 
     def sample(self, k: int, exclude: Iterable[str] = ()) -> list[tuple[str, list[str]]]:
-        """Up to ``k`` random known peers (not in ``exclude``) with their addresses."""
+        """Up to ``k`` random peers to pass on: first-hand ones, verified addresses only."""
         excluded = set(exclude)
-        candidates = [pid for pid in self._entries if pid not in excluded]
+        candidates = [
+            pid
+            for pid, entry in self._entries.items()
+            if entry.first_hand and entry.verified and pid not in excluded
+        ]
         chosen = self._rng.sample(candidates, min(k, len(candidates)))
-        return [(pid, list(self._entries[pid].addrs)) for pid in chosen]
+        return [(pid, list(self._entries[pid].verified)) for pid in chosen]
 
-    def _evict_stalest(self) -> None:
-        stalest = min(self._entries, key=lambda pid: self._entries[pid].last_seen)
+    def dial_candidates(self, k: int) -> list[tuple[str, list[str]]]:
+        """Up to ``k`` random peers to exchange peers with: second-hand ones first (a
+        dial is what makes them first-hand or forgotten), but at least one first-hand
+        peer when there is one, so a flood of fakes cannot take every slot."""
+        second = self.second_hand()
+        first = self.known()
+        take_first = min(len(first), max(1, k - len(second))) if k > 0 else 0
+        chosen = self._rng.sample(first, take_first)
+        chosen += self._rng.sample(second, min(k - len(chosen), len(second)))
+        return [(pid, self._entries[pid].addrs()) for pid in chosen]
+
+    def _room_for_second_hand(self, source: str | None) -> bool:
+        second = [(pid, e) for pid, e in self._entries.items() if not e.first_hand]
+        if sum(1 for _, e in second if e.source == source) >= self.per_source_quota:
+            self.rejected["over_quota"] += 1
+            return False
+        if len(second) >= self.max_second_hand or len(self._entries) >= self.max_peers:
+            if not second:
+                self.rejected["over_quota"] += 1
+                return False
+            # Evict from the source that holds the most, its oldest entry first, so one
+            # source flooding the table mostly displaces its own entries.
+            per_source = Counter(e.source for _, e in second)
+            heaviest = max(per_source, key=lambda src: per_source[src])
+            oldest = min(
+                (pid for pid, e in second if e.source == heaviest),
+                key=lambda pid: self._entries[pid].added,
+            )
+            del self._entries[oldest]
+        return True
+
+    def _make_room_for_first_hand(self) -> None:
+        if len(self._entries) < self.max_peers:
+            return
+        second = [pid for pid, e in self._entries.items() if not e.first_hand]
+        if second:
+            del self._entries[min(second, key=lambda pid: self._entries[pid].added)]
+            return
+        stalest = min(self._entries, key=lambda pid: self._entries[pid].last_seen or 0.0)
         del self._entries[stalest]
 
 
@@ -261,7 +375,7 @@ def serve_peer_exchange(transport: Transport, book: PeerBook, read_timeout: floa
         reply = encode_reply(book.sample(MAX_PEERS_PER_REPLY, exclude=[peer_id]))
         # Only advertised addresses: the peerstore may hold the requester's ephemeral
         # source port, which nobody can dial.
-        book.add(peer_id, addrs)
+        book.add(peer_id, addrs, observed_ip=transport.remote_ip(peer_id))
         book.mark_alive(peer_id)
         return reply
 
@@ -277,7 +391,7 @@ async def exchange_peers(transport: Transport, peer_id: str, book: PeerBook, tim
     reply = await transport.request(
         peer_id, PEERS_PROTOCOL, encode_request(transport.addrs), timeout, MAX_REPLY_BYTES
     )
-    book.add(peer_id, transport.peer_addrs(peer_id))
+    book.add(peer_id, transport.peer_addrs(peer_id), observed_ip=transport.remote_ip(peer_id))
     book.mark_alive(peer_id)
     decoded = decode_reply(reply)
     if decoded is None:
@@ -287,7 +401,9 @@ async def exchange_peers(transport: Transport, peer_id: str, book: PeerBook, tim
     if dropped:
         book.rejected["bad_entry"] += dropped
     return sum(
-        book.add(pid, addrs, first_hand=False) for pid, addrs in peers if pid != transport.peer_id
+        book.add(pid, addrs, first_hand=False, source=peer_id)
+        for pid, addrs in peers
+        if pid != transport.peer_id
     )
 
 
@@ -315,7 +431,7 @@ async def discovery_round(transport: Transport, book: PeerBook, fanout: int, tim
             )
 
     async with trio.open_nursery() as nursery:
-        for peer_id, addrs in book.sample(fanout):
+        for peer_id, addrs in book.dial_candidates(fanout):
             nursery.start_soon(with_peer, peer_id, addrs)
     return learnt
 

@@ -94,3 +94,32 @@ class PeerRateLimiter:
             # which gains the least by being forgotten.
             richest = max(self._buckets, key=lambda p: self._buckets[p].tokens)
             del self._buckets[richest]
+
+
+class LogThrottle:
+    """At most one log line per key (say, peer and reason) per ``interval`` seconds.
+
+    A hostile peer can make every message fail; without this each failure is a log
+    line, and the logs grow as fast as it can send. Counters still count everything;
+    the line that gets through says how many were held back since the last one.
+    """
+
+    def __init__(self, interval: float, *, max_keys: int = DEFAULT_MAX_TRACKED_PEERS) -> None:
+        if not (math.isfinite(interval) and interval > 0):
+            raise ValueError(f"the interval must be > 0 seconds, got {interval}")
+        self.interval = float(interval)
+        self.max_keys = max_keys
+        self._last: dict[object, tuple[float, int]] = {}
+
+    def admit(self, key: object, now: float) -> int | None:
+        """None: hold this line back. Otherwise log it, noting the returned number of
+        lines held back since the key's previous line."""
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(self._last) >= self.max_keys:
+            # Forget the key whose line is oldest: it is the first allowed again anyway.
+            del self._last[min(self._last, key=lambda k: self._last[k][0])]
+        self._last[key] = (now, 0)
+        return last[1] if last is not None else 0

@@ -45,7 +45,7 @@ from p2pfl.config import ConfigError, NodeConfig, load_allowlist, parse_host_por
 from p2pfl.framing import MAX_UVARINT_BYTES
 from p2pfl.neighbors import choose_neighbors, gossip_peers
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
-from p2pfl.ratelimit import MIB, PeerRateLimiter
+from p2pfl.ratelimit import MIB, LogThrottle, PeerRateLimiter
 from p2pfl.status import serve_status
 from p2pfl.transport import Transport, TransportError
 
@@ -68,6 +68,8 @@ ATTACK_PUSH_INTERVAL_S = 0.03
 # sign) runs in a worker thread: at 10M parameters one such step takes from tens
 # of milliseconds to seconds, and the loop must keep every stream draining.
 OFFLOAD_MIN_PARAMETERS = 1_000_000
+REJECTION_LOG_INTERVAL_S = 10.0
+MAX_REJECTION_DETAIL_CHARS = 200
 
 
 def model_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -88,11 +90,11 @@ class MemberBook(PeerBook):
         super().__init__(own_peer_id, **options)
         self.members = members
 
-    def add(self, peer_id: str, addrs: Iterable[str], *, first_hand: bool = True) -> bool:
+    def add(self, peer_id: str, addrs: Iterable[str], **how: Any) -> bool:
         if self.members is not None and peer_id not in self.members:
             self.rejected["not_allowed"] += 1
             return False
-        return super().add(peer_id, addrs, first_hand=first_hand)
+        return super().add(peer_id, addrs, **how)
 
 
 def _dp_steps_from(saved: dict[str, Any], noise_multiplier: float) -> int:
@@ -184,6 +186,10 @@ class NodeRuntime:
         # call running in a worker thread never races another (see _gossip).
         self._gossip_lock = trio.Lock()
         self.offload = self.gossip.layout.size >= OFFLOAD_MIN_PARAMETERS
+        # Rejections logged per (peer, reason) at most once per interval; see _log_rejection.
+        self._rejection_log = LogThrottle(REJECTION_LOG_INTERVAL_S)
+        # Updates refused before admission, by reason (shown with updates_rejected).
+        self.refused_updates: Counter[str] = Counter()
         self.resumed = self._restore()
         self._status_view = self._gossip_view()
 
@@ -232,7 +238,9 @@ class NodeRuntime:
     async def checkpoint(self) -> None:
         gossip = await self._gossip(self.gossip.state)
         state = self._state(gossip)  # the peer book is read on the loop
-        await trio.to_thread.run_sync(self.store.save, state)
+        # An I/O error (full disk, EMFILE) is logged and counted, never fatal: the
+        # last good checkpoint stays, and the next round tries again.
+        await trio.to_thread.run_sync(self.store.try_save, state)
 
     async def _gossip(self, work: Callable[..., T], *args: Any) -> T:
         """Run ``work`` on the gossip core: one call at a time, off the loop for large models.
@@ -262,6 +270,7 @@ class NodeRuntime:
         view = self._status_view
         counters = view["counters"]
         rejected: Counter[str] = Counter(counters["rejected"])  # type: ignore[arg-type]
+        rejected.update(self.refused_updates)
         if transport is not None:
             rejected.update(transport.frame_errors)
             for reason in ("busy", "rate-limited"):
@@ -301,6 +310,10 @@ class NodeRuntime:
             },
             "send_failures": dict(self.send_failures),
             "streams_refused": dict(transport.streams_refused) if transport else {},
+            # Connections cut before any stream (p2pfl.gating), by reason.
+            "connections_refused": dict(transport.connections_refused) if transport else {},
+            # Checkpoint writes that failed, by errno name (the node kept running).
+            "checkpoint_failures": dict(self.store.failures),
             "aggregator": self.gossip.aggregator.name,
             "compression": self.gossip.codec_id,
             # The members whose median model this node started from when it joined.
@@ -331,16 +344,31 @@ class NodeRuntime:
         await self._gossip(self.gossip.set_peers, frozenset(allowed))
 
     async def _on_update(self, peer_id: str, payload: bytes) -> None:
+        try:
+            sender_key = public_key_from_peer_id(peer_id)
+        except ValueError:
+            # Not an ed25519 identity (e.g. secp256k1): it cannot sign updates for us.
+            self.refused_updates["unsupported-key"] += 1
+            self._log_rejection(peer_id, "unsupported-key", "its peer id is not an ed25519 key")
+            return None
         await self._refresh_peers()
-        sender = public_key_from_peer_id(peer_id)
-        verdict = await self._gossip(self.gossip.receive, payload, time.time(), sender)
+        verdict = await self._gossip(self.gossip.receive, payload, time.time(), sender_key)
         if verdict.accepted:
             self.book.mark_alive(peer_id)
         else:
-            logger.info(
-                "rejected an update from %s: %s (%s)", peer_id, verdict.reason.value, verdict.detail
-            )
+            self._log_rejection(peer_id, verdict.reason.value, verdict.detail)
         return None
+
+    def _log_rejection(self, peer_id: str, reason: str, detail: str) -> None:
+        """One bounded line per peer and reason every REJECTION_LOG_INTERVAL_S at most;
+        the counters count every rejection."""
+        held_back = self._rejection_log.admit((peer_id, reason), time.monotonic())
+        if held_back is None:
+            return
+        if len(detail) > MAX_REJECTION_DETAIL_CHARS:
+            detail = detail[:MAX_REJECTION_DETAIL_CHARS] + "...(cut)"
+        more = f"; {held_back} more from this peer for this reason since" if held_back else ""
+        logger.info("rejected an update from %s: %s (%s)%s", peer_id, reason, detail, more)
 
     async def _on_model_request(self, peer_id: str, payload: bytes) -> bytes:
         # The reply carries our round so the joiner can pick the most advanced peer.
@@ -400,7 +428,11 @@ class NodeRuntime:
         initial model. Nothing here can crash the node.
         """
         assert self.transport is not None
-        candidates = list(dict.fromkeys([*reached, *self.book.known()]))[:ADOPT_FROM]
+        # Second-hand peers too: a joiner knows the others only from its bootstrap's
+        # reply, and asking them is how one hostile bootstrap is outvoted. Noise
+        # proves each one's id when we dial it.
+        heard_of = [*reached, *self.book.known(), *self.book.second_hand()]
+        candidates = list(dict.fromkeys(heard_of))[:ADOPT_FROM]
         models: list[np.ndarray] = []
         sources: list[dict[str, Any]] = []
         for peer_id in candidates:

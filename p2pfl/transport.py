@@ -7,6 +7,8 @@ and may return a reply. Every outbound step is under the caller's timeout and ev
 failure becomes a one-line ``TransportError``; inbound failures are counted by reason
 and never reach libp2p, which would otherwise log them with the payload.
 
+Connections are gated before streams (p2pfl.gating): handshakes per IP are rate-limited,
+and with ``allowed_peers`` a non-member's connection is closed right after Noise.
 Inbound streams pass three gates before any byte is read: the peer must be allowed
 (``allowed_peers``, when set), must have byte budget left (``rate_limiter``), and must
 hold fewer than the per-peer and global stream caps. A stream that fails a gate is
@@ -32,6 +34,7 @@ from multiaddr import Multiaddr
 
 from gossip.keys import NodeKey
 from p2pfl.framing import FrameError, encode_uvarint, read_frame, write_frame
+from p2pfl.gating import DEFAULT_MAX_CONNECTIONS_PER_IP, ConnectionGate, InboundGuard
 from p2pfl.host import new_node_host, parse_multiaddr, split_peer_multiaddr
 from p2pfl.ratelimit import PeerRateLimiter
 
@@ -45,6 +48,9 @@ DEFAULT_MAX_INBOUND_STREAMS = 64
 # that write must not hold up the handler task (or host shutdown) for long.
 STREAM_CLEANUP_TIMEOUT = 1.0
 HOST_CLOSE_TIMEOUT = 5.0
+# Dials per network address (without /p2p) and minute, whoever names it: peer exchange
+# may name many fake ids at one address, and must not make us hammer it.
+DIALS_PER_ADDRESS_PER_MIN = 3
 
 Handler = Callable[[str, bytes], Awaitable[bytes | None]]
 """An inbound handler: ``(peer_id, payload) -> reply`` (None = no reply)."""
@@ -157,6 +163,7 @@ class Transport:
         max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS,
         allowed_peers: frozenset[str] | None = None,
         rate_limiter: PeerRateLimiter | None = None,
+        gate: ConnectionGate | None = None,
     ) -> None:
         self._host = host
         self.nursery = nursery
@@ -175,9 +182,17 @@ class Transport:
         internal."""
         self.streams_refused: Counter[str] = Counter()
         """Inbound streams from peers not in ``allowed_peers``, by protocol."""
+        self._gate = gate
+        self.connections_refused: Counter[str] = gate.refused if gate else Counter()
+        """Connections refused before any stream, by reason (see p2pfl.gating)."""
         self.bytes_sent = 0
         self.bytes_received = 0
         self._inbound_open: Counter[str] = Counter()
+        self._dial_budget = PeerRateLimiter(
+            DIALS_PER_ADDRESS_PER_MIN / 60.0, DIALS_PER_ADDRESS_PER_MIN
+        )
+        self.dials_deferred = 0
+        """Dials not made because their address was over its per-minute budget."""
 
     @classmethod
     @asynccontextmanager
@@ -190,10 +205,18 @@ class Transport:
         max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS,
         allowed_peers: frozenset[str] | None = None,
         rate_limiter: PeerRateLimiter | None = None,
+        guard: InboundGuard | None = None,
+        max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
     ) -> AsyncIterator[Transport]:
-        """Run a host for ``key`` listening on ``listen_addrs``; closed on exit, always."""
+        """Run a host for ``key`` listening on ``listen_addrs``; closed on exit, always.
+
+        ``guard`` replaces the default per-IP handshake limits (tests pass small ones).
+        """
         addrs = [parse_multiaddr(text) for text in listen_addrs]
-        host = new_node_host(key)
+        gate = ConnectionGate(
+            allowed_peers, guard=guard, max_connections_per_ip=max_connections_per_ip
+        )
+        host = new_node_host(key, gate=gate)
         try:
             async with host.run(addrs):
                 try:
@@ -203,6 +226,10 @@ class Transport:
                             f"could not listen on {wanted}; check the address and that the "
                             "port is free"
                         )
+                    # libp2p's auto-connector dials every peerstore address (including
+                    # those peers report about themselves) to reach 150 connections;
+                    # this node chooses whom to dial, under a per-address budget.
+                    await host.get_network().auto_connector.stop()
                     async with trio.open_nursery() as nursery:
                         transport = cls(
                             host,
@@ -211,6 +238,7 @@ class Transport:
                             max_inbound_streams=max_inbound_streams,
                             allowed_peers=allowed_peers,
                             rate_limiter=rate_limiter,
+                            gate=gate,
                         )
                         try:
                             yield transport
@@ -226,6 +254,11 @@ class Transport:
     # -- identity and peers -------------------------------------------------------------
 
     @property
+    def gate(self) -> ConnectionGate | None:
+        """Who may hold a connection to this host (p2pfl.gating)."""
+        return self._gate
+
+    @property
     def host(self) -> IHost:
         """The underlying libp2p host, for protocols beyond one-frame streams."""
         return self._host
@@ -235,8 +268,36 @@ class Transport:
         """Our dialable multiaddrs, with the bound port and ``/p2p/<our id>``."""
         return [str(addr) for addr in self._host.get_addrs()]
 
+    def protect(self, peer_id: str, tag: str) -> None:
+        """Keep ``peer_id``'s connections from pruning and per-IP limits (libp2p tags)."""
+        _parse_peer_id(peer_id)
+        if self._gate is not None:
+            self._gate.manager.protect(peer_id, tag)
+
+    def unprotect(self, peer_id: str, tag: str) -> None:
+        if self._gate is not None:
+            self._gate.manager.unprotect(peer_id, tag)
+
+    def is_protected(self, peer_id: str) -> bool:
+        return self._gate is not None and self._gate.manager.is_protected(peer_id)
+
     def connected_peers(self) -> list[str]:
         return [str(peer) for peer in self._host.get_connected_peers()]
+
+    def remote_ip(self, peer_id: str) -> str | None:
+        """The IP our connection to ``peer_id`` runs over (None when not connected)."""
+        try:
+            connections = self._host.get_network().get_connections(_parse_peer_id(peer_id))
+        except Exception:
+            return None
+        for connection in connections:
+            try:
+                address = connection.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
+            except Exception:
+                continue
+            if address:
+                return str(address[0])
+        return None
 
     def peer_addrs(self, peer_id: str) -> list[str]:
         """The addresses the peerstore holds for ``peer_id`` (learnt from identify or dials)."""
@@ -253,16 +314,25 @@ class Transport:
             raise ValueError(f"{multiaddr} is this node's own address")
         remote = _parse_peer_id(peer_id)
         info = PeerInfo(remote, [addr])
+        if peer_id in self.connected_peers():
+            return peer_id
+        now = trio.current_time()
+        if not self._dial_budget.allows(str(addr), 1, now):
+            self.dials_deferred += 1
+            raise TransportError(
+                f"not dialing {addr}: dialled {DIALS_PER_ADDRESS_PER_MIN} times in the last minute"
+            )
+        self._dial_budget.charge(str(addr), 1, now)
         # libp2p refuses for 60 s to redial a peer whose dials all failed ("negative
-        # cache"); an explicit connect must get through, e.g. to a restarted peer.
+        # cache"); a connect within our per-address budget must get through, e.g. to
+        # a restarted peer.
         unblock = getattr(self._host.get_network(), "unblock_peer", None)
         if unblock is not None:
             unblock(remote)
-        if peer_id not in self.connected_peers():
-            # libp2p dials only ONE address per transport kind (the first TCP one in the
-            # peerstore), so a stale address of a restarted peer would shadow the one
-            # given here for minutes: forget the old ones, dial exactly this one.
-            self._host.get_peerstore().clear_addrs(remote)
+        # libp2p dials only ONE address per transport kind (the first TCP one in the
+        # peerstore), so a stale address of a restarted peer would shadow the one
+        # given here for minutes: forget the old ones, dial exactly this one.
+        self._host.get_peerstore().clear_addrs(remote)
         with trio.move_on_after(timeout):
             try:
                 await self._host.connect(info)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import resource
+import stat
 from pathlib import Path
 
 import blake3
+import msgpack
 import numpy as np
 import pytest
 
@@ -175,3 +179,88 @@ def test_a_state_dir_in_use_by_another_store_is_refused_in_one_line(tmp_path: Pa
     assert "\n" not in str(refused.value)
     first.unlock()
     CheckpointStore(tmp_path).lock()  # free again once the holder lets go
+
+
+# -- forged, hostile or failing storage ---------------------------------------------------
+
+
+def forge(**fields: object) -> bytes:
+    """A checkpoint of state(2) with ``fields`` replaced in its body and a valid digest."""
+    body = msgpack.unpackb(encode_state(state(2))[36:], raw=False, strict_map_key=False)
+    body.update(fields)
+    packed = msgpack.packb(body, use_bin_type=True)
+    return MAGIC + blake3.blake3(packed).digest() + packed
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"weight": float("nan")}, "weight"),
+        ({"weight": 0.0}, "weight"),
+        ({"estimate": np.ones(1).tobytes()}, "97"),
+        ({"estimate": np.full(97, np.inf).tobytes()}, "infinite"),
+        ({"round": 2**62}, "round"),
+        ({"seq": -1}, "seq"),
+        ({"last_seq": [[b"\x01" * 32, 2**63 - 1]]}, "last_seq"),
+        ({"last_seq": [[b"\x01" * 32, 1]] * 70_000}, "last_seq"),
+        ({"peers": {"p": ["x" * 300]}}, "peers"),
+    ],
+)
+def test_a_forged_checkpoint_is_refused_in_one_line_and_the_previous_one_used(
+    tmp_path: Path, fields: dict[str, object], named: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(state(1))
+    store.save(state(2))
+    store.current.write_bytes(forge(**fields))
+    with pytest.raises(CheckpointError, match=named) as refused:
+        decode_state(store.current.read_bytes(), expected_length=97)
+    assert "\n" not in str(refused.value)
+    assert_same_state(store.load(FINGERPRINT, expected_length=97), state(1))
+    messages = [record.getMessage() for record in caplog.records]
+    warning = next(message for message in messages if "ignoring checkpoint" in message)
+    assert store.previous.name in warning and "\n" not in warning
+
+
+def test_files_are_private_and_the_directory_too(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "state")
+    store.save(state(1))
+    store.save(state(2))
+    assert stat.S_IMODE(store.directory.stat().st_mode) == 0o700
+    for path in (store.current, store.previous):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_planted_symlink_at_the_old_temporary_name_is_never_written_through(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(tmp_path / "state")
+    store.save(state(1))
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    # The name the store used to write to, predictable from the pid.
+    (store.directory / f"checkpoint.p2ck.tmp-{os.getpid()}").symlink_to(victim)
+    store.save(state(2))
+    assert victim.read_bytes() == b"keep me"
+    assert_same_state(store.load(FINGERPRINT), state(2))
+
+
+def test_out_of_file_descriptors_is_counted_and_keeps_the_last_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(state(1))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # The kernel hands out the lowest free descriptor: cap the limit right there.
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        written = store.try_save(state(2))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert written is False
+    assert store.failures == {"EMFILE": 1}
+    assert any("checkpoint not written (EMFILE" in r.getMessage() for r in caplog.records)
+    assert_same_state(store.load(FINGERPRINT), state(1))
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []

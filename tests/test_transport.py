@@ -392,16 +392,15 @@ def test_second_hand_addresses_never_displace_first_hand_ones() -> None:
     peer = NodeKey.generate().peer_id
     book = PeerBook(NodeKey.generate().peer_id)
     real = f"/ip4/10.0.0.1/tcp/1/p2p/{peer}"
-    assert book.add(peer, [real]) is True
+    assert book.add(peer, [real], observed_ip="10.0.0.1") is True
     forged = [f"/ip4/10.6.6.{i}/tcp/1/p2p/{peer}" for i in range(20)]
-    assert book.add(peer, forged, first_hand=False) is False
-    assert book.addrs(peer)[0] == real
-    assert len(book.addrs(peer)) == 8
+    assert book.add(peer, forged, first_hand=False, source="liar") is False
+    assert book.addrs(peer) == [real]
 
 
 def test_peer_book_forgets_a_peer_after_repeated_failures() -> None:
     peer = NodeKey.generate().peer_id
     book = PeerBook(NodeKey.generate().peer_id)
-    book.add(peer, [f"/ip4/10.0.0.1/tcp/1/p2p/{peer}"])
+    book.add(peer, [f"/ip4/10.0.0.1/tcp/1/p2p/{peer}"], observed_ip="10.0.0.1")
     assert [book.mark_failed(peer) for _ in range(3)] == [False, False, True]
     assert peer not in book and book.sample(5) == []

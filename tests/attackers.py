@@ -1,0 +1,79 @@
+"""Attack tools for tests: cheap connections from throwaway keys, and raw TCP that never speaks.
+
+They use libp2p's own TCP transport and upgrader, exactly what a dialing host does,
+but one fresh identity per connection and no host around it, so hundreds of
+connections cost the attacker no more than their handshakes.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.secp256k1 import create_new_key_pair as create_secp256k1_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.tcp.tcp import TCP
+from libp2p.transport.upgrader import TransportUpgrader
+from multiaddr import Multiaddr
+
+from p2pfl.host import split_peer_multiaddr
+
+STEP_TIMEOUT_S = 5.0
+
+
+UNREACHED = "unreached"
+CUT = "cut"
+UPGRADED = "upgraded"
+
+
+async def open_throwaway_noise(
+    target: str, stack: AsyncExitStack, key_type: str = "ed25519"
+) -> str:
+    """Dial ``target`` with a fresh key (``ed25519`` or ``secp256k1``), do Noise and pick
+    yamux. Returns UNREACHED (no TCP connection), CUT (the target ended it before the
+    muxer was chosen) or UPGRADED. The connection is left open (idle) until ``stack``
+    closes."""
+    peer_id, addr = split_peer_multiaddr(target)
+    key_pair = create_new_key_pair() if key_type == "ed25519" else create_secp256k1_key_pair()
+    noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+    upgrader = TransportUpgrader(
+        {TProtocol(NOISE_PROTOCOL_ID): noise}, {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
+    )
+    raw = None
+    with trio.move_on_after(STEP_TIMEOUT_S):
+        try:
+            raw = await TCP().dial(Multiaddr(str(addr)))
+        except Exception:
+            return UNREACHED
+        stack.push_async_callback(_close, raw)
+        try:
+            secured = await upgrader.upgrade_security(raw, True, ID.from_base58(peer_id))
+            await upgrader.upgrade_connection(secured, ID.from_base58(peer_id))
+        except Exception:
+            return CUT
+        return UPGRADED
+    return UNREACHED if raw is None else CUT
+
+
+async def open_silent_tcp(target: str, stack: AsyncExitStack) -> None:
+    """A TCP connection to ``target`` that never sends a byte, held until ``stack`` closes."""
+    _, addr = split_peer_multiaddr(target)
+    host = addr.value_for_protocol("ip4")
+    port = int(addr.value_for_protocol("tcp"))
+    stream = await trio.open_tcp_stream(host, port)
+    stack.push_async_callback(stream.aclose)
+
+
+async def _close(connection: object) -> None:
+    with trio.move_on_after(1.0):
+        try:
+            await connection.close()  # type: ignore[attr-defined]
+        except Exception:
+            pass
