@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +44,9 @@ LISTEN_PORT = 4001
 # rates up to 100 Mbit/s, and 50 ms of queue keeps latency from growing unbounded.
 TBF_BURST = "32kb"
 TBF_LATENCY = "50ms"
+# A new veth gets its carrier from the kernel's link watcher about 1 s after it is up;
+# packets sent before that are lost, so a lab is ready only when every link is up.
+CARRIER_TIMEOUT_S = 10.0
 NFT_INSTALL_HINT = "apt-get install -y nftables"
 _CLONE_NEWNET = 0x40000000
 
@@ -189,6 +194,7 @@ class Lab:
         self.rate_mbit = rate_mbit
         self.loss_percent = loss_percent
         self.bridges = 1
+        self._port_bridge: dict[str, str] = {}
         self.hosts: list[LabHost] = []
         for index in range(hosts):
             nat = next((k for k, group in enumerate(self.nats) if index in group), None)
@@ -202,6 +208,7 @@ class Lab:
         cleanup_leftovers()
         try:
             self._build()
+            self._wait_for_carrier()
         except BaseException:
             self.teardown()
             raise
@@ -236,6 +243,8 @@ class Lab:
         self._ip(inner_ns, "addr", "add", address, "dev", "eth0")
         self._ip(inner_ns, "link", "set", "eth0", "up")
         self._ip(outer_ns, "link", "set", port, "master", bridge, "up")
+        if outer_ns == self.core:
+            self._port_bridge[port] = bridge
         self._limit(inner_ns, "eth0")
         self._limit(outer_ns, port)
 
@@ -259,6 +268,7 @@ class Lab:
             self._ip(router, "addr", "add", f"{LAB_NET}.0.{200 + k}/24", "dev", "wan")
             self._ip(router, "link", "set", "wan", "up")
             self._ip(self.core, "link", "set", f"nat{k}", "master", "br0", "up")
+            self._port_bridge[f"nat{k}"] = "br0"
             _run(["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
             self._nft(
                 router,
@@ -287,6 +297,19 @@ class Lab:
                     f"{round(self.loss_percent * 100)} drop",
                 )
 
+    def _wait_for_carrier(self) -> None:
+        deadline = time.monotonic() + CARRIER_TIMEOUT_S
+        for namespace in self.namespaces():
+            while True:
+                links = json.loads(_run(["ip", "-n", namespace, "-j", "link", "show"]).stdout)
+                down = [link["ifname"] for link in links if link.get("operstate") == "DOWN"]
+                if not down:
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError(f"links {down} in {namespace} have no carrier after "
+                                   f"{CARRIER_TIMEOUT_S:.0f} s")
+                time.sleep(0.05)
+
     def _add_bridge(self, namespace: str, name: str, address: str | None = None) -> None:
         self._ip(namespace, "link", "add", name, "type", "bridge")
         if address is not None:
@@ -305,24 +328,30 @@ class Lab:
         Each group's ports move to a bridge of its own, so frames across the cut are
         dropped without an answer, as on a real split. A NAT's hosts move together.
         """
+        for group in groups:
+            for index in group:
+                nat = self.hosts[index].nat
+                if nat is not None and not set(self.nats[nat]) <= set(group):
+                    raise ValueError(f"NAT {nat}'s hosts {self.nats[nat]} must be cut together")
         for number, group in enumerate(groups):
             bridge = f"br{number}"
             if number >= self.bridges:
                 self._add_bridge(self.core, bridge)
                 self.bridges += 1
             for index in group:
-                self._ip(self.core, "link", "set", self._core_port(index), "master", bridge)
-        for group in groups:
-            for index in group:
-                nat = self.hosts[index].nat
-                if nat is not None and not set(self.nats[nat]) <= set(group):
-                    raise ValueError(f"NAT {nat}'s hosts {self.nats[nat]} must be cut together")
+                self._move(self._core_port(index), bridge)
 
     def heal(self) -> None:
         """Join every host to one bridge again."""
-        ports = {self._core_port(host.index) for host in self.hosts}
-        for port in sorted(ports):
-            self._ip(self.core, "link", "set", port, "master", "br0")
+        for port in sorted(self._port_bridge):
+            self._move(port, "br0")
+
+    def _move(self, port: str, bridge: str) -> None:
+        # Re-enslaving a port to its own bridge is not a no-op (the port flaps and
+        # drops a packet or two), so only ports that change sides move.
+        if self._port_bridge.get(port) != bridge:
+            self._ip(self.core, "link", "set", port, "master", bridge)
+            self._port_bridge[port] = bridge
 
     # -- using it -------------------------------------------------------------------------
 
