@@ -40,6 +40,8 @@ from p2pfl.localnet import LocalNetwork, LocalNode
 PREFIX = "p2lab"
 LAB_NET = "10.77"
 LISTEN_PORT = 4001
+# Hosts are .10 upward in their /24; NAT routers take .200 upward on the core bridge.
+MAX_HOSTS = 190
 # tbf needs a bucket of at least one MTU-sized packet per timer tick; 32 kB fits
 # rates up to 100 Mbit/s, and 50 ms of queue keeps latency from growing unbounded.
 TBF_BURST = "32kb"
@@ -179,8 +181,8 @@ class Lab:
         rate_mbit: float | None = None,
         loss_percent: float = 0.0,
     ) -> None:
-        if hosts < 1:
-            raise ValueError("a lab needs at least one host")
+        if not 1 <= hosts <= MAX_HOSTS:
+            raise ValueError(f"a lab has 1 to {MAX_HOSTS} hosts")
         natted = [index for group in nats for index in group]
         if len(set(natted)) != len(natted) or not all(0 <= i < hosts for i in natted):
             raise ValueError("each NATed host must be a distinct host index")

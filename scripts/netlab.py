@@ -105,6 +105,16 @@ def failures(statuses: list[Status | None]) -> int:
     return sum(sum(s["send_failures"].values()) for s in statuses if s is not None)
 
 
+def mass_ratio(statuses: list[Status | None]) -> float:
+    """Total push-sum weight over total samples (the initial weight): 1.0 conserves mass.
+
+    A snapshot misses shares still in flight or waiting in inboxes, so it can only
+    read low; above 1.0 the network has created mass (e.g. refunds of delivered shares).
+    """
+    present = [s for s in statuses if s is not None]
+    return sum(s["weight"] for s in present) / sum(s["samples"] for s in present)
+
+
 def accuracies(statuses: list[Status | None]) -> list[float]:
     return [s["accuracy"] or 0.0 for s in statuses if s is not None]
 
@@ -133,6 +143,7 @@ def scenario_baseline(args: argparse.Namespace, directory: Path, loss: float = 0
         "accuracy_min": min(accuracies(final)),
         "push_failures": failures(final),
         "known_peers_min": min(s["known_peers"] for s in final if s),
+        "mass_ratio_end": mass_ratio(final),
     }
 
 
@@ -210,6 +221,7 @@ def scenario_partition(args: argparse.Namespace, directory: Path) -> Status:
         "seconds_observed_after_heal": round(healed_for, 1),
         "accuracy_min_end": min(accuracies(final)),
         "known_peers_min_end": min(s["known_peers"] for s in final if s),
+        "mass_ratio_end": mass_ratio(final),
     }
 
 
@@ -239,6 +251,7 @@ def scenario_slow(args: argparse.Namespace, directory: Path) -> Status:
         "push_failures": failures(final),
         "rejected": sum(sum(s["updates_rejected"].values()) for s in statuses),
         "known_peers_min": min(s["known_peers"] for s in statuses),
+        "mass_ratio_end": mass_ratio(final),
     }
 
 
@@ -267,6 +280,7 @@ def scenario_nat(args: argparse.Namespace, directory: Path) -> Status:
         "round_s_natted_median": statistics.median(round_s[2:]),
         "accuracy_min": min(accuracies(final)),
         "push_failures": failures(final),
+        "mass_ratio_end": mass_ratio(final),
     }
 
 
