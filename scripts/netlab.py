@@ -338,4 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM; every `with Lab` has torn down by now
+        console.print("netlab: interrupted; the lab and its daemons are gone")
+        sys.exit(130)
