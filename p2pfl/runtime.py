@@ -494,6 +494,10 @@ class NodeRuntime:
                         peer_id, UPDATE_PROTOCOL, outgoing.message, self.config.send_timeout
                     )
             except (TransportError, trio.TooSlowError) as error:
+                # After a network heals, TCP connections sit ESTABLISHED in retransmission
+                # backoff for minutes and every new stream queues behind them: close the
+                # connection so the next push redials (in the background: not our round's).
+                transport.nursery.start_soon(transport.disconnect, peer_id)
                 # Not delivered: take the weight share back so no mass is lost.
                 await self._gossip(self.gossip.refund, outgoing)
                 self.send_failures[peer_id] += 1

@@ -17,8 +17,11 @@ reset; body bytes are charged to the peer's budget as they are read.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -142,6 +145,35 @@ async def _close_host(host: IHost) -> None:
             await host.close()
         except Exception as error:
             logger.warning("closing the libp2p host failed: %s", _describe(error))
+
+
+def _kernel_refusal(addr: Multiaddr) -> str | None:
+    """The kernel's answer if it has no route to ``addr``'s IP (one line), else None.
+
+    libp2p retries every failed dial with backoff and cannot tell "no route" from a
+    slow peer, so a dial to another NAT's private address used to cost seconds.
+    Connecting a UDP socket only looks the route up (nothing is sent), so the
+    kernel's ENETUNREACH / EHOSTUNREACH comes back at once.
+    """
+    for protocol, family in (("ip4", socket.AF_INET), ("ip6", socket.AF_INET6)):
+        try:
+            ip = addr.value_for_protocol(protocol)
+        except Exception:  # multiaddr raises when the protocol is absent
+            continue
+        if not ip:
+            continue
+        try:
+            port = int(addr.value_for_protocol("tcp") or 0)
+        except Exception:
+            port = 0
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect((ip, port))
+            except OSError as error:
+                if error.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+                    return os.strerror(error.errno)
+        return None
+    return None
 
 
 def _parse_peer_id(peer_id: str) -> ID:
@@ -313,6 +345,8 @@ class Transport:
         if peer_id == self.peer_id:
             raise ValueError(f"{multiaddr} is this node's own address")
         remote = _parse_peer_id(peer_id)
+        if peer_id not in self.connected_peers() and (refusal := _kernel_refusal(addr)):
+            raise TransportError(f"cannot connect to {multiaddr}: {refusal}")
         info = PeerInfo(remote, [addr])
         if peer_id in self.connected_peers():
             return peer_id
