@@ -73,7 +73,8 @@ def serve_hostile_bootstrap(
     book = PeerBook(transport.peer_id)
     for member in members:
         assert member.transport is not None
-        book.add(member.key.peer_id, member.transport.addrs)
+        # As if it had met them: first-hand, at the address they connected from.
+        book.add(member.key.peer_id, member.transport.addrs, observed_ip="127.0.0.1")
 
     async def model(peer_id: str, payload: bytes) -> bytes:
         return (2**62).to_bytes(8, "big") + reply
