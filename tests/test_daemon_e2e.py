@@ -116,13 +116,16 @@ def test_sigterm_stops_a_node_quickly_with_a_checkpoint(tmp_path: Path) -> None:
         network.start_all()
         node = network.started()[1]
         wait_until(lambda: node_round(node) >= 3, 60, "node 1 at round 3")
+        at_signal = node_round(node)
         node.process.send_signal(signal.SIGTERM)
-        started = time.monotonic()
-        node.process.wait(10)
-        assert time.monotonic() - started < 5.0
+        node.process.wait(60)  # a guard against a hang, not the claim
         assert node.process.returncode == 0
         log = node.log_path.read_text()
         assert "Traceback" not in log
         saved = decode_state((node.state_dir / FILE_NAME).read_bytes())
         assert saved.round >= 3
+        # "Quickly" by rounds, not seconds: the node runs forever unless stopped, and it
+        # stops within the round it was in (one may have started between the status read
+        # and the signal), however slowly a loaded machine runs those rounds.
+        assert saved.round <= at_signal + 2, (at_signal, saved.round)
         assert node.final_accuracy is not None
