@@ -45,6 +45,7 @@ from p2pfl.localnet import LocalNetwork, LocalNetworkError
 
 console = Console()
 
+# Part (a)'s figures before anything is measured (and when --skip-learning is given).
 EMPTY_LEARNING: dict[str, Any] = {
     "seconds_to_target": None,
     "seconds_to_target_incl_startup": None,
@@ -64,14 +65,8 @@ def _accuracies(network: LocalNetwork, pool: ThreadPoolExecutor) -> list[dict[st
 
 
 def measure_learning(args: argparse.Namespace) -> dict[str, Any]:
-    result: dict[str, Any] = {
-        "seconds_to_target": None,
-        "seconds_to_target_incl_startup": None,
-        "rounds_to_target": None,
-        "startup_s": None,
-        "rounds_at_ready": None,
-        "final_accuracies": None,
-    }
+    """Part (a): the figures above; each None when not reached (see :data:`EMPTY_LEARNING`)."""
+    result = dict(EMPTY_LEARNING)
     with tempfile.TemporaryDirectory(prefix="bench-network-") as scratch:
         options: dict[str, Any] = {}
         if args.local_epochs is not None:
