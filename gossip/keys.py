@@ -21,6 +21,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import base58
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -29,7 +30,6 @@ SEED_BYTES = 32
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 
-_BASE58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 # protobuf PublicKey: field 1 (KeyType) = 1 (Ed25519), field 2 (Data) = 32 bytes.
 _PROTOBUF_ED25519_PREFIX = bytes([0x08, 0x01, 0x12, PUBLIC_KEY_BYTES])
 _MULTIHASH_IDENTITY = 0x00
@@ -40,25 +40,15 @@ class KeyFileError(Exception):
 
 
 def _base58btc(data: bytes) -> str:
-    number = int.from_bytes(data, "big")
-    digits = []
-    while number:
-        number, remainder = divmod(number, 58)
-        digits.append(_BASE58_ALPHABET[remainder])
-    leading_zeros = len(data) - len(data.lstrip(b"\0"))
-    return "1" * leading_zeros + "".join(reversed(digits))
+    return base58.b58encode(data).decode("ascii")
 
 
 def _base58btc_decode(text: str) -> bytes:
-    number = 0
-    for char in text:
-        index = _BASE58_ALPHABET.find(char)
-        if index < 0:
-            raise ValueError(f"not base58: {char!r}")
-        number = number * 58 + index
-    leading_ones = len(text) - len(text.lstrip("1"))
-    body = number.to_bytes((number.bit_length() + 7) // 8, "big") if number else b""
-    return b"\0" * leading_ones + body
+    # base58 strips trailing whitespace and encodes str as ASCII; a peer id is exact text,
+    # so anything it would tolerate or choke on is refused here, with a ValueError.
+    if not text.isascii() or text != text.strip():
+        raise ValueError(f"not base58: {text!r}")
+    return base58.b58decode(text)
 
 
 def peer_id_from_public_key(public_key: bytes) -> str:

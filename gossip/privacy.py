@@ -96,21 +96,41 @@ class RdpAccountant:
 
 def l2_norm(vector: np.ndarray) -> float:
     """The L2 norm, without overflowing to inf for large finite values."""
+    return float(row_norms(np.asarray(vector).reshape(1, -1))[0])
+
+
+def row_norms(rows: np.ndarray) -> np.ndarray:
+    """The L2 norm of each row of ``rows`` ([n, P], float64), without overflowing to inf
+    for large finite values: an overflowing row is divided by its largest magnitude first."""
+    rows = np.asarray(rows)
     with np.errstate(over="ignore"):
-        norm = float(np.linalg.norm(vector))
-    if math.isinf(norm):
-        largest = float(np.max(np.abs(vector)))
-        norm = largest * float(np.linalg.norm(vector / largest))
-    return norm
+        norms = np.linalg.norm(rows, axis=1).astype(np.float64)
+    for row in np.flatnonzero(np.isinf(norms) & np.isfinite(rows).all(axis=1)):
+        largest = float(np.max(np.abs(rows[row])))
+        norms[row] = largest * float(np.linalg.norm(rows[row] / largest))
+    return norms
+
+
+def clip_rows(rows: np.ndarray, clip_norm: float) -> np.ndarray:
+    """Each row of ``rows`` ([n, P]) scaled down to L2 norm at most ``clip_norm`` (float64 copy).
+
+    The one clipping rule: :func:`clip_to_norm` is this on one row, and the
+    simulator applies it to all nodes' deltas at once. ValueError if any
+    value is NaN or inf, since neither has a direction to keep.
+    """
+    rows = np.array(rows, dtype=np.float64)
+    if not np.isfinite(rows).all():
+        raise ValueError("the update delta holds NaN or inf; local training diverged")
+    norms = row_norms(rows)
+    over = norms > clip_norm
+    rows[over] *= (clip_norm / norms[over])[:, None]
+    return rows
 
 
 def clip_to_norm(vector: np.ndarray, clip_norm: float) -> np.ndarray:
     """``vector`` scaled down to L2 norm at most ``clip_norm`` (a float64 copy)."""
     vector = np.asarray(vector, dtype=np.float64)
-    norm = l2_norm(vector)
-    if norm <= clip_norm:
-        return vector.copy()
-    return vector * (clip_norm / norm)
+    return clip_rows(vector.reshape(1, -1), clip_norm).reshape(vector.shape)
 
 
 class GaussianMechanism:
@@ -155,10 +175,7 @@ class GaussianMechanism:
 
     def privatize(self, delta: np.ndarray) -> np.ndarray:
         """The clipped, noised ``delta`` (float64); ValueError if it holds NaN or inf."""
-        delta = np.asarray(delta)
-        if not np.isfinite(delta).all():
-            raise ValueError("the update delta holds NaN or inf; local training diverged")
-        clipped = clip_to_norm(delta, self.clip_norm)
+        clipped = clip_to_norm(delta, self.clip_norm)  # refuses NaN and inf
         noisy = clipped + self.rng.normal(0.0, self.noise_std, size=clipped.shape)
         self.accountant.step()
         return noisy

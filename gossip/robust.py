@@ -2,9 +2,11 @@
 
 Each function takes the set a node aggregates, its own estimate and what it
 received, stacked as rows, and returns one vector. They hold no state and
-know nothing of push-sum, so the per-node aggregators in
-:mod:`gossip.aggregation` and a batched simulator (which converts its torch
-rows to numpy) run the very same arithmetic.
+know nothing of push-sum. Each rule is written once, batched over many nodes'
+sets at a time (the ``*_sets`` functions: a padded [n, m, P] stack with a
+mask of who is present); the one-set functions the per-node aggregators in
+:mod:`gossip.aggregation` call are those applied to a single set, and the
+simulator (:mod:`topologies.robust`) calls the batched ones on its rows.
 
 What the rules can and cannot do (see SECURITY.md): each assumes that the
 honest members form a majority of the set a node aggregates, i.e. of its
@@ -52,6 +54,98 @@ def trim_count(members: int, beta: float = DEFAULT_TRIM_FRACTION) -> int:
     return min(count, (members - 1) // 2)
 
 
+def farthest_count(received: int, beta: float = DEFAULT_TRIM_FRACTION) -> int:
+    """How many of ``received`` vectors the adaptive radius clips: ``max(1, floor(beta k))``,
+    capped at ``k - 1`` (with one neighbour there is nothing to compare)."""
+    return max(0, min(max(1, math.floor(_check_fraction(beta) * received)), received - 1))
+
+
+def _sorted_sets(members: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each set sorted per coordinate, absent rows as +inf (last), and each set's size."""
+    members = np.asarray(members)
+    present = np.asarray(present, dtype=bool)
+    if members.ndim != 3 or present.shape != members.shape[:2]:
+        raise ValueError(f"expected sets [n, m, P] and a mask [n, m], got {members.shape}")
+    sizes = present.sum(axis=1)
+    if (sizes == 0).any():
+        raise ValueError("every set needs at least one present member")
+    padded = np.where(present[:, :, None], members, np.inf).astype(members.dtype, copy=False)
+    return np.sort(padded, axis=1), sizes
+
+
+def trimmed_mean_sets(
+    members: np.ndarray, present: np.ndarray, beta: float = DEFAULT_TRIM_FRACTION
+) -> np.ndarray:
+    """:func:`trimmed_mean` of each set of a padded [n, m, P] stack ([n, P] out)."""
+    ordered, sizes = _sorted_sets(members, present)
+    cuts = np.array([trim_count(int(size), beta) for size in sizes], dtype=np.int64)
+    position = np.arange(ordered.shape[1])
+    keep = (position >= cuts[:, None]) & (position < (sizes - cuts)[:, None])
+    total = np.where(keep[:, :, None], ordered, ordered.dtype.type(0)).sum(axis=1)
+    return total / (sizes - 2 * cuts)[:, None].astype(ordered.dtype)
+
+
+def median_sets(members: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """:func:`median` of each set of a padded [n, m, P] stack ([n, P] out)."""
+    ordered, sizes = _sorted_sets(members, present)
+    middle = sizes // 2
+    high = np.take_along_axis(ordered, middle[:, None, None], axis=1)[:, 0]
+    low = np.take_along_axis(ordered, np.maximum(middle - 1, 0)[:, None, None], axis=1)[:, 0]
+    with np.errstate(over="ignore", invalid="ignore"):  # only odd sets can overflow here
+        midpoint = low + (high - low) / 2
+    return np.where((sizes % 2 == 0)[:, None], midpoint, high)
+
+
+def clipped_step_sets(
+    own: np.ndarray,
+    others: np.ndarray,
+    valid: np.ndarray,
+    tau: float | None = None,
+    beta: float = DEFAULT_TRIM_FRACTION,
+) -> np.ndarray:
+    """:func:`clipped_step` for each node: own [n, P], received [n, k, P] with mask [n, k].
+
+    ``tau`` fixed, or None for each node's :func:`adaptive_tau`. A node that
+    received nothing keeps its estimate.
+    """
+    own = np.asarray(own)
+    others = np.asarray(others)
+    valid = np.asarray(valid, dtype=bool)
+    if tau is not None and not tau >= 0:
+        raise ValueError(f"the clipping radius must be >= 0, got {tau}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        differences = others - own[:, None, :]
+        distances = np.linalg.norm(differences, axis=2)
+    received = valid.sum(axis=1)
+    if others.shape[1] == 0:
+        return own.copy()
+    radius: float | np.ndarray
+    if tau is None:
+        ordered = np.sort(np.where(valid, distances, np.inf), axis=1)
+        farthest = np.array([farthest_count(int(k), beta) for k in received], dtype=np.int64)
+        rank = np.maximum(received - 1 - farthest, 0)
+        radius = np.take_along_axis(ordered, rank[:, None], axis=1)
+    else:
+        radius = tau
+    step = _clipped(differences, distances, radius, valid).sum(axis=1)
+    return own + step / (received + 1)[:, None].astype(own.dtype)
+
+
+def _clipped(
+    vectors: np.ndarray, norms: np.ndarray, radius: float | np.ndarray, valid: np.ndarray
+) -> np.ndarray:
+    """Each valid row of [n, k, P] scaled to norm at most ``radius``; others zero.
+
+    A row whose norm overflowed to inf counts as an infinitely far neighbour
+    and is clipped to nothing (scaling it would give inf * 0 = NaN).
+    """
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scale = np.where(norms > radius, radius / norms, 1.0)
+        clipped = vectors * scale[:, :, None]
+    keep = valid & np.isfinite(norms)
+    return np.where(keep[:, :, None], clipped, vectors.dtype.type(0))
+
+
 def trimmed_mean(stack: np.ndarray, beta: float = DEFAULT_TRIM_FRACTION) -> np.ndarray:
     """Coordinate-wise trimmed mean of the rows of ``stack`` ([m, P] -> [P]).
 
@@ -62,12 +156,7 @@ def trimmed_mean(stack: np.ndarray, beta: float = DEFAULT_TRIM_FRACTION) -> np.n
     coordinate.
     """
     stack = _as_stack(stack)
-    members = stack.shape[0]
-    cut = trim_count(members, beta)
-    if cut == 0:
-        return stack.mean(axis=0)
-    ordered = np.sort(stack, axis=0)
-    return ordered[cut : members - cut].mean(axis=0)
+    return trimmed_mean_sets(stack[None], np.ones((1, len(stack)), dtype=bool), beta)[0]
 
 
 def median(stack: np.ndarray) -> np.ndarray:
@@ -78,48 +167,38 @@ def median(stack: np.ndarray) -> np.ndarray:
     row. Robust while fewer than half of the rows are Byzantine.
     """
     stack = _as_stack(stack)
-    members = stack.shape[0]
-    middle = members // 2
-    if members % 2:
-        return np.partition(stack, middle, axis=0)[middle].astype(stack.dtype, copy=True)
-    parted = np.partition(stack, (middle - 1, middle), axis=0)
-    low, high = parted[middle - 1], parted[middle]
-    return low + (high - low) / 2
+    return median_sets(stack[None], np.ones((1, len(stack)), dtype=bool))[0]
 
 
 def adaptive_tau(own: np.ndarray, others: np.ndarray, beta: float = DEFAULT_TRIM_FRACTION) -> float:
     """The clipping radius that clips the ``b`` farthest of the ``k`` received vectors.
 
-    ``b = max(1, floor(beta * k))`` (capped at ``k - 1``) and ``tau`` is the
-    ``(k - b)``-th smallest distance ``||z_j - z||``: the ``b`` farthest
-    neighbours are pulled in to that radius, the others pass unchanged. With
-    ``b = 1`` this is the rule of the ClippedGossip authors' code (the second
-    largest distance, epfml/byzantine-robust-decentralized-optimizer,
-    ``SelfCenteredClipping``). Their theory instead sets ``tau`` from the
-    honest neighbours' spread, which a node cannot observe. The radius is set
-    by the received vectors themselves, so it bounds the attackers' pull only
-    while at most ``b`` of them are Byzantine; more than ``b`` can enlarge it.
-    With one neighbour there is nothing to compare, and nothing is clipped.
+    ``b = max(1, floor(beta * k))`` (capped at ``k - 1``, :func:`farthest_count`)
+    and ``tau`` is the ``(k - b)``-th smallest distance ``||z_j - z||``: the
+    ``b`` farthest neighbours are pulled in to that radius, the others pass
+    unchanged. With ``b = 1`` this is the rule of the ClippedGossip authors'
+    code (the second largest distance,
+    epfml/byzantine-robust-decentralized-optimizer, ``SelfCenteredClipping``).
+    Their theory instead sets ``tau`` from the honest neighbours' spread,
+    which a node cannot observe. The radius is set by the received vectors
+    themselves, so it bounds the attackers' pull only while at most ``b`` of
+    them are Byzantine; more than ``b`` can enlarge it. With one neighbour
+    there is nothing to compare, and nothing is clipped.
     """
     others = _as_stack(others)
     with np.errstate(over="ignore", invalid="ignore"):
         distances = np.sort(np.linalg.norm(others - own, axis=1))
     received = len(distances)
-    farthest = min(max(1, math.floor(_check_fraction(beta) * received)), received - 1)
-    return float(distances[received - 1 - farthest])
+    return float(distances[received - 1 - farthest_count(received, beta)])
 
 
 def clip(vectors: np.ndarray, tau: float) -> np.ndarray:
     """Scale each row of ``vectors`` to norm at most ``tau`` (rows so long they overflow -> 0)."""
     vectors = _as_stack(vectors)
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+    with np.errstate(over="ignore"):
         norms = np.linalg.norm(vectors, axis=1)
-        scale = np.where(norms > tau, tau / norms, 1.0)
-        clipped = vectors * scale[:, None]
-    # A row whose norm overflowed to inf has scale 0, and inf * 0 is NaN: it
-    # counts as an infinitely far neighbour, clipped to nothing at all.
-    clipped[~np.isfinite(norms)] = 0.0
-    return clipped
+    valid = np.ones((1, len(vectors)), dtype=bool)
+    return _clipped(vectors[None], norms[None], tau, valid)[0]
 
 
 def clipped_step(own: np.ndarray, others: np.ndarray, tau: float) -> np.ndarray:
@@ -136,8 +215,5 @@ def clipped_step(own: np.ndarray, others: np.ndarray, tau: float) -> np.ndarray:
     """
     own = np.asarray(own)
     others = _as_stack(others)
-    if not tau >= 0:
-        raise ValueError(f"the clipping radius must be >= 0, got {tau}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        differences = others - own
-    return own + clip(differences, tau).sum(axis=0) / (len(others) + 1)
+    valid = np.ones((1, len(others)), dtype=bool)
+    return clipped_step_sets(own[None], others[None], valid, tau)[0]

@@ -11,7 +11,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from gossip.aggregation import AGGREGATORS, Aggregator, aggregator_by_name
 from gossip.attacks import ATTACKS
@@ -167,8 +167,6 @@ def parse_host_port(text: str) -> tuple[str, int]:
 
 
 _LIST_KEYS = {"listen", "bootstrap"}
-# Settings that are off (None) by default and a number when given.
-_OPTIONAL_FLOATS = {"clip_tau", "dp_clip", "dp_noise"}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -201,27 +199,45 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -> NodeConfig:
-    """Defaults, overridden by the file, overridden by flags that were given (not None)."""
+    """Defaults, overridden by the file, overridden by flags that were given (not None).
+
+    Each value must have its field's declared type (``rounds = "5"`` and
+    ``allow = 5`` are refused, with one line naming the key); an int is taken
+    for a float.
+    """
     merged = dict(file_settings)
     merged.update({k: v for k, v in flag_settings.items() if v is not None})
-    defaults = NodeConfig()
+    hints = get_type_hints(NodeConfig)
     typed: dict[str, Any] = {}
     for item in fields(NodeConfig):
         if item.name not in merged or item.name == "extra":
             continue
         value = merged[item.name]
-        default = getattr(defaults, item.name)
-        expected = type(default) if default is not None else None
-        if item.name in _OPTIONAL_FLOATS and value is not None:
-            expected = float
-        if expected in (int, float) and isinstance(value, bool):
-            raise ConfigError(f"{item.name}: expected a number, got {value!r}")
-        if expected is float and isinstance(value, int):
-            value = float(value)
-        if expected is not None and expected is not tuple and not isinstance(value, expected):
-            raise ConfigError(f"{item.name}: expected {expected.__name__}, got {value!r}")
-        typed[item.name] = tuple(value) if item.name in _LIST_KEYS else value
-    return replace(defaults, **typed).validate()
+        if item.name in _LIST_KEYS:
+            typed[item.name] = tuple(value)
+            continue
+        typed[item.name] = _typed_value(item.name, value, hints[item.name])
+    return replace(NodeConfig(), **typed).validate()
+
+
+def _typed_value(name: str, value: Any, hint: Any) -> Any:
+    """``value`` if it has the type ``hint`` declares (``int | None``, ``float``, ...)."""
+    allowed = [t for t in getattr(hint, "__args__", (hint,)) if t is not type(None)]
+    optional = len(allowed) < len(getattr(hint, "__args__", (hint,)))
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) and bool not in allowed:
+        raise ConfigError(f"{name}: expected {_type_words(allowed)}, got {value!r}")
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tuple(allowed)):
+        raise ConfigError(f"{name}: expected {_type_words(allowed)}, got {value!r}")
+    return value
+
+
+def _type_words(allowed: list[type]) -> str:
+    words = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
+    return " or ".join(words.get(t, t.__name__) for t in allowed)
 
 
 def load_allowlist(path: str | Path) -> frozenset[bytes]:

@@ -17,11 +17,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gossip.keys import NodeKey
+
+_T = TypeVar("_T")
 
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -200,6 +203,31 @@ class LocalNetwork:
             self.start(index, bootstrap=first.listen[0])
         for node in self.started():
             self.wait_ready(node)
+
+    def wait_for(
+        self,
+        condition: Callable[[], _T],
+        timeout: float,
+        poll: float = 0.1,
+        on_poll: Callable[[], None] | None = None,
+    ) -> _T | None:
+        """Poll ``condition`` every ``poll`` s until it returns something truthy, and return
+        that; None after ``timeout`` s, or once no node is running (nothing more can change).
+
+        The one poll-until loop for watching daemons from outside (scripts, benchmarks,
+        end-to-end tests); ``on_poll`` runs after each poll (e.g. to redraw a live view).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            polled = time.monotonic()
+            value = condition()
+            if value:
+                return value
+            if on_poll is not None:
+                on_poll()
+            if polled >= deadline or not any(node.running for node in self.started()):
+                return None
+            time.sleep(max(0.0, min(poll - (time.monotonic() - polled), deadline - polled)))
 
     def started(self) -> list[LocalNode]:
         return [node for node in self.nodes if node is not None]

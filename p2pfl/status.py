@@ -1,125 +1,195 @@
 """The status endpoint: ``GET /status`` (JSON) and ``GET /metrics`` (Prometheus text).
 
-A deliberately tiny HTTP/1.1 server on trio: one request per connection,
-every read under a timeout, request size capped, so a slow or hostile client
-costs a task for at most a few seconds and never blocks the node.
+A small HTTP/1.1 server on trio, one request per connection. Requests are
+parsed by h11 (size-capped), the metrics written by prometheus-client, so
+neither the HTTP grammar nor the exposition format is ours to get wrong. What
+is ours is the budget: at most ``max_connections`` clients at once (one more
+is answered 503 and closed at once, so idle sockets cannot pile up and exhaust
+the daemon's file descriptors), and each one has ``read_timeout`` seconds for
+its whole request and answer, so a slow or hostile client costs one slot for
+a few seconds and never blocks the node.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import h11
 import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
 
 logger = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 5.0
 MAX_REQUEST_BYTES = 8192
+MAX_CONNECTIONS = 32
+LINGER_S = 1.0
+# generate_latest writes the classic text format; this is its content type.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 StatusSource = Callable[[], dict[str, Any]]
 
 
+class _StatusCollector(Collector):
+    """The numeric fields of one status snapshot, as Prometheus metric families."""
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status
+        yield GaugeMetricFamily("p2pfl_round", "Local rounds completed.", value=status["round"])
+        yield GaugeMetricFamily(
+            "p2pfl_neighbors", "Current gossip neighbours.", value=len(status["neighbors"])
+        )
+        if status.get("accuracy") is not None:
+            yield GaugeMetricFamily(
+                "p2pfl_accuracy", "Test accuracy of the current model.", value=status["accuracy"]
+            )
+        yield CounterMetricFamily(
+            "p2pfl_updates_sent", "Updates delivered to neighbours.", value=status["updates_sent"]
+        )
+        yield CounterMetricFamily(
+            "p2pfl_updates_accepted", "Incoming updates admitted.", value=status["updates_accepted"]
+        )
+        if status["updates_rejected"]:
+            rejected = CounterMetricFamily(
+                "p2pfl_updates_rejected", "Incoming updates rejected, by reason.", labels=["reason"]
+            )
+            for reason, count in sorted(status["updates_rejected"].items()):
+                rejected.add_metric([reason], count)
+            yield rejected
+        yield CounterMetricFamily(
+            "p2pfl_bytes_sent", "Payload bytes sent.", value=status["bytes_sent"]
+        )
+        yield CounterMetricFamily(
+            "p2pfl_bytes_received", "Payload bytes received.", value=status["bytes_received"]
+        )
+        if status.get("epsilon") is not None:
+            yield GaugeMetricFamily(
+                "p2pfl_dp_epsilon",
+                f"Differential-privacy epsilon spent so far, at delta={status.get('delta')}.",
+                value=status["epsilon"],
+            )
+        yield GaugeMetricFamily(
+            "p2pfl_uptime_seconds", "Seconds since the node started.", value=status["uptime_s"]
+        )
+
+
 def render_metrics(status: dict[str, Any]) -> str:
     """The numeric status fields as Prometheus text exposition format."""
-    lines = []
-
-    def metric(name: str, kind: str, help_text: str, value: float, labels: str = "") -> None:
-        if not any(line.startswith(f"# HELP {name} ") for line in lines):
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-        lines.append(f"{name}{labels} {value}")
-
-    metric("p2pfl_round", "gauge", "Local rounds completed.", status["round"])
-    metric("p2pfl_neighbors", "gauge", "Current gossip neighbours.", len(status["neighbors"]))
-    if status.get("accuracy") is not None:
-        metric("p2pfl_accuracy", "gauge", "Test accuracy of the current model.", status["accuracy"])
-    metric(
-        "p2pfl_updates_sent_total",
-        "counter",
-        "Updates delivered to neighbours.",
-        status["updates_sent"],
-    )
-    metric(
-        "p2pfl_updates_accepted_total",
-        "counter",
-        "Incoming updates admitted.",
-        status["updates_accepted"],
-    )
-    for reason, count in sorted(status["updates_rejected"].items()):
-        metric(
-            "p2pfl_updates_rejected_total",
-            "counter",
-            "Incoming updates rejected, by reason.",
-            count,
-            f'{{reason="{reason}"}}',
-        )
-    metric("p2pfl_bytes_sent_total", "counter", "Payload bytes sent.", status["bytes_sent"])
-    metric(
-        "p2pfl_bytes_received_total", "counter", "Payload bytes received.", status["bytes_received"]
-    )
-    if status.get("epsilon") is not None:
-        metric(
-            "p2pfl_dp_epsilon",
-            "gauge",
-            f"Differential-privacy epsilon spent so far, at delta={status.get('delta')}.",
-            status["epsilon"],
-        )
-    metric("p2pfl_uptime_seconds", "gauge", "Seconds since the node started.", status["uptime_s"])
-    return "\n".join(lines) + "\n"
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatusCollector(status))
+    return generate_latest(registry).decode()
 
 
-def _response(code: int, reason: str, content_type: str, body: bytes) -> bytes:
-    head = (
-        f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
-
-
-async def _read_request_line(stream: trio.abc.Stream) -> str:
-    buffer = bytearray()
-    while b"\r\n\r\n" not in buffer and b"\n\n" not in buffer:
-        chunk = await stream.receive_some(4096)
-        if not chunk:
-            break
-        buffer += chunk
-        if len(buffer) > MAX_REQUEST_BYTES:
-            break
-    return buffer.split(b"\n", 1)[0].decode("latin-1").strip()
-
-
-def answer(request_line: str, source: StatusSource) -> bytes:
-    """The full HTTP response for one request line."""
-    parts = request_line.split()
-    if len(parts) < 2 or parts[0] != "GET":
-        return _response(405, "Method Not Allowed", "text/plain", b"only GET is served\n")
-    path = parts[1].split("?", 1)[0]
+def answer(method: str, target: str, source: StatusSource) -> tuple[int, str, bytes]:
+    """Status code, content type and body for one request."""
+    if method != "GET":
+        return 405, "text/plain", b"only GET is served\n"
+    path = target.split("?", 1)[0]
     if path == "/status":
-        body = json.dumps(source(), indent=2).encode() + b"\n"
-        return _response(200, "OK", "application/json", body)
+        return 200, "application/json", json.dumps(source(), indent=2).encode() + b"\n"
     if path == "/metrics":
-        return _response(200, "OK", "text/plain; version=0.0.4", render_metrics(source()).encode())
-    return _response(404, "Not Found", "text/plain", b"try /status or /metrics\n")
+        return 200, METRICS_CONTENT_TYPE, render_metrics(source()).encode()
+    return 404, "text/plain", b"try /status or /metrics\n"
+
+
+def _response(code: int, content_type: str, body: bytes) -> list[h11.Event]:
+    headers = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    ]
+    return [
+        h11.Response(status_code=code, headers=headers),
+        h11.Data(data=body),
+        h11.EndOfMessage(),
+    ]
+
+
+async def _read_request(stream: trio.abc.Stream, connection: h11.Connection) -> h11.Request | None:
+    """The request head, parsed by h11; None if the client closed without one."""
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            connection.receive_data(await stream.receive_some(4096))
+            continue
+        if isinstance(event, h11.Request):
+            return event
+        return None  # ConnectionClosed, or PAUSED: nothing to answer
+
+
+async def _send(stream: trio.abc.Stream, connection: h11.Connection, events: list[Any]) -> None:
+    for event in events:
+        data = connection.send(event)
+        if data:
+            await stream.send_all(data)
+
+
+async def _serve_one(stream: trio.abc.Stream, source: StatusSource) -> None:
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+    try:
+        request = await _read_request(stream, connection)
+    except h11.RemoteProtocolError as error:
+        # Malformed or oversize: answer with h11's own hint, e.g. 400 or 431.
+        await _send(stream, connection, _response(error.error_status_hint, "text/plain", b""))
+        await _drain(stream)
+        return
+    if request is None:
+        return
+    code, content_type, body = answer(
+        request.method.decode("ascii", "replace"), request.target.decode("latin-1"), source
+    )
+    await _send(stream, connection, _response(code, content_type, body))
+
+
+async def _drain(stream: trio.abc.Stream) -> None:
+    """Read what the client still sends, briefly, before closing: closing a socket with
+    unread input resets it, and the client would lose the error response."""
+    with trio.move_on_after(LINGER_S):
+        if isinstance(stream, trio.SocketStream):
+            await stream.send_eof()
+        while await stream.receive_some(4096):
+            pass
 
 
 async def serve_status(
-    host: str, port: int, source: StatusSource, task_status: Any = trio.TASK_STATUS_IGNORED
+    host: str,
+    port: int,
+    source: StatusSource,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    read_timeout: float = REQUEST_TIMEOUT_S,
 ) -> None:
     """Serve until cancelled; reports the bound ``(host, port)`` through ``task_status``."""
+    open_connections = 0
 
     async def handle(stream: trio.SocketStream) -> None:
+        nonlocal open_connections
+        if open_connections >= max_connections:
+            with trio.move_on_after(1):
+                await _send_busy(stream)
+            await trio.aclose_forcefully(stream)
+            return
+        open_connections += 1
         try:
-            with trio.move_on_after(REQUEST_TIMEOUT_S):
-                line = await _read_request_line(stream)
-                await stream.send_all(answer(line, source))
+            with trio.move_on_after(read_timeout):
+                await _serve_one(stream, source)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away; nothing to answer
+        except h11.LocalProtocolError:
+            pass  # the client broke the exchange mid-way (e.g. after a protocol error)
         except Exception:
             logger.exception("status request failed")
         finally:
+            open_connections -= 1
             with trio.move_on_after(1):
                 await stream.aclose()
 
@@ -127,3 +197,17 @@ async def serve_status(
     bound = listeners[0].socket.getsockname()
     task_status.started((bound[0], bound[1]))
     await trio.serve_listeners(handle, listeners)
+
+
+async def _send_busy(stream: trio.SocketStream) -> None:
+    # Written by hand: h11 answers only after reading a request, and this client is not
+    # given the time to send one.
+    body = b"too many status clients; try again\n"
+    head = (
+        f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
+    try:
+        await stream.send_all(head + body)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass

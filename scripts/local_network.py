@@ -140,14 +140,18 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         last: list[dict | None] = [None] * args.nodes
         with Live(console=console, refresh_per_second=4) as live:
-            while any(node.running for node in network.started()):
-                if time.monotonic() - started > args.timeout:
-                    console.print(f"[red]timed out after {args.timeout:.0f} s; stopping[/red]")
-                    break
+
+            def redraw() -> bool:
+                nonlocal last
                 statuses = network.statuses()
                 last = [s if s is not None else old for s, old in zip(statuses, last, strict=True)]
                 live.update(render(network, statuses, args.rounds, "p2pfl local network (live)"))
-                time.sleep(0.25)
+                return False  # watch until every node has exited, or the timeout
+
+            remaining = args.timeout - (time.monotonic() - started)
+            network.wait_for(redraw, remaining, poll=0.25)
+            if any(node.running for node in network.started()):
+                console.print(f"[red]timed out after {args.timeout:.0f} s; stopping[/red]")
         network.wait_all_exited(10)
         elapsed = time.monotonic() - started
         final = Table(title=f"Final accuracy after {args.rounds} rounds ({elapsed:.1f} s wall)")

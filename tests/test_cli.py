@@ -196,11 +196,24 @@ def test_config_file_supplies_settings_and_flags_override_it(tmp_path: Path) -> 
     assert config.seed == 0  # in neither: the default
 
 
-def test_config_file_value_of_the_wrong_type_is_a_config_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('degree = "four"', "degree"),
+        ('rounds = "5"', "rounds"),  # an optional int: once a TypeError deep in validate()
+        ("allow = 5", "allow"),  # an optional path: once accepted
+        ('dp_clip = "1"', "dp_clip"),
+        ("send_timeout = true", "send_timeout"),
+    ],
+)
+def test_config_file_value_of_the_wrong_type_is_a_config_error(
+    tmp_path: Path, line: str, key: str
+) -> None:
     path = tmp_path / "node.toml"
-    path.write_text('degree = "four"\n')
-    with pytest.raises(ConfigError, match="degree"):
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=f"^{key}: expected") as caught:
         build_config(load_config_file(path), {})
+    assert "\n" not in str(caught.value)
 
 
 def test_the_new_robustness_and_experiment_flags_reach_the_config() -> None:

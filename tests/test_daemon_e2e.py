@@ -9,7 +9,6 @@ resume at its saved round with its updates accepted again by its peers.
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +21,17 @@ LATE_ROUND = 65
 VICTIM = 2
 
 
-def wait_until(condition, timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+# Guards against a hang, not claims about speed: generous, so that a machine loaded many
+# times over its cores slows this test down without failing it.
+GUARD_S = 600
+
+
+def wait_until(network: LocalNetwork, condition, timeout: float, what: str):
+    """:meth:`LocalNetwork.wait_for`, failing the test with ``what`` if it never holds."""
+    value = network.wait_for(condition, timeout)
+    if not value:
+        raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
+    return value
 
 
 def estimate_of(node: LocalNode) -> np.ndarray | None:
@@ -61,11 +63,16 @@ def test_five_daemons_learn_and_a_killed_node_resumes(tmp_path: Path) -> None:
     ) as network:
         network.start_all()
         nodes = network.started()
-        wait_until(lambda: all(node_round(n) >= 3 for n in nodes), 90, "every node at round 3")
+        wait_until(
+            network,
+            lambda: all(node_round(n) >= 3 for n in nodes),
+            GUARD_S,
+            "every node at round 3",
+        )
         early_distance = consensus_distance(network)
 
         victim = nodes[VICTIM]
-        wait_until(lambda: node_round(victim) >= 10, 60, "the victim at round 10")
+        wait_until(network, lambda: node_round(victim) >= 10, GUARD_S, "the victim at round 10")
         network.kill(VICTIM, signal.SIGKILL)
         saved = decode_state((victim.state_dir / FILE_NAME).read_bytes())
         seen_before = max(
@@ -77,7 +84,10 @@ def test_five_daemons_learn_and_a_killed_node_resumes(tmp_path: Path) -> None:
         restarted = network.start(VICTIM, bootstrap=network.bootstrap_addr())
         network.wait_ready(restarted)
         first_round = wait_until(
-            lambda: (restarted.status() or {}).get("round"), 30, "the restarted node's status"
+            network,
+            lambda: (restarted.status() or {}).get("round"),
+            GUARD_S,
+            "the restarted node's status",
         )
         assert first_round >= saved.round, "the restarted node did not resume its saved round"
         assert f"resumed from checkpoint at round {saved.round}" in restarted.log_path.read_text()
@@ -89,19 +99,22 @@ def test_five_daemons_learn_and_a_killed_node_resumes(tmp_path: Path) -> None:
                 if n is not restarted
             )
 
-        wait_until(peers_accept_again, 60, "a peer to accept the restarted node's updates")
+        wait_until(
+            network, peers_accept_again, GUARD_S, "a peer to accept the restarted node's updates"
+        )
         others = [n for n in network.started() if n is not restarted]
         # Measured while every node still runs: a node whose peers have all finished
         # trains alone on its skewed shard and drifts, which says nothing of gossip.
         wait_until(
+            network,
             lambda: min(node_round(n) for n in others) >= LATE_ROUND,
-            90,
+            GUARD_S,
             f"the other nodes at round {LATE_ROUND}",
         )
         late_distance = consensus_distance(network)
         assert late_distance < early_distance / 2
 
-        assert network.wait_all_exited(120), "some daemon did not finish its rounds"
+        assert network.wait_all_exited(GUARD_S), "some daemon did not finish its rounds"
         finals = [node.final_accuracy for node in network.started()]
         assert all(a is not None and a >= 0.85 for a in finals), finals
         assert all(node.process.returncode == 0 for node in network.started())
@@ -115,14 +128,17 @@ def test_sigterm_stops_a_node_quickly_with_a_checkpoint(tmp_path: Path) -> None:
     ) as network:
         network.start_all()
         node = network.started()[1]
-        wait_until(lambda: node_round(node) >= 3, 60, "node 1 at round 3")
+        wait_until(network, lambda: node_round(node) >= 3, GUARD_S, "node 1 at round 3")
+        at_signal = node_round(node)
         node.process.send_signal(signal.SIGTERM)
-        started = time.monotonic()
-        node.process.wait(10)
-        assert time.monotonic() - started < 5.0
+        node.process.wait(GUARD_S)  # a guard against a hang, not the claim
         assert node.process.returncode == 0
         log = node.log_path.read_text()
         assert "Traceback" not in log
         saved = decode_state((node.state_dir / FILE_NAME).read_bytes())
         assert saved.round >= 3
+        # "Quickly" by rounds, not seconds: the node runs forever unless stopped, and it
+        # stops within the round it was in (one may have started between the status read
+        # and the signal), however slowly a loaded machine runs those rounds.
+        assert saved.round <= at_signal + 2, (at_signal, saved.round)
         assert node.final_accuracy is not None

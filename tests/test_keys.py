@@ -165,6 +165,8 @@ def test_public_key_from_libp2p_peer_id() -> None:
         "0OIl",  # not base58
         "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",  # sha2-256 multihash (RSA-style)
         "12D3KooW",  # truncated
+        NodeKey(bytes(32)).peer_id + " ",  # base58 itself would strip this
+        NodeKey(bytes(32)).peer_id[:-1] + "é",  # not ASCII
     ],
 )
 def test_public_key_from_other_peer_ids_is_a_value_error(peer_id: str) -> None:

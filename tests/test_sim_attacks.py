@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from fltasks import load_task, partition
 from gossip import robust
 from gossip.aggregation import aggregator_by_name
-from gossip.privacy import GaussianMechanism, clip_to_norm
+from gossip.privacy import GaussianMechanism, clip_to_norm, row_norms
 from gossip.pushsum import PushSum
 from topologies import robust as batched
 from topologies.attacks import alie_z_max, choose_byzantine
@@ -43,7 +46,7 @@ def test_batched_trimmed_mean_is_gossips(beta):
     expected = per_node(
         own, others, valid, lambda z, rest: robust.trimmed_mean(np.vstack([z, rest]), beta)
     )
-    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(got.numpy(), expected)
 
 
 def test_batched_median_is_gossips():
@@ -64,9 +67,48 @@ def test_batched_clipped_step_is_gossips(tau):
         radius = robust.adaptive_tau(z, rest, 0.2) if tau is None else tau
         return robust.clipped_step(z, rest, radius)
 
-    np.testing.assert_allclose(
-        got.numpy(), per_node(own, others, valid, reference), rtol=0, atol=1e-12
-    )
+    np.testing.assert_array_equal(got.numpy(), per_node(own, others, valid, reference))
+
+
+_ROBUST_VALUES = st.one_of(
+    st.floats(width=32, allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.0, -0.0, 1e-45, -1e-40, 1.0, 3.4028234663852886e38, -3.4e38]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.tuples(st.integers(1, 4), st.integers(0, 5), st.integers(1, 6)).flatmap(
+        lambda shape: st.tuples(
+            hnp.arrays(np.float32, (shape[0], shape[2]), elements=_ROBUST_VALUES),
+            hnp.arrays(np.float32, shape, elements=_ROBUST_VALUES),
+            hnp.arrays(np.bool_, shape[:2]),
+        )
+    ),
+    rule=st.sampled_from(["trimmed-mean", "median", "clipped", "clipped-fixed"]),
+)
+def test_batched_rules_are_gossips_over_the_full_float_range(data, rule):
+    """float32 up to +-max and subnormals: the batched rule equals the one-set rule bit for bit."""
+    own, others, valid = data
+    tensors = [torch.from_numpy(a) for a in (own, others, valid)]
+    one_set = {
+        "trimmed-mean": lambda z, rest: robust.trimmed_mean(np.vstack([z, rest])),
+        "median": lambda z, rest: robust.median(np.vstack([z, rest])),
+        "clipped": lambda z, rest: (
+            z if len(rest) == 0 else robust.clipped_step(z, rest, robust.adaptive_tau(z, rest))
+        ),
+        "clipped-fixed": lambda z, rest: z if len(rest) == 0 else robust.clipped_step(z, rest, 1.5),
+    }[rule]
+    batched_form = {
+        "trimmed-mean": batched.trimmed_mean,
+        "median": batched.median,
+        "clipped": batched.clipped_step,
+        "clipped-fixed": lambda *t: batched.clipped_step(*t, tau=1.5),
+    }[rule]
+    with np.errstate(all="ignore"):
+        expected = per_node(own, others, valid, one_set)
+    got = batched_form(*tensors).numpy()
+    np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("name", ["trimmed-mean", "median", "clipped"])
@@ -170,13 +212,42 @@ def test_alie_default_is_the_papers_z_max():
     assert alie_z_max(50, 12) == pytest.approx(0.5828, abs=1e-3)
 
 
-def test_dp_clip_is_gossips_clip_to_norm():
-    rng = np.random.default_rng(0)
-    deltas = rng.normal(size=(20, 30)) * rng.uniform(0.01, 3, size=(20, 1))
-    mechanism = BatchedGaussianMechanism(1.5, 0.7, nodes=20, seed=0)
+_DELTA_VALUES = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False, width=64),
+    st.sampled_from([0.0, 5e-324, -1e-310, 3.4028234663852886e38, -1.7976931348623157e308]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    deltas=st.tuples(st.integers(1, 4), st.integers(1, 40)).flatmap(
+        lambda shape: st.one_of(
+            hnp.arrays(np.float64, shape, elements=_DELTA_VALUES),
+            hnp.arrays(
+                np.float32,
+                shape,
+                elements=st.floats(width=32, allow_nan=False, allow_infinity=False),
+            ),
+        )
+    ),
+    clip=st.sampled_from([1e-30, 1.5, 1e30]),
+)
+def test_dp_clip_is_gossips_clip_to_norm_over_the_full_float_range(deltas, clip):
+    mechanism = BatchedGaussianMechanism(clip, 0.7, nodes=len(deltas), seed=0)
     clipped = mechanism.clip(torch.from_numpy(deltas)).numpy()
-    expected = np.stack([clip_to_norm(row, 1.5) for row in deltas])
-    np.testing.assert_allclose(clipped, expected, rtol=1e-14, atol=0)
+    exact = np.stack([clip_to_norm(row, clip) for row in deltas])
+    assert (row_norms(exact) <= clip * (1 + 1e-12)).all()
+    assert np.isfinite(clipped).all()
+    np.testing.assert_array_equal(clipped, exact.astype(deltas.dtype))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_dp_clip_refuses_nan_and_inf_as_gossip_does(bad):
+    deltas = np.array([[1.0, 2.0], [bad, 0.0]])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        clip_to_norm(deltas[1], 1.0)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        BatchedGaussianMechanism(1.0, 0.7, nodes=2, seed=0).clip(torch.from_numpy(deltas))
 
 
 def test_dp_noise_has_gossips_std_and_touches_only_selected_rows():

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from fltasks import load_task, partition
 from gossip.compression import resolve_codec
@@ -113,3 +116,74 @@ def test_batched_int8_equals_the_codec_on_a_subnormal_block() -> None:
     batched = int8_round_trip(torch.from_numpy(rows)).numpy()
     for row, got in zip(rows, batched, strict=True):
         assert np.array_equal(got, codec_round_trip(Int8Codec(), row))
+
+
+# Full float32 range: subnormals, values at +-max, zeros, and ties (a small alphabet repeats).
+_EDGE_VALUES = [
+    0.0,
+    -0.0,
+    float(np.finfo(np.float32).smallest_subnormal),
+    -float(np.finfo(np.float32).smallest_subnormal),
+    1.0e-40,
+    float(np.finfo(np.float32).tiny),
+    1.0,
+    -1.0,
+    3.0e38,
+    float(np.finfo(np.float32).max),
+    -float(np.finfo(np.float32).max),
+]
+_FLOAT32 = st.one_of(
+    st.floats(width=32, allow_nan=False, allow_infinity=False), st.sampled_from(_EDGE_VALUES)
+)
+
+
+def _rows(dtype: type) -> st.SearchStrategy[np.ndarray]:
+    shapes = st.tuples(st.integers(1, 3), st.integers(1, 600))  # > 2 int8 blocks per row
+    return shapes.flatmap(lambda shape: hnp.arrays(dtype, shape, elements=_FLOAT32))
+
+
+def _codec_rows(codec_id: str, rows: np.ndarray) -> np.ndarray:
+    codec = resolve_codec(codec_id)
+    return np.stack([round_trip(codec, row) for row in rows])
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.one_of(_rows(np.float32), _rows(np.float64)))
+def test_batched_int8_equals_the_codec_over_the_full_float_range(rows: np.ndarray) -> None:
+    batched = BatchedCodec(resolve_codec("int8"), [rows.shape[1]])
+    got = batched.round_trip(torch.from_numpy(rows)).numpy()
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, _codec_rows("int8", rows))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.one_of(_rows(np.float32), _rows(np.float64)),
+    fraction=st.sampled_from(["0.01", "0.1", "0.5", "1"]),
+)
+def test_batched_topk_keeps_the_codecs_values_ties_included(
+    rows: np.ndarray, fraction: str
+) -> None:
+    codec_id = f"topk:{fraction}"
+    batched = BatchedCodec(resolve_codec(codec_id), [rows.shape[1]])
+    got = batched.round_trip(torch.from_numpy(rows)).numpy()
+    expected = _codec_rows(codec_id, rows)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(np.signbit(got[got == 0]), np.signbit(expected[got == 0]))
+
+
+def test_int8_block_peaking_at_float32_max_decodes_finite_in_both() -> None:
+    row = np.array([[np.finfo(np.float32).max, 1.0, -3.0e38]], dtype=np.float32)
+    got = BatchedCodec(resolve_codec("int8"), [3]).round_trip(torch.from_numpy(row)).numpy()
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, _codec_rows("int8", row))
+
+
+@pytest.mark.parametrize("codec_id", ["int8", "topk:0.5"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_batched_codecs_refuse_non_finite_values_as_the_codec_does(codec_id: str, bad: float):
+    row = np.array([[1.0, bad, 2.0]], dtype=np.float32)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _codec_rows(codec_id, row)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        BatchedCodec(resolve_codec(codec_id), [3]).round_trip(torch.from_numpy(row))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -124,7 +125,7 @@ def test_hostile_private_compressed_run_reports_honest_accuracy_bytes_and_epsilo
         (("--nodes", "4", "--byzantine", "4"), "--byzantine"),
         (("--compression", "zip"), "--compression"),
         (("--dp-noise", "1"), "--dp-clip"),
-        (("--compression", "topk:0.01", "--loss", "0.1"), "--loss 0"),
+        (("--compression", "topk:0.01", "--loss", "0.1"), "--loss"),
     ],
 )
 def test_bad_hostile_or_compression_flag_exits_2_with_one_line(tmp_path, args, cause):
@@ -133,3 +134,52 @@ def test_bad_hostile_or_compression_flag_exits_2_with_one_line(tmp_path, args, c
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert cause in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "toml", "named"),
+    [
+        (("--rounds", "5x"), 'rounds = "5"', "--rounds"),
+        (("--loss", "1.5"), "loss = 1.5", "--loss"),
+        (("--topology", "tree"), 'topology = "tree"', "--topology"),
+        (
+            ("--trim-fraction", "0.7", "--aggregator", "clipped"),
+            'trim_fraction = 0.7\naggregator = "clipped"',
+            "--trim-fraction",
+        ),
+    ],
+)
+def test_a_bad_setting_gets_one_line_naming_it_from_a_flag_or_from_toml(
+    tmp_path, flag, toml, named
+):
+    config = tmp_path / "run.toml"
+    config.write_text(toml + "\n")
+    for args in (flag, ("--config", str(config))):
+        result = simulate(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"simulate.py: error: {named}"), lines
+
+
+def test_every_setting_is_a_flag_and_a_toml_key_with_the_simulators_default(tmp_path):
+    from dataclasses import fields
+
+    from topologies.network import NetworkConditions
+    from topologies.settings import ExperimentConfig, add_flags, config_from_flags, load_toml
+    from topologies.simulator import SimulationConfig
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    assert config_from_flags(parser.parse_args([])) == ExperimentConfig()
+    simulator = {**vars(SimulationConfig()), **vars(NetworkConditions())}
+    for item in fields(ExperimentConfig):
+        assert item.metadata["help"], item.name
+        if item.name in simulator and item.name != "network":
+            assert item.default == simulator[item.name], item.name
+    config = tmp_path / "run.toml"
+    config.write_text('rounds = 7\nloss = 0.25\nout = "elsewhere"\n')
+    from_file = config_from_flags(parser.parse_args(["--loss", "0.5"]), load_toml(config))
+    assert (from_file.rounds, from_file.loss, from_file.out) == (7, 0.5, Path("elsewhere"))
+    config.write_text("round = 7\n")
+    with pytest.raises(ValueError, match="unknown key.*round"):
+        load_toml(config)

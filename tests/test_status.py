@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
+import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from p2pfl.status import render_metrics, serve_status
@@ -133,19 +136,89 @@ async def test_other_paths_are_404() -> None:
 
 
 async def test_a_silent_client_does_not_block_other_requests() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            port = await start_server(nursery)
+            # A deadline far beyond the test's guard: the answer below cannot come from the
+            # silent clients timing out, only from the server not waiting for them.
+            host, port = await nursery.start(
+                partial(serve_status, read_timeout=3600), "127.0.0.1", 0, lambda: dict(SAMPLE)
+            )
             silent = await trio.open_tcp_stream("127.0.0.1", port)
             half = await trio.open_tcp_stream("127.0.0.1", port)
             await half.send_all(b"GET /sta")  # a request line that never ends
-            # Well under the server's 5 s per-request timeout: the others are not waited for.
-            with trio.fail_after(2):
-                code, _, body = await http_get(port, "/status")
+            code, _, body = await http_get(port, "/status")
             assert code == 200
             assert json.loads(body)["round"] == 7
             await silent.aclose()
             await half.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def receive_all(stream: trio.SocketStream) -> bytes:
+    data = bytearray()
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return bytes(data)
+
+
+async def test_idle_clients_beyond_the_cap_are_refused_at_once_not_held_open() -> None:
+    """300 idle sockets hold at most ``max_connections`` server sockets; the rest get a 503
+    and are closed by the server (EOF), with a deadline far beyond the test's guard."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(
+                partial(serve_status, max_connections=4, read_timeout=3600),
+                "127.0.0.1",
+                0,
+                lambda: dict(SAMPLE),
+            )
+            idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4)]
+            await trio.testing.wait_all_tasks_blocked()  # the four hold every slot
+            refused = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(296)]
+            for stream in refused:
+                reply = await receive_all(stream)  # ends: the server closed it
+                assert reply.startswith(b"HTTP/1.1 503 ")
+                await stream.aclose()
+            for stream in idle:
+                await stream.aclose()
+            # The slots come back as the idle clients leave.
+            await trio.testing.wait_all_tasks_blocked()
+            code, _, _ = await http_get(port, "/status")
+            assert code == 200
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_client_is_cut_at_the_read_deadline() -> None:
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(
+                partial(serve_status, read_timeout=0.2), "127.0.0.1", 0, lambda: dict(SAMPLE)
+            )
+            idle = await trio.open_tcp_stream("127.0.0.1", port)
+            assert await receive_all(idle) == b""  # closed by the server, nothing answered
+            await idle.aclose()
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "code"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", 400),
+        (b"GET /status HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20_000 + b"\r\n\r\n", 431),
+        (b"POST /status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+    ],
+)
+async def test_malformed_oversize_or_non_get_requests_get_an_error_status(
+    request_bytes: bytes, code: int
+) -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await start_server(nursery)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(request_bytes)
+            reply = await receive_all(stream)
+            assert reply.split(b" ", 2)[1] == str(code).encode()
+            await stream.aclose()
             nursery.cancel_scope.cancel()
 
 

@@ -192,13 +192,14 @@ async def test_oversize_prefix_is_rejected_before_the_body() -> None:
     with trio.fail_after(10):
         async with transports(2) as [a, b]:
             received: list[tuple[str, bytes]] = []
-            # A long read timeout: only rejecting on the prefix alone can be this fast.
-            b.set_handler(PROTOCOL, collect_into(received), max_size=1000, read_timeout=30)
+            # A read timeout far beyond the test's guard: only rejecting on the prefix alone
+            # ends this, and the stream is never counted as a timeout.
+            b.set_handler(PROTOCOL, collect_into(received), max_size=1000, read_timeout=3600)
             stream = await raw_stream(a, b)
             await stream.write(encode_uvarint(1001))  # no body follows
-            with trio.fail_after(2):
-                await wait_until(lambda: b.frame_errors["oversize"] == 1)
+            await wait_until(lambda: b.frame_errors["oversize"] == 1)
             assert received == []
+            assert b.frame_errors == {"oversize": 1}
 
 
 async def test_truncated_frame_is_counted() -> None:
@@ -217,16 +218,19 @@ async def test_silent_and_trickling_peers_time_out() -> None:
             b.set_handler(PROTOCOL, collect_into([]), max_size=1000, read_timeout=0.5)
             await raw_stream(a, b)  # opened, never written to
             trickling = await raw_stream(a, b)
-            started = trio.current_time()
-            await trickling.write(encode_uvarint(20))
-            for _ in range(8):  # each byte is progress; the frame deadline still hits
+            await trickling.write(encode_uvarint(1000))
+            reset = False
+            # A byte every 0.1 s is steady progress for longer than the test's guard: only
+            # a deadline on the whole frame resets the stream before the frame is complete.
+            for _ in range(999):
                 await trio.sleep(0.1)
                 try:
                     await trickling.write(b"x")
                 except Exception:
-                    break  # reset by the receiver: that is the point
+                    reset = True  # reset by the receiver: that is the point
+                    break
+            assert reset
             await wait_until(lambda: b.frame_errors["timeout"] == 2)
-            assert trio.current_time() - started < 2
 
 
 async def test_streams_over_the_per_peer_cap_are_reset_as_busy() -> None:
@@ -277,11 +281,11 @@ async def test_send_to_a_dead_peer_fails_within_its_timeout() -> None:
         async with transports(1) as [a]:
             async with transports(1) as [b]:
                 peer = await a.connect(b.addrs[0], timeout=5)
-            # b is gone; a may or may not have noticed the connection closing yet.
-            started = trio.current_time()
+            # b is gone; a may or may not have noticed the connection closing yet. Either way
+            # the send ends in a one-line TransportError: the test's guard is 5x its timeout,
+            # so only a send that ignored its timeout altogether fails it.
             with pytest.raises(TransportError) as caught:
                 await a.send(peer, PROTOCOL, b"hello", timeout=3)
-            assert trio.current_time() - started < 3.5
             assert "\n" not in str(caught.value)
 
 
@@ -305,10 +309,10 @@ async def test_send_to_an_unknown_peer_fails_within_its_timeout() -> None:
     with trio.fail_after(10):
         async with transports(1) as [a]:
             stranger = NodeKey.generate().peer_id
-            started = trio.current_time()
+            # A timeout beyond the test's guard: a peer with no address fails at once, on
+            # its own, not by waiting out the timeout.
             with pytest.raises(TransportError):
-                await a.send(stranger, PROTOCOL, b"hello", timeout=1)
-            assert trio.current_time() - started < 1.5
+                await a.send(stranger, PROTOCOL, b"hello", timeout=3600)
 
 
 # -- peer exchange ------------------------------------------------------------------------

@@ -10,8 +10,10 @@ column block of the stacked [n, P] tensor) and give exactly what the codec's
 * ``int8``: blocks of 256 values, scale ``max|x| / 127`` in float32,
   ``round(x / scale) * scale``;
 * ``topk:F``: the ``codec.kept(size)`` largest magnitudes of each tensor kept
-  (as float32), the rest zero. Ties may be broken differently from the codec's
-  first-by-position rule; the kept values are the same.
+  (as float32), the rest zero, ties to the first by position, as the codec.
+
+The rules themselves (int8's scales, top-k's selection) are the codec's
+functions, called on the whole [n, size] block, so the two cannot drift.
 
 The bytes a node sends per message are those of one real encoded update with
 that codec (:func:`topologies.network.message_bytes`), exact because every
@@ -69,11 +71,11 @@ import torch.nn.functional as F
 from gossip.compression import Fp16Codec, Int8Codec, RawCodec, TensorCodec, TopKCodec
 from gossip.compression import resolve_codec as gossip_resolve_codec
 from gossip.compression.fp16 import HALF_MAX
-from gossip.compression.int8 import BLOCK
+from gossip.compression.int8 import BLOCK, block_scales
+from gossip.compression.topk import top_mask_rows
 
 _LEVELS = 127.0
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_SMALLEST_SUBNORMAL = float(np.finfo(np.float32).smallest_subnormal)
 DEFAULT_CHOCO_STEP = 1.0
 DEFAULT_COMPENSATION = 0.0
 
@@ -94,7 +96,11 @@ def fp16_round_trip(block: torch.Tensor) -> torch.Tensor:
 
 
 def int8_round_trip(block: torch.Tensor) -> torch.Tensor:
-    """:class:`gossip.compression.Int8Codec` encode then decode, for every row of [n, size]."""
+    """:class:`gossip.compression.Int8Codec` encode then decode, for every row of [n, size].
+
+    The scales come from the codec's own rule (:func:`gossip.compression.int8.block_scales`);
+    what is left here is the division, rounding and product, batched.
+    """
     n, size = block.shape
     values = (
         block if block.dtype == torch.float32 else block.clamp(-_FLOAT32_MAX, _FLOAT32_MAX).float()
@@ -102,10 +108,9 @@ def int8_round_trip(block: torch.Tensor) -> torch.Tensor:
     blocks = -(-size // BLOCK)
     padded = F.pad(values, (0, blocks * BLOCK - size)).view(n, blocks, BLOCK)
     peak = padded.abs().amax(dim=2)
-    scales = peak / _LEVELS
-    scales = torch.where((scales == 0) & (peak > 0), _SMALLEST_SUBNORMAL, scales)
-    low = peak.double() > (_LEVELS + 0.5) * scales.double()  # as the codec, for subnormals
-    scales = torch.where(low, torch.nextafter(scales, torch.tensor(float("inf"))), scales)
+    if not torch.isfinite(peak).all():
+        raise ValueError("codec 'int8' cannot encode NaN or infinite values")
+    scales = torch.from_numpy(block_scales(peak.cpu().numpy())).to(peak.device)
     divisors = torch.where(scales > 0, scales, 1.0)
     quantized = torch.round(padded / divisors.unsqueeze(2)).clamp(-_LEVELS, _LEVELS)
     work = torch.float64 if block.dtype == torch.float64 else torch.float32
@@ -114,12 +119,21 @@ def int8_round_trip(block: torch.Tensor) -> torch.Tensor:
 
 
 def topk_round_trip(block: torch.Tensor, kept: int) -> torch.Tensor:
-    """The ``kept`` largest magnitudes of each row (as float32 values), zeros elsewhere."""
-    index = block.abs().topk(kept, dim=1, sorted=False).indices
-    values = block.gather(1, index)
+    """The ``kept`` largest magnitudes of each row (as float32 values), zeros elsewhere.
+
+    Which values are kept, ties included, is the codec's own choice
+    (:func:`gossip.compression.topk.top_mask_rows`).
+    """
+    magnitude = block.abs()
+    if not torch.isfinite(magnitude).all():
+        raise ValueError("codec 'topk' cannot encode NaN or infinite values")
+    if kept == 0:
+        return torch.zeros_like(block)
+    mask = torch.from_numpy(top_mask_rows(magnitude.cpu().numpy(), kept)).to(block.device)
+    values = block
     if values.dtype != torch.float32:
         values = values.clamp(-_FLOAT32_MAX, _FLOAT32_MAX).float().to(block.dtype)
-    return torch.zeros_like(block).scatter_(1, index, values)
+    return torch.where(mask, values, torch.zeros((), dtype=block.dtype))
 
 
 class BatchedCodec:

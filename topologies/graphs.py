@@ -54,14 +54,19 @@ def random_graph(n: int, degree: int, seed: int | None = None) -> nx.Graph:
     n = _check_n(n)
     degree = _as_int("degree", degree, minimum=1)
     if degree >= n:
-        raise ValueError(f"degree must be < n (got degree={degree}, n={n}): "
-                         f"use complete(n) for degree n - 1")
+        raise ValueError(
+            f"degree must be < n (got degree={degree}, n={n}): use complete(n) for degree n - 1"
+        )
     if n * degree % 2:
-        raise ValueError(f"a {degree}-regular graph on {n} nodes does not exist "
-                         f"(n * degree is odd): change n or degree by one")
+        raise ValueError(
+            f"a {degree}-regular graph on {n} nodes does not exist "
+            f"(n * degree is odd): change n or degree by one"
+        )
     if degree == 1 and n > 2:
-        raise ValueError(f"a 1-regular graph on {n} nodes is a set of disjoint pairs "
-                         f"and cannot be connected: use degree >= 2")
+        raise ValueError(
+            f"a 1-regular graph on {n} nodes is a set of disjoint pairs "
+            f"and cannot be connected: use degree >= 2"
+        )
     rng = random.Random(seed)
     if degree == 2:
         order = list(range(n))
@@ -73,8 +78,10 @@ def random_graph(n: int, degree: int, seed: int | None = None) -> nx.Graph:
         graph = nx.random_regular_graph(degree, n, seed=rng)
         if nx.is_connected(graph):
             return _canonical(graph)
-    raise ValueError(f"no connected {degree}-regular graph on {n} nodes found in "
-                     f"{_REGULAR_TRIES} draws: try another seed or a larger degree")
+    raise ValueError(
+        f"no connected {degree}-regular graph on {n} nodes found in "
+        f"{_REGULAR_TRIES} draws: try another seed or a larger degree"
+    )
 
 
 def small_world(n: int, k: int, p: float, seed: int | None = None) -> nx.Graph:
@@ -97,13 +104,16 @@ def small_world(n: int, k: int, p: float, seed: int | None = None) -> nx.Graph:
     try:
         graph = nx.connected_watts_strogatz_graph(n, k, p, tries=100, seed=seed)
     except nx.NetworkXError as exc:
-        raise ValueError(f"no connected small-world graph with n={n}, k={k}, p={p} "
-                         f"in 100 tries: lower p or raise k") from exc
+        raise ValueError(
+            f"no connected small-world graph with n={n}, k={k}, p={p} "
+            f"in 100 tries: lower p or raise k"
+        ) from exc
     return _canonical(graph)
 
 
-def make_graph(name: str, n: int, degree: int = 4, rewire: float = 0.1,
-               seed: int | None = None) -> nx.Graph:
+def make_graph(
+    name: str, n: int, degree: int = 4, rewire: float = 0.1, seed: int | None = None
+) -> nx.Graph:
     """Build the topology called `name` (one of TOPOLOGIES) from command-line style options.
 
     `degree` is the regular degree for 'random' and k for 'small-world'; `rewire`
@@ -131,14 +141,17 @@ def check_graph(graph: nx.Graph) -> None:
     if n < 2:
         raise ValueError(f"a gossip graph needs at least 2 nodes, got {n}")
     if set(graph.nodes) != set(range(n)):
-        raise ValueError("graph nodes must be the integers 0..n-1: "
-                         "relabel with networkx.convert_node_labels_to_integers")
+        raise ValueError(
+            "graph nodes must be the integers 0..n-1: "
+            "relabel with networkx.convert_node_labels_to_integers"
+        )
     if graph.is_directed():
         raise ValueError("gossip graphs are undirected: pass a networkx.Graph")
     if not nx.is_connected(graph):
         parts = nx.number_connected_components(graph)
-        raise ValueError(f"graph is not connected ({parts} components): "
-                         f"averaging cannot reach consensus")
+        raise ValueError(
+            f"graph is not connected ({parts} components): averaging cannot reach consensus"
+        )
 
 
 def _check_n(n: int) -> int:
@@ -162,4 +175,3 @@ def _canonical(graph: nx.Graph) -> nx.Graph:
     out.add_nodes_from(range(graph.number_of_nodes()))
     out.add_edges_from(sorted((min(u, v), max(u, v)) for u, v in graph.edges))
     return out
-

@@ -33,8 +33,9 @@ def metropolis_hastings(graph: nx.Graph) -> sp.csr_matrix:
     """
     n, src, dst, degree = _edges(graph)
     weights = 1.0 / (1.0 + np.maximum(degree[src], degree[dst]))
-    off = sp.coo_matrix((np.r_[weights, weights], (np.r_[src, dst], np.r_[dst, src])),
-                        shape=(n, n)).tocsr()
+    off = sp.coo_matrix(
+        (np.r_[weights, weights], (np.r_[src, dst], np.r_[dst, src])), shape=(n, n)
+    ).tocsr()
     diagonal = 1.0 - np.asarray(off.sum(axis=1)).ravel()
     return (off + sp.diags(diagonal)).tocsr()
 
@@ -69,20 +70,30 @@ def spectral_gap(matrix: sp.spmatrix | np.ndarray) -> float:
     if w.shape != (n, n) or n < 2:
         raise ValueError(f"spectral_gap needs a square matrix of size >= 2, got {w.shape}")
     if abs(w - w.T).max() > _STOCHASTIC_TOL:
-        raise ValueError("spectral_gap needs a symmetric matrix: use metropolis_hastings(graph), "
-                         "not the push-sum matrix")
+        raise ValueError(
+            "spectral_gap needs a symmetric matrix: use metropolis_hastings(graph), "
+            "not the push-sum matrix"
+        )
     if np.abs(np.asarray(w.sum(axis=1)).ravel() - 1.0).max() > _STOCHASTIC_TOL:
         raise ValueError("spectral_gap needs a doubly stochastic matrix (rows summing to 1)")
     if n <= DENSE_EIGEN_LIMIT:
         magnitudes = np.sort(np.abs(np.linalg.eigvalsh(w.toarray())))
         second = magnitudes[-2]
     else:
+
         def deflated(x: np.ndarray) -> np.ndarray:
             return w @ x - x.mean(axis=0)
 
         operator = LinearOperator((n, n), matvec=deflated, matmat=deflated, dtype=np.float64)
-        top = eigsh(operator, k=1, which="LM", return_eigenvectors=False, tol=1e-10,
-                    maxiter=50 * n, ncv=min(n, 64))
+        top = eigsh(
+            operator,
+            k=1,
+            which="LM",
+            return_eigenvectors=False,
+            tol=1e-10,
+            maxiter=50 * n,
+            ncv=min(n, 64),
+        )
         second = abs(top[0])
     return float(min(1.0, max(0.0, 1.0 - second)))
 
@@ -97,8 +108,10 @@ def rounds_to_consensus(gap: float, epsilon: float) -> int:
     is why a ring of n nodes (gap ~ 1/n^2) is so much slower than an expander.
     """
     if not 0.0 < gap <= 1.0:
-        raise ValueError(f"gap must be in (0, 1], got {gap}: a gap of 0 means the graph "
-                         f"is disconnected and never reaches consensus")
+        raise ValueError(
+            f"gap must be in (0, 1], got {gap}: a gap of 0 means the graph "
+            f"is disconnected and never reaches consensus"
+        )
     if not 0.0 < epsilon < 1.0:
         raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
     return max(1, math.ceil(math.log(1.0 / epsilon) / gap))
@@ -110,8 +123,10 @@ def _edges(graph: nx.Graph) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     if graph.is_directed():
         raise ValueError("mixing matrices need an undirected graph: pass a networkx.Graph")
     if set(graph.nodes) != set(range(n)):
-        raise ValueError("graph nodes must be the integers 0..n-1: "
-                         "relabel with networkx.convert_node_labels_to_integers")
+        raise ValueError(
+            "graph nodes must be the integers 0..n-1: "
+            "relabel with networkx.convert_node_labels_to_integers"
+        )
     pairs = np.array([(u, v) for u, v in graph.edges if u != v], dtype=np.int64).reshape(-1, 2)
     degree = np.bincount(pairs.ravel(), minlength=n).astype(np.float64)
     return n, pairs[:, 0], pairs[:, 1], degree

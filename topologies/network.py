@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
+from topologies.settings_error import SettingError
+
 NOT_SENT = 0
 DELIVERED = 1
 LOST = 2
@@ -47,11 +49,13 @@ class NetworkConditions:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.loss, float | int) and 0.0 <= self.loss < 1.0):
-            raise ValueError(f"loss must be a rate in [0, 1), got {self.loss!r}")
+            raise SettingError("loss", f"must be a rate in [0, 1), got {self.loss!r}")
         if isinstance(self.delay, bool) or not isinstance(self.delay, int) or self.delay < 0:
-            raise ValueError(f"delay must be a whole number of rounds >= 0, got {self.delay!r}")
+            raise SettingError(
+                "delay", f"must be a whole number of rounds >= 0, got {self.delay!r}"
+            )
         if not (isinstance(self.churn, float | int) and 0.0 <= self.churn < 1.0):
-            raise ValueError(f"churn must be a fraction in [0, 1), got {self.churn!r}")
+            raise SettingError("churn", f"must be a fraction in [0, 1), got {self.churn!r}")
 
     @property
     def ideal(self) -> bool:

@@ -4,7 +4,7 @@ The semantics are :class:`gossip.privacy.GaussianMechanism`'s: each honest
 node that trained in a round clips that round's update delta (its model after
 local training minus before) to L2 norm ``C``, adds ``N(0, (sigma C)^2)`` per
 coordinate, and applies the noisy delta instead of the real one. Clipping is
-the same arithmetic as :func:`gossip.privacy.clip_to_norm` (tested equal); the
+:func:`gossip.privacy.clip_rows` itself, the rule the daemon clips with; the
 noise is drawn from a seeded torch generator, which a simulation needs for
 reproducibility and a real node must never do (gossip draws from OS entropy).
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gossip.privacy import GaussianMechanism, RdpAccountant
+from gossip.privacy import GaussianMechanism, RdpAccountant, clip_rows
 
 DELTA = 1e-5
 
@@ -42,12 +42,10 @@ class BatchedGaussianMechanism:
         return self.mechanism.noise_std
 
     def clip(self, deltas: torch.Tensor) -> torch.Tensor:
-        """Each row scaled down to L2 norm at most ``C`` (norms taken in float64)."""
-        norms = torch.linalg.vector_norm(deltas.double(), dim=1)
-        factor = torch.where(
-            norms > self.clip_norm, self.clip_norm / norms, torch.ones((), dtype=torch.float64)
-        )
-        return (deltas.double() * factor.unsqueeze(1)).to(deltas.dtype)
+        """Each row scaled down to L2 norm at most ``C``: :func:`gossip.privacy.clip_rows`,
+        with its guards (ValueError on NaN or inf, no overflow for huge finite rows)."""
+        clipped = clip_rows(deltas.detach().cpu().double().numpy(), self.clip_norm)
+        return torch.from_numpy(clipped).to(device=deltas.device, dtype=deltas.dtype)
 
     def privatize(self, before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor) -> None:
         """Replace ``after[rows]`` with ``before + clip(after - before) + noise``, in place."""

@@ -1,13 +1,13 @@
 """Robust aggregation for all nodes at once: gossip's rules, batched over a padded [n, k, P] stack.
 
-Each rule is :mod:`gossip.robust`'s arithmetic, written for torch so that every
-node aggregates in one pass: a node's set is its own estimate plus the
-estimates it received this round, padded to the largest in-degree ``k`` and
-masked. The rules and their parameters come from
+Each rule is :mod:`gossip.robust`'s own batched function (``*_sets``), called
+on the simulator's rows, so that every node aggregates in one pass with the
+daemon's arithmetic: a node's set is its own estimate plus the estimates it
+received this round, padded to the largest in-degree ``k`` and masked.
+The rules and their parameters come from
 :func:`gossip.aggregation.aggregator_by_name` (the gossip core validates them
-and :func:`batched_rule` reads them), and the trim counts from
-:func:`gossip.robust.trim_count` itself; ``tests/test_sim_attacks.py`` checks
-every batched rule against the numpy one on the same inputs.
+and :func:`batched_rule` reads them); ``tests/test_sim_attacks.py`` checks
+every batched rule against the one-set one on the same inputs.
 
 * ``trimmed-mean``: coordinate-wise, the ``trim_count(m, beta)`` smallest and
   largest of the ``m`` members dropped (Yin et al., ICML 2018).
@@ -23,7 +23,6 @@ robust statistic and the push-sum weight still adds up (the caller does that).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,14 +62,17 @@ def received_now(network: NetworkModel, plan: RoundPlan) -> Received:
     return Received(torch.from_numpy(senders), torch.from_numpy(valid))
 
 
-def _members(
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy()
+
+
+def _own_and_received(
     own: torch.Tensor, others: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The node's set sorted per coordinate (padding as +inf, last) and its size m."""
-    present = torch.cat([torch.ones(len(own), 1, dtype=torch.bool), valid], dim=1)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each node's set {own} ∪ received as a padded [n, 1 + k, P] stack and its mask."""
     members = torch.cat([own.unsqueeze(1), others], dim=1)
-    members = members.masked_fill(~present.unsqueeze(2), math.inf)
-    return members.sort(dim=1).values, present.sum(dim=1)
+    present = torch.cat([torch.ones(len(own), 1, dtype=torch.bool), valid], dim=1)
+    return _numpy(members), _numpy(present)
 
 
 def trimmed_mean(
@@ -80,28 +82,12 @@ def trimmed_mean(
     beta: float = robust.DEFAULT_TRIM_FRACTION,
 ) -> torch.Tensor:
     """:func:`gossip.robust.trimmed_mean` of each node's {own} ∪ received."""
-    ordered, m = _members(own, others, valid)
-    table = torch.tensor([0] + [robust.trim_count(c, beta) for c in range(1, ordered.shape[1] + 1)])
-    cut = table[m]
-    position = torch.arange(ordered.shape[1])
-    keep = (position >= cut.unsqueeze(1)) & (position < (m - cut).unsqueeze(1))
-    total = torch.where(keep.unsqueeze(2), ordered, torch.zeros((), dtype=own.dtype)).sum(dim=1)
-    return total / (m - 2 * cut).unsqueeze(1).to(own.dtype)
+    return torch.from_numpy(robust.trimmed_mean_sets(*_own_and_received(own, others, valid), beta))
 
 
 def median(own: torch.Tensor, others: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """:func:`gossip.robust.median` of each node's {own} ∪ received."""
-    ordered, m = _members(own, others, valid)
-    size = own.shape[1]
-    middle = m // 2
-
-    def at(index: torch.Tensor) -> torch.Tensor:
-        return ordered.gather(1, index.view(-1, 1, 1).expand(-1, 1, size)).squeeze(1)
-
-    high = at(middle)
-    low = at((middle - 1).clamp(min=0))
-    even = (m % 2 == 0).unsqueeze(1)
-    return torch.where(even, low + (high - low) / 2, high)
+    return torch.from_numpy(robust.median_sets(*_own_and_received(own, others, valid)))
 
 
 def clipped_step(
@@ -112,22 +98,8 @@ def clipped_step(
     beta: float = robust.DEFAULT_TRIM_FRACTION,
 ) -> torch.Tensor:
     """:func:`gossip.robust.clipped_step`, ``tau`` fixed or :func:`gossip.robust.adaptive_tau`."""
-    differences = others - own.unsqueeze(1)
-    distances = torch.linalg.vector_norm(differences, dim=2)
-    received = valid.sum(dim=1)
-    if tau is None:
-        ordered = distances.masked_fill(~valid, math.inf).sort(dim=1).values
-        farthest = torch.tensor(
-            [0] + [min(max(1, math.floor(beta * k)), k - 1) for k in range(1, valid.shape[1] + 1)]
-        )[received]
-        rank = (received - 1 - farthest).clamp(min=0)
-        radius = ordered.gather(1, rank.unsqueeze(1))
-    else:
-        radius = torch.full((len(own), 1), float(tau), dtype=own.dtype)
-    scale = torch.where(distances > radius, radius / distances, torch.ones((), dtype=own.dtype))
-    scale = scale.masked_fill(~torch.isfinite(distances) | ~valid, 0.0)
-    step = (differences * scale.unsqueeze(2)).sum(dim=1)
-    return own + step / (received + 1).unsqueeze(1).to(own.dtype)
+    stepped = robust.clipped_step_sets(_numpy(own), _numpy(others), _numpy(valid), tau, beta)
+    return torch.from_numpy(stepped)
 
 
 def batched_rule(

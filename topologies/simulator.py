@@ -60,7 +60,8 @@ from topologies.network import (
     message_bytes,
 )
 from topologies.privacy import DELTA, BatchedGaussianMechanism
-from topologies.robust import batched_rule
+from topologies.robust import BatchedRule, batched_rule
+from topologies.settings_error import SettingError
 from topologies.stacked_pushsum import StackedPushSum, consensus_distance
 
 # Below this many stacked values per op, a second thread costs more in start-up and
@@ -102,49 +103,81 @@ class SimulationConfig:
     choco_compensation: float = DEFAULT_COMPENSATION  # residual mass a top-k sender keeps
 
     def __post_init__(self) -> None:
+        """Every problem is a :class:`SettingError` naming the fields to change."""
         if self.rounds < 0:
-            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+            raise SettingError("rounds", f"must be >= 0, got {self.rounds}")
         if self.local_epochs < 1:
-            raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
+            raise SettingError("local_epochs", f"must be >= 1, got {self.local_epochs}")
         if self.dtype not in (torch.float32, torch.float64):
-            raise ValueError("dtype must be torch.float32 or torch.float64")
-        rule = batched_rule(self.aggregator, self.trim_fraction, self.clip_radius)
+            raise SettingError("dtype", "must be torch.float32 or torch.float64")
+        rule = self._robust_rule()
         if rule is None and (self.trim_fraction is not None or self.clip_radius is not None):
-            raise ValueError(
-                "trim fraction and clip radius need a robust aggregator (trimmed-mean or clipped)"
+            raise SettingError(
+                ("trim_fraction", "clip_radius"),
+                "need a robust aggregator (trimmed-mean or clipped)",
             )
         if rule is not None and self.network.delay:
-            raise ValueError(
-                f"aggregator {self.aggregator!r} needs delay 0 in the simulator "
-                "(delayed messages are only modelled for push-sum's mean)"
+            raise SettingError(
+                ("aggregator", "delay"),
+                f"{self.aggregator!r} needs delay 0 in the simulator "
+                "(delayed messages are only modelled for push-sum's mean)",
             )
         if self.byzantine < 0:
-            raise ValueError(f"byzantine must be >= 0, got {self.byzantine}")
+            raise SettingError("byzantine", f"must be >= 0, got {self.byzantine}")
         if self.attack not in ATTACKS:
-            raise ValueError(f"unknown attack {self.attack!r}; choose one of: {', '.join(ATTACKS)}")
+            raise SettingError(
+                "attack", f"unknown {self.attack!r}; choose one of: {', '.join(ATTACKS)}"
+            )
         if self.attack_scale is not None and not math.isfinite(self.attack_scale):
-            raise ValueError(f"attack scale must be a finite number, got {self.attack_scale}")
+            raise SettingError("attack_scale", f"must be a finite number, got {self.attack_scale}")
         if (self.dp_clip is None) != (self.dp_noise is None):
-            raise ValueError("differential privacy needs both a clip norm and a noise multiplier")
+            raise SettingError(("dp_clip", "dp_noise"), "give both to turn DP on, or neither")
         if self.dp_clip is not None:
-            BatchedGaussianMechanism(self.dp_clip, self.dp_noise, 1, 0)  # validates C and sigma
-        codec = resolve_codec(self.compression)
+            try:
+                BatchedGaussianMechanism(self.dp_clip, self.dp_noise, 1, 0)  # validates C, sigma
+            except ValueError as error:
+                raise SettingError(("dp_clip", "dp_noise"), str(error)) from None
+        try:
+            codec = resolve_codec(self.compression)
+        except ValueError as error:
+            raise SettingError("compression", str(error)) from None
         sparse = BatchedCodec(codec, []).sparse
         if sparse and not self.network.ideal:
-            raise ValueError(
-                f"compression {self.compression} keeps public copies that every "
-                "neighbour must update: it needs loss, delay and churn 0"
+            raise SettingError(
+                ("compression", "loss", "delay", "churn"),
+                f"{self.compression} keeps public copies that every neighbour must update: "
+                "it needs loss, delay and churn 0",
             )
         if not (math.isfinite(self.choco_step) and 0 < self.choco_step <= 1):
-            raise ValueError(f"the CHOCO step must be in (0, 1], got {self.choco_step}")
+            raise SettingError("choco_step", f"must be in (0, 1], got {self.choco_step}")
         if not 0 <= self.choco_compensation <= 1:
-            raise ValueError(
-                f"the CHOCO compensation must be in [0, 1], got {self.choco_compensation}"
+            raise SettingError(
+                "choco_compensation", f"must be in [0, 1], got {self.choco_compensation}"
             )
         if not sparse and (
             self.choco_step != DEFAULT_CHOCO_STEP or self.choco_compensation != DEFAULT_COMPENSATION
         ):
-            raise ValueError("the CHOCO step and compensation apply to topk compression only")
+            raise SettingError(
+                ("choco_step", "choco_compensation"), "apply to topk compression only"
+            )
+
+    def _robust_rule(self) -> BatchedRule | None:
+        """gossip's rule for these settings; each bad parameter named on its own."""
+        given = {"trim_fraction": self.trim_fraction, "clip_radius": self.clip_radius}
+        checked: dict[str, float | None] = {"trim_fraction": None, "clip_radius": None}
+        try:
+            rule = batched_rule(self.aggregator)
+        except ValueError as error:
+            raise SettingError("aggregator", str(error)) from None
+        for name, value in given.items():
+            checked[name] = value
+            try:
+                rule = batched_rule(
+                    self.aggregator, checked["trim_fraction"], checked["clip_radius"]
+                )
+            except ValueError as error:
+                raise SettingError(name, str(error)) from None
+        return rule
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,26 @@ def _per_block(values: np.ndarray, per_block: np.ndarray, op: np.ufunc, out: np.
         op(values[whole:], per_block[blocks], out=out[whole:])
 
 
+def block_scales(peak: np.ndarray) -> np.ndarray:
+    """The float32 scale of each block from its peak ``max|x|`` (float32, finite, >= 0).
+
+    ``peak / 127``, with two corrections; this is the one place the rule lives
+    (the simulator's batched round trip calls it too).
+    """
+    peak = np.asarray(peak, dtype=np.float32)
+    scales = peak / np.float32(_LEVELS)
+    scales[(scales == 0) & (peak > 0)] = _SMALLEST_SUBNORMAL
+    # For subnormal peaks, peak / 127 rounds to a scale far below the quotient, so
+    # |x| / scale could pass 127.5 and lose the error bound: step those scales up.
+    # (Only those: normal scales stay as they are, which keeps re-encoding exact.)
+    low = peak.astype(np.float64) > (_LEVELS + 0.5) * scales.astype(np.float64)
+    scales[low] = np.nextafter(scales[low], np.float32(np.inf))
+    # Near float32's limit, 127 * scale could round past it and decode as inf.
+    overflowing = scales.astype(np.float64) * _LEVELS > _FLOAT32_MAX
+    scales[overflowing] = np.nextafter(scales[overflowing], np.float32(0))
+    return scales
+
+
 class Int8Codec(TensorCodec):
     id = "int8"
 
@@ -70,16 +90,7 @@ class Int8Codec(TensorCodec):
         peak = np.maximum.reduceat(work, np.arange(0, count, BLOCK))  # NaN propagates
         if not np.isfinite(peak).all():
             raise ValueError("codec 'int8' cannot encode NaN or infinite values")
-        scales = peak / np.float32(_LEVELS)
-        scales[(scales == 0) & (peak > 0)] = _SMALLEST_SUBNORMAL
-        # For subnormal peaks, peak / 127 rounds to a scale far below the quotient, so
-        # |x| / scale could pass 127.5 and lose the error bound: step those scales up.
-        # (Only those: normal scales stay as they are, which keeps re-encoding exact.)
-        low = peak.astype(np.float64) > (_LEVELS + 0.5) * scales.astype(np.float64)
-        scales[low] = np.nextafter(scales[low], np.float32(np.inf))
-        # Near float32's limit, 127 * scale could round past it and decode as inf.
-        overflowing = scales.astype(np.float64) * _LEVELS > _FLOAT32_MAX
-        scales[overflowing] = np.nextafter(scales[overflowing], np.float32(0))
+        scales = block_scales(peak)
         divisors = np.where(scales > 0, scales, np.float32(1))  # a zero block stays zero
         _per_block(values, divisors, np.divide, work)
         np.rint(work, out=work)

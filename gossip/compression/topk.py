@@ -10,7 +10,7 @@ Payload, little-endian::
 The receiver gets zeros everywhere else. Error: kept values are exact (up to
 float32 rounding for float64 tensors, and clipping to float32's range);
 every dropped value is no larger in magnitude than the smallest kept one.
-Ties at the threshold are broken arbitrarily. On its own this is a biased
+Ties at the threshold go to the first values by position. On its own this is a biased
 compressor meant for use under :class:`~gossip.compression.feedback.ErrorFeedback`.
 
 Only floating-point tensors of fewer than 2**32 values; NaN and infinite
@@ -45,22 +45,37 @@ _SAMPLE_SIZE = 1 << 15
 
 
 def _top_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest entries of ``magnitude`` (all finite, 0 < k), ascending.
-
-    Finds the k-th largest value, then takes every entry above it and, of
-    those equal to it, the first ones by position, so ties are deterministic.
-    """
+    """Indices of the k largest entries of ``magnitude`` (all finite, 0 < k), ascending."""
     count = magnitude.size
     kth = None
     if count >= _SAMPLED_SELECTION_FROM and k * 4 <= count:
         kth = _kth_largest_from_sample(magnitude, k)
     if kth is None:
         kth = np.partition(magnitude, count - k)[count - k]
-    chosen = magnitude > kth
-    missing = k - int(np.count_nonzero(chosen))
-    if missing:
-        chosen[np.flatnonzero(magnitude == kth)[:missing]] = True
-    return np.flatnonzero(chosen)
+    chosen = choose_by_threshold(magnitude[None, :], np.asarray([kth], magnitude.dtype), k)
+    return np.flatnonzero(chosen[0])
+
+
+def top_mask_rows(magnitude: np.ndarray, k: int) -> np.ndarray:
+    """For each row of ``magnitude`` ([n, size], finite, 0 < k <= size): which k entries to keep.
+
+    The simulator's batched form of the codec's selection: the same threshold
+    and the same tie rule (:func:`choose_by_threshold`), one row per node.
+    """
+    size = magnitude.shape[1]
+    kth = np.partition(magnitude, size - k, axis=1)[:, size - k]
+    return choose_by_threshold(magnitude, kth, k)
+
+
+def choose_by_threshold(magnitude: np.ndarray, kth: np.ndarray, k: int) -> np.ndarray:
+    """Keep every entry above its row's k-th largest ``kth`` and, of those equal to it, the
+    first ones by position until k are kept, so ties are deterministic (bool [n, size])."""
+    threshold = kth[:, None]
+    chosen = magnitude > threshold
+    missing = k - np.count_nonzero(chosen, axis=1)
+    tied = magnitude == threshold
+    chosen |= tied & (np.cumsum(tied, axis=1) <= missing[:, None])
+    return chosen
 
 
 def _kth_largest_from_sample(magnitude: np.ndarray, k: int) -> float | None:

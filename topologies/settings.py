@@ -1,0 +1,352 @@
+"""The settings of one simulator experiment, declared once: type, default, help and group.
+
+:class:`ExperimentConfig` is the schema. Each field is one setting; its type
+is the annotation, its default is the simulator's own
+(:class:`~topologies.simulator.SimulationConfig`,
+:class:`~topologies.network.NetworkConditions`) where the simulator has the
+setting, and its help text and group sit in the field's metadata. From it:
+
+* :func:`add_flags` makes the argparse flags (``trim_fraction`` is
+  ``--trim-fraction``), each parsed as text into the field's type;
+* :func:`load_toml` reads the same settings from a TOML file, where a value
+  of the wrong type (``rounds = "5"``) is refused, not converted;
+* :meth:`ExperimentConfig.simulation_config` checks everything in one place:
+  the ranges and cross-checks are the simulator's (every error a
+  :class:`SettingError` naming its fields), plus the few settings only an
+  experiment has (nodes, degree, rewire, target).
+
+So a wrong value gets the same one-line error from a flag and from TOML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gossip.aggregation import AGGREGATORS
+from topologies.attacks import ATTACKS
+from topologies.graphs import TOPOLOGIES
+from topologies.network import NetworkConditions
+from topologies.settings_error import SettingError
+from topologies.simulator import SimulationConfig
+
+__all__ = [
+    "ExperimentConfig",
+    "SettingError",
+    "add_flags",
+    "config_from_flags",
+    "flag_name",
+    "load_toml",
+]
+
+
+def setting(
+    group: str,
+    help: str,
+    default: Any,
+    *,
+    metavar: str | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """One setting's field: its default, and its help, group, metavar and choices."""
+    meta = {"group": group, "help": help, "metavar": metavar, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+# Defaults the simulator owns are read from its dataclasses, so they are declared once.
+_SIM = SimulationConfig
+_NET = NetworkConditions()
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    # graph
+    topology: str = setting(
+        "graph",
+        "graph to simulate; 'all' runs every one. 'complete' (FedAvg) is always added as the "
+        "baseline",
+        "all",
+        choices=(*TOPOLOGIES, "all"),
+    )
+    nodes: int = setting("graph", "number of nodes, >= 2", 32, metavar="N")
+    degree: int = setting(
+        "graph",
+        "neighbours per node for random (regular degree) and small-world (k, even), >= 2",
+        4,
+        metavar="K",
+    )
+    rewire: float = setting("graph", "small-world rewiring probability in [0, 1]", 0.1, metavar="P")
+    # learning
+    task: str = setting(
+        "learning", "digits, breast-cancer, or module:function returning a fltasks.Task", "digits"
+    )
+    partition: str = setting(
+        "learning",
+        "how the train split is shared: iid, dirichlet:ALPHA (label skew) or quantity:ALPHA "
+        "(size skew)",
+        "dirichlet:0.5",
+    )
+    rounds: int = setting("learning", "gossip rounds, >= 1", _SIM.rounds, metavar="R")
+    local_epochs: int = setting(
+        "learning",
+        "epochs over its own shard each node runs per round",
+        _SIM.local_epochs,
+        metavar="E",
+    )
+    target: float | None = setting(
+        "learning",
+        "accuracy in (0, 1] for rounds_to_target (default 0.98 x the centralized final accuracy)",
+        None,
+        metavar="ACC",
+    )
+    # simulated network
+    loss: float = setting(
+        "simulated network",
+        "probability in [0, 1) that a message is lost",
+        _NET.loss,
+        metavar="RATE",
+    )
+    delay: int = setting(
+        "simulated network",
+        "maximum per-link delay in rounds; each link's delay is drawn once from 0..ROUNDS",
+        _NET.delay,
+        metavar="ROUNDS",
+    )
+    churn: float = setting(
+        "simulated network",
+        "fraction in [0, 1) of nodes offline in each round, drawn afresh",
+        _NET.churn,
+        metavar="RATE",
+    )
+    # hostile peers
+    aggregator: str = setting(
+        "hostile peers",
+        "how a node folds in what it received: mean (exact push-sum) or gossip's robust rules",
+        _SIM.aggregator,
+        choices=tuple(AGGREGATORS),
+    )
+    trim_fraction: float | None = setting(
+        "hostile peers",
+        "trimmed-mean: fraction trimmed from each end; clipped: fraction of received "
+        "estimates clipped; in (0, 0.5) (default gossip's 0.2)",
+        _SIM.trim_fraction,
+        metavar="BETA",
+    )
+    clip_radius: float | None = setting(
+        "hostile peers",
+        "clipped: fixed clipping radius (default adaptive)",
+        _SIM.clip_radius,
+        metavar="TAU",
+    )
+    byzantine: int = setting(
+        "hostile peers",
+        "number of Byzantine nodes, drawn with the seed",
+        _SIM.byzantine,
+        metavar="F",
+    )
+    attack: str = setting(
+        "hostile peers", "what Byzantine nodes send", _SIM.attack, choices=ATTACKS
+    )
+    attack_scale: float | None = setting(
+        "hostile peers",
+        "sign-flip: -S z (default 1); scale: S z (default 10); noise: std S (default 1); "
+        "alie: S std below the mean (default the paper's z_max for n and F)",
+        _SIM.attack_scale,
+        metavar="S",
+    )
+    # differential privacy
+    dp_clip: float | None = setting(
+        "differential privacy (off by default)",
+        "clip every honest node's round delta to L2 norm C",
+        _SIM.dp_clip,
+        metavar="C",
+    )
+    dp_noise: float | None = setting(
+        "differential privacy (off by default)",
+        "add N(0, (SIGMA C)^2) per coordinate to the clipped delta",
+        _SIM.dp_noise,
+        metavar="SIGMA",
+    )
+    # compression
+    compression: str = setting(
+        "compression", "none, fp16, int8 or topk:FRACTION", _SIM.compression, metavar="CODEC"
+    )
+    choco_step: float = setting(
+        "compression",
+        "topk only: step of the public-copy mixing, in (0, 1]",
+        _SIM.choco_step,
+        metavar="GAMMA",
+    )
+    choco_compensation: float = setting(
+        "compression",
+        "topk only: fraction in [0, 1] of the mass its sparse messages did not carry that a "
+        "sender keeps; 1 conserves mass (CHOCO), 0 drops it",
+        _SIM.choco_compensation,
+        metavar="C",
+    )
+    # run
+    seed: int = setting("run", "seed of everything random", _SIM.seed)
+    out: Path = setting("run", "output directory", Path("runs/simulate"), metavar="DIR")
+    float64: bool = setting(
+        "run", "keep and mix the stacked models in float64 (default float32)", False
+    )
+
+    def __post_init__(self) -> None:
+        hints = _types()
+        for item in fields(self):
+            value = getattr(self, item.name)
+            _check_type(item.name, value, hints[item.name])
+            choices = item.metadata["choices"]
+            if choices is not None and value not in choices:
+                raise SettingError(item.name, f"{value!r} is not one of {', '.join(choices)}")
+
+    @property
+    def network(self) -> NetworkConditions:
+        return NetworkConditions(loss=self.loss, delay=self.delay, churn=self.churn)
+
+    def simulation_config(self) -> SimulationConfig:
+        """The simulator's config; every bad value raises :class:`SettingError`."""
+        if self.rounds < 1:
+            raise SettingError("rounds", f"must be >= 1, got {self.rounds}")
+        if self.nodes < 2:
+            raise SettingError("nodes", f"must be >= 2, got {self.nodes}")
+        if self.degree < 2:
+            raise SettingError("degree", f"must be >= 2, got {self.degree}")
+        if not 0.0 <= self.rewire <= 1.0:
+            raise SettingError("rewire", f"must be in [0, 1], got {self.rewire}")
+        if self.target is not None and not 0.0 < self.target <= 1.0:
+            raise SettingError("target", f"must be an accuracy in (0, 1], got {self.target}")
+        if not 0 <= self.byzantine < self.nodes:
+            raise SettingError(
+                ("byzantine", "nodes"), f"byzantine must be in [0, nodes), got {self.byzantine}"
+            )
+        return SimulationConfig(
+            rounds=self.rounds,
+            local_epochs=self.local_epochs,
+            network=self.network,
+            seed=self.seed,
+            dtype=torch.float64 if self.float64 else torch.float32,
+            **{name: getattr(self, name) for name in _PASSED_THROUGH},
+        )
+
+
+_PASSED_THROUGH = (
+    "aggregator",
+    "trim_fraction",
+    "clip_radius",
+    "byzantine",
+    "attack",
+    "attack_scale",
+    "dp_clip",
+    "dp_noise",
+    "compression",
+    "choco_step",
+    "choco_compensation",
+)
+
+
+def _types() -> dict[str, Any]:
+    return typing.get_type_hints(ExperimentConfig)
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    """``float | None`` -> (float, True); ``int`` -> (int, False)."""
+    if isinstance(hint, types.UnionType):
+        members = [member for member in hint.__args__ if member is not type(None)]
+        return members[0], True
+    return hint, False
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    kind, optional = _base_type(hint)
+    if value is None and optional:
+        return
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if kind in (int, float) and isinstance(value, bool):
+        raise SettingError(name, f"expected a number, got {value!r}")
+    if not isinstance(value, kind):
+        raise SettingError(name, f"expected {_type_word(kind)}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise SettingError(name, f"expected a finite number, got {value!r}")
+
+
+def _type_word(kind: type) -> str:
+    return {int: "a whole number", float: "a number", str: "text", bool: "true or false"}.get(
+        kind, kind.__name__
+    )
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_text(name: str, kind: type, text: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise SettingError(name, f"expected {_type_word(kind)}, got {text!r}") from None
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, grouped as declared; values stay text until checked."""
+    groups: dict[str, Any] = {}
+    hints = _types()
+    for item in fields(ExperimentConfig):
+        meta = item.metadata
+        group = groups.get(meta["group"]) or parser.add_argument_group(meta["group"])
+        groups[meta["group"]] = group
+        kind, _ = _base_type(hints[item.name])
+        shown = "" if item.default is None else f" (default {item.default})"
+        if kind is bool:
+            group.add_argument(
+                flag_name(item.name), action="store_true", default=None, help=meta["help"]
+            )
+            continue
+        group.add_argument(
+            flag_name(item.name),
+            default=None,
+            metavar=meta["metavar"] or (meta["choices"] and "{" + ",".join(meta["choices"]) + "}"),
+            help=meta["help"] + ("" if "default" in meta["help"] else shown),
+        )
+
+
+def config_from_flags(
+    flags: argparse.Namespace, file_settings: dict[str, Any] | None = None
+) -> ExperimentConfig:
+    """Defaults, then the TOML file's settings, then the flags that were given."""
+    hints = _types()
+    values = dict(file_settings or {})
+    for item in fields(ExperimentConfig):
+        text = getattr(flags, item.name, None)
+        if text is None:
+            continue
+        kind, _ = _base_type(hints[item.name])
+        values[item.name] = text if kind is bool else _parse_text(item.name, kind, text)
+    return ExperimentConfig(**values)
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """The settings in a TOML file, by field name; unknown keys are refused."""
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except OSError as error:
+        raise SettingError("config", f"cannot read {path} ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingError("config", f"{path} is not valid TOML ({error})") from None
+    known = {item.name for item in fields(ExperimentConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SettingError("config", f"{path}: unknown key(s) {', '.join(unknown)}")
+    if isinstance(raw.get("out"), str):
+        raw["out"] = Path(raw["out"])
+    return raw
