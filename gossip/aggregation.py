@@ -152,7 +152,7 @@ class ClippedGossip(RobustRule):
     name = "clipped"
 
     def __init__(
-        self, tau: float | None = None, beta: float = robust.DEFAULT_TRIM_FRACTION
+        self, tau: float | None = None, beta: float = robust.DEFAULT_CLIP_FRACTION
     ) -> None:
         if tau is not None and not (math.isfinite(tau) and tau >= 0):
             raise ValueError(f"the clipping radius tau must be a finite number >= 0, got {tau}")

@@ -23,6 +23,10 @@ import math
 import numpy as np
 
 DEFAULT_TRIM_FRACTION = 0.2
+# ClippedGossip clips, it does not discard: clipping an honest neighbour only
+# shortens its pull, so it can afford to treat more of the set as suspect. On
+# real daemons with 2 attackers among 6 neighbours, 0.2 clipped only one of them.
+DEFAULT_CLIP_FRACTION = 0.45
 
 
 def _as_stack(stack: np.ndarray) -> np.ndarray:

@@ -131,7 +131,8 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         "--trim-fraction",
         type=float,
         metavar="BETA",
-        help="trimmed-mean/clipped: fraction treated as outliers (default 0.2)",
+        help="trimmed-mean/clipped: fraction treated as outliers (default: trimmed-mean 0.2, "
+        "clipped 0.45)",
     )
     add("--clip-tau", type=float, metavar="TAU", help="clipped: fixed radius (default adaptive)")
     add(

@@ -18,7 +18,6 @@ from gossip.attacks import ATTACKS
 from gossip.compression import codec_by_id
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from gossip.node import DEFAULT_QUORUM
-from gossip.robust import DEFAULT_TRIM_FRACTION
 
 
 class ConfigError(ValueError):
@@ -62,7 +61,9 @@ class NodeConfig:
     # How update tensors travel: raw float32, fp16/int8 for 2x/4x fewer bytes, or
     # topk:F, differences to a public copy (gossip/public_copy.py).
     compression: str = "raw"
-    trim_fraction: float = DEFAULT_TRIM_FRACTION
+    # Fraction of a neighbourhood a robust rule treats as suspect; None: the rule's
+    # own default (trimmed-mean 0.2, clipped 0.45, see gossip/robust.py).
+    trim_fraction: float | None = None
     # Distinct fresh neighbours a robust merge needs; below it, a bounded step.
     quorum: int = DEFAULT_QUORUM
     clip_tau: float | None = None
@@ -84,12 +85,15 @@ class NodeConfig:
     def dp_enabled(self) -> bool:
         return self.dp_clip is not None
 
+    def _fraction(self) -> dict[str, float]:
+        return {} if self.trim_fraction is None else {"beta": self.trim_fraction}
+
     def make_aggregator(self) -> Aggregator:
         """The averaging rule these settings name, with its parameters."""
         if self.aggregator == "trimmed-mean":
-            return aggregator_by_name(self.aggregator, beta=self.trim_fraction)
+            return aggregator_by_name(self.aggregator, **self._fraction())
         if self.aggregator == "clipped":
-            return aggregator_by_name(self.aggregator, tau=self.clip_tau, beta=self.trim_fraction)
+            return aggregator_by_name(self.aggregator, tau=self.clip_tau, **self._fraction())
         return aggregator_by_name(self.aggregator)
 
     def validate(self) -> NodeConfig:
@@ -141,7 +145,7 @@ class NodeConfig:
             raise ConfigError(
                 f"--aggregator {self.aggregator!r}: choose one of {', '.join(AGGREGATORS)}"
             )
-        if not 0.0 < self.trim_fraction < 0.5:
+        if self.trim_fraction is not None and not 0.0 < self.trim_fraction < 0.5:
             raise ConfigError(f"--trim-fraction {self.trim_fraction}: must be in (0, 0.5)")
         if self.clip_tau is not None:
             if self.aggregator != "clipped":

@@ -93,8 +93,3 @@ def in_neighbors(own: str, known: Sequence[str], degree: int) -> list[str]:
     return list(
         dict.fromkeys(members[(rank - offset) % size] for offset in _link_offsets(members, degree))
     )
-
-
-def gossip_peers(own: str, known: Sequence[str], degree: int) -> set[str]:
-    """Everyone we push to or may hear from: out- and in-neighbours, at most ``2 * degree``."""
-    return set(choose_neighbors(own, known, degree)) | set(in_neighbors(own, known, degree))

@@ -11,9 +11,9 @@ refunded; a slow one costs nothing at all. Rounds are paced
 gossiping without training for ``--linger`` seconds, so members that started
 later are not left to train alone.
 
-Updates are admitted for merging only from the peers this node gossips with
-(its in- and out-neighbours, :func:`p2pfl.neighbors.gossip_peers`); anyone
-else's is refused as ``not-neighbour``.
+Updates are admitted for merging only from the peers that gossip to this node
+(its in-neighbours, :func:`p2pfl.neighbors.in_neighbors`, at most ``degree``);
+anyone else's is refused as ``not-neighbour``.
 
 With an allowlist (``--allow``) the node talks to members only: the transport
 refuses every inbound stream of anyone else before reading it, and the peer book
@@ -43,7 +43,7 @@ from gossip.privacy import GaussianMechanism
 from p2pfl.checkpoint import CheckpointError, CheckpointStore, NodeState
 from p2pfl.config import ConfigError, NodeConfig, load_allowlist, parse_host_port
 from p2pfl.framing import MAX_UVARINT_BYTES
-from p2pfl.neighbors import choose_neighbors, gossip_peers
+from p2pfl.neighbors import choose_neighbors, in_neighbors
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
 from p2pfl.ratelimit import MIB, LogThrottle, PeerRateLimiter
 from p2pfl.status import serve_status
@@ -336,7 +336,7 @@ class NodeRuntime:
             return
         self._peer_view = known
         allowed = set()
-        for peer_id in gossip_peers(self.key.peer_id, known, self.config.degree):
+        for peer_id in in_neighbors(self.key.peer_id, known, self.config.degree):
             try:
                 allowed.add(public_key_from_peer_id(peer_id))
             except ValueError:
