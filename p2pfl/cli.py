@@ -69,7 +69,16 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         metavar="MULTIADDR",
         help="a member's /ip4/.../tcp/N/p2p/ID address, repeatable; none: first node",
     )
-    add("--task", help="digits, breast-cancer, or module:function (default digits)")
+    add(
+        "--task",
+        help="digits, breast-cancer, csv:PATH (your table; with --label), "
+        "or module:function (default digits)",
+    )
+    add("--label", metavar="COLUMN", help="csv tasks: the column to predict")
+    add(
+        "--model",
+        help="mlp:W,W (hidden widths), cnn or resnet18, in place of the task's default model",
+    )
     add("--shard", metavar="I/N", help="train on shard I of N of the task's data (default 0/1)")
     add("--partition", help="how shards are cut: iid, dirichlet:ALPHA, quantity:ALPHA")
     add("--seed", type=int, help="seed of the task, shards and training (default 0)")
@@ -167,6 +176,8 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         for name in (
             "key",
             "task",
+            "label",
+            "model",
             "shard",
             "partition",
             "seed",
@@ -236,7 +247,7 @@ def run_node(args: argparse.Namespace) -> None:
         except ValueError as error:
             raise UserError(f"{flag}: {error}") from None
     try:
-        task = load_task(config.task, seed=config.seed)
+        task = load_task(config.task, seed=config.seed, label=config.label, model=config.model)
         runtime = NodeRuntime(config, key, task, announce=lambda line: print(line, flush=True))
     except (ValueError, CheckpointError) as error:
         raise UserError(str(error)) from None

@@ -32,6 +32,10 @@ class NodeConfig:
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     bootstrap: tuple[str, ...] = ()
     task: str = "digits"
+    # The column to predict, for --task csv:PATH.
+    label: str | None = None
+    # mlp:W,W, cnn or resnet18 in place of the task's default model (fltasks/models.py).
+    model: str | None = None
     shard: str = "0/1"
     partition: str = "iid"
     seed: int = 0
@@ -150,6 +154,8 @@ def parse_host_port(text: str) -> tuple[str, int]:
 _LIST_KEYS = {"listen", "bootstrap"}
 # Settings that are off (None) by default and a number when given.
 _OPTIONAL_FLOATS = {"clip_tau", "dp_clip", "dp_noise"}
+# Settings that are off (None) by default and text when given.
+_OPTIONAL_STRINGS = {"label", "model"}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -195,6 +201,8 @@ def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -
         expected = type(default) if default is not None else None
         if item.name in _OPTIONAL_FLOATS and value is not None:
             expected = float
+        if item.name in _OPTIONAL_STRINGS and value is not None:
+            expected = str
         if expected in (int, float) and isinstance(value, bool):
             raise ConfigError(f"{item.name}: expected a number, got {value!r}")
         if expected is float and isinstance(value, int):

@@ -185,7 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     learning.add_argument(
         "--task",
         default="digits",
-        help="digits, breast-cancer, or module:function returning a fltasks.Task (default digits)",
+        help="digits, breast-cancer, csv:PATH (with --label), or module:function returning "
+        "a fltasks.Task (default digits)",
+    )
+    learning.add_argument("--label", metavar="COLUMN", help="csv tasks: the column to predict")
+    learning.add_argument(
+        "--model", help="mlp:W,W, cnn or resnet18 in place of the task's default model"
     )
     learning.add_argument(
         "--partition",
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         names.append(BASELINE)
     try:
         parse_partition(args.partition)
-        task = load_task(args.task, seed=args.seed)
+        task = load_task(args.task, seed=args.seed, label=args.label, model=args.model)
         shards = partition(task.y_train, args.nodes, args.partition, seed=args.seed)
         graphs = {
             name: make_graph(name, args.nodes, args.degree, args.rewire, seed=args.seed)
