@@ -110,15 +110,17 @@ def _linear_relu(sizes: Sequence[int]) -> list[nn.Module]:
 
 
 def small_cnn(channels: int, height: int, width: int, num_classes: int) -> nn.Sequential:
-    """Two 3x3 conv layers (32, 64 channels) with 2x2 max pooling, then 256 hidden units.
+    """Two 3x3 conv layers (32, 64 channels) with BatchNorm and 2x2 max pooling, then 256 units.
 
     About 1.07M parameters on 32x32 images: the "1M-parameter model" of the tests
-    and benchmarks, small enough to train on a CPU.
+    and benchmarks, small enough to train on a CPU. Without the BatchNorm, plain
+    SGD on digits PNGs swung between 0.9 and 0.35 validation accuracy from one
+    epoch to the next at any learning rate from 0.005 to 0.05 (measured).
     """
     flat = 64 * (height // 4) * (width // 4)
     return nn.Sequential(
-        nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(channels, 32, 3, padding=1), _norm(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), _norm(64), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(flat, 256), nn.ReLU(), nn.Linear(256, num_classes),
     )
 

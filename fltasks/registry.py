@@ -9,6 +9,7 @@ from collections.abc import Callable
 from functools import partial
 
 from fltasks.datasets import breast_cancer, digits
+from fltasks.images import imagefolder_task
 from fltasks.models import build_model, check_fits, parse_model
 from fltasks.tabular import csv_task
 from fltasks.task import Task, TaskError
@@ -19,7 +20,7 @@ BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
-DATA_FILE_TASKS = ("csv:PATH",)
+DATA_FILE_TASKS = ("csv:PATH", "imagefolder:DIR")
 
 
 def load_task(
@@ -33,11 +34,12 @@ def load_task(
     """Return the task named by `spec`, built with `seed`.
 
     `spec` is a built-in name, `csv:PATH` (with `label`, the column to predict),
-    or `module:function`, where `function(seed=seed)` returns a `Task`; that is
-    how a developer brings their own model and data to both the daemon and the
-    simulator. `model` (`mlp:W,W`, `cnn`, `resnet18`) replaces the model of a
-    built-in or data-file task; `device` is where it trains. Every bad spec
-    raises `TaskError` with one line naming the cause.
+    `imagefolder:DIR` (one folder of images per class), or `module:function`,
+    where `function(seed=seed)` returns a `Task`; that is how a developer brings
+    their own model and data to both the daemon and the simulator. `model`
+    (`mlp:W,W`, `cnn`, `resnet18`) replaces the model of a built-in or data-file
+    task; `device` is where it trains. Every bad spec raises `TaskError` with
+    one line naming the cause.
     """
     kind, _, rest = spec.partition(":")
     if label is not None and kind != "csv":
@@ -48,6 +50,10 @@ def load_task(
         if not label:
             raise TaskError(f"--task {spec}: give the column to predict with --label COLUMN")
         return csv_task(rest, label, seed, model, device=device)
+    if kind == "imagefolder":
+        if not rest:
+            raise TaskError(f"--task {spec!r}: expected imagefolder:DIR, e.g. imagefolder:scans")
+        return imagefolder_task(rest, seed, model, device=device)
     if spec in BUILTIN_TASKS:
         task = BUILTIN_TASKS[spec](seed=seed)
         if model is not None:

@@ -71,7 +71,7 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--task",
-        help="digits, breast-cancer, csv:PATH (your table; with --label), "
+        help="digits, breast-cancer, csv:PATH (your table; with --label), imagefolder:DIR, "
         "or module:function (default digits)",
     )
     add("--label", metavar="COLUMN", help="csv tasks: the column to predict")

@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     learning.add_argument(
         "--task",
         default="digits",
-        help="digits, breast-cancer, csv:PATH (with --label), or module:function returning "
-        "a fltasks.Task (default digits)",
+        help="digits, breast-cancer, csv:PATH (with --label), imagefolder:DIR, or module:function "
+        "returning a fltasks.Task (default digits)",
     )
     learning.add_argument("--label", metavar="COLUMN", help="csv tasks: the column to predict")
     learning.add_argument(
