@@ -11,6 +11,7 @@ from functools import partial
 from fltasks.datasets import breast_cancer, digits
 from fltasks.images import imagefolder_task
 from fltasks.models import build_model, check_fits, parse_model
+from fltasks.spec import TaskSpec, load_spec
 from fltasks.tabular import csv_task
 from fltasks.task import Task, TaskError
 
@@ -30,6 +31,7 @@ def load_task(
     label: str | None = None,
     model: str | None = None,
     device: str = "cpu",
+    task_spec: str | None = None,
 ) -> Task:
     """Return the task named by `spec`, built with `seed`.
 
@@ -38,10 +40,13 @@ def load_task(
     where `function(seed=seed)` returns a `Task`; that is how a developer brings
     their own model and data to both the daemon and the simulator. `model`
     (`mlp:W,W`, `cnn`, `resnet18`) replaces the model of a built-in or data-file
-    task; `device` is where it trains. Every bad spec raises `TaskError` with
-    one line naming the cause.
+    task; `device` is where it trains. `task_spec` is the path of the spec file
+    every member shares (fltasks/spec.py). Every bad spec raises `TaskError`
+    with one line naming the cause.
     """
     kind, _, rest = spec.partition(":")
+    if task_spec is not None:
+        return _load_with_spec(spec, load_spec(task_spec), task_spec, seed, label, model, device)
     if label is not None and kind != "csv":
         raise TaskError(f"--label {label!r}: only --task csv:PATH has a label column; drop it")
     if kind == "csv":
@@ -67,6 +72,33 @@ def load_task(
                         f"drop --model")
     task = _load_user_task(spec, seed)
     return dataclasses.replace(task, device=device)
+
+
+def _load_with_spec(text: str, shared: TaskSpec, source: str, seed: int, label: str | None,
+                    model: str | None, device: str) -> Task:
+    """A data-file task whose classes, inputs and model the shared spec fixes."""
+    kind, _, path = text.partition(":")
+    if kind != shared.kind or not path:
+        raise TaskError(f"--task-spec {source} is for {shared.kind} tasks, "
+                        f"but --task is {text!r}")
+    if model is not None and parse_model(model) != shared.model:
+        raise TaskError(f"--model {model}: the task spec {source} says {shared.model}; "
+                        f"every member uses the spec's model, so drop --model")
+    if label is not None and label != shared.label:
+        raise TaskError(f"--label {label!r}: the task spec {source} says {shared.label!r}")
+    if shared.kind == "csv":
+        assert shared.label is not None
+        task = csv_task(path, shared.label, seed, shared.model, classes=shared.classes,
+                        categories=shared.categories, columns=shared.columns, device=device,
+                        spec_hash=shared.sha256)
+    else:
+        task = imagefolder_task(path, seed, shared.model, size=shared.input_shape[1],
+                                classes=shared.classes, device=device, spec_hash=shared.sha256)
+    if task.input_shape != shared.input_shape:
+        raise TaskError(f"{path}: {task.input_shape[0]} features after encoding, but the "
+                        f"task spec {source} says input_shape = [{shared.input_shape[0]}]; "
+                        f"list every categorical column's values under [categories]")
+    return task
 
 
 def _load_user_task(spec: str, seed: int) -> Task:

@@ -48,6 +48,7 @@ class Table:
     y: np.ndarray  # int64 [rows]
     classes: tuple[str, ...]
     features: tuple[str, ...]  # "column" or "column=category" for one-hot features
+    columns: tuple[str, ...]  # the feature columns of the file, in input order
     categories: dict[str, tuple[str, ...]]  # per categorical column, in encoding order
 
 
@@ -93,8 +94,13 @@ def read_table(
     label: str,
     classes: Sequence[str] | None = None,
     categories: Mapping[str, Sequence[str]] | None = None,
+    columns: Sequence[str] | None = None,
 ) -> Table:
-    """Parse and type the CSV at ``path``; ``classes``/``categories`` from a shared spec."""
+    """Parse and type the CSV at ``path``; classes, categories and columns from a shared spec.
+
+    ``columns`` fixes which feature columns are used and in what order, so that
+    members whose files order their columns differently still agree.
+    """
     path = Path(path)
     header, rows = _read_rows(path)
     duplicates = sorted({name for name in header if header.count(name) > 1})
@@ -107,19 +113,29 @@ def read_table(
     if unknown:
         raise TaskError(f"{path}: the task spec lists categories for column {unknown[0]!r}, "
                         f"which the file does not have")
+    order = [name for name in header if name != label]
+    if columns is not None:
+        for name in columns:
+            if name not in header or name == label:
+                raise TaskError(f"{path}: no column {name!r}, which the task spec lists in "
+                                f"columns")
+        extra = [name for name in order if name not in columns]
+        if extra:
+            raise TaskError(f"{path}: column {extra[0]!r} is not in the task spec's columns; "
+                            f"remove it from the file or add it to every member's spec")
+        order = list(columns)
     for line, row in rows:
         if len(row) != len(header):
             raise TaskError(f"{path}: row {line} has {len(row)} cells; the header has "
                             f"{len(header)}")
-    columns: list[tuple[str, np.ndarray]] = []
+    encoded: list[tuple[str, np.ndarray]] = []
     found: dict[str, tuple[str, ...]] = {}
-    for index, name in enumerate(header):
-        if name == label:
-            continue
+    for name in order:
+        index = header.index(name)
         cells = [(line, row[index].strip()) for line, row in rows]
         numbers = sum(_number(cell) is not None for _, cell in cells)
         if name not in declared and 2 * numbers > len(cells):
-            columns.append((name, _numeric_column(path, name, cells, numbers)))
+            encoded.append((name, _numeric_column(path, name, cells, numbers)))
             continue
         values = tuple(declared[name]) if name in declared else _sorted_values(
             {cell for _, cell in cells})
@@ -129,13 +145,13 @@ def read_table(
                             f"or fix its cells")
         found[name] = values
         for value in values:
-            columns.append((f"{name}={value}", _one_hot(path, name, cells, values, value)))
-    if not columns:
+            encoded.append((f"{name}={value}", _one_hot(path, name, cells, values, value)))
+    if not encoded:
         raise TaskError(f"{path}: no feature columns besides the label column {label!r}")
     y, class_names = _labels(path, label, [(line, row[header.index(label)].strip())
                                           for line, row in rows], classes)
-    x = np.stack([values for _, values in columns], axis=1)
-    return Table(x, y, class_names, tuple(name for name, _ in columns), found)
+    x = np.stack([values for _, values in encoded], axis=1)
+    return Table(x, y, class_names, tuple(name for name, _ in encoded), tuple(order), found)
 
 
 def _numeric_column(path: Path, name: str, cells: list[tuple[int, str]],
@@ -192,11 +208,12 @@ def csv_task(
     *,
     classes: Sequence[str] | None = None,
     categories: Mapping[str, Sequence[str]] | None = None,
+    columns: Sequence[str] | None = None,
     device: str = "cpu",
     spec_hash: bytes = b"",
 ) -> Task:
     """A task on the CSV at ``path``, predicting column ``label``; model default mlp:64."""
-    table = read_table(path, label, classes, categories)
+    table = read_table(path, label, classes, categories, columns)
     spec = model if isinstance(model, ModelSpec) else parse_model(model or DEFAULT_TABULAR_MODEL)
     check_fits(spec, (table.x.shape[1],))
     x_train, y_train, x_test, y_test = split_and_standardize(table.x, table.y, seed)

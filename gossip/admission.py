@@ -19,6 +19,7 @@ import numpy as np
 
 from gossip import codec
 from gossip.errors import InvalidUpdate, Reason
+from gossip.layout import model_fingerprint
 from gossip.update import Update
 
 
@@ -56,6 +57,8 @@ class AdmissionPolicy:
     # Push-sum weights are sample counts split into shares; no honest share comes
     # near this, and a huge one would drive the receiver's weight to infinity.
     max_weight: float = 1e12
+    # The shared task spec's hash that ``fingerprint`` includes (gossip.layout), or b"".
+    task_spec_hash: bytes = b""
 
 
 def all_finite(tensors: Iterable[np.ndarray]) -> bool:
@@ -73,15 +76,20 @@ def all_finite(tensors: Iterable[np.ndarray]) -> bool:
     return True
 
 
-def check_layout(update: Update, fingerprint: bytes) -> None:
+# Said on every wrong-model verdict: the fingerprint alone cannot tell which differs.
+WRONG_MODEL_DETAIL = "the model fingerprint differs from ours: another model or task spec file"
+
+
+def check_layout(update: Update, fingerprint: bytes, task_spec_hash: bytes = b"") -> None:
     """Raise unless the decoded tensors really are the model ``fingerprint`` names.
 
     The header's fingerprint is only a claim: a signed message may declare
     ours and still carry tensors of other names or shapes, which would crash
-    or silently misalign a merge. This checks what was decoded.
+    or silently misalign a merge. This checks what was decoded, with our own
+    ``task_spec_hash``, which the fingerprint includes but no tensor carries.
     """
     try:
-        decoded = update.layout.fingerprint
+        decoded = model_fingerprint(update.layout.specs, task_spec_hash)
     except ValueError as error:
         raise InvalidUpdate(Reason.MALFORMED, str(error)) from None
     if decoded != fingerprint:
@@ -116,9 +124,9 @@ class Admission:
             self._check_replay(signed.sender, signed.seq)
             self._check_fresh(signed.header["created_at"], now)
             if signed.header["fingerprint"] != self.policy.fingerprint:
-                raise InvalidUpdate(Reason.WRONG_MODEL, "the model fingerprint differs from ours")
+                raise InvalidUpdate(Reason.WRONG_MODEL, WRONG_MODEL_DETAIL)
             update = codec.decode_tensors(signed)
-            check_layout(update, self.policy.fingerprint)
+            check_layout(update, self.policy.fingerprint, self.policy.task_spec_hash)
         except InvalidUpdate as error:
             return self._reject(error)
         return self._judge_values(update)
@@ -129,8 +137,8 @@ class Admission:
             self._check_replay(update.sender, update.seq)
             self._check_fresh(update.created_at, now)
             if update.fingerprint != self.policy.fingerprint:
-                raise InvalidUpdate(Reason.WRONG_MODEL, "the model fingerprint differs from ours")
-            check_layout(update, self.policy.fingerprint)
+                raise InvalidUpdate(Reason.WRONG_MODEL, WRONG_MODEL_DETAIL)
+            check_layout(update, self.policy.fingerprint, self.policy.task_spec_hash)
         except InvalidUpdate as error:
             return self._reject(error)
         return self._judge_values(update)

@@ -82,12 +82,19 @@ class GossipNode:
         initial: dict[str, np.ndarray],
         samples: int,
         policy: AdmissionPolicy | None = None,
+        task_spec_hash: bytes = b"",
         **options: object,
     ) -> GossipNode:
-        """A node starting from model ``initial``, weighted by its ``samples``."""
-        layout = ModelLayout.of(initial)
-        policy = policy or AdmissionPolicy(fingerprint=layout.fingerprint)
-        if policy.fingerprint != layout.fingerprint:
+        """A node starting from model ``initial``, weighted by its ``samples``.
+
+        ``task_spec_hash``: the shared task spec's SHA-256, which joins the model
+        fingerprint (see :func:`gossip.layout.model_fingerprint`).
+        """
+        layout = ModelLayout.of(initial, task_spec_hash)
+        policy = policy or AdmissionPolicy(
+            fingerprint=layout.fingerprint, task_spec_hash=task_spec_hash
+        )
+        if policy.fingerprint != layout.fingerprint or policy.task_spec_hash != task_spec_hash:
             raise ValueError("the admission policy's fingerprint is not this model's")
         state = PushSum(layout.flatten(initial, dtype=np.float64), weight=max(samples, 1))
         return cls(key, layout, state, samples, Admission(policy), **options)  # type: ignore[arg-type]
@@ -135,8 +142,10 @@ class GossipNode:
         if update.sender != expected_sender:
             raise InvalidUpdate(Reason.SENDER_MISMATCH, "the snapshot is not the peer's own")
         if update.fingerprint != self.layout.fingerprint:
-            raise InvalidUpdate(Reason.WRONG_MODEL, "the snapshot is of another model")
-        check_layout(update, self.layout.fingerprint)
+            raise InvalidUpdate(
+                Reason.WRONG_MODEL, "the snapshot is of another model or task spec file"
+            )
+        check_layout(update, self.layout.fingerprint, self.layout.task_spec_hash)
         if not all_finite(update.tensors.values()):
             raise InvalidUpdate(Reason.NON_FINITE, "the snapshot holds NaN or inf")
         self.pushsum.replace_estimate(self.layout.flatten(update.tensors, dtype=np.float64))

@@ -79,6 +79,12 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         "--model",
         help="mlp:W,W (hidden widths), cnn or resnet18, in place of the task's default model",
     )
+    add(
+        "--task-spec",
+        metavar="FILE",
+        help="csv/imagefolder: the spec file every member shares (classes, input shape, "
+        "model); a member with another spec is refused as wrong-model",
+    )
     add("--shard", metavar="I/N", help="train on shard I of N of the task's data (default 0/1)")
     add("--partition", help="how shards are cut: iid, dirichlet:ALPHA, quantity:ALPHA")
     add("--seed", type=int, help="seed of the task, shards and training (default 0)")
@@ -178,6 +184,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "task",
             "label",
             "model",
+            "task_spec",
             "shard",
             "partition",
             "seed",
@@ -247,7 +254,13 @@ def run_node(args: argparse.Namespace) -> None:
         except ValueError as error:
             raise UserError(f"{flag}: {error}") from None
     try:
-        task = load_task(config.task, seed=config.seed, label=config.label, model=config.model)
+        task = load_task(
+            config.task,
+            seed=config.seed,
+            label=config.label,
+            model=config.model,
+            task_spec=config.task_spec,
+        )
         runtime = NodeRuntime(config, key, task, announce=lambda line: print(line, flush=True))
     except (ValueError, CheckpointError) as error:
         raise UserError(str(error)) from None

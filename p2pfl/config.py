@@ -36,6 +36,8 @@ class NodeConfig:
     label: str | None = None
     # mlp:W,W, cnn or resnet18 in place of the task's default model (fltasks/models.py).
     model: str | None = None
+    # The task spec file every member shares (fltasks/spec.py); its hash joins the fingerprint.
+    task_spec: str | None = None
     shard: str = "0/1"
     partition: str = "iid"
     seed: int = 0
@@ -155,7 +157,7 @@ _LIST_KEYS = {"listen", "bootstrap"}
 # Settings that are off (None) by default and a number when given.
 _OPTIONAL_FLOATS = {"clip_tau", "dp_clip", "dp_noise"}
 # Settings that are off (None) by default and text when given.
-_OPTIONAL_STRINGS = {"label", "model"}
+_OPTIONAL_STRINGS = {"label", "model", "task_spec"}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help="mlp:W,W, cnn or resnet18 in place of the task's default model"
     )
     learning.add_argument(
+        "--task-spec", metavar="FILE", help="csv/imagefolder: the members' shared task spec"
+    )
+    learning.add_argument(
         "--partition",
         default="dirichlet:0.5",
         help="how the train split is shared: iid, dirichlet:ALPHA (label "
@@ -387,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         names.append(BASELINE)
     try:
         parse_partition(args.partition)
-        task = load_task(args.task, seed=args.seed, label=args.label, model=args.model)
+        task = load_task(
+            args.task, seed=args.seed, label=args.label, model=args.model, task_spec=args.task_spec
+        )
         shards = partition(task.y_train, args.nodes, args.partition, seed=args.seed)
         graphs = {
             name: make_graph(name, args.nodes, args.degree, args.rewire, seed=args.seed)
