@@ -9,6 +9,7 @@ from collections.abc import Callable
 from functools import partial
 
 from fltasks.datasets import breast_cancer, digits
+from fltasks.device import resolve_device
 from fltasks.images import imagefolder_task
 from fltasks.models import build_model, check_fits, parse_model
 from fltasks.spec import TaskSpec, load_spec
@@ -40,10 +41,11 @@ def load_task(
     where `function(seed=seed)` returns a `Task`; that is how a developer brings
     their own model and data to both the daemon and the simulator. `model`
     (`mlp:W,W`, `cnn`, `resnet18`) replaces the model of a built-in or data-file
-    task; `device` is where it trains. `task_spec` is the path of the spec file
-    every member shares (fltasks/spec.py). Every bad spec raises `TaskError`
-    with one line naming the cause.
+    task; `device` (auto, cpu, cuda, cuda:N) is where it trains. `task_spec` is
+    the path of the spec file every member shares (fltasks/spec.py). Every bad
+    spec raises `TaskError` with one line naming the cause.
     """
+    device = resolve_device(device)
     kind, _, rest = spec.partition(":")
     if task_spec is not None:
         return _load_with_spec(spec, load_spec(task_spec), task_spec, seed, label, model, device)

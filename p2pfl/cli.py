@@ -85,6 +85,11 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         help="csv/imagefolder: the spec file every member shares (classes, input shape, "
         "model); a member with another spec is refused as wrong-model",
     )
+    add(
+        "--device",
+        help="where training runs: auto (CUDA when there is one, else the CPU), cpu, cuda "
+        "or cuda:N (default auto)",
+    )
     add("--shard", metavar="I/N", help="train on shard I of N of the task's data (default 0/1)")
     add("--partition", help="how shards are cut: iid, dirichlet:ALPHA, quantity:ALPHA")
     add("--seed", type=int, help="seed of the task, shards and training (default 0)")
@@ -185,6 +190,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "label",
             "model",
             "task_spec",
+            "device",
             "shard",
             "partition",
             "seed",
@@ -260,6 +266,7 @@ def run_node(args: argparse.Namespace) -> None:
             label=config.label,
             model=config.model,
             task_spec=config.task_spec,
+            device=config.device,
         )
         runtime = NodeRuntime(config, key, task, announce=lambda line: print(line, flush=True))
     except (ValueError, CheckpointError) as error:

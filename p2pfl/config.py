@@ -38,6 +38,9 @@ class NodeConfig:
     model: str | None = None
     # The task spec file every member shares (fltasks/spec.py); its hash joins the fingerprint.
     task_spec: str | None = None
+    # Where training runs: auto (CUDA when torch sees it, else the CPU), cpu, cuda or cuda:N.
+    # Checked by fltasks.device.resolve_device when the task loads (it needs torch).
+    device: str = "auto"
     shard: str = "0/1"
     partition: str = "iid"
     seed: int = 0
