@@ -2,7 +2,7 @@
 
 A state machine fed with bytes and the caller's clock. Checks run cheapest
 first so that junk costs little: the size cap, the header schema, the
-allowlist, the signature (before any tensor is decoded), replay, staleness,
+allowlist, the current neighbours, the signature (before any tensor is decoded), replay, staleness,
 the model fingerprint, the decoded tensors' layout (against that
 fingerprint), then the values. A rejected update is never returned, so it
 cannot touch a model.
@@ -19,7 +19,7 @@ import numpy as np
 
 from gossip import codec
 from gossip.errors import InvalidUpdate, Reason
-from gossip.layout import model_fingerprint
+from gossip.layout import TensorSpec, model_fingerprint
 from gossip.update import Update
 
 
@@ -80,6 +80,26 @@ def all_finite(tensors: Iterable[np.ndarray]) -> bool:
 WRONG_MODEL_DETAIL = "the model fingerprint differs from ours: another model or task spec file"
 
 
+def check_declared_layout(
+    signed: codec.SignedHeader, fingerprint: bytes, task_spec_hash: bytes = b""
+) -> None:
+    """Raise unless the header's tensor entries are the model ``fingerprint`` names.
+
+    Runs before any payload is decoded, so a signed header that declares a
+    tensor of absurd size (a top-k payload "of" 10^13 values, say) is refused
+    before anything is allocated for it. ``task_spec_hash`` is our own shared
+    task spec's, which the fingerprint includes but no tensor entry carries.
+    """
+    specs = (
+        TensorSpec(entry["name"], entry["dtype"], tuple(entry["shape"]))
+        for entry in signed.header["tensors"]
+    )
+    if model_fingerprint(specs, task_spec_hash) != fingerprint:
+        raise InvalidUpdate(
+            Reason.WRONG_SHAPE, "the tensors' names, dtypes or shapes differ from the model's"
+        )
+
+
 def check_layout(update: Update, fingerprint: bytes, task_spec_hash: bytes = b"") -> None:
     """Raise unless the decoded tensors really are the model ``fingerprint`` names.
 
@@ -106,6 +126,9 @@ class Admission:
     last_seq: dict[bytes, int] = field(default_factory=dict)
     rejected: Counter[Reason] = field(default_factory=Counter)
     accepted: int = 0
+    # Who may push to us right now (our gossip neighbours); None: any sender.
+    # Unlike the allowlist it changes as the overlay does, so it is not policy.
+    neighbours: frozenset[bytes] | None = None
 
     def admit(
         self, data: bytes | bytearray | memoryview, now: float, remote_key: bytes | None = None
@@ -116,6 +139,8 @@ class Admission:
             allowlist = self.policy.allowlist
             if allowlist is not None and signed.sender not in allowlist:
                 raise InvalidUpdate(Reason.UNKNOWN_SENDER, "the sender is not in the allowlist")
+            if self.neighbours is not None and signed.sender not in self.neighbours:
+                raise InvalidUpdate(Reason.NOT_NEIGHBOUR, "the sender is not one of our neighbours")
             if remote_key is not None and signed.sender != remote_key:
                 raise InvalidUpdate(Reason.SENDER_MISMATCH, "signed by a key other than the peer's")
             codec.check_signature(signed)
@@ -125,6 +150,7 @@ class Admission:
             self._check_fresh(signed.header["created_at"], now)
             if signed.header["fingerprint"] != self.policy.fingerprint:
                 raise InvalidUpdate(Reason.WRONG_MODEL, WRONG_MODEL_DETAIL)
+            check_declared_layout(signed, self.policy.fingerprint, self.policy.task_spec_hash)
             update = codec.decode_tensors(signed)
             check_layout(update, self.policy.fingerprint, self.policy.task_spec_hash)
         except InvalidUpdate as error:

@@ -1,18 +1,21 @@
-"""How a node folds admitted updates into its model: pluggable rules behind one interface.
+"""How a node folds what it received into its model: pluggable rules behind one interface.
 
 The plain rule is push-sum's weighted mean. Robust rules (trimmed mean,
-median, clipping) wrap the same state and are added as small classes here,
-chosen by name (:func:`aggregator_by_name`), never as branches inside the
-push-sum code. Their arithmetic lives in :mod:`gossip.robust`, shared with
-the batched simulator.
+median, clipping) are small classes here, chosen by name
+(:func:`aggregator_by_name`), never branches inside the push-sum code. Their
+arithmetic lives in :mod:`gossip.robust`, shared with the batched simulator.
 
-A robust rule trades push-sum's exact mass conservation for robustness: the
-estimate becomes a robust statistic of the set {own estimate} ∪ {received
-estimates}, each counted once whatever weight it claims (a weight is only a
+What becomes of push-sum's mass under a robust rule (also in
+docs/PROTOCOL.md, "Aggregation"): the *weight* is conserved exactly, the
+*estimate* is not a mass-weighted mean any more. A robust node computes its
+estimate as a robust statistic of {own estimate} and one latest estimate per
+neighbour, each counted once whatever weight it claims (a weight is only a
 sender's claim), so the network no longer converges to the exact
-sample-weighted mean but to some point inside the honest values' range.
-The weight still adds up, ``w <- w + sum w_j``, so that weights stay
-comparable with those of ``mean`` nodes and shares keep their meaning.
+sample-weighted mean but to a point inside the honest values' range. Every
+admitted share's weight is still added, once, to the receiver's weight
+(``w <- w + sum w_j``) and split on sending as under ``mean``, so the sum of
+all weights (nodes plus messages in flight) stays constant, and weights stay
+comparable with those of ``mean`` nodes.
 """
 
 from __future__ import annotations
@@ -36,18 +39,50 @@ MAX_WEIGHT = sys.float_info.max / 4
 
 class Aggregator(Protocol):
     name: str
+    # False: exact push-sum over the shares themselves. True: a vote over one
+    # latest estimate per neighbour (:meth:`aggregate`), with a quorum.
+    robust: bool
+    # Fewest received estimates with which the rule can discard at least one.
+    min_senders: int
+
+    def aggregate(self, own: np.ndarray, others: np.ndarray) -> np.ndarray:
+        """The new estimate from ``own`` ([P]) and one row per neighbour (``others``, [k, P])."""
 
     def combine(self, state: PushSum, received: Sequence[Share]) -> None:
-        """Update ``state`` in place with the admitted ``received`` shares."""
+        """One synchronous round: update ``state`` in place with the ``received`` shares."""
 
 
 class PushSumMean:
-    """Exact push-sum: the weighted mean, conserving mass. The default."""
+    """Exact push-sum: the weighted mean, conserving mass."""
 
     name = "mean"
+    robust = False
+    min_senders = 1
+
+    def aggregate(self, own: np.ndarray, others: np.ndarray) -> np.ndarray:
+        """The plain mean of the set (push-sum itself folds weighted shares, see combine)."""
+        return np.vstack([own[None, :], others]).mean(axis=0)
 
     def combine(self, state: PushSum, received: Sequence[Share]) -> None:
         state.absorb_all(received)
+
+
+class RobustRule:
+    """What every robust rule shares: the synchronous form over its :meth:`aggregate`."""
+
+    name = ""
+    robust = True
+    min_senders = 2
+
+    def aggregate(self, own: np.ndarray, others: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def combine(self, state: PushSum, received: Sequence[Share]) -> None:
+        if not received:
+            return
+        others = _stack(state, received)[1:]
+        state.estimate[...] = self.aggregate(state.estimate, others)
+        add_weight(state, sum(share.weight for share in received))
 
 
 def _stack(state: PushSum, received: Sequence[Share]) -> np.ndarray:
@@ -56,13 +91,13 @@ def _stack(state: PushSum, received: Sequence[Share]) -> np.ndarray:
     return np.stack([np.asarray(row, dtype=state.estimate.dtype) for row in rows])
 
 
-def _add_weights(state: PushSum, received: Sequence[Share]) -> None:
+def add_weight(state: PushSum, weight: float) -> None:
+    """Fold received weight in, capped: a robust node conserves weight, not estimates."""
     # Plain float sums: they overflow to inf, not to an exception as fsum does.
-    total = state.weight + sum(share.weight for share in received)
-    state.weight = min(total, MAX_WEIGHT)
+    state.weight = min(state.weight + weight, MAX_WEIGHT)
 
 
-class TrimmedMean:
+class TrimmedMean(RobustRule):
     """Coordinate-wise trimmed mean of {own} ∪ received (:func:`gossip.robust.trimmed_mean`).
 
     ``beta`` is the fraction trimmed from each end, at least one value once
@@ -77,14 +112,11 @@ class TrimmedMean:
         robust.trim_count(3, beta)  # validates beta with a one-line error
         self.beta = float(beta)
 
-    def combine(self, state: PushSum, received: Sequence[Share]) -> None:
-        if not received:
-            return
-        state.estimate[...] = robust.trimmed_mean(_stack(state, received), self.beta)
-        _add_weights(state, received)
+    def aggregate(self, own: np.ndarray, others: np.ndarray) -> np.ndarray:
+        return robust.trimmed_mean(np.vstack([own[None, :], others]), self.beta)
 
 
-class CoordinateMedian:
+class CoordinateMedian(RobustRule):
     """Coordinate-wise median of {own} ∪ received (:func:`gossip.robust.median`).
 
     Robust while Byzantine senders are fewer than half of the set. Exact mass
@@ -101,14 +133,11 @@ class CoordinateMedian:
 
     name = "median"
 
-    def combine(self, state: PushSum, received: Sequence[Share]) -> None:
-        if not received:
-            return
-        state.estimate[...] = robust.median(_stack(state, received))
-        _add_weights(state, received)
+    def aggregate(self, own: np.ndarray, others: np.ndarray) -> np.ndarray:
+        return robust.median(np.vstack([own[None, :], others]))
 
 
-class ClippedGossip:
+class ClippedGossip(RobustRule):
     """Self-centred clipping: ``z <- z + (1/m) sum_j clip(z_j - z, tau)`` over the set.
 
     He, Karimireddy and Jaggi, "Byzantine-Robust Decentralized Learning via
@@ -131,15 +160,11 @@ class ClippedGossip:
         self.tau = None if tau is None else float(tau)
         self.beta = float(beta)
 
-    def combine(self, state: PushSum, received: Sequence[Share]) -> None:
-        if not received:
-            return
-        others = _stack(state, received)[1:]
+    def aggregate(self, own: np.ndarray, others: np.ndarray) -> np.ndarray:
         tau = self.tau
         if tau is None:
-            tau = robust.adaptive_tau(state.estimate, others, self.beta)
-        state.estimate[...] = robust.clipped_step(state.estimate, others, tau)
-        _add_weights(state, received)
+            tau = robust.adaptive_tau(own, others, self.beta)
+        return robust.clipped_step(own, others, tau)
 
 
 AGGREGATORS: dict[str, type] = {

@@ -10,6 +10,7 @@ class Reason(StrEnum):
 
     BAD_SIGNATURE = "bad-signature"
     UNKNOWN_SENDER = "unknown-sender"
+    NOT_NEIGHBOUR = "not-neighbour"
     SENDER_MISMATCH = "sender-mismatch"
     REPLAY = "replay"
     STALE = "stale"

@@ -1,42 +1,48 @@
-"""One gossip participant: push-sum state, signing, admission and the inbox, with no I/O.
+"""One gossip participant: push-sum state, signing, admission and the vote table, with no I/O.
 
 The runtime (the libp2p daemon, or a test) feeds it bytes and the time and
 carries out what it returns: after a local round, :meth:`GossipNode.prepare`
 gives the one signed message to push to ``fanout`` neighbours; each incoming
-message goes through :meth:`GossipNode.receive`; :meth:`GossipNode.merge`
-folds the admitted ones into the model by the configured rule.
+message goes through :meth:`GossipNode.receive` into the vote table
+(:mod:`gossip.votes`); :meth:`GossipNode.merge` folds it into the model by the
+configured rule. :meth:`GossipNode.set_peers` says who may push at all.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from gossip import codec
+from gossip import codec, robust
 from gossip.admission import (
     Accepted,
     Admission,
     AdmissionPolicy,
     Verdict,
     all_finite,
+    check_declared_layout,
     check_layout,
 )
-from gossip.aggregation import Aggregator, PushSumMean
-from gossip.compression import ErrorFeedback, codec_by_id
+from gossip.aggregation import MAX_WEIGHT, Aggregator, PushSumMean, add_weight
+from gossip.encoders import Encoder, encoder_for
 from gossip.errors import InvalidUpdate, Reason
 from gossip.keys import NodeKey
 from gossip.layout import ModelLayout
-from gossip.public_copy import (
-    DEFAULT_SYNC_EVERY,
-    PublicCopies,
-    PublicCopySender,
-    is_difference_codec,
-)
+from gossip.public_copy import DEFAULT_SYNC_EVERY, PublicCopies, is_difference_codec
 from gossip.pushsum import PushSum, Share
 from gossip.update import Update
+from gossip.votes import DEFAULT_MAX_AGE_ROUNDS, VoteTable
 
+# With no neighbour set (tests, the simulator), at most this many senders are
+# kept; a new one beyond it folds the table in first, which bounds memory.
 DEFAULT_INBOX_LIMIT = 64
+# Distinct fresh senders a robust merge needs (the issue's and the literature's
+# floor: with fewer, one attacker can be the whole majority of what is trimmed).
+DEFAULT_QUORUM = 3
+MAX_SEQ = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,16 @@ class Outgoing:
     seq: int
     tensors: dict[str, np.ndarray]  # what receivers fold in (for top-k: the public copy)
     weight: float
+
+
+@dataclass(frozen=True)
+class GossipState:
+    """What a node must keep across restarts: :meth:`GossipNode.state` and ``restore``."""
+
+    seq: int
+    weight: float
+    estimate: np.ndarray
+    last_seq: dict[bytes, int]
 
 
 @dataclass
@@ -60,19 +76,30 @@ class GossipNode:
     codec_id: str = "raw"
     seq: int = 0
     inbox_limit: int = DEFAULT_INBOX_LIMIT
-    # Per tensor, what a lossy codec has not delivered yet (see compression/feedback.py).
-    feedback: dict[str, ErrorFeedback] = field(default_factory=dict)
-    # One entry per sender: a member that pushes many updates between merges
-    # still gets one vote in a robust rule. Its shares combine exactly (push-sum).
-    inbox: dict[bytes, Share] = field(default_factory=dict)
+    # One vote per sender (gossip/votes.py): a member that pushes many updates
+    # between merges still gets one vote. Its shares combine exactly (push-sum).
+    votes: VoteTable = field(default_factory=lambda: VoteTable(DEFAULT_MAX_AGE_ROUNDS))
+    quorum: int = DEFAULT_QUORUM
+    # Local rounds so far (one per prepare): the clock votes' freshness is counted in.
+    round: int = 0
+    # How far our own last local step moved us: below a quorum, no neighbour may
+    # pull us further than that (see merge).
+    last_step_norm: float = 0.0
+    merges: dict[str, int] = field(default_factory=lambda: {"quorum": 0, "bounded": 0})
     # Top-k sends differences to a public copy (see gossip/public_copy.py).
     sync_every: int = DEFAULT_SYNC_EVERY
-    sender_copy: PublicCopySender | None = None
+    # What each message carries, per codec (gossip/encoders.py); set from codec_id.
+    encoder: Encoder | None = None
+    # Receivers' copies of top-k senders' public models.
     public_copies: PublicCopies = field(default_factory=PublicCopies)
 
     def __post_init__(self) -> None:
-        if self.sender_copy is None and is_difference_codec(self.codec_id):
-            self.sender_copy = PublicCopySender(self.codec_id, self.sync_every)
+        if self.quorum < 1:
+            raise ValueError(f"the quorum must be at least 1 sender, got {self.quorum}")
+        self.quorum = max(self.quorum, self.aggregator.min_senders)
+        if self.encoder is None:
+            self.encoder = encoder_for(self.codec_id, self.sync_every)
+        if is_difference_codec(self.codec_id):
             self.public_copies.keep_all = True
 
     @classmethod
@@ -110,13 +137,62 @@ class GossipNode:
     def set_model(self, tensors: dict[str, np.ndarray]) -> None:
         self.pushsum.replace_estimate(self.layout.flatten(tensors, dtype=np.float64))
 
+    def state(self) -> GossipState:
+        """A copy of what :meth:`restore` needs to resume this node."""
+        pushsum = self.pushsum
+        return GossipState(
+            self.seq, pushsum.weight, pushsum.estimate.copy(), dict(self.admission.last_seq)
+        )
+
+    def restore(self, state: GossipState) -> None:
+        """Resume from ``state``; ValueError (one line) if it cannot be this node's.
+
+        A checkpoint can be copied from anywhere, so nothing is taken on trust:
+        a NaN weight, an estimate of another size, or a sequence at the top of
+        the range (which would make every later update of ours, or of a peer,
+        unsendable or refused for good) is refused before anything changes.
+        """
+        estimate = np.asarray(state.estimate)
+        if estimate.shape != self.pushsum.estimate.shape:
+            raise ValueError(
+                f"the saved estimate has shape {estimate.shape}, "
+                f"the model {self.pushsum.estimate.shape}"
+            )
+        if not np.isfinite(estimate).all():
+            raise ValueError("the saved estimate holds NaN or inf")
+        if not (math.isfinite(state.weight) and 0 < state.weight <= MAX_WEIGHT):
+            raise ValueError(f"the saved weight {state.weight!r} is not a finite number > 0")
+        if not 0 <= state.seq < MAX_SEQ // 2:
+            raise ValueError(f"the saved sequence {state.seq} is out of range")
+        for sender, seq in state.last_seq.items():
+            if len(sender) != 32 or not 0 <= seq < MAX_SEQ // 2:
+                raise ValueError(f"a saved peer sequence ({seq}) is out of range")
+        self.seq = state.seq
+        self.pushsum.weight = float(state.weight)
+        self.pushsum.replace_estimate(estimate)
+        self.admission.last_seq.clear()
+        self.admission.last_seq.update(state.last_seq)
+
+    def counters(self) -> dict[str, object]:
+        """What operators read: admissions, rejections by reason, votes and merges."""
+        return {
+            "accepted": self.admission.accepted,
+            "rejected": {reason.value: n for reason, n in self.admission.rejected.items()},
+            "coalesced": self.votes.coalesced,
+            "votes": len(self.votes.fresh(self.round)),
+            "merges": dict(self.merges),
+            "out_of_step": self.public_copies.out_of_step,
+        }
+
     def apply_local_step(self, before: np.ndarray, after: np.ndarray) -> None:
         """Add what local training changed (``after - before``) to the estimate.
 
         Applying the change rather than replacing the estimate keeps whatever
         was merged while training ran.
         """
-        self.pushsum.estimate += after - before
+        step = after - before
+        self.last_step_norm = float(np.linalg.norm(step))
+        self.pushsum.estimate += step
 
     def snapshot(self, now: float) -> bytearray:
         """The current model, signed, with weight 0: for a joining peer to adopt, not merge."""
@@ -132,45 +208,53 @@ class GossipNode:
         )
         return codec.encode(update, self.key)
 
-    def adopt(self, data: bytes | bytearray | memoryview, expected_sender: bytes) -> None:
-        """Take a neighbour's signed snapshot as our model (our weight stays ours).
+    def read_snapshot(
+        self, data: bytes | bytearray | memoryview, expected_sender: bytes
+    ) -> np.ndarray:
+        """A member's signed snapshot as a flat vector; InvalidUpdate if it is not one.
 
-        Raises InvalidUpdate when it is not a valid snapshot of this model by
-        ``expected_sender``; the model is untouched then.
+        The safe path for joining: the whole snapshot is size-capped, it must be
+        signed by ``expected_sender``, use the ``raw`` codec (a joining node
+        takes it whole, never lossy) and declare exactly our layout, all checked
+        before any tensor is decoded, so a hostile header cannot make us
+        allocate. Our own state is never touched here.
         """
-        update = codec.decode(data, self.admission.policy.max_message_bytes)
-        if update.sender != expected_sender:
+        signed = codec.parse(data, self.admission.policy.max_message_bytes)
+        if signed.sender != expected_sender:
             raise InvalidUpdate(Reason.SENDER_MISMATCH, "the snapshot is not the peer's own")
-        if update.fingerprint != self.layout.fingerprint:
+        if signed.header["codec"] != "raw":
+            raise InvalidUpdate(Reason.MALFORMED, "a snapshot must use the raw codec")
+        if signed.header["fingerprint"] != self.layout.fingerprint:
             raise InvalidUpdate(
                 Reason.WRONG_MODEL, "the snapshot is of another model or task spec file"
             )
+        check_declared_layout(signed, self.layout.fingerprint, self.layout.task_spec_hash)
+        codec.check_signature(signed)
+        update = codec.decode_tensors(signed)
         check_layout(update, self.layout.fingerprint, self.layout.task_spec_hash)
         if not all_finite(update.tensors.values()):
             raise InvalidUpdate(Reason.NON_FINITE, "the snapshot holds NaN or inf")
-        self.pushsum.replace_estimate(self.layout.flatten(update.tensors, dtype=np.float64))
-        for feedback in self.feedback.values():
-            feedback.reset()  # the residual belonged to the model we just dropped
-        if self.sender_copy is not None:
-            self.sender_copy.reset()
+        return self.layout.flatten(update.tensors, dtype=np.float64)
+
+    def adopt(self, models: Sequence[np.ndarray]) -> None:
+        """Start from the coordinate-wise median of several members' models (ours weight stays).
+
+        Never one peer's word: with three or more models, a minority of
+        hostile ones cannot move any coordinate outside the honest values.
+        """
+        if not models:
+            raise ValueError("adopt needs at least one model")
+        self.pushsum.replace_estimate(robust.median(np.stack(models)))
+        assert self.encoder is not None
+        self.encoder.reset()
 
     def prepare(self, fanout: int, now: float) -> Outgoing:
         """Split the weight for ``fanout`` neighbours and sign the one message they all get."""
         weight = self.pushsum.split_weight(fanout)
         self.seq += 1
-        # One cast of the estimate into the model's dtypes, then one copy into the
-        # message: with multi-megabyte models every pass over the bytes shows.
-        estimate = self.pushsum.estimate
-        tensors = {
-            name: array.copy() if np.shares_memory(array, estimate) else array
-            for name, array in self.layout.unflatten(estimate).items()
-        }
-        codec_id, folded = self.codec_id, tensors
-        if self.sender_copy is not None:
-            codec_id, tensors, copy = self.sender_copy.next_message(estimate, self.layout)
-            folded = self.layout.unflatten(copy)
-        elif self.codec_id != "raw":
-            tensors = folded = self._compress(tensors)
+        self.round += 1
+        assert self.encoder is not None
+        codec_id, tensors, folded = self.encoder.encode(self.pushsum.estimate, self.layout)
         update = Update(
             sender=self.key.public_key,
             seq=self.seq,
@@ -183,47 +267,77 @@ class GossipNode:
         )
         return Outgoing(codec.encode(update, self.key), self.seq, folded, weight)
 
-    def _compress(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """What a lossy codec will deliver, with error feedback so its error is not lost."""
-        tensor_codec = codec_by_id(self.codec_id)
-        if tensor_codec is None:
-            raise ValueError(f"unknown codec {self.codec_id!r}")
-        for name in tensors:
-            if name not in self.feedback:
-                self.feedback[name] = ErrorFeedback(tensor_codec)
-        return {name: self.feedback[name].compress(array) for name, array in tensors.items()}
-
     def refund(self, outgoing: Outgoing) -> None:
         """A delivery failed for sure: take its share back so that no mass is lost."""
+        if outgoing.weight <= 0:
+            return
         self.pushsum.absorb(self.layout.flatten(outgoing.tensors), outgoing.weight)
+
+    def set_peers(self, senders: frozenset[bytes] | None) -> None:
+        """Admit updates for merging only from ``senders`` (None: from anyone admitted).
+
+        The runtime passes the peers this node may gossip with: its current
+        in- and out-neighbours, a set bounded by the degree. Anyone else's
+        update is refused as ``not-neighbour``. A sender that leaves the set
+        loses its vote; the weight it already delivered is kept.
+        """
+        self.admission.neighbours = senders
+        if senders is not None:
+            for vote in self.votes.keep_only(senders):
+                self._fold_weight_of(vote.share())
 
     def receive(
         self, data: bytes | bytearray | memoryview, now: float, remote_key: bytes | None = None
     ) -> Verdict:
-        """Admit one message; an accepted one waits in the inbox until :meth:`merge`."""
+        """Admit one message; an accepted one becomes its sender's vote until :meth:`merge`."""
         verdict = self.admission.admit(data, now, remote_key)
         if isinstance(verdict, Accepted):
-            self._enqueue(verdict.update)
+            self._record(verdict.update)
         return verdict
 
-    def _enqueue(self, update: Update) -> None:
+    def _record(self, update: Update) -> None:
         values = self.layout.flatten(update.tensors, dtype=np.float64)
         estimate = self.public_copies.model_of(update.sender, update.seq, update.codec, values)
         if estimate is None:
             return  # a top-k difference to a copy we do not have: like a lost message
-        earlier = self.inbox.get(update.sender)
-        if earlier is not None and earlier.weight + update.weight > 0:
-            total = earlier.weight + update.weight
-            estimate = earlier.estimate + (update.weight / total) * (estimate - earlier.estimate)
-            self.inbox[update.sender] = Share(estimate, total)
-        else:
-            self.inbox[update.sender] = Share(estimate, update.weight)
-        if len(self.inbox) >= self.inbox_limit:
+        if update.sender not in self.votes and len(self.votes) >= self.inbox_limit:
             self.merge()  # keeps memory bounded however many peers push
+            self.votes.forget_stale(self.round + self.votes.max_age + 1)
+        self.votes.record(update.sender, estimate, update.weight, self.round)
+
+    def _fold_weight_of(self, share: Share) -> None:
+        if self.aggregator.robust:
+            add_weight(self.pushsum, share.weight)
+        else:
+            self.pushsum.absorb(share.estimate, share.weight)
 
     def merge(self) -> int:
-        """Fold every admitted update into the model; returns how many were merged."""
-        received, self.inbox = list(self.inbox.values()), {}
-        if received:
-            self.aggregator.combine(self.pushsum, received)
-        return len(received)
+        """Fold the vote table into the model; returns how many senders' votes counted.
+
+        ``mean``: exact push-sum over the shares received since the last merge.
+        A robust rule: with a quorum of distinct fresh senders, the rule over
+        {own estimate} and one latest estimate per fresh sender. Below the
+        quorum, a bounded step: each neighbour's pull is clipped to the length
+        of our own last local step (ClippedGossip's step with that radius), so
+        an attacker alone with us moves us no faster than our own training
+        does, and honest neighbours still mix. Either way the shares' weight
+        is added once, so weight is conserved.
+        """
+        if not self.aggregator.robust:
+            shares = self.votes.pending_shares()
+            self.pushsum.absorb_all(shares)
+            self.votes.clear()
+            return len(shares)
+        fresh = self.votes.fresh(self.round)
+        if fresh:
+            others = np.stack([vote.estimate for vote in fresh.values()])
+            own = self.pushsum.estimate
+            if len(fresh) >= self.quorum:
+                own[...] = self.aggregator.aggregate(own, others)
+                self.merges["quorum"] += 1
+            elif self.last_step_norm > 0:
+                own[...] = robust.clipped_step(own, others, self.last_step_norm)
+                self.merges["bounded"] += 1
+        add_weight(self.pushsum, self.votes.take_pending_weight())
+        self.votes.forget_stale(self.round)
+        return len(fresh)

@@ -113,7 +113,14 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         "--round-interval",
         type=float,
         metavar="SECONDS",
-        help="shortest time between round starts (default 0)",
+        help=f"shortest time between round starts (default {defaults.round_interval:g})",
+    )
+    add(
+        "--linger",
+        type=float,
+        metavar="SECONDS",
+        help="after the last round, keep gossiping without training this long, so late "
+        f"starters are not left alone (default {defaults.linger:g})",
     )
     add("--max-message-mb", type=float, help="largest update accepted (default 64)")
     add("--send-timeout", type=float, metavar="SECONDS", help="per push (default 5)")
@@ -137,7 +144,8 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--aggregator",
         choices=["mean", "trimmed-mean", "median", "clipped"],
-        help="how received models are combined (default mean; the others resist bad members)",
+        help="how received models are combined (default clipped, which resists bad members "
+        "at no cost in clean runs; mean is exact push-sum)",
     )
     add(
         "--trim-fraction",
@@ -146,6 +154,18 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         help="trimmed-mean/clipped: fraction treated as outliers (default 0.2)",
     )
     add("--clip-tau", type=float, metavar="TAU", help="clipped: fixed radius (default adaptive)")
+    add(
+        "--quorum",
+        type=int,
+        help="distinct fresh neighbours a robust merge needs; below it the node takes a "
+        f"bounded step (default {defaults.quorum})",
+    )
+    add(
+        "--attack",
+        choices=["sign-flip", "scale", "noise", "alie"],
+        help="EXPERIMENTS ONLY: act as a Byzantine member that pushes this attack as fast as "
+        "it may (scripts/bench_byzantine.py)",
+    )
     add(
         "--dp-clip",
         type=float,
@@ -214,6 +234,9 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "dp_noise",
             "dp_delta",
             "log_format",
+            "linger",
+            "quorum",
+            "attack",
         )
     }
     flags["listen"] = tuple(args.listen) if args.listen else None

@@ -95,6 +95,7 @@ class LocalNetwork:
         seed: int = 0,
         local_epochs: int = 5,
         extra_args: tuple[str, ...] = (),
+        node_args: dict[int, tuple[str, ...]] | None = None,
     ) -> None:
         if nodes < 2:
             raise ValueError("a local network needs at least 2 nodes")
@@ -109,6 +110,8 @@ class LocalNetwork:
         # each round worth its gossip; real deployments with real data use 1.
         self.local_epochs = local_epochs
         self.extra_args = extra_args
+        # Flags for single nodes, after the shared ones (e.g. an --attack member).
+        self.node_args = node_args or {}
         self.nodes: list[LocalNode | None] = [None] * nodes
 
     def __enter__(self) -> LocalNetwork:
@@ -150,7 +153,7 @@ class LocalNetwork:
             args += ["--rounds", str(self.rounds)]
         if bootstrap:
             args += ["--bootstrap", bootstrap]
-        return args + list(self.extra_args)
+        return args + list(self.extra_args) + list(self.node_args.get(index, ()))
 
     def start(self, index: int, bootstrap: str | None = None) -> LocalNode:
         """Start node ``index`` (restarting it on its state dir if it ran before)."""

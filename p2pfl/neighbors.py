@@ -42,25 +42,59 @@ def _membership_offsets(members: Sequence[str], count: int, near_span: int) -> l
                                                              min(count, len(candidates)))
 
 
+def _link_offsets(members: Sequence[str], degree: int) -> list[int]:
+    """Rank offsets of every link, ring neighbours first: the same for every member.
+
+    A member at rank ``r`` links to ``r + o`` for each offset ``o``; so the
+    member at ``r`` hears from ``r - o``. Near offsets alternate +1, -1, +2, ...
+    """
+    size = len(members)
+    near_count = degree - long_link_count(degree)
+    near: list[int] = []
+    for step in range(1, size):
+        for offset in (step % size, -step % size):
+            if len(near) < near_count and offset != 0 and offset not in near:
+                near.append(offset)
+        if len(near) >= near_count:
+            break
+    # The near part spans at most ceil(near_count / 2) ranks on each side.
+    near_span = (near_count + 1) // 2
+    return near + _membership_offsets(members, degree - len(near), near_span)
+
+
+def _ranked(own: str, known: Sequence[str]) -> tuple[list[str], int]:
+    members = sorted(set(known) | {own}, key=lambda p: (ring_position(p), p))
+    return members, members.index(own)
+
+
 def choose_neighbors(own: str, known: Sequence[str], degree: int) -> list[str]:
     """Up to ``degree`` peers of ``known``: ring neighbours first, then long links."""
     peers = set(known) - {own}
     if len(peers) <= degree:
         return sorted(peers, key=ring_position)
-    members = sorted(peers | {own}, key=lambda p: (ring_position(p), p))
+    members, rank = _ranked(own, known)
     size = len(members)
-    rank = members.index(own)
-    near_count = degree - long_link_count(degree)
-    near: list[str] = []
-    for step in range(1, size):
-        for candidate in (members[(rank + step) % size], members[(rank - step) % size]):
-            if len(near) < near_count and candidate != own and candidate not in near:
-                near.append(candidate)
-        if len(near) >= near_count:
-            break
-    # The near part spans at most ceil(near_count / 2) ranks on each side.
-    near_span = (near_count + 1) // 2
-    offsets = _membership_offsets(members, degree - len(near), near_span)
-    long_links = [members[(rank + offset) % size] for offset in offsets]
-    long_links = [p for p in dict.fromkeys(long_links) if p not in near and p != own]
-    return near + long_links
+    chosen = [members[(rank + offset) % size] for offset in _link_offsets(members, degree)]
+    return list(dict.fromkeys(chosen))
+
+
+def in_neighbors(own: str, known: Sequence[str], degree: int) -> list[str]:
+    """The peers of ``known`` that choose ``own`` as a neighbour, when they know what we know.
+
+    Every member runs :func:`choose_neighbors` with the same offsets, so the
+    peers that link to us sit at our rank minus each offset: at most
+    ``degree`` of them, found without running everyone's choice.
+    """
+    peers = set(known) - {own}
+    if len(peers) <= degree:
+        return sorted(peers, key=ring_position)
+    members, rank = _ranked(own, known)
+    size = len(members)
+    return list(
+        dict.fromkeys(members[(rank - offset) % size] for offset in _link_offsets(members, degree))
+    )
+
+
+def gossip_peers(own: str, known: Sequence[str], degree: int) -> set[str]:
+    """Everyone we push to or may hear from: out- and in-neighbours, at most ``2 * degree``."""
+    return set(choose_neighbors(own, known, degree)) | set(in_neighbors(own, known, degree))

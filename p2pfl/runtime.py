@@ -1,11 +1,19 @@
 """The node runtime: train off the event loop, push signed updates, merge what arrives.
 
-There is no barrier anywhere. Each local round merges what has arrived,
-trains in a worker thread (so libp2p streams keep draining: yamux fails a
-sender whose receiver stops reading for 5 s), pushes one signed update to
+There is no barrier anywhere. Each local round trains in a worker thread
+(so libp2p streams keep draining: yamux fails a sender whose receiver stops
+reading for 5 s), merges its neighbours' votes once (gossip/votes.py: one
+vote per neighbour, a quorum for robust rules), pushes one signed update to
 the current neighbours concurrently, each push under a timeout, and
 checkpoints. A dead neighbour costs one timeout and its weight share is
-refunded; a slow one costs nothing at all.
+refunded; a slow one costs nothing at all. Rounds are paced
+(``--round-interval``), and a node that has finished its ``--rounds`` keeps
+gossiping without training for ``--linger`` seconds, so members that started
+later are not left to train alone.
+
+Updates are admitted for merging only from the peers this node gossips with
+(its in- and out-neighbours, :func:`p2pfl.neighbors.gossip_peers`); anyone
+else's is refused as ``not-neighbour``.
 
 With an allowlist (``--allow``) the node talks to members only: the transport
 refuses every inbound stream of anyone else before reading it, and the peer book
@@ -20,26 +28,29 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import trio
 
 from fltasks import Task, partition
-from gossip import AdmissionPolicy, GossipNode, InvalidUpdate, NodeKey, Outgoing
+from gossip import AdmissionPolicy, GossipNode, InvalidUpdate, NodeKey, Outgoing, Reason
+from gossip.attacks import Attacker
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
+from gossip.node import GossipState
 from gossip.privacy import GaussianMechanism
-from p2pfl.checkpoint import CheckpointStore, NodeState
+from p2pfl.checkpoint import CheckpointError, CheckpointStore, NodeState
 from p2pfl.config import ConfigError, NodeConfig, load_allowlist, parse_host_port
 from p2pfl.framing import MAX_UVARINT_BYTES
-from p2pfl.neighbors import choose_neighbors
+from p2pfl.neighbors import choose_neighbors, gossip_peers
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
 from p2pfl.ratelimit import MIB, PeerRateLimiter
 from p2pfl.status import serve_status
 from p2pfl.transport import Transport, TransportError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 UPDATE_PROTOCOL = "/p2pfl/update/1.0.0"
 MODEL_PROTOCOL = "/p2pfl/model/1.0.0"
@@ -48,6 +59,15 @@ READ_TIMEOUT_S = NodeConfig.read_timeout  # the default; config.read_timeout is 
 DISCOVERY_INTERVAL_S = 2.0
 DISCOVERY_FANOUT = 3
 WAIT_LOG_INTERVAL_S = 10.0
+# A joining node asks this many members for their models and adopts the median.
+ADOPT_FROM = 5
+# An --attack member pushes this often, whatever its rounds do (bounded by the
+# receivers' per-peer rate limit).
+ATTACK_PUSH_INTERVAL_S = 0.03
+# From this many parameters on, gossip work (verify and decode, merge, encode and
+# sign) runs in a worker thread: at 10M parameters one such step takes from tens
+# of milliseconds to seconds, and the loop must keep every stream draining.
+OFFLOAD_MIN_PARAMETERS = 1_000_000
 
 
 def model_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -128,6 +148,10 @@ class NodeRuntime:
             task_spec_hash=spec_hash,
             aggregator=config.make_aggregator(),
             codec_id=config.compression,
+            quorum=config.quorum,
+        )
+        self.attacker = (
+            Attacker.create(self.gossip, config.attack) if config.attack is not None else None
         )
         non_float = [s.name for s in self.gossip.layout.specs if not s.dtype.startswith("float")]
         if config.compression != "raw" and non_float:
@@ -155,7 +179,16 @@ class NodeRuntime:
         self.transport: Transport | None = None
         self.book = MemberBook(key.peer_id, self.members, rng=random.Random(key.seed + b"book"))
         self.adopted_from: dict[str, Any] | None = None
+        # Snapshots a joining node could not use, by reason (shown in /status).
+        self.join_refused: Counter[str] = Counter()
+        self.serving = False  # finished its rounds; gossiping without training
+        self._peer_view: tuple[str, ...] | None = None
+        # Every call into the gossip core holds this lock, one at a time, so that a
+        # call running in a worker thread never races another (see _gossip).
+        self._gossip_lock = trio.Lock()
+        self.offload = self.gossip.layout.size >= OFFLOAD_MIN_PARAMETERS
         self.resumed = self._restore()
+        self._status_view = self._gossip_view()
 
     # -- state ----------------------------------------------------------------------------
 
@@ -163,11 +196,14 @@ class NodeRuntime:
         state = self.store.load(self.gossip.layout.fingerprint)
         if state is None:
             return False
+        if not 0 <= state.round < 2**62:
+            raise CheckpointError(f"{self.store.current}: round {state.round} is out of range")
+        try:
+            saved = GossipState(state.seq, state.weight, state.estimate, state.last_seq)
+            self.gossip.restore(saved)
+        except ValueError as error:
+            raise CheckpointError(f"{self.store.current}: {error}") from None
         self.round = state.round
-        self.gossip.seq = state.seq
-        self.gossip.pushsum.weight = state.weight
-        self.gossip.pushsum.replace_estimate(state.estimate)
-        self.gossip.admission.last_seq.update(state.last_seq)
         for peer_id, addrs in state.peers.items():
             self.book.add(peer_id, addrs)
         self._saved_privacy = dict(state.optimizer)
@@ -177,14 +213,15 @@ class NodeRuntime:
         logger.info("resumed from checkpoint at round %d, sequence %d", state.round, state.seq)
         return True
 
-    def _state(self) -> NodeState:
+    def _state(self, gossip: GossipState | None = None) -> NodeState:
+        gossip = gossip or self.gossip.state()
         return NodeState(
             round=self.round,
-            seq=self.gossip.seq,
-            weight=self.gossip.pushsum.weight,
-            estimate=self.gossip.estimate.copy(),
+            seq=gossip.seq,
+            weight=gossip.weight,
+            estimate=gossip.estimate,
             fingerprint=self.gossip.layout.fingerprint,
-            last_seq=dict(self.gossip.admission.last_seq),
+            last_seq=gossip.last_seq,
             peers={peer_id: self.book.addrs(peer_id) for peer_id in self.book.known()},
             optimizer=self._privacy_state(),
         )
@@ -196,14 +233,38 @@ class NodeRuntime:
         return {"dp_steps": privacy.accountant.steps, "dp_noise": privacy.noise_multiplier}
 
     async def checkpoint(self) -> None:
-        state = self._state()  # taken on the loop, written in a thread
+        gossip = await self._gossip(self.gossip.state)
+        state = self._state(gossip)  # the peer book is read on the loop
         await trio.to_thread.run_sync(self.store.save, state)
+
+    async def _gossip(self, work: Callable[..., T], *args: Any) -> T:
+        """Run ``work`` on the gossip core: one call at a time, off the loop for large models.
+
+        The status endpoint reads a view refreshed here, under the same lock,
+        so it never iterates a table that a worker thread is changing.
+        """
+        async with self._gossip_lock:
+            if self.offload:
+                result = await trio.to_thread.run_sync(work, *args)
+            else:
+                result = work(*args)
+            self._status_view = self._gossip_view()
+            return result
+
+    def _gossip_view(self) -> dict[str, Any]:
+        gossip = self.gossip
+        return {
+            "counters": gossip.counters(),
+            "weight": gossip.pushsum.weight,
+            "sequence": gossip.seq,
+            "last_seq": dict(gossip.admission.last_seq),
+        }
 
     def status(self) -> dict[str, Any]:
         transport = self.transport
-        rejected: Counter[str] = Counter(
-            {reason.value: n for reason, n in self.gossip.admission.rejected.items()}
-        )
+        view = self._status_view
+        counters = view["counters"]
+        rejected: Counter[str] = Counter(counters["rejected"])  # type: ignore[arg-type]
         if transport is not None:
             rejected.update(transport.frame_errors)
             for reason in ("busy", "rate-limited"):
@@ -220,28 +281,37 @@ class NodeRuntime:
             "neighbors": list(self.neighbors),
             "accuracy": self.accuracy,
             "updates_sent": self.updates_sent,
-            "updates_accepted": self.gossip.admission.accepted,
+            "updates_accepted": counters["accepted"],
+            # training, then serving: finished its rounds, still gossiping (--linger)
+            "state": "serving" if self.serving else "training",
+            # Fresh neighbour votes, robust merges with a quorum or bounded below one,
+            # and pushes that arrived before the sender's previous one was merged.
+            "votes": counters["votes"],
+            "merges": counters["merges"],
+            "coalesced": counters["coalesced"],
             "updates_rejected": dict(rejected),
             "bytes_sent": transport.bytes_sent if transport else 0,
             "bytes_received": transport.bytes_received if transport else 0,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "samples": len(self.shard),
-            "weight": self.gossip.pushsum.weight,
-            "sequence": self.gossip.seq,
+            "weight": view["weight"],
+            "sequence": view["sequence"],
             "known_peers": len(self.book),
             # Highest sequence accepted from each sender: shows whose updates get through.
             "last_seq": {
                 peer_id_from_public_key(sender): seq
-                for sender, seq in self.gossip.admission.last_seq.items()
+                for sender, seq in view["last_seq"].items()
             },
             "send_failures": dict(self.send_failures),
             "streams_refused": dict(transport.streams_refused) if transport else {},
             "aggregator": self.gossip.aggregator.name,
             "compression": self.gossip.codec_id,
-            # The peer whose model this node started from when it joined, if any.
+            # The members whose median model this node started from when it joined.
             "adopted_from": self.adopted_from,
+            "join_refused": dict(self.join_refused),
             # Top-k differences that arrived when our copy of the sender was stale.
-            "out_of_step": self.gossip.public_copies.out_of_step,
+            "out_of_step": counters["out_of_step"],
+            "attack": self.config.attack,
             "epsilon": spent["epsilon"] if spent else None,
             "delta": spent["delta"] if spent else None,
             "task": self.task.name,
@@ -249,8 +319,24 @@ class NodeRuntime:
 
     # -- inbound --------------------------------------------------------------------------
 
+    async def _refresh_peers(self) -> None:
+        """Tell the gossip core whom it may hear from, when the known membership changed."""
+        known = tuple(self.book.known())
+        if known == self._peer_view:
+            return
+        self._peer_view = known
+        allowed = set()
+        for peer_id in gossip_peers(self.key.peer_id, known, self.config.degree):
+            try:
+                allowed.add(public_key_from_peer_id(peer_id))
+            except ValueError:
+                continue  # not an ed25519 id: it could not sign an update anyway
+        await self._gossip(self.gossip.set_peers, frozenset(allowed))
+
     async def _on_update(self, peer_id: str, payload: bytes) -> None:
-        verdict = self.gossip.receive(payload, time.time(), public_key_from_peer_id(peer_id))
+        await self._refresh_peers()
+        sender = public_key_from_peer_id(peer_id)
+        verdict = await self._gossip(self.gossip.receive, payload, time.time(), sender)
         if verdict.accepted:
             self.book.mark_alive(peer_id)
         else:
@@ -261,7 +347,8 @@ class NodeRuntime:
 
     async def _on_model_request(self, peer_id: str, payload: bytes) -> bytes:
         # The reply carries our round so the joiner can pick the most advanced peer.
-        return self.round.to_bytes(8, "big") + bytes(self.gossip.snapshot(time.time()))
+        snapshot = await self._gossip(self.gossip.snapshot, time.time())
+        return self.round.to_bytes(8, "big") + bytes(snapshot)
 
     # -- network loops --------------------------------------------------------------------
 
@@ -305,12 +392,24 @@ class NodeRuntime:
                 await discovery_round(self.transport, self.book, DISCOVERY_FANOUT, DIAL_TIMEOUT_S)
             await trio.sleep(DISCOVERY_INTERVAL_S)
 
-    async def _adopt_current_model(self, peers: list[str]) -> None:
-        """A fresh node joining a running network starts from its most advanced peer's model."""
+    async def _adopt_current_model(self, reached: list[str]) -> None:
+        """A fresh node starts from the median of several members' models, never one's.
+
+        It asks up to ``ADOPT_FROM`` members (those it bootstrapped from first)
+        for a signed snapshot. A claimed round is only reported, never trusted:
+        the median of three or more models cannot be moved outside the honest
+        values by a minority. Every snapshot that cannot be used is logged and
+        counted in ``join_refused``; with none usable the node keeps its
+        initial model. Nothing here can crash the node.
+        """
         assert self.transport is not None
-        best_round, best_peer, best_snapshot = 0, None, b""
-        for peer_id in peers:
+        candidates = list(dict.fromkeys([*reached, *self.book.known()]))[:ADOPT_FROM]
+        models: list[np.ndarray] = []
+        sources: list[dict[str, Any]] = []
+        for peer_id in candidates:
             try:
+                sender = public_key_from_peer_id(peer_id)
+                await self._connect(peer_id)
                 reply = await self.transport.request(
                     peer_id,
                     MODEL_PROTOCOL,
@@ -318,21 +417,29 @@ class NodeRuntime:
                     DIAL_TIMEOUT_S,
                     self.gossip.admission.policy.max_message_bytes + 8,
                 )
+                if len(reply) < 8:
+                    raise InvalidUpdate(Reason.MALFORMED, "the reply is too short")
+                snapshot = memoryview(reply)[8:]
+                models.append(await self._gossip(self.gossip.read_snapshot, snapshot, sender))
+            except InvalidUpdate as error:
+                self.join_refused[error.reason.value] += 1
+                logger.warning("not adopting the model of %s: %s", peer_id, error)
+                continue
+            except ValueError as error:  # a peer id that is not an ed25519 key
+                self.join_refused["not-ed25519"] += 1
+                logger.warning("not asking %s for its model: %s", peer_id, error)
+                continue
             except TransportError as error:
+                self.join_refused["unreachable"] += 1
                 logger.warning("asking %s for its model: %s", peer_id, error)
                 continue
-            peer_round = int.from_bytes(reply[:8], "big")
-            if peer_round > best_round:
-                best_round, best_peer, best_snapshot = peer_round, peer_id, reply[8:]
-        if best_peer is None:
+            claimed = int.from_bytes(reply[:8], "big")
+            sources.append({"peer_id": peer_id, "claimed_round": claimed})
+        if not models:
             return
-        try:
-            self.gossip.adopt(best_snapshot, public_key_from_peer_id(best_peer))
-        except InvalidUpdate as error:
-            logger.warning("not adopting the model of %s: %s", best_peer, error)
-            return
-        self.adopted_from = {"peer_id": best_peer, "round": best_round}
-        logger.info("adopted the model of %s at its round %d", best_peer, best_round)
+        await self._gossip(self.gossip.adopt, models)
+        self.adopted_from = {"rule": "median", "peers": sources}
+        logger.info("adopted the median of %d member model(s)", len(models))
 
     async def _wait_for_peers(self) -> None:
         next_log = time.monotonic()
@@ -359,7 +466,7 @@ class NodeRuntime:
                     )
             except (TransportError, trio.TooSlowError) as error:
                 # Not delivered: take the weight share back so no mass is lost.
-                self.gossip.refund(outgoing)
+                await self._gossip(self.gossip.refund, outgoing)
                 self.send_failures[peer_id] += 1
                 if self.book.mark_failed(peer_id):
                     logger.info("forgot neighbour %s after repeated failures", peer_id)
@@ -379,13 +486,42 @@ class NodeRuntime:
         self.task.train(self.model, self.x, self.y, self.config.local_epochs, self.generator)
         return self.gossip.layout.flatten(model_arrays(self.model))
 
+    def _estimate(self) -> np.ndarray:
+        return self.gossip.estimate.copy()
+
     def _evaluate(self, estimate: np.ndarray) -> float:
         load_arrays(self.model, self.gossip.layout.unflatten(estimate))
         return float(self.task.evaluate(self.model))
 
     async def _one_round(self) -> None:
-        self.gossip.merge()
-        before = self.gossip.estimate.copy()
+        """Train (unless serving), merge the votes once, evaluate, push, checkpoint."""
+        if not self.serving:
+            await self._train_step()
+        await self._refresh_peers()
+        await self._gossip(self.gossip.merge)
+        snapshot = await self._gossip(self._estimate)
+        self.accuracy = await trio.to_thread.run_sync(self._evaluate, snapshot)
+        self.neighbors = choose_neighbors(self.key.peer_id, self.book.known(), self.config.degree)
+        if self.attacker is not None:
+            outgoing = await self._gossip(self.attacker.prepare, time.time())
+        else:
+            outgoing = await self._gossip(self.gossip.prepare, len(self.neighbors), time.time())
+        if not self.serving:
+            self.round += 1
+        # Checkpoint before sending: a restart then never reuses a sequence number
+        # that peers have already seen.
+        await self.checkpoint()
+        await self._push(outgoing, self.neighbors)
+        logger.info(
+            "round %d accuracy %.4f neighbours %d%s",
+            self.round,
+            self.accuracy,
+            len(self.neighbors),
+            " (serving)" if self.serving else "",
+        )
+
+    async def _train_step(self) -> None:
+        before = await self._gossip(self._estimate)
         after = await trio.to_thread.run_sync(self._train, before)
         if self.privacy is not None:
             try:
@@ -394,27 +530,37 @@ class NodeRuntime:
                 # Training diverged: releasing nothing this round costs no privacy.
                 logger.warning("round %d: local step dropped: %s", self.round + 1, error)
                 after = before
-        self.gossip.apply_local_step(before, after)
-        self.gossip.merge()  # what arrived while training
-        snapshot = self.gossip.estimate.copy()
-        self.accuracy = await trio.to_thread.run_sync(self._evaluate, snapshot)
-        self.neighbors = choose_neighbors(self.key.peer_id, self.book.known(), self.config.degree)
-        outgoing = self.gossip.prepare(len(self.neighbors), time.time())
-        self.round += 1
-        # Checkpoint before sending: a restart then never reuses a sequence number
-        # that peers have already seen.
-        await self.checkpoint()
-        await self._push(outgoing, self.neighbors)
-        logger.info(
-            "round %d accuracy %.4f neighbours %d", self.round, self.accuracy, len(self.neighbors)
-        )
+        await self._gossip(self.gossip.apply_local_step, before, after)
+
+    async def _paced(self, started: float) -> None:
+        await trio.sleep(max(0.0, self.config.round_interval - (time.monotonic() - started)))
 
     async def _training_loop(self) -> None:
         await self._wait_for_peers()
         while self.config.rounds is None or self.round < self.config.rounds:
             started = time.monotonic()
             await self._one_round()
-            await trio.sleep(max(0.0, self.config.round_interval - (time.monotonic() - started)))
+            await self._paced(started)
+        # Finished: stay a member for a while, merging and pushing but not training,
+        # so that late starters are not left alone (and still learn from us).
+        self.serving = True
+        if self.config.linger > 0:
+            logger.info("finished %d rounds; serving for %g s", self.round, self.config.linger)
+        with trio.move_on_after(self.config.linger):
+            while True:
+                started = time.monotonic()
+                await self._one_round()
+                await self._paced(started)
+
+    async def _attack_loop(self) -> None:
+        """An --attack member pushes its attack to every peer it knows, as fast as allowed."""
+        assert self.attacker is not None
+        while True:
+            peers = self.book.known()
+            if peers:
+                outgoing = await self._gossip(self.attacker.prepare, time.time())
+                await self._push(outgoing, peers)
+            await trio.sleep(ATTACK_PUSH_INTERVAL_S)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``config.rounds`` are done or the caller cancels; always checkpoint."""
@@ -445,6 +591,8 @@ class NodeRuntime:
                     if reached and not self.resumed:
                         await self._adopt_current_model(reached)
                     nursery.start_soon(self._discovery_loop)
+                    if self.attacker is not None:
+                        nursery.start_soon(self._attack_loop)
                     if self.resumed:
                         # Report the restored model's accuracy before its first new round.
                         restored = self.gossip.estimate.copy()

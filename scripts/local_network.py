@@ -99,7 +99,8 @@ def render(network: LocalNetwork, statuses: list[dict | None], rounds: int, titl
         table.add_row(
             str(node.index),
             status["peer_id"][-10:],
-            f"{status['round']}/{rounds}",
+            # A node that finished its rounds keeps gossiping for late starters.
+            "serving" if status.get("state") == "serving" else f"{status['round']}/{rounds}",
             f"{accuracy:.4f}" if accuracy is not None else "-",
             str(len(status["neighbors"])),
             str(status["updates_accepted"]),

@@ -20,6 +20,10 @@ def make_runtime(
     task: Task, state_dir: Path, shard: str, key: NodeKey | None = None, **settings: Any
 ) -> NodeRuntime:
     """A runtime on 127.0.0.1 with a free status port; ``settings`` are NodeConfig fields."""
+    # Unpaced and without lingering unless a test asks: these tests count rounds,
+    # and a node that keeps serving after its last round would outlive them.
+    settings.setdefault("round_interval", 0.0)
+    settings.setdefault("linger", 0.0)
     config = NodeConfig(
         key=str(state_dir / "unused.key"),
         state_dir=str(state_dir),

@@ -109,7 +109,7 @@ def assert_rejected(
     assert verdict.detail
     assert node.admission.rejected[reason] == counted + 1
     assert node.admission.accepted == accepted
-    assert len(node.inbox) == 0
+    assert len(node.votes) == 0
     np.testing.assert_array_equal(node.estimate, before)
     assert node.pushsum.weight == weight
     return verdict
@@ -154,6 +154,19 @@ def test_signed_by_another_key_is_a_bad_signature() -> None:
 def test_sender_outside_the_allowlist_is_unknown() -> None:
     node = receiver(allowlist=frozenset({OTHER.public_key}))
     assert_rejected(node, message(), Reason.UNKNOWN_SENDER)
+
+
+# not-neighbour
+
+
+def test_a_sender_outside_the_current_neighbours_is_refused_before_its_signature() -> None:
+    node = receiver()
+    node.set_peers(frozenset({OTHER.public_key}))
+    data = bytearray(message())
+    data[-1] ^= 1  # badly signed too: the neighbour check comes first, and is cheaper
+    assert_rejected(node, bytes(data), Reason.NOT_NEIGHBOUR)
+    node.set_peers(None)
+    assert node.receive(message(), NOW, SENDER.public_key).accepted
 
 
 def test_sender_in_the_allowlist_is_accepted() -> None:
@@ -384,7 +397,6 @@ MALFORMED: dict[str, Callable[[], bytes]] = {
     "dtype-bool": lambda: signed_header(valid_header(tensors=_entry(dtype="bool"))),
     "dtype-big-endian": lambda: signed_header(valid_header(tensors=_entry(dtype=">f4"))),
     "dtype-object": lambda: signed_header(valid_header(tensors=_entry(dtype="object"))),
-    "shape-not-matching-bytes": lambda: signed_header(valid_header(tensors=_entry(shape=[2, 2]))),
     "size-not-matching-payloads": lambda: signed_header(valid_header(tensors=_entry(size=20))),
     "rank-9": lambda: signed_header(valid_header(tensors=_entry(shape=[1] * 9))),
     "duplicate-tensor-name": lambda: signed_header(
@@ -465,3 +477,10 @@ def test_rejections_are_counted_by_reason() -> None:
     node.receive(message(created_at=0.0), NOW)
     assert node.admission.rejected == {Reason.MALFORMED: 3, Reason.STALE: 1}
     assert node.admission.accepted == 0
+
+
+def test_a_declared_shape_other_than_the_models_is_refused_before_decoding() -> None:
+    # Checked on the header, before any payload is read: a signed header could
+    # otherwise declare a tensor of any size and make the receiver allocate it.
+    data = signed_header(valid_header(tensors=_entry(shape=[2, 2])))
+    assert_rejected(receiver(), data, Reason.WRONG_SHAPE)

@@ -201,3 +201,16 @@ def test_config_file_value_of_the_wrong_type_is_a_config_error(tmp_path: Path) -
     path.write_text('degree = "four"\n')
     with pytest.raises(ConfigError, match="degree"):
         build_config(load_config_file(path), {})
+
+
+def test_the_new_robustness_and_experiment_flags_reach_the_config() -> None:
+    from p2pfl.cli import build_parser, node_config
+
+    args = build_parser().parse_args(
+        ["node", "--linger", "2.5", "--quorum", "4", "--attack", "alie"]
+    )
+    config = node_config(args)
+    assert (config.linger, config.quorum, config.attack) == (2.5, 4, "alie")
+    defaults = node_config(build_parser().parse_args(["node"]))
+    assert (defaults.linger, defaults.quorum, defaults.attack) == (30.0, 3, None)
+    assert defaults.round_interval > 0  # rounds are paced unless asked otherwise

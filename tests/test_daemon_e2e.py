@@ -57,7 +57,7 @@ def test_five_daemons_learn_and_a_killed_node_resumes(tmp_path: Path) -> None:
         rounds=ROUNDS,
         partition="dirichlet:0.5",
         degree=3,
-        extra_args=("--round-interval", "0.2"),
+        extra_args=("--round-interval", "0.2", "--linger", "5"),
     ) as network:
         network.start_all()
         nodes = network.started()

@@ -31,7 +31,13 @@ from gossip import NodeKey, Update, encode
 from gossip.layout import ModelLayout
 from p2pfl.config import NodeConfig
 from p2pfl.framing import encode_uvarint
-from p2pfl.peer_exchange import PEERS_PROTOCOL, encode_request
+from p2pfl.peer_exchange import (
+    PEERS_PROTOCOL,
+    PeerBook,
+    encode_request,
+    exchange_peers,
+    serve_peer_exchange,
+)
 from p2pfl.ratelimit import PeerRateLimiter
 from p2pfl.runtime import MODEL_PROTOCOL, UPDATE_PROTOCOL, NodeRuntime, model_arrays
 from p2pfl.transport import Transport, TransportError
@@ -84,6 +90,15 @@ async def running_daemon(
         nursery.cancel_scope.cancel()
 
 
+async def join_as_member(member: Transport, node: NodeRuntime) -> None:
+    """Introduce ``member`` as a real member joins: by a peer exchange, which puts it in
+    the node's book and so among the neighbours whose updates the node merges."""
+    book = PeerBook(member.peer_id)
+    serve_peer_exchange(member, book)
+    await exchange_peers(member, node.key.peer_id, book, timeout=5)
+    await wait_until(lambda: member.peer_id in node.book)
+
+
 def signed(
     key: NodeKey,
     tensors: dict[str, np.ndarray],
@@ -105,9 +120,13 @@ def signed(
 
 
 def gossip_state(node: NodeRuntime) -> tuple[Any, ...]:
-    """Everything an update could change: model, weight, inbox and replay state."""
+    """Everything an update could change: model, weight, votes and replay state."""
     gossip = node.gossip
-    inbox = {s: (share.estimate.copy(), share.weight) for s, share in gossip.inbox.items()}
+    inbox = {
+        sender: (vote.estimate.copy(), vote.pending_weight)
+        for sender in gossip.votes.senders()
+        if (vote := gossip.votes.get(sender)) is not None
+    }
     return gossip.estimate.copy(), gossip.pushsum.weight, inbox, dict(gossip.admission.last_seq)
 
 
@@ -151,6 +170,7 @@ async def test_hostile_peer_is_refused_counted_and_harmless(digits: Task, tmp_pa
             Transport.open(attacker_key, [LOOPBACK]) as attacker,
         ):
             await attacker.connect(node.transport.addrs[0], timeout=5)
+            await join_as_member(attacker, node)
             peer = node.key.peer_id
             counted: Counter[str] = Counter()
 
@@ -333,6 +353,8 @@ async def test_a_flooding_member_does_not_starve_an_honest_one(
             peer = node.key.peer_id
             await flooder.connect(node.transport.addrs[0], timeout=5)
             await honest.connect(node.transport.addrs[0], timeout=5)
+            await join_as_member(flooder, node)
+            await join_as_member(honest, node)
             flooding = True
             flood_sent = 0
 

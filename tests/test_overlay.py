@@ -21,7 +21,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gossip.keys import NodeKey
-from p2pfl.neighbors import choose_neighbors, long_link_count, ring_position
+from p2pfl.neighbors import (
+    choose_neighbors,
+    gossip_peers,
+    in_neighbors,
+    long_link_count,
+    ring_position,
+)
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
 from p2pfl.transport import Transport
 
@@ -204,3 +210,14 @@ def test_a_forgotten_neighbour_is_replaced() -> None:
     again = choose_neighbors(own, [p for p in known if p != gone], K)
     assert gone not in again
     assert len(again) == K
+
+
+@pytest.mark.parametrize(("size", "degree"), [(3, 4), (6, 4), (9, 4), (16, 6), (40, 4), (40, 8)])
+def test_in_neighbors_are_exactly_the_peers_that_choose_us(size: int, degree: int) -> None:
+    ids = [NodeKey(bytes([size, degree, i]) + bytes(29)).peer_id for i in range(size)]
+    for own in ids:
+        choosers = {
+            peer for peer in ids if peer != own and own in choose_neighbors(peer, ids, degree)
+        }
+        assert set(in_neighbors(own, ids, degree)) == choosers
+        assert len(gossip_peers(own, ids, degree)) <= 2 * degree

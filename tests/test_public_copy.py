@@ -38,7 +38,7 @@ def test_an_in_step_receiver_holds_the_senders_copy_bit_for_bit() -> None:
         sizes.append(len(outgoing.message))
         assert receiver.receive(outgoing.message, NOW).accepted
         held = receiver.public_copies.copies[sender.key.public_key].vector
-        assert np.array_equal(held, sender.sender_copy.copy)
+        assert np.array_equal(held, sender.encoder.sender.copy)
         assert np.allclose(held, sender.layout.flatten(outgoing.tensors), rtol=1e-6)
     assert codecs == (["raw"] + ["topk:0.1"] * (SYNC - 1)) * 3
     assert max(sizes[1:SYNC]) < sizes[0] / 3
@@ -66,7 +66,7 @@ def test_adopting_a_model_makes_the_next_message_raw() -> None:
     sender, other = node(1, rng.standard_normal(100)), node(2, rng.standard_normal(100))
     sender.prepare(1, NOW)
     assert wire.decode(sender.prepare(1, NOW).message).codec == "topk:0.1"
-    sender.adopt(other.snapshot(NOW), other.key.public_key)
+    sender.adopt([sender.read_snapshot(other.snapshot(NOW), other.key.public_key)])
     assert wire.decode(sender.prepare(1, NOW).message).codec == "raw"
 
 

@@ -203,7 +203,7 @@ def test_a_sender_pushing_many_updates_between_merges_gets_one_vote() -> None:
         assert node.receive(sender.prepare(1, START).message, START).accepted
     for _ in range(5):
         assert node.receive(attacker.prepare(1, START).message, START).accepted
-    assert len(node.inbox) == 3
+    assert len(node.votes) == 3
     node.merge()
     # Own, two honest zeros and one attacker vote: the median stays at zero.
     assert np.allclose(node.estimate, 0.0)

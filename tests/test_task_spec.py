@@ -131,12 +131,12 @@ def test_update_from_a_member_with_another_spec_is_wrong_model_and_says_so() -> 
     assert same_b.receive(same_a.prepare(1, 0.0).message, 0.0).accepted
 
 
-def test_a_snapshot_of_another_spec_is_not_adopted() -> None:
+def test_a_snapshot_of_another_spec_is_not_read_for_adoption() -> None:
     from gossip import InvalidUpdate
 
     a, b = _pair(b"\x01" * 32, b"")
     with pytest.raises(InvalidUpdate, match="task spec"):
-        b.adopt(a.snapshot(0.0), a.key.public_key)
+        b.read_snapshot(a.snapshot(0.0), a.key.public_key)
 
 
 async def test_two_runtimes_with_different_specs_refuse_each_other(

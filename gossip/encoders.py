@@ -1,0 +1,103 @@
+"""What an outgoing update carries, per codec: one small wrapper each, chosen once.
+
+:meth:`gossip.node.GossipNode.prepare` asks its encoder for the tensors to
+sign and for what receivers will fold in, and never branches on the codec
+(as Flower's mods wrap a client, or hivemind's codecs sit behind one
+interface):
+
+* :class:`RawEncoder`: the estimate itself, exactly;
+* :class:`FeedbackEncoder`: a lossy codec (fp16, int8) with error feedback,
+  so what one message rounds away is sent with the next
+  (:mod:`gossip.compression.feedback`);
+* :class:`PublicCopyEncoder`: top-k differences to a public copy, with a
+  whole model every ``sync_every`` messages (:mod:`gossip.public_copy`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from gossip.compression import ErrorFeedback, codec_by_id
+from gossip.layout import ModelLayout
+from gossip.public_copy import DEFAULT_SYNC_EVERY, PublicCopySender, is_difference_codec
+
+Tensors = dict[str, np.ndarray]
+
+
+class Encoder(Protocol):
+    codec_id: str
+
+    def encode(self, estimate: np.ndarray, layout: ModelLayout) -> tuple[str, Tensors, Tensors]:
+        """``(codec id, tensors to sign, tensors receivers fold in)`` for ``estimate``."""
+
+    def reset(self) -> None:
+        """Forget what belonged to a model the node dropped (adopted another)."""
+
+
+def _own_tensors(estimate: np.ndarray, layout: ModelLayout) -> Tensors:
+    # One cast of the estimate into the model's dtypes, copied only where the cast
+    # was a view: the message must not change when the estimate does.
+    return {
+        name: array.copy() if np.shares_memory(array, estimate) else array
+        for name, array in layout.unflatten(estimate).items()
+    }
+
+
+@dataclass
+class RawEncoder:
+    codec_id: str = "raw"
+
+    def encode(self, estimate: np.ndarray, layout: ModelLayout) -> tuple[str, Tensors, Tensors]:
+        tensors = _own_tensors(estimate, layout)
+        return self.codec_id, tensors, tensors
+
+    def reset(self) -> None:
+        return None
+
+
+@dataclass
+class FeedbackEncoder:
+    codec_id: str
+    feedback: dict[str, ErrorFeedback] = field(default_factory=dict)
+
+    def encode(self, estimate: np.ndarray, layout: ModelLayout) -> tuple[str, Tensors, Tensors]:
+        tensor_codec = codec_by_id(self.codec_id)
+        if tensor_codec is None:
+            raise ValueError(f"unknown codec {self.codec_id!r}")
+        tensors = _own_tensors(estimate, layout)
+        for name in tensors:
+            if name not in self.feedback:
+                self.feedback[name] = ErrorFeedback(tensor_codec)
+        sent = {name: self.feedback[name].compress(array) for name, array in tensors.items()}
+        return self.codec_id, sent, sent
+
+    def reset(self) -> None:
+        for feedback in self.feedback.values():
+            feedback.reset()  # the residual belonged to the model we dropped
+
+
+@dataclass
+class PublicCopyEncoder:
+    codec_id: str
+    sender: PublicCopySender
+
+    def encode(self, estimate: np.ndarray, layout: ModelLayout) -> tuple[str, Tensors, Tensors]:
+        codec_id, sent, copy = self.sender.next_message(estimate, layout)
+        return codec_id, sent, layout.unflatten(copy)
+
+    def reset(self) -> None:
+        self.sender.reset()
+
+
+def encoder_for(codec_id: str, sync_every: int = DEFAULT_SYNC_EVERY) -> Encoder:
+    """The encoder of ``codec_id`` (raw, fp16, int8, topk:F); ValueError if unknown."""
+    if codec_id == "raw":
+        return RawEncoder()
+    if codec_by_id(codec_id) is None:
+        raise ValueError(f"unknown codec {codec_id!r}")
+    if is_difference_codec(codec_id):
+        return PublicCopyEncoder(codec_id, PublicCopySender(codec_id, sync_every))
+    return FeedbackEncoder(codec_id)

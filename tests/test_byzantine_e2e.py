@@ -1,0 +1,56 @@
+"""A Byzantine member on the live network: real daemons, one of them started with
+``--attack sign-flip``, pushing its negated model to every peer it knows as fast as
+it may. Under ``clipped`` the honest daemons still learn (scripts/bench_byzantine.py
+measures every rule and attack; this is its few-daemon version)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from p2pfl.localnet import LocalNetwork
+
+ATTACKER = 3
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_honest_daemons_learn_despite_a_sign_flipping_member_under_clipped(
+    tmp_path: Path,
+) -> None:
+    with LocalNetwork(
+        tmp_path,
+        5,
+        rounds=20,
+        partition="dirichlet:0.5",
+        degree=4,
+        extra_args=("--aggregator", "clipped", "--linger", "5"),
+        node_args={ATTACKER: ("--attack", "sign-flip")},
+    ) as network:
+        network.start_all()
+        nodes = network.started()
+        attacker = nodes[ATTACKER]
+        honest = [n for n in nodes if n is not attacker]
+
+        def attacker_heard_often() -> bool:
+            # The attack is real: each honest daemon admitted many of its updates,
+            # far more than one per round.
+            statuses = [n.status() or {} for n in honest]
+            return all(s.get("last_seq", {}).get(attacker.peer_id, 0) > 40 for s in statuses)
+
+        wait_until(attacker_heard_often, 120, "the attacker's updates to be admitted")
+        statuses = [n.status() or {} for n in honest]
+        # Bursts count once: shares that arrived before the last one was merged coalesce.
+        assert sum(s["coalesced"] for s in statuses) > 0
+        assert sum(s["merges"]["quorum"] for s in statuses) > 0
+        assert network.wait_all_exited(180), "some daemon did not finish"
+        finals = [n.final_accuracy for n in honest]
+        assert all(a is not None and a >= 0.85 for a in finals), finals
+        assert attacker.process.returncode == 0
