@@ -35,13 +35,21 @@ class Task:
     num_classes: int
     lr: float
     batch_size: int
+    # Where train and evaluate run; the model is handed back on the CPU either way,
+    # so callers (the daemon reads weights as numpy) never see a device tensor.
+    device: str = "cpu"
+    # SHA-256 of the task spec file every member shares (fltasks/spec.py), or b""
+    # without one; it joins the model fingerprint so that members with different
+    # specs refuse each other as wrong-model.
+    spec_hash: bytes = b""
 
     def __post_init__(self) -> None:
         # A user's own task is checked here, once, rather than failing deep in training.
         for split, x, y in (("train", self.x_train, self.y_train),
                             ("test", self.x_test, self.y_test)):
-            if x.dtype != torch.float32 or x.dim() != 2:
-                raise TaskError(f"task {self.name!r}: x_{split} must be a 2-D float32 tensor, "
+            if x.dtype != torch.float32 or x.dim() < 2:
+                raise TaskError(f"task {self.name!r}: x_{split} must be a float32 tensor of "
+                                f"2 or more dims (samples first), "
                                 f"got {x.dtype} of shape {tuple(x.shape)}")
             if y.dtype != torch.int64 or y.dim() != 1:
                 raise TaskError(f"task {self.name!r}: y_{split} must be a 1-D int64 tensor, "
@@ -72,10 +80,13 @@ class Task:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         was_training = model.training
         model.train()
+        model.to(self.device)
+        x, y = x.to(self.device), y.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         total_loss, total_count = 0.0, 0
         for _ in range(epochs):
-            order = torch.randperm(len(x), generator=generator)
+            # Drawn on the CPU from the caller's generator: the same order on any device.
+            order = torch.randperm(len(x), generator=generator).to(self.device)
             for start in range(0, len(x), self.batch_size):
                 batch = order[start:start + self.batch_size]
                 loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
@@ -86,6 +97,7 @@ class Task:
                 total_loss += loss.item() * len(batch)
                 total_count += len(batch)
         model.train(was_training)
+        model.to("cpu")
         return total_loss / total_count
 
     def evaluate(self, model: nn.Module, x: torch.Tensor | None = None,
@@ -99,10 +111,18 @@ class Task:
             raise ValueError("cannot evaluate on an empty set")
         was_training = model.training
         model.eval()
+        model.to(self.device)
         with torch.no_grad():
-            correct = (model(x).argmax(dim=1) == y).sum().item()
+            predicted = model(x.to(self.device)).argmax(dim=1).cpu()
+            correct = (predicted == y).sum().item()
         model.train(was_training)
+        model.to("cpu")
         return correct / len(y)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape, without the batch dimension."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
 
     def num_parameters(self) -> int:
         """Number of trainable scalars in the model, i.e. the size of one update."""

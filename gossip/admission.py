@@ -57,6 +57,8 @@ class AdmissionPolicy:
     # Push-sum weights are sample counts split into shares; no honest share comes
     # near this, and a huge one would drive the receiver's weight to infinity.
     max_weight: float = 1e12
+    # The shared task spec's hash that ``fingerprint`` includes (gossip.layout), or b"".
+    task_spec_hash: bytes = b""
 
 
 def all_finite(tensors: Iterable[np.ndarray]) -> bool:
@@ -74,32 +76,40 @@ def all_finite(tensors: Iterable[np.ndarray]) -> bool:
     return True
 
 
-def check_declared_layout(signed: codec.SignedHeader, fingerprint: bytes) -> None:
+# Said on every wrong-model verdict: the fingerprint alone cannot tell which differs.
+WRONG_MODEL_DETAIL = "the model fingerprint differs from ours: another model or task spec file"
+
+
+def check_declared_layout(
+    signed: codec.SignedHeader, fingerprint: bytes, task_spec_hash: bytes = b""
+) -> None:
     """Raise unless the header's tensor entries are the model ``fingerprint`` names.
 
     Runs before any payload is decoded, so a signed header that declares a
     tensor of absurd size (a top-k payload "of" 10^13 values, say) is refused
-    before anything is allocated for it.
+    before anything is allocated for it. ``task_spec_hash`` is our own shared
+    task spec's, which the fingerprint includes but no tensor entry carries.
     """
     specs = (
         TensorSpec(entry["name"], entry["dtype"], tuple(entry["shape"]))
         for entry in signed.header["tensors"]
     )
-    if model_fingerprint(specs) != fingerprint:
+    if model_fingerprint(specs, task_spec_hash) != fingerprint:
         raise InvalidUpdate(
             Reason.WRONG_SHAPE, "the tensors' names, dtypes or shapes differ from the model's"
         )
 
 
-def check_layout(update: Update, fingerprint: bytes) -> None:
+def check_layout(update: Update, fingerprint: bytes, task_spec_hash: bytes = b"") -> None:
     """Raise unless the decoded tensors really are the model ``fingerprint`` names.
 
     The header's fingerprint is only a claim: a signed message may declare
     ours and still carry tensors of other names or shapes, which would crash
-    or silently misalign a merge. This checks what was decoded.
+    or silently misalign a merge. This checks what was decoded, with our own
+    ``task_spec_hash``, which the fingerprint includes but no tensor carries.
     """
     try:
-        decoded = update.layout.fingerprint
+        decoded = model_fingerprint(update.layout.specs, task_spec_hash)
     except ValueError as error:
         raise InvalidUpdate(Reason.MALFORMED, str(error)) from None
     if decoded != fingerprint:
@@ -139,10 +149,10 @@ class Admission:
             self._check_replay(signed.sender, signed.seq)
             self._check_fresh(signed.header["created_at"], now)
             if signed.header["fingerprint"] != self.policy.fingerprint:
-                raise InvalidUpdate(Reason.WRONG_MODEL, "the model fingerprint differs from ours")
-            check_declared_layout(signed, self.policy.fingerprint)
+                raise InvalidUpdate(Reason.WRONG_MODEL, WRONG_MODEL_DETAIL)
+            check_declared_layout(signed, self.policy.fingerprint, self.policy.task_spec_hash)
             update = codec.decode_tensors(signed)
-            check_layout(update, self.policy.fingerprint)
+            check_layout(update, self.policy.fingerprint, self.policy.task_spec_hash)
         except InvalidUpdate as error:
             return self._reject(error)
         return self._judge_values(update)
@@ -153,8 +163,8 @@ class Admission:
             self._check_replay(update.sender, update.seq)
             self._check_fresh(update.created_at, now)
             if update.fingerprint != self.policy.fingerprint:
-                raise InvalidUpdate(Reason.WRONG_MODEL, "the model fingerprint differs from ours")
-            check_layout(update, self.policy.fingerprint)
+                raise InvalidUpdate(Reason.WRONG_MODEL, WRONG_MODEL_DETAIL)
+            check_layout(update, self.policy.fingerprint, self.policy.task_spec_hash)
         except InvalidUpdate as error:
             return self._reject(error)
         return self._judge_values(update)

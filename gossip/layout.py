@@ -46,11 +46,21 @@ class TensorSpec:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
-def model_fingerprint(specs: Iterable[TensorSpec]) -> bytes:
-    """SHA-256 over the names, dtypes and shapes, in order (see docs/PROTOCOL.md)."""
+def model_fingerprint(specs: Iterable[TensorSpec], task_spec_hash: bytes = b"") -> bytes:
+    """SHA-256 over the names, dtypes and shapes, in order (see docs/PROTOCOL.md).
+
+    ``task_spec_hash`` is the hook for the task spec file the members share
+    (fltasks/spec.py): given, it adds one last line, so that members whose
+    specs differ (another class order, say) refuse each other as wrong-model
+    even when their tensors line up. Empty, the fingerprint is as before. The
+    line has two tab-separated fields where a tensor's has three, so no tensor
+    can produce it.
+    """
     digest = hashlib.sha256(_FINGERPRINT_DOMAIN)
     for spec in specs:
         digest.update(f"{spec.name}\t{spec.dtype}\t{','.join(map(str, spec.shape))}\n".encode())
+    if task_spec_hash:
+        digest.update(b"task-spec\t" + task_spec_hash.hex().encode() + b"\n")
     return digest.digest()
 
 
@@ -59,20 +69,22 @@ class ModelLayout:
     """The ordered parameter specs of a model and the flat-vector view of them."""
 
     specs: tuple[TensorSpec, ...]
+    # The shared task spec's SHA-256, or b"" (see model_fingerprint).
+    task_spec_hash: bytes = b""
 
     @classmethod
-    def of(cls, tensors: Mapping[str, np.ndarray]) -> ModelLayout:
+    def of(cls, tensors: Mapping[str, np.ndarray], task_spec_hash: bytes = b"") -> ModelLayout:
         specs = []
         for name, array in tensors.items():
             dtype_name = array.dtype.name
             if dtype_name not in ALLOWED_DTYPES:
                 raise ValueError(f"parameter {name!r} has dtype {dtype_name}, not gossip-able")
             specs.append(TensorSpec(name, dtype_name, tuple(int(d) for d in array.shape)))
-        return cls(tuple(specs))
+        return cls(tuple(specs), task_spec_hash)
 
     @property
     def fingerprint(self) -> bytes:
-        return model_fingerprint(self.specs)
+        return model_fingerprint(self.specs, self.task_spec_hash)
 
     @property
     def size(self) -> int:

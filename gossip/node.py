@@ -109,12 +109,19 @@ class GossipNode:
         initial: dict[str, np.ndarray],
         samples: int,
         policy: AdmissionPolicy | None = None,
+        task_spec_hash: bytes = b"",
         **options: object,
     ) -> GossipNode:
-        """A node starting from model ``initial``, weighted by its ``samples``."""
-        layout = ModelLayout.of(initial)
-        policy = policy or AdmissionPolicy(fingerprint=layout.fingerprint)
-        if policy.fingerprint != layout.fingerprint:
+        """A node starting from model ``initial``, weighted by its ``samples``.
+
+        ``task_spec_hash``: the shared task spec's SHA-256, which joins the model
+        fingerprint (see :func:`gossip.layout.model_fingerprint`).
+        """
+        layout = ModelLayout.of(initial, task_spec_hash)
+        policy = policy or AdmissionPolicy(
+            fingerprint=layout.fingerprint, task_spec_hash=task_spec_hash
+        )
+        if policy.fingerprint != layout.fingerprint or policy.task_spec_hash != task_spec_hash:
             raise ValueError("the admission policy's fingerprint is not this model's")
         state = PushSum(layout.flatten(initial, dtype=np.float64), weight=max(samples, 1))
         return cls(key, layout, state, samples, Admission(policy), **options)  # type: ignore[arg-type]
@@ -218,11 +225,13 @@ class GossipNode:
         if signed.header["codec"] != "raw":
             raise InvalidUpdate(Reason.MALFORMED, "a snapshot must use the raw codec")
         if signed.header["fingerprint"] != self.layout.fingerprint:
-            raise InvalidUpdate(Reason.WRONG_MODEL, "the snapshot is of another model")
-        check_declared_layout(signed, self.layout.fingerprint)
+            raise InvalidUpdate(
+                Reason.WRONG_MODEL, "the snapshot is of another model or task spec file"
+            )
+        check_declared_layout(signed, self.layout.fingerprint, self.layout.task_spec_hash)
         codec.check_signature(signed)
         update = codec.decode_tensors(signed)
-        check_layout(update, self.layout.fingerprint)
+        check_layout(update, self.layout.fingerprint, self.layout.task_spec_hash)
         if not all_finite(update.tensors.values()):
             raise InvalidUpdate(Reason.NON_FINITE, "the snapshot holds NaN or inf")
         return self.layout.flatten(update.tensors, dtype=np.float64)

@@ -69,7 +69,27 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         metavar="MULTIADDR",
         help="a member's /ip4/.../tcp/N/p2p/ID address, repeatable; none: first node",
     )
-    add("--task", help="digits, breast-cancer, or module:function (default digits)")
+    add(
+        "--task",
+        help="digits, breast-cancer, csv:PATH (your table; with --label), imagefolder:DIR, "
+        "or module:function (default digits)",
+    )
+    add("--label", metavar="COLUMN", help="csv tasks: the column to predict")
+    add(
+        "--model",
+        help="mlp:W,W (hidden widths), cnn or resnet18, in place of the task's default model",
+    )
+    add(
+        "--task-spec",
+        metavar="FILE",
+        help="csv/imagefolder: the spec file every member shares (classes, input shape, "
+        "model); a member with another spec is refused as wrong-model",
+    )
+    add(
+        "--device",
+        help="where training runs: auto (CUDA when there is one, else the CPU), cpu, cuda "
+        "or cuda:N (default auto)",
+    )
     add("--shard", metavar="I/N", help="train on shard I of N of the task's data (default 0/1)")
     add("--partition", help="how shards are cut: iid, dirichlet:ALPHA, quantity:ALPHA")
     add("--seed", type=int, help="seed of the task, shards and training (default 0)")
@@ -188,6 +208,10 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         for name in (
             "key",
             "task",
+            "label",
+            "model",
+            "task_spec",
+            "device",
             "shard",
             "partition",
             "seed",
@@ -260,7 +284,14 @@ def run_node(args: argparse.Namespace) -> None:
         except ValueError as error:
             raise UserError(f"{flag}: {error}") from None
     try:
-        task = load_task(config.task, seed=config.seed)
+        task = load_task(
+            config.task,
+            seed=config.seed,
+            label=config.label,
+            model=config.model,
+            task_spec=config.task_spec,
+            device=config.device,
+        )
         runtime = NodeRuntime(config, key, task, announce=lambda line: print(line, flush=True))
     except (ValueError, CheckpointError) as error:
         raise UserError(str(error)) from None

@@ -33,6 +33,15 @@ class NodeConfig:
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     bootstrap: tuple[str, ...] = ()
     task: str = "digits"
+    # The column to predict, for --task csv:PATH.
+    label: str | None = None
+    # mlp:W,W, cnn or resnet18 in place of the task's default model (fltasks/models.py).
+    model: str | None = None
+    # The task spec file every member shares (fltasks/spec.py); its hash joins the fingerprint.
+    task_spec: str | None = None
+    # Where training runs: auto (CUDA when torch sees it, else the CPU), cpu, cuda or cuda:N.
+    # Checked by fltasks.device.resolve_device when the task loads (it needs torch).
+    device: str = "auto"
     shard: str = "0/1"
     partition: str = "iid"
     seed: int = 0

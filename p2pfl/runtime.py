@@ -134,17 +134,20 @@ class NodeRuntime:
             if allowlist is None
             else frozenset(peer_id_from_public_key(member) for member in allowlist)
         )
-        probe = GossipNode.create(key, initial, samples=len(self.shard))
+        spec_hash = task.spec_hash  # the shared task spec joins the fingerprint
+        probe = GossipNode.create(key, initial, samples=len(self.shard), task_spec_hash=spec_hash)
         policy = AdmissionPolicy(
             fingerprint=probe.layout.fingerprint,
             max_message_bytes=int(config.max_message_mb * MIB),
             allowlist=allowlist,
+            task_spec_hash=spec_hash,
         )
         self.gossip = GossipNode.create(
             key,
             initial,
             samples=len(self.shard),
             policy=policy,
+            task_spec_hash=spec_hash,
             aggregator=config.make_aggregator(),
             codec_id=config.compression,
             quorum=config.quorum,

@@ -115,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     names = topology_names(options.topology, TOPOLOGIES)
     try:
         parse_partition(options.partition)
-        task = load_task(options.task, seed=options.seed)
+        task = load_task(
+            options.task,
+            seed=options.seed,
+            label=options.label,
+            model=options.model,
+            task_spec=options.task_spec,
+        )
         shards = partition(task.y_train, options.nodes, options.partition, seed=options.seed)
         graphs = {
             name: make_graph(name, options.nodes, options.degree, options.rewire, seed=options.seed)

@@ -86,7 +86,18 @@ class ExperimentConfig:
     rewire: float = setting("graph", "small-world rewiring probability in [0, 1]", 0.1, metavar="P")
     # learning
     task: str = setting(
-        "learning", "digits, breast-cancer, or module:function returning a fltasks.Task", "digits"
+        "learning",
+        "digits, breast-cancer, csv:PATH (with --label), imagefolder:DIR, or module:function "
+        "returning a fltasks.Task",
+        "digits",
+    )
+    label: str | None = setting("learning", "csv tasks: the column to predict", None,
+                                metavar="COLUMN")
+    model: str | None = setting(
+        "learning", "mlp:W,W, cnn or resnet18 in place of the task's default model", None
+    )
+    task_spec: str | None = setting(
+        "learning", "csv/imagefolder: the members' shared task spec file", None, metavar="FILE"
     )
     partition: str = setting(
         "learning",
