@@ -28,6 +28,8 @@ bench: $(STAMP)
 	$(PY) scripts/bench_codec.py
 	$(PY) scripts/bench_simulate.py
 	$(PY) scripts/bench_network.py
+	$(PY) scripts/bench_models.py
+	$(PY) scripts/bench_loop_stall.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

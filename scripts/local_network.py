@@ -52,6 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--linger",
+        type=float,
+        default=15.0,
+        help="seconds a finished node keeps gossiping for the late starters (default 15: "
+        "the demo's nodes start within about 12 s of each other)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path("runs/local-network"),
@@ -132,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         degree=args.degree,
         seed=args.seed,
         local_epochs=args.local_epochs,
+        extra_args=("--linger", str(args.linger)),
     ) as network:
         try:
             network.start_all()

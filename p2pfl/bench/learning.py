@@ -79,6 +79,8 @@ def measure_learning(args: argparse.Namespace) -> dict[str, Any]:
             partition=args.partition,
             degree=args.degree,
             seed=args.seed,
+            # A speed figure: rounds unpaced and plain push-sum, as the README says.
+            extra_args=("--round-interval", "0", "--aggregator", "mean"),
             **options,
         )
         result["local_epochs"] = network.local_epochs
