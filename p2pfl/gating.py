@@ -131,7 +131,9 @@ def refuse(refused: Refusals, reason: str) -> None:
     """Count a refused connection once: an inbound one when its handler ends (it may
     also have been evicted meanwhile), an outbound one now."""
     handshake = _CURRENT_HANDSHAKE.get()
-    if handshake is None:
+    # Tasks libp2p starts for an established connection inherit the variable: a
+    # handshake that is over no longer collects refusals.
+    if handshake is None or handshake.established:
         refused[reason] += 1
     elif handshake.refusal is None:
         handshake.refusal = reason

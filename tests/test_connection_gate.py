@@ -10,14 +10,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
 from attackers import UNREACHED, UPGRADED, open_silent_tcp, open_throwaway_noise
 from runtimes import wait_until
+from test_hostile_peer import running_daemon, signed
 
+from fltasks import load_task
 from gossip.keys import NodeKey
 from p2pfl.gating import InboundGuard
+from p2pfl.runtime import UPDATE_PROTOCOL, model_arrays
 from p2pfl.transport import Transport, TransportError
 
 PROTOCOL = "/p2pfl/test/1.0.0"
@@ -47,35 +51,48 @@ async def deliver(member: NodeKey, node: Transport, received: list[str]) -> None
         await wait_until(lambda: member.peer_id in received)
 
 
-async def test_400_outsider_connections_then_a_member_joins_and_is_heard() -> None:
+async def test_400_outsider_connections_then_a_member_joins_and_its_update_is_accepted(
+    tmp_path: Path,
+) -> None:
+    """Against a real daemon (in-process NodeRuntime) with an allowlist."""
+    digits = load_task("digits")
     member = NodeKey.generate()
-    async with gated_node(frozenset({member.peer_id})) as (node, received):
-        async with AsyncExitStack() as held:
-            outcomes: Counter[str] = Counter()
+    async with (
+        running_daemon(digits, tmp_path / "node", [member.peer_id]) as (daemon, _),
+        AsyncExitStack() as held,
+    ):
+        assert daemon.transport is not None
+        node = daemon.transport
+        outcomes: Counter[str] = Counter()
 
-            async def attack() -> None:
-                outcomes[await open_throwaway_noise(node.addrs[0], held)] += 1
+        async def attack() -> None:
+            outcomes[await open_throwaway_noise(node.addrs[0], held)] += 1
 
-            async with trio.open_nursery() as nursery:
-                for _ in range(OUTSIDER_CONNECTIONS):
-                    nursery.start_soon(attack)
-            refused = node.connections_refused
-            # Every connection that reached the node was cut and counted once (when its
-            # handler ends): refused before Noise, cut or failed while pending, or
-            # closed right after Noise. (A loaded machine may drop a few SYNs.)
-            reached = OUTSIDER_CONNECTIONS - outcomes[UNREACHED]
-            await wait_until(lambda: refused.total() >= reached, 30, "the counts")
-            print(f"attacker: {dict(outcomes)}; node refused: {dict(refused)}")
-            assert refused.total() == reached
-            assert outcomes[UPGRADED] == 0
-            assert refused["not-member"] >= 1
-            assert node.connected_peers() == []
-            # The attacker's connections are still open on its side. The member shares
-            # their IP, so it joins once the IP may start a handshake again.
-            assert node.gate is not None
-            await wait_until(lambda: node.gate.guard.handshakes_available("127.0.0.1") >= 1)
-            await deliver(member, node, received)
-            assert node.is_protected(member.peer_id)
+        async with trio.open_nursery() as nursery:
+            for _ in range(OUTSIDER_CONNECTIONS):
+                nursery.start_soon(attack)
+        refused = node.connections_refused
+        # Every connection that reached the node was cut and counted once (when its
+        # handler ends): refused before Noise, cut or failed while pending, or closed
+        # right after Noise. (A loaded machine may drop a few SYNs.)
+        reached = OUTSIDER_CONNECTIONS - outcomes[UNREACHED]
+        await wait_until(lambda: refused.total() >= reached, 30, "the counts")
+        print(f"attacker: {dict(outcomes)}; node refused: {dict(refused)}")
+        assert refused.total() == reached
+        assert outcomes[UPGRADED] == 0
+        assert refused["not-member"] >= 1
+        assert node.connected_peers() == []
+        assert daemon.status()["connections_refused"] == dict(refused)
+        # The attacker's connections are still open on its side. The member shares
+        # their IP, so it joins once the IP may start a handshake again.
+        assert node.gate is not None
+        await wait_until(lambda: node.gate.guard.handshakes_available("127.0.0.1") >= 1)
+        async with Transport.open(member) as sender:
+            await sender.connect(node.addrs[0], TIMEOUT_S)
+            model = model_arrays(digits.make_model())
+            await sender.send(node.peer_id, UPDATE_PROTOCOL, signed(member, model, 1), TIMEOUT_S)
+            await wait_until(lambda: daemon.gossip.admission.accepted == 1)
+        assert node.is_protected(member.peer_id)
 
 
 async def test_silent_tcp_connections_cannot_hold_the_door_shut() -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import trio
-from runtimes import wait_until
+from runtimes import make_runtime, wait_until
 
+from fltasks import load_task
 from gossip.keys import NodeKey
 from p2pfl.neighbors import choose_neighbors
 from p2pfl.peer_exchange import (
@@ -146,3 +148,29 @@ async def test_bogus_addresses_for_a_real_peer_do_not_displace_its_real_one() ->
             assert len(book.addrs(late.peer_id)) == 2
             await meet(late, late_book, target)
             await wait_until(lambda: book.addrs(late.peer_id) == late.addrs)
+
+
+async def test_a_daemon_fed_fakes_keeps_its_honest_neighbours_and_reflects_nothing(
+    tmp_path: Path,
+) -> None:
+    """The same flood against a real daemon (in-process, no allowlist): its own discovery
+    loop asks the liar, gets fakes at a third party's address, and tries to dial them."""
+    daemon = make_runtime(load_task("digits"), tmp_path / "daemon", "0/1", min_neighbors=100)
+    async with third_party() as (port, accepted), trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        transport = daemon.transport
+        assert transport is not None
+        async with nodes(3) as [(h1, h1_book), (h2, h2_book), (liar, liar_book)]:
+            serve_lies(liar, f"/ip4/127.0.0.1/tcp/{port}")
+            for node, book in ((h1, h1_book), (h2, h2_book), (liar, liar_book)):
+                await meet(node, book, transport)
+            # Its discovery loop (every 2 s) has asked the liar and gone through the
+            # third party's dial budget.
+            await wait_until(lambda: transport.dials_deferred >= 3, 60, "dials held back")
+            assert 1 <= accepted[0] <= DIALS_PER_ADDRESS_PER_MIN
+            honest = {h1.peer_id, h2.peer_id}
+            assert honest <= set(daemon.book.known())
+            chosen = choose_neighbors(daemon.key.peer_id, daemon.book.known(), daemon.config.degree)
+            assert honest <= set(chosen)
+            assert daemon.status()["known_peers"] == 3
+        nursery.cancel_scope.cancel()
