@@ -32,8 +32,10 @@ from p2pfl.transport import Transport
 
 NODES = 20
 K = 4
-# Second-hand entries count as known once dialled, which takes a round or two more.
-DISCOVERY_ROUNDS = 6
+# Discovery runs until every node knows every other first-hand, for at most this
+# many rounds: second-hand entries count as known once dialled, and on a loaded
+# machine a timed-out exchange costs a round; a count, not a clock, ends the loop.
+MAX_DISCOVERY_ROUNDS = 30
 FANOUT = 3
 # Generous: 20 hosts share one event loop, and on a loaded machine an exchange can take
 # seconds; a timed-out exchange costs a node first-hand knowledge of that peer.
@@ -89,7 +91,9 @@ async def _build_overlay() -> Overlay:
             async with trio.open_nursery() as nursery:
                 for node, book in zip(nodes[1:], books[1:], strict=True):
                     nursery.start_soon(join, node, book)
-            for _ in range(DISCOVERY_ROUNDS):
+            for _ in range(MAX_DISCOVERY_ROUNDS):
+                if all(len(book.known()) == NODES - 1 for book in books):
+                    break
                 async with trio.open_nursery() as nursery:
                     for node, book in zip(nodes, books, strict=True):
                         nursery.start_soon(discovery_round, node, book, FANOUT, TIMEOUT_S)

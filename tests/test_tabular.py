@@ -178,7 +178,7 @@ def test_label_and_model_in_a_config_file_must_be_text() -> None:
     from p2pfl.config import ConfigError, build_config
 
     assert build_config({"label": "diagnosis", "model": "mlp:8"}, {}).label == "diagnosis"
-    with pytest.raises(ConfigError, match="label: expected str, got 3"):
+    with pytest.raises(ConfigError, match="label: expected text, got 3"):
         build_config({"label": 3}, {})
 
 
