@@ -199,7 +199,7 @@ class NodeRuntime:
     # -- state ----------------------------------------------------------------------------
 
     def _restore(self) -> bool:
-        state = self.store.load(self.gossip.layout.fingerprint)
+        state = self.store.load(self.gossip.layout.fingerprint, self.gossip.layout.size)
         if state is None:
             return False
         if not 0 <= state.round < 2**62:

@@ -21,6 +21,7 @@ from test_hostile_peer import running_daemon, signed
 from fltasks import load_task
 from gossip.keys import NodeKey
 from p2pfl.gating import InboundGuard
+from p2pfl.peer_exchange import PeerBook, exchange_peers, serve_peer_exchange
 from p2pfl.runtime import UPDATE_PROTOCOL, model_arrays
 from p2pfl.transport import Transport, TransportError
 
@@ -89,6 +90,11 @@ async def test_400_outsider_connections_then_a_member_joins_and_its_update_is_ac
         await wait_until(lambda: node.gate.guard.handshakes_available("127.0.0.1") >= 1)
         async with Transport.open(member) as sender:
             await sender.connect(node.addrs[0], TIMEOUT_S)
+            # Introduced by a peer exchange, as a member joins: the daemon merges only
+            # updates of peers in its book that choose it as a neighbour.
+            book = PeerBook(sender.peer_id)
+            serve_peer_exchange(sender, book)
+            await exchange_peers(sender, node.peer_id, book, TIMEOUT_S)
             model = model_arrays(digits.make_model())
             await sender.send(node.peer_id, UPDATE_PROTOCOL, signed(member, model, 1), TIMEOUT_S)
             await wait_until(lambda: daemon.gossip.admission.accepted == 1)
