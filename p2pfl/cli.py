@@ -267,12 +267,13 @@ def run_node(args: argparse.Namespace) -> None:
     from p2pfl.host import parse_multiaddr, split_peer_multiaddr
     from p2pfl.runtime import NodeRuntime
     from p2pfl.transport import TransportError
-    from p2pfl.tuning import keep_large_buffers_in_heap
+    from p2pfl.tuning import keep_large_buffers_in_heap, raise_open_file_limit
 
     # Nodes share machines with other nodes and with the event loop: one
     # intra-op thread each avoids oversubscribing the cores.
     torch.set_num_threads(1)
     keep_large_buffers_in_heap()
+    raise_open_file_limit()
 
     # A bootstrap address without /p2p/<id> can never be dialed: the node would
     # wait for peers forever, logging a warning every few seconds.

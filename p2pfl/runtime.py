@@ -151,6 +151,10 @@ class NodeRuntime:
             aggregator=config.make_aggregator(),
             codec_id=config.compression,
             quorum=config.quorum,
+            # A fresh state numbers its updates from the clock (microseconds), so a node
+            # that lost its state dir is not refused as a replay by peers that saw its
+            # old sequence numbers; a checkpoint, when there is one, overrides this.
+            seq=time.time_ns() // 1000,
         )
         self.attacker = (
             Attacker.create(self.gossip, config.attack) if config.attack is not None else None
