@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 5.0
 MAX_REQUEST_BYTES = 8192
-MAX_CONNECTIONS = 32
+MAX_CONNECTIONS = 16
 LINGER_S = 1.0
 # generate_latest writes the classic text format; this is its content type.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
