@@ -75,6 +75,15 @@ def dial(lab: Lab, source: int, address: str) -> str:
     return lab.run(source, attempt)
 
 
+def redial(lab: Lab, source: int, address: str, attempts: int = 10) -> str:
+    """:func:`dial` until it connects, at most ``attempts`` times; the last outcome."""
+    for _ in range(attempts):
+        outcome = dial(lab, source, address)
+        if outcome == "ok":
+            break
+    return outcome
+
+
 def test_hosts_reach_each_other_a_cut_drops_silently_and_heals() -> None:
     with Lab(3) as lab:
         listeners = [listen(i, lab) for i in range(3)]
@@ -85,7 +94,9 @@ def test_hosts_reach_each_other_a_cut_drops_silently_and_heals() -> None:
         assert [dial(lab, 0, a) for a in addresses] == ["ok", "ok", "TimeoutError"]
         assert dial(lab, 2, addresses[1]) == "TimeoutError"
         lab.heal()
-        assert [dial(lab, 2, a) for a in addresses] == ["ok", "ok", "ok"]
+        # The kernel's own recovery after a heal: a neighbour entry that failed during
+        # the cut is retried on its own schedule, so a dial may need a few attempts.
+        assert [redial(lab, 2, a) for a in addresses] == ["ok", "ok", "ok"]
         for listener in listeners:
             listener.close()
 
