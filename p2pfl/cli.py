@@ -125,6 +125,13 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     add("--max-message-mb", type=float, help="largest update accepted (default 64)")
     add("--send-timeout", type=float, metavar="SECONDS", help="per push (default 5)")
     add(
+        "--min-link-mbit",
+        type=float,
+        metavar="MBIT",
+        help="slowest link a whole update must cross: push and read deadlines grow by the "
+        "update's size at this rate (default 8)",
+    )
+    add(
         "--read-timeout",
         type=float,
         metavar="SECONDS",
@@ -236,6 +243,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "dp_delta",
             "log_format",
             "linger",
+            "min_link_mbit",
             "quorum",
             "attack",
         )

@@ -60,6 +60,10 @@ class NodeConfig:
     linger: float = 30.0
     max_message_mb: float = 64.0
     send_timeout: float = 5.0
+    # The slowest link (Mbit/s) a whole update must cross: every push and frame
+    # deadline grows by the message's size at this rate, so large models are not
+    # cut off by a fixed deadline (a 4.5 MB update never crossed 10 Mbit/s in 5 s).
+    min_link_mbit: float = 8.0
     # A whole inbound frame must arrive within this many seconds (one deadline per frame).
     read_timeout: float = 10.0
     # Inbound bytes per peer and minute, on top of a burst of one largest message.
@@ -89,6 +93,10 @@ class NodeConfig:
     def shard_index(self) -> tuple[int, int]:
         index, count = self.shard.split("/")
         return int(index), int(count)
+
+    @property
+    def min_link_bytes_per_s(self) -> float:
+        return self.min_link_mbit * 1e6 / 8
 
     @property
     def dp_enabled(self) -> bool:
@@ -125,6 +133,8 @@ class NodeConfig:
             raise ConfigError(
                 "--round-interval must be >= 0; --send-timeout and --max-message-mb must be > 0"
             )
+        if not (math.isfinite(self.min_link_mbit) and self.min_link_mbit > 0):
+            raise ConfigError(f"--min-link-mbit {self.min_link_mbit}: must be a rate > 0")
         if not (math.isfinite(self.linger) and self.linger >= 0):
             raise ConfigError(f"--linger {self.linger}: must be seconds >= 0")
         if self.quorum < 1:

@@ -42,7 +42,7 @@ from gossip.node import GossipState
 from gossip.privacy import GaussianMechanism
 from p2pfl.checkpoint import CheckpointError, CheckpointStore, NodeState
 from p2pfl.config import ConfigError, NodeConfig, load_allowlist, parse_host_port
-from p2pfl.framing import MAX_UVARINT_BYTES
+from p2pfl.framing import MAX_UVARINT_BYTES, frame_deadline
 from p2pfl.neighbors import choose_neighbors, in_neighbors
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
 from p2pfl.ratelimit import MIB, LogThrottle, PeerRateLimiter
@@ -446,11 +446,15 @@ class NodeRuntime:
             try:
                 sender = public_key_from_peer_id(peer_id)
                 await self._connect(peer_id)
+                # A snapshot is about our own model's size (float32 parameters).
+                deadline = frame_deadline(
+                    DIAL_TIMEOUT_S, 4 * self.gossip.layout.size, self.config.min_link_bytes_per_s
+                )
                 reply = await self.transport.request(
                     peer_id,
                     MODEL_PROTOCOL,
                     b"",
-                    DIAL_TIMEOUT_S,
+                    deadline,
                     self.gossip.admission.policy.max_message_bytes + 8,
                 )
                 if len(reply) < 8:
@@ -492,14 +496,16 @@ class NodeRuntime:
     async def _push(self, outgoing: Outgoing, peers: list[str]) -> None:
         assert self.transport is not None
         transport = self.transport
+        # The deadline grows with the update's size at the slowest link we serve.
+        timeout = frame_deadline(
+            self.config.send_timeout, len(outgoing.message), self.config.min_link_bytes_per_s
+        )
 
         async def push_one(peer_id: str) -> None:
             try:
-                with trio.fail_after(self.config.send_timeout):
+                with trio.fail_after(timeout):
                     await self._connect(peer_id)
-                    await transport.send(
-                        peer_id, UPDATE_PROTOCOL, outgoing.message, self.config.send_timeout
-                    )
+                    await transport.send(peer_id, UPDATE_PROTOCOL, outgoing.message, timeout)
             except (TransportError, trio.TooSlowError) as error:
                 # After a network heals, TCP connections sit ESTABLISHED in retransmission
                 # backoff for minutes and every new stream queues behind them: close the
@@ -615,8 +621,9 @@ class NodeRuntime:
         ) as transport:
             self.transport = transport
             timeout = config.read_timeout
-            transport.set_handler(UPDATE_PROTOCOL, self._on_update, max_bytes, timeout)
-            transport.set_handler(MODEL_PROTOCOL, self._on_model_request, 0, timeout)
+            rate = config.min_link_bytes_per_s
+            transport.set_handler(UPDATE_PROTOCOL, self._on_update, max_bytes, timeout, rate)
+            transport.set_handler(MODEL_PROTOCOL, self._on_model_request, 0, timeout, rate)
             serve_peer_exchange(transport, self.book, read_timeout=timeout)
             try:
                 async with trio.open_nursery() as nursery:

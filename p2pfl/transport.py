@@ -101,6 +101,8 @@ class _Route:
     handler: Handler
     max_size: int
     read_timeout: float
+    # A frame's deadline grows by its size at this rate (None: fixed; see framing).
+    min_bytes_per_s: float | None = None
 
 
 def _describe(error: BaseException) -> str:
@@ -442,7 +444,12 @@ class Transport:
     # -- inbound ------------------------------------------------------------------------
 
     def set_handler(
-        self, protocol: str, handler: Handler, max_size: int, read_timeout: float
+        self,
+        protocol: str,
+        handler: Handler,
+        max_size: int,
+        read_timeout: float,
+        min_bytes_per_s: float | None = None,
     ) -> None:
         """Serve ``protocol``: read one frame (<= max_size, within read_timeout), call handler.
 
@@ -450,7 +457,7 @@ class Transport:
         """
         if max_size < 0 or not math.isfinite(read_timeout) or read_timeout <= 0:
             raise ValueError("set_handler needs max_size >= 0 and a finite read_timeout > 0")
-        route = _Route(handler, max_size, read_timeout)
+        route = _Route(handler, max_size, read_timeout, min_bytes_per_s)
 
         async def on_stream(stream: INetStream) -> None:
             await self._serve(stream, protocol, route)
@@ -506,7 +513,9 @@ class Transport:
         limiter = self.rate_limiter
         source = stream if limiter is None else _MeteredStream(stream, limiter, peer_id)
         try:
-            payload = await read_frame(source, route.max_size, route.read_timeout)
+            payload = await read_frame(
+                source, route.max_size, route.read_timeout, route.min_bytes_per_s
+            )
         except _RateLimited:
             self.stream_errors["rate-limited"] += 1
             await _reset_quietly(stream)
@@ -527,7 +536,7 @@ class Transport:
             return
         if reply is not None:
             try:
-                await write_frame(stream, reply, route.read_timeout)
+                await write_frame(stream, reply, route.read_timeout, route.min_bytes_per_s)
             except Exception as error:
                 self.stream_errors["reply"] += 1
                 logger.debug("reply on %s to %s failed: %s", protocol, peer_id, _describe(error))

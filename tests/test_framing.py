@@ -155,3 +155,38 @@ async def test_large_payload_in_many_partial_reads() -> None:
     payload = bytes(range(256)) * 4096  # 1 MiB
     stream = ScriptedStream(encode_uvarint(len(payload)) + payload, chunk=3000)
     assert await read_frame(stream, max_size=len(payload), timeout=5) == payload
+
+
+async def test_a_large_frame_on_a_slow_link_gets_a_deadline_that_grows_with_its_size() -> None:
+    # 100 KB arriving at 20 KB/s (1 KB every 0.05 s): 5 s, past a fixed 1 s deadline,
+    # inside 1 s + 100 KB / 20 KB/s = 6 s.
+    payload = bytes(100_000)
+    framed = encode_uvarint(len(payload)) + payload
+
+    async def scenario() -> None:
+        with pytest.raises(FrameError) as caught:
+            await read_frame(ScriptedStream(framed, 1000, 0.05), max_size=1 << 20, timeout=1)
+        assert caught.value.reason == "timeout"
+        slow = ScriptedStream(framed, 1000, 0.05)
+        got = await read_frame(slow, max_size=1 << 20, timeout=1, min_bytes_per_s=20_000)
+        assert got == payload
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    await trio.to_thread.run_sync(lambda: trio.run(scenario, clock=clock))
+
+
+async def test_a_size_scaled_deadline_still_cuts_off_a_trickling_peer() -> None:
+    # The announced length buys its own transfer time at the given rate, no more: a
+    # 3-byte length read by 3 s extends a 5 s deadline by 1 MB / 1 MB/s, to 6 s, and
+    # a body trickling one byte a second is cut off there.
+    stream = ScriptedStream(encode_uvarint(1_000_000) + b"x" * 100, chunk=1, delay=1.0)
+
+    async def scenario() -> None:
+        started = trio.current_time()
+        with pytest.raises(FrameError) as caught:
+            await read_frame(stream, max_size=1 << 21, timeout=5, min_bytes_per_s=1_000_000)
+        assert caught.value.reason == "timeout"
+        assert trio.current_time() - started == pytest.approx(6)
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    await trio.to_thread.run_sync(lambda: trio.run(scenario, clock=clock))
