@@ -42,6 +42,12 @@ from gossip.node import GossipState
 from gossip.privacy import GaussianMechanism
 from p2pfl.checkpoint import CheckpointError, CheckpointStore, NodeState
 from p2pfl.config import ConfigError, NodeConfig, load_allowlist, parse_host_port
+from p2pfl.dp import (
+    NON_PRIVATE_ROUNDS,
+    non_private_rounds,
+    os_entropy_generator,
+    refuse_dp_after_raw_rounds,
+)
 from p2pfl.framing import MAX_UVARINT_BYTES
 from p2pfl.neighbors import choose_neighbors, in_neighbors
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
@@ -126,7 +132,12 @@ class NodeRuntime:
         self.shard = torch.as_tensor(shards[index], dtype=torch.long)
         self.x, self.y = task.x_train[self.shard], task.y_train[self.shard]
         self.model = task.make_model()
-        self.generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
+        # With DP on, batches must be secret (p2pfl/dp.py); without it, reproducible.
+        self.generator = (
+            os_entropy_generator()
+            if config.dp_enabled
+            else torch.Generator().manual_seed(config.seed * 100_003 + index)
+        )
         initial = model_arrays(self.model)
         allowlist = load_allowlist(config.allow) if config.allow else None
         self.members: frozenset[str] | None = (
@@ -217,7 +228,9 @@ class NodeRuntime:
         for peer_id, addrs in state.peers.items():
             self.book.add(peer_id, addrs)
         self._saved_privacy = dict(state.optimizer)
+        self._saved_privacy[NON_PRIVATE_ROUNDS] = non_private_rounds(state.optimizer, state.round)
         if self.privacy is not None:
+            refuse_dp_after_raw_rounds(state.optimizer, state.round, str(self.store.current))
             accountant = self.privacy.accountant
             accountant.steps = _dp_steps_from(state.optimizer, self.privacy.noise_multiplier)
         logger.info("resumed from checkpoint at round %d, sequence %d", state.round, state.seq)
@@ -240,7 +253,11 @@ class NodeRuntime:
         if self.privacy is None:
             return dict(self._saved_privacy)
         privacy = self.privacy
-        return {"dp_steps": privacy.accountant.steps, "dp_noise": privacy.noise_multiplier}
+        return {
+            "dp_steps": privacy.accountant.steps,
+            "dp_noise": privacy.noise_multiplier,
+            NON_PRIVATE_ROUNDS: 0,  # DP refuses to start otherwise (p2pfl/dp.py)
+        }
 
     async def checkpoint(self) -> None:
         gossip = await self._gossip(self.gossip.state)
@@ -567,9 +584,15 @@ class NodeRuntime:
             try:
                 after = self.privacy.privatize_step(before, after)
             except ValueError as error:
-                # Training diverged: releasing nothing this round costs no privacy.
-                logger.warning("round %d: local step dropped: %s", self.round + 1, error)
-                after = before
+                # Training diverged. Whether it does depends on the data, so the round
+                # must look like any other: a zero change, noised and accounted.
+                logger.warning("round %d: diverged, released noise only: %s", self.round + 1, error)
+                after = self.privacy.privatize_step(before, before)
+        else:
+            # A raw update leaves with the next push: DP can never be claimed for this
+            # model again (p2pfl/dp.py), so the checkpoint must remember it.
+            raw = self._saved_privacy.get(NON_PRIVATE_ROUNDS, 0)
+            self._saved_privacy[NON_PRIVATE_ROUNDS] = raw + 1
         await self._gossip(self.gossip.apply_local_step, before, after)
 
     async def _paced(self, started: float) -> None:
