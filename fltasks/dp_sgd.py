@@ -24,6 +24,7 @@ further privacy cost (post-processing).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -122,12 +123,16 @@ class DpSgdTrainer:
     def train(self, epochs: int) -> None:
         """``epochs`` passes of ``1/q`` Poisson batches each, every one a noisy step."""
         self.module.train()
-        for _ in range(epochs):
-            for xb, yb in self.loader:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(self.module(xb), yb, reduction="sum")
-                loss.backward()
-                self.optimizer.step()
+        with warnings.catch_warnings():
+            # torch notes that the first layer's input needs no gradient; opacus's
+            # per-sample hooks need only the parameters' (a harmless warning).
+            warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+            for _ in range(epochs):
+                for xb, yb in self.loader:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss = nn.functional.cross_entropy(self.module(xb), yb, reduction="sum")
+                    loss.backward()
+                    self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def history(self) -> History:

@@ -22,8 +22,8 @@ import trio
 from opacus.accountants import RDPAccountant
 from runtimes import make_runtime
 
-from fltasks import Task, load_task
-from fltasks.dp_sgd import check_history, epsilon_of
+from fltasks import Task, load_task, partition
+from fltasks.dp_sgd import DpSgdTrainer, check_history, epsilon_of
 from gossip import NodeKey
 from p2pfl.checkpoint import CheckpointStore
 from p2pfl.config import ConfigError, NodeConfig
@@ -169,3 +169,47 @@ def test_the_dp_flags_reach_the_config() -> None:
     assert (config.dp_delta, config.dp_target_epsilon) == (1e-6, 8.0)
     old = node_config(build_parser().parse_args(["node", "--dp-clip", "1", "--dp-noise", "2"]))
     assert old.dp_mode == "node"
+
+
+# -- the simulator runs the daemon's DP-SGD, node by node ----------------------------------
+
+
+def test_the_simulators_dp_sgd_is_the_daemons_for_the_same_generator(digits: Task) -> None:
+    from topologies.batched import make_trainer
+    from topologies.privacy import DpSgdNodes
+
+    shards = partition(digits.y_train, 4, "iid", seed=0)
+    layout = make_trainer(digits).layout
+    nodes = DpSgdNodes(digits, layout, shards, clip_norm=1.0, noise_multiplier=1.0, seed=3)
+    start = layout.flatten(digits.make_model())
+    flat = start.repeat(4, 1)
+    nodes.train(flat, torch.tensor([2]), epochs=2)
+    assert torch.equal(flat[0], start) and not torch.equal(flat[2], start)
+
+    # The daemon's trainer, with the generator the simulator seeds for node 2.
+    model = digits.make_model()
+    rows = torch.as_tensor(shards[2], dtype=torch.long)
+    daemon = DpSgdTrainer(
+        model, digits.x_train[rows], digits.y_train[rows], lr=digits.lr,
+        batch_size=digits.batch_size, noise_multiplier=1.0, clip_norm=1.0,
+        generator=torch.Generator().manual_seed(3 * 100_003 + 2 + 0x5347),
+    )
+    daemon.train(2)
+    assert torch.equal(flat[2], layout.flatten(model))
+    assert nodes.trainers[2].history() == daemon.history()
+
+
+def test_a_sample_mode_simulation_reports_the_worst_nodes_opacus_epsilon(digits: Task) -> None:
+    from topologies.graphs import small_world
+    from topologies.simulator import Simulation, SimulationConfig
+
+    shards = partition(digits.y_train, 6, "dirichlet:0.5", seed=0)
+    config = SimulationConfig(rounds=2, seed=0, dp_clip=1.0, dp_noise=1.0, dp_mode="sample")
+    simulation = Simulation.for_task(digits, small_world(6, 2, 0.1, seed=0), shards, config)
+    assert (simulation.weights == 1.0).all()  # counts stay private, as in the daemon
+    simulation.run()
+    expected = max(
+        opacus_epsilon(1.0, min(1.0, 32 / len(s)), 2 * int(1 / min(1.0, 32 / len(s))))
+        for s in shards
+    )
+    assert simulation.epsilon(DELTA) == pytest.approx(expected, rel=1e-9)
