@@ -25,7 +25,7 @@ def run(args: argparse.Namespace, noise: float | None) -> tuple[float | None, li
     """One network: (largest epsilon seen, final accuracies)."""
     directory = args.out / ("plain" if noise is None else f"noise-{noise:g}")
     shutil.rmtree(directory, ignore_errors=True)
-    extra = ["--linger", str(args.linger), "--dp-delta", "1e-5"]
+    extra = ["--linger", str(args.linger), "--dp-delta", "1e-5", "--aggregator", args.aggregator]
     if noise is not None:
         extra += ["--dp", "sample", "--dp-clip", str(args.clip), "--dp-noise", str(noise)]
     epsilon: float | None = None
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--partition", default="iid")
     parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument("--aggregator", default="clipped", help="the daemon's default: clipped")
     parser.add_argument("--noise", type=float, nargs="+", default=[2.0, 3.0])
     parser.add_argument("--linger", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)

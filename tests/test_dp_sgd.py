@@ -213,3 +213,19 @@ def test_a_sample_mode_simulation_reports_the_worst_nodes_opacus_epsilon(digits:
         for s in shards
     )
     assert simulation.epsilon(DELTA) == pytest.approx(expected, rel=1e-9)
+
+
+async def test_the_target_epsilon_also_bounds_node_mode(digits: Task, tmp_path: Path) -> None:
+    from gossip.privacy import RdpAccountant
+
+    one, two = (RdpAccountant(2.0, steps=k).epsilon(DELTA) for k in (1, 2))  # sigma 4: z = 2
+    node = make_runtime(
+        digits, tmp_path / "node", "0/1", rounds=3, min_neighbors=0,
+        dp_clip=1.0, dp_noise=4.0, dp_target_epsilon=(one + two) / 2,
+    )
+    with trio.fail_after(60):
+        await node.run()
+    assert node.privacy is not None and node.privacy.accountant.steps == 1
+    status = node.status()
+    assert status["epsilon"] == pytest.approx(one) and status["dp_exhausted"] is True
+    assert status["state"] == "serving"  # its rounds are done; dp-exhausted before that
