@@ -32,6 +32,7 @@ from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -91,6 +92,15 @@ class DpSgdTrainer:
     ) -> None:
         if len(x) == 0:
             raise ValueError("cannot train on an empty shard: give every node at least one sample")
+        # opacus's own check: BatchNorm mixes the records of a batch, so clipping each
+        # record's gradient would not bound its influence, and the guarantee would be void.
+        problems = ModuleValidator.validate(model, strict=False)
+        if problems:
+            first = str(problems[0]).split(". ")[0]
+            raise ValueError(
+                f"--dp sample cannot train this model: {first}; "
+                "use a model without BatchNorm (e.g. --model mlp:64)"
+            )
         self.sample_rate = min(1.0, batch_size / len(x))
         self.noise_multiplier = float(noise_multiplier)
         self.clip_norm = float(clip_norm)

@@ -229,3 +229,12 @@ async def test_the_target_epsilon_also_bounds_node_mode(digits: Task, tmp_path: 
     status = node.status()
     assert status["epsilon"] == pytest.approx(one) and status["dp_exhausted"] is True
     assert status["state"] == "serving"  # its rounds are done; dp-exhausted before that
+
+
+def test_dp_sgd_refuses_a_model_whose_batchnorm_mixes_records() -> None:
+    from fltasks.models import small_cnn
+
+    x, y = torch.randn(20, 3, 32, 32), torch.randint(0, 10, (20,))
+    with pytest.raises(ValueError, match=r"--dp sample cannot train this model: .*BatchNorm"):
+        DpSgdTrainer(small_cnn(3, 32, 32, 10), x, y, lr=0.1, batch_size=4,
+                     noise_multiplier=1.0, clip_norm=1.0, generator=torch.Generator())
