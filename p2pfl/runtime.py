@@ -28,14 +28,13 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 import trio
 
 from fltasks import Task, partition
-from fltasks.dp_sgd import DpSgdTrainer, check_history
 from gossip import AdmissionPolicy, GossipNode, InvalidUpdate, NodeKey, Outgoing, Reason
 from gossip.attacks import Attacker
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
@@ -55,6 +54,9 @@ from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve
 from p2pfl.ratelimit import MIB, LogThrottle, PeerRateLimiter
 from p2pfl.status import serve_status
 from p2pfl.transport import Transport, TransportError
+
+if TYPE_CHECKING:
+    from fltasks.dp_sgd import DpSgdTrainer  # opacus is imported only under --dp sample
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,6 +127,8 @@ def _dp_sgd_history(saved: dict[str, Any], where: object) -> list[tuple[float, f
     no subsampling: in opacus's terms, noise multiplier sigma/2 at sample rate
     1, so they compose exactly into the same RDP accountant.
     """
+    from fltasks.dp_sgd import check_history
+
     try:
         history = check_history(saved.get("dp_history", []))
     except ValueError as error:
@@ -204,6 +208,8 @@ class NodeRuntime:
         self.dp_sgd: DpSgdTrainer | None = None
         if config.dp_clip is not None and config.dp_noise is not None:
             if config.dp_mode == "sample":
+                from fltasks.dp_sgd import DpSgdTrainer
+
                 self.dp_sgd = DpSgdTrainer(
                     self.model,
                     self.x,

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from fltasks import Task
-from fltasks.dp_sgd import DpSgdTrainer
 from gossip.privacy import GaussianMechanism, RdpAccountant, clip_rows
 from topologies.batched import ParameterLayout
 
@@ -89,6 +88,8 @@ class DpSgdNodes:
         noise_multiplier: float,
         seed: int,
     ) -> None:
+        from fltasks.dp_sgd import DpSgdTrainer  # opacus only when asked for
+
         self.layout = layout
         self.models = [task.make_model() for _ in shards]
         self.trainers = []
