@@ -175,10 +175,18 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         "it may (scripts/bench_byzantine.py)",
     )
     add(
+        "--dp",
+        choices=["node", "sample"],
+        help="differential privacy: 'sample' runs DP-SGD (per-record clipping, Poisson "
+        "batches); 'node' clips and noises each round's whole update (the default when "
+        "--dp-clip and --dp-noise are given); see SECURITY.md",
+    )
+    add(
         "--dp-clip",
         type=float,
         metavar="C",
-        help="differential privacy: clip each round's update to L2 norm C (needs --dp-noise)",
+        help="differential privacy: clip to L2 norm C each record's gradient (sample) or "
+        "each round's update (node)",
     )
     add(
         "--dp-noise",
@@ -187,6 +195,12 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         help="differential privacy: Gaussian noise of std SIGMA*C (needs --dp-clip)",
     )
     add("--dp-delta", type=float, help="delta of the reported (epsilon, delta) (default 1e-5)")
+    add(
+        "--dp-target-epsilon",
+        type=float,
+        metavar="E",
+        help="stop training before epsilon would pass E; keep merging and serving",
+    )
     add("--log-format", choices=["text", "json"], help="log lines on stderr (default text)")
 
 
@@ -238,9 +252,11 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "compression",
             "trim_fraction",
             "clip_tau",
+            "dp",
             "dp_clip",
             "dp_noise",
             "dp_delta",
+            "dp_target_epsilon",
             "log_format",
             "linger",
             "min_link_mbit",

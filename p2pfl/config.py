@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 
 LOG_FORMATS = ("text", "json")
+DP_MODES = ("node", "sample")
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,15 @@ class NodeConfig:
     # Distinct fresh neighbours a robust merge needs; below it, a bounded step.
     quorum: int = DEFAULT_QUORUM
     clip_tau: float | None = None
-    # Differential privacy of the local training delta: off unless both are given.
+    # Differential privacy (SECURITY.md): "node" clips and noises each round's whole
+    # update (gossip/privacy.py), "sample" runs DP-SGD with opacus (fltasks/dp_sgd.py).
+    # Without --dp, giving --dp-clip and --dp-noise means "node", as it always has.
+    dp: str | None = None
     dp_clip: float | None = None
     dp_noise: float | None = None
     dp_delta: float = 1e-5
+    # Stop training before epsilon would pass this; keep merging and serving.
+    dp_target_epsilon: float | None = None
     log_format: str = "text"
     # Experiments only: run as a Byzantine member with this attack (gossip/attacks.py).
     attack: str | None = None
@@ -99,8 +105,15 @@ class NodeConfig:
         return self.min_link_mbit * 1e6 / 8
 
     @property
+    def dp_mode(self) -> str | None:
+        """``"node"``, ``"sample"``, or None with DP off."""
+        if self.dp is not None:
+            return self.dp
+        return "node" if self.dp_clip is not None else None
+
+    @property
     def dp_enabled(self) -> bool:
-        return self.dp_clip is not None
+        return self.dp_mode is not None
 
     def _fraction(self) -> dict[str, float]:
         return {} if self.trim_fraction is None else {"beta": self.trim_fraction}
@@ -173,8 +186,19 @@ class NodeConfig:
                 raise ConfigError(f"--clip-tau {self.clip_tau}: must be a finite number >= 0")
 
     def _validate_privacy(self) -> None:
+        if self.dp is not None and self.dp not in DP_MODES:
+            raise ConfigError(f"--dp {self.dp!r}: choose node or sample")
+        if self.dp is not None and (self.dp_clip is None or self.dp_noise is None):
+            raise ConfigError(f"--dp {self.dp}: needs --dp-clip C and --dp-noise SIGMA")
         if (self.dp_clip is None) != (self.dp_noise is None):
             raise ConfigError("--dp-clip and --dp-noise: give both to turn DP on, or neither")
+        if self.dp_target_epsilon is not None:
+            if not self.dp_enabled:
+                raise ConfigError("--dp-target-epsilon: only used with DP on (--dp); drop it")
+            if not (math.isfinite(self.dp_target_epsilon) and self.dp_target_epsilon > 0):
+                raise ConfigError(
+                    f"--dp-target-epsilon {self.dp_target_epsilon}: must be a finite number > 0"
+                )
         for flag, value in (("--dp-clip", self.dp_clip), ("--dp-noise", self.dp_noise)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{flag} {value}: must be a finite number > 0")

@@ -28,7 +28,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,15 +39,24 @@ from gossip import AdmissionPolicy, GossipNode, InvalidUpdate, NodeKey, Outgoing
 from gossip.attacks import Attacker
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from gossip.node import GossipState
-from gossip.privacy import GaussianMechanism
+from gossip.privacy import GaussianMechanism, RdpAccountant
 from p2pfl.checkpoint import CheckpointError, CheckpointStore, NodeState
 from p2pfl.config import ConfigError, NodeConfig, load_allowlist, parse_host_port
+from p2pfl.dp import (
+    NON_PRIVATE_ROUNDS,
+    non_private_rounds,
+    os_entropy_generator,
+    refuse_dp_after_raw_rounds,
+)
 from p2pfl.framing import MAX_UVARINT_BYTES, frame_deadline
 from p2pfl.neighbors import choose_neighbors, in_neighbors
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
 from p2pfl.ratelimit import MIB, LogThrottle, PeerRateLimiter
 from p2pfl.status import serve_status
 from p2pfl.transport import Transport, TransportError
+
+if TYPE_CHECKING:
+    from fltasks.dp_sgd import DpSgdTrainer  # opacus is imported only under --dp sample
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,6 +120,25 @@ def _dp_steps_from(saved: dict[str, Any], noise_multiplier: float) -> int:
     return math.ceil(steps * (noise_multiplier / float(then)) ** 2)
 
 
+def _dp_sgd_history(saved: dict[str, Any], where: object) -> list[tuple[float, float, int]]:
+    """The DP-SGD accountant history a checkpoint records, node-mode steps included.
+
+    Steps taken under ``--dp node`` are Gaussian releases of sensitivity 2C with
+    no subsampling: in opacus's terms, noise multiplier sigma/2 at sample rate
+    1, so they compose exactly into the same RDP accountant.
+    """
+    from fltasks.dp_sgd import check_history
+
+    try:
+        history = check_history(saved.get("dp_history", []))
+    except ValueError as error:
+        raise CheckpointError(f"{where}: {error}") from None
+    steps, noise = int(saved.get("dp_steps", 0)), saved.get("dp_noise")
+    if steps > 0 and noise is not None:
+        history.insert(0, (float(noise) / 2.0, 1.0, steps))
+    return history
+
+
 class NodeRuntime:
     """One daemon's state and loops; :meth:`run` until done or cancelled."""
 
@@ -126,8 +154,17 @@ class NodeRuntime:
         self.shard = torch.as_tensor(shards[index], dtype=torch.long)
         self.x, self.y = task.x_train[self.shard], task.y_train[self.shard]
         self.model = task.make_model()
-        self.generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
+        # With DP on, batches must be secret (p2pfl/dp.py); without it, reproducible.
+        self.generator = (
+            os_entropy_generator()
+            if config.dp_enabled
+            else torch.Generator().manual_seed(config.seed * 100_003 + index)
+        )
         initial = model_arrays(self.model)
+        # Under --dp sample the node announces weight 1 and samples 1 instead of its
+        # record count, so that DP-SGD's add/remove-one-record guarantee is not undone
+        # by a count sent in clear (SECURITY.md); models are then averaged equally.
+        public_samples = 1 if config.dp_mode == "sample" else len(self.shard)
         allowlist = load_allowlist(config.allow) if config.allow else None
         self.members: frozenset[str] | None = (
             None
@@ -135,7 +172,7 @@ class NodeRuntime:
             else frozenset(peer_id_from_public_key(member) for member in allowlist)
         )
         spec_hash = task.spec_hash  # the shared task spec joins the fingerprint
-        probe = GossipNode.create(key, initial, samples=len(self.shard), task_spec_hash=spec_hash)
+        probe = GossipNode.create(key, initial, samples=public_samples, task_spec_hash=spec_hash)
         policy = AdmissionPolicy(
             fingerprint=probe.layout.fingerprint,
             max_message_bytes=int(config.max_message_mb * MIB),
@@ -145,7 +182,7 @@ class NodeRuntime:
         self.gossip = GossipNode.create(
             key,
             initial,
-            samples=len(self.shard),
+            samples=public_samples,
             policy=policy,
             task_spec_hash=spec_hash,
             aggregator=config.make_aggregator(),
@@ -168,10 +205,27 @@ class NodeRuntime:
         # Noise from OS entropy, never from the experiment seed: whoever can
         # reproduce the noise can subtract it.
         self.privacy: GaussianMechanism | None = None
+        self.dp_sgd: DpSgdTrainer | None = None
         if config.dp_clip is not None and config.dp_noise is not None:
-            self.privacy = GaussianMechanism(
-                config.dp_clip, config.dp_noise, np.random.default_rng()
-            )
+            if config.dp_mode == "sample":
+                from fltasks.dp_sgd import DpSgdTrainer
+
+                self.dp_sgd = DpSgdTrainer(
+                    self.model,
+                    self.x,
+                    self.y,
+                    lr=task.lr,
+                    batch_size=task.batch_size,
+                    noise_multiplier=config.dp_noise,
+                    clip_norm=config.dp_clip,
+                    generator=self.generator,
+                )
+            else:
+                self.privacy = GaussianMechanism(
+                    config.dp_clip, config.dp_noise, np.random.default_rng()
+                )
+        # --dp-target-epsilon reached: the node merges and serves but trains no more.
+        self.dp_exhausted = False
         # Kept from the checkpoint even while DP is off, so turning it back on resumes it.
         self._saved_privacy: dict[str, Any] = {}
         self.store = CheckpointStore(config.state_dir)
@@ -198,6 +252,7 @@ class NodeRuntime:
         # Updates refused before admission, by reason (shown with updates_rejected).
         self.refused_updates: Counter[str] = Counter()
         self.resumed = self._restore()
+        self.epsilon = self._epsilon_now()
         self._status_view = self._gossip_view()
 
     # -- state ----------------------------------------------------------------------------
@@ -217,9 +272,19 @@ class NodeRuntime:
         for peer_id, addrs in state.peers.items():
             self.book.add(peer_id, addrs)
         self._saved_privacy = dict(state.optimizer)
+        self._saved_privacy[NON_PRIVATE_ROUNDS] = non_private_rounds(state.optimizer, state.round)
+        if self.config.dp_enabled:
+            refuse_dp_after_raw_rounds(state.optimizer, state.round, str(self.store.current))
         if self.privacy is not None:
+            if state.optimizer.get("dp_history"):
+                raise ConfigError(
+                    f"--dp node: the state in {self.store.current} spent its budget under "
+                    "--dp sample; keep --dp sample, or start from a fresh --state-dir"
+                )
             accountant = self.privacy.accountant
             accountant.steps = _dp_steps_from(state.optimizer, self.privacy.noise_multiplier)
+        if self.dp_sgd is not None:
+            self.dp_sgd.accountant.history = _dp_sgd_history(state.optimizer, self.store.current)
         logger.info("resumed from checkpoint at round %d, sequence %d", state.round, state.seq)
         return True
 
@@ -237,10 +302,20 @@ class NodeRuntime:
         )
 
     def _privacy_state(self) -> dict[str, Any]:
+        if self.dp_sgd is not None:
+            return {
+                "dp_mode": "sample",
+                "dp_history": [list(entry) for entry in self.dp_sgd.history()],
+                NON_PRIVATE_ROUNDS: 0,
+            }
         if self.privacy is None:
             return dict(self._saved_privacy)
         privacy = self.privacy
-        return {"dp_steps": privacy.accountant.steps, "dp_noise": privacy.noise_multiplier}
+        return {
+            "dp_steps": privacy.accountant.steps,
+            "dp_noise": privacy.noise_multiplier,
+            NON_PRIVATE_ROUNDS: 0,  # DP refuses to start otherwise (p2pfl/dp.py)
+        }
 
     async def checkpoint(self) -> None:
         gossip = await self._gossip(self.gossip.state)
@@ -286,7 +361,6 @@ class NodeRuntime:
             # A non-member's update stream is refused unread: its sender is unknown.
             if transport.streams_refused.get(UPDATE_PROTOCOL):
                 rejected["unknown-sender"] += transport.streams_refused[UPDATE_PROTOCOL]
-        spent = self.privacy.spent(self.config.dp_delta) if self.privacy else None
         return {
             "peer_id": self.key.peer_id,
             "addrs": transport.addrs if transport else [],
@@ -295,8 +369,9 @@ class NodeRuntime:
             "accuracy": self.accuracy,
             "updates_sent": self.updates_sent,
             "updates_accepted": counters["accepted"],
-            # training, then serving: finished its rounds, still gossiping (--linger)
-            "state": "serving" if self.serving else "training",
+            # training, then serving: finished its rounds, still gossiping (--linger);
+            # dp-exhausted: --dp-target-epsilon reached, merging and serving only
+            "state": self._state_name(),
             # Fresh neighbour votes, robust merges with a quorum or bounded below one,
             # and pushes that arrived before the sender's previous one was merged.
             "votes": counters["votes"],
@@ -329,10 +404,68 @@ class NodeRuntime:
             # Top-k differences that arrived when our copy of the sender was stale.
             "out_of_step": counters["out_of_step"],
             "attack": self.config.attack,
-            "epsilon": spent["epsilon"] if spent else None,
-            "delta": spent["delta"] if spent else None,
+            "dp": self.config.dp_mode,
+            "epsilon": self.epsilon,
+            "delta": self.config.dp_delta if self.config.dp_enabled else None,
+            "dp_target_epsilon": self.config.dp_target_epsilon,
+            "dp_exhausted": self.dp_exhausted,
             "task": self.task.name,
         }
+
+    def _state_name(self) -> str:
+        if self.serving:
+            return "serving"
+        return "dp-exhausted" if self.dp_exhausted else "training"
+
+    # -- privacy --------------------------------------------------------------------------
+
+    def _epsilon_now(self) -> float | None:
+        """Epsilon spent so far at --dp-delta, or None with DP off.
+
+        Computed on the loop between rounds (the accountant changes only in the
+        training thread), and cached for /status.
+        """
+        delta = self.config.dp_delta
+        if self.privacy is not None:
+            return self.privacy.spent(delta)["epsilon"]
+        if self.dp_sgd is not None:
+            return self.dp_sgd.epsilon(delta)
+        return None
+
+    def _epsilon_after_next_round(self) -> float | None:
+        delta = self.config.dp_delta
+        if self.privacy is not None:
+            accountant = self.privacy.accountant
+            return RdpAccountant(accountant.noise_multiplier, accountant.steps + 1).epsilon(delta)
+        if self.dp_sgd is not None:
+            steps = self.config.local_epochs * self.dp_sgd.steps_per_epoch
+            return self.dp_sgd.epsilon_after(steps, delta)
+        return None
+
+    def _budget_allows_a_round(self) -> bool:
+        """False, once and for good, when the next round would push epsilon past the target.
+
+        The decision reads only the accountant, never the data, so stopping
+        costs no privacy.
+        """
+        target = self.config.dp_target_epsilon
+        if self.dp_exhausted:
+            return False
+        if target is None:
+            return True
+        after = self._epsilon_after_next_round()
+        if after is None or after <= target:
+            return True
+        self.dp_exhausted = True
+        logger.warning(
+            "privacy budget reached: epsilon %.4g now, %.4g after one more round > target %g "
+            "(delta %g); training stops, merging and serving go on",
+            self.epsilon or 0.0,
+            after,
+            target,
+            self.config.dp_delta,
+        )
+        return False
 
     # -- inbound --------------------------------------------------------------------------
 
@@ -529,6 +662,11 @@ class NodeRuntime:
     def _train(self, estimate: np.ndarray) -> np.ndarray:
         """Runs in a worker thread: train from ``estimate``, return the trained vector."""
         load_arrays(self.model, self.gossip.layout.unflatten(estimate))
+        if self.dp_sgd is not None:
+            self.dp_sgd.train(self.config.local_epochs)
+            trained = self.gossip.layout.flatten(model_arrays(self.model))
+            # Computed from noisy steps only: falling back is post-processing, free.
+            return trained if np.isfinite(trained).all() else estimate
         self.task.train(self.model, self.x, self.y, self.config.local_epochs, self.generator)
         return self.gossip.layout.flatten(model_arrays(self.model))
 
@@ -541,7 +679,7 @@ class NodeRuntime:
 
     async def _one_round(self) -> None:
         """Train (unless serving), merge the votes once, evaluate, push, checkpoint."""
-        if not self.serving:
+        if not self.serving and self._budget_allows_a_round():
             await self._train_step()
         await self._refresh_peers()
         await self._gossip(self.gossip.merge)
@@ -573,9 +711,16 @@ class NodeRuntime:
             try:
                 after = self.privacy.privatize_step(before, after)
             except ValueError as error:
-                # Training diverged: releasing nothing this round costs no privacy.
-                logger.warning("round %d: local step dropped: %s", self.round + 1, error)
-                after = before
+                # Training diverged. Whether it does depends on the data, so the round
+                # must look like any other: a zero change, noised and accounted.
+                logger.warning("round %d: diverged, released noise only: %s", self.round + 1, error)
+                after = self.privacy.privatize_step(before, before)
+        elif self.dp_sgd is None:
+            # A raw update leaves with the next push: DP can never be claimed for this
+            # model again (p2pfl/dp.py), so the checkpoint must remember it.
+            raw = self._saved_privacy.get(NON_PRIVATE_ROUNDS, 0)
+            self._saved_privacy[NON_PRIVATE_ROUNDS] = raw + 1
+        self.epsilon = self._epsilon_now()
         await self._gossip(self.gossip.apply_local_step, before, after)
 
     async def _paced(self, started: float) -> None:

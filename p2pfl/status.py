@@ -76,6 +76,11 @@ class _StatusCollector(Collector):
                 f"Differential-privacy epsilon spent so far, at delta={status.get('delta')}.",
                 value=status["epsilon"],
             )
+            yield GaugeMetricFamily(
+                "p2pfl_dp_exhausted",
+                "1 once --dp-target-epsilon stopped training (merging and serving go on), else 0.",
+                value=int(bool(status.get("dp_exhausted"))),
+            )
         yield GaugeMetricFamily(
             "p2pfl_uptime_seconds", "Seconds since the node started.", value=status["uptime_s"]
         )

@@ -17,6 +17,7 @@ Examples:
   scripts/simulate.py --topology small-world --degree 6 --byzantine 4 --attack scale \
       --aggregator clipped
   scripts/simulate.py --topology small-world --compression topk:0.01 --dp-clip 1 --dp-noise 1
+  scripts/simulate.py --topology small-world --dp sample --dp-clip 1 --dp-noise 1
 """
 
 from __future__ import annotations

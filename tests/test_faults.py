@@ -27,6 +27,7 @@ from fltasks.datasets import mlp
 from gossip import NodeKey
 from gossip.privacy import GaussianMechanism
 from p2pfl.checkpoint import CheckpointStore
+from p2pfl.config import ConfigError
 from p2pfl.peer_exchange import PeerBook, exchange_peers, serve_peer_exchange
 from p2pfl.runtime import UPDATE_PROTOCOL, NodeRuntime
 from p2pfl.transport import Transport
@@ -223,4 +224,59 @@ async def test_dp_is_applied_reported_and_its_budget_survives_a_restart(
         assert (plain.status()["epsilon"], plain.status()["delta"]) == (None, None)
         await plain.run()
         saved = CheckpointStore(tmp_path / "node").load(node.gossip.layout.fingerprint)
-        assert saved is not None and saved.optimizer == {"dp_steps": 13, "dp_noise": 8.0}
+        assert saved is not None and saved.optimizer == {
+            "dp_steps": 13,
+            "dp_noise": 8.0,
+            "non_private_rounds": 1,
+        }
+        # That raw round left with a push: DP can no longer be claimed for this model.
+        with pytest.raises(ConfigError, match=r"trained 1 round\(s\) without DP"):
+            make_runtime(digits, tmp_path / "node", "0/1", key, **{**settings, "rounds": 6})
+
+
+async def test_dp_refuses_an_old_checkpoint_whose_rounds_were_not_private(
+    digits: Task, tmp_path: Path
+) -> None:
+    key = NodeKey.generate()
+    with trio.fail_after(60):
+        await make_runtime(digits, tmp_path / "node", "0/1", key, rounds=2, min_neighbors=0).run()
+    store = CheckpointStore(tmp_path / "node")
+    fingerprint = make_runtime(digits, tmp_path / "other", "0/1").gossip.layout.fingerprint
+    saved = store.load(fingerprint)
+    assert saved is not None and saved.optimizer == {"non_private_rounds": 2}
+    # As written before the ledger existed: no record at all of how rounds were trained.
+    store.save(replace(saved, optimizer={}))
+    with pytest.raises(ConfigError, match=r"trained 2 round\(s\) without DP"):
+        make_runtime(digits, tmp_path / "node", "0/1", key, dp_clip=1.0, dp_noise=1.0)
+
+
+async def test_a_diverged_round_under_dp_releases_noise_and_is_accounted(
+    digits: Task, tmp_path: Path
+) -> None:
+    # A learning rate this large turns the first step's weights into inf and then NaN.
+    diverging = replace(digits, lr=1e38)
+    settings = {"dp_clip": 1.0, "dp_noise": 4.0, "rounds": 2, "min_neighbors": 0}
+    with trio.fail_after(60):
+        node = make_runtime(diverging, tmp_path / "node", "0/1", **settings)
+        trained = node._train(node.gossip.estimate.copy())
+        assert not np.isfinite(trained).all()  # the premise: training does diverge
+        initial = node.gossip.estimate.copy()
+        await node.run()
+    assert node.privacy is not None and node.privacy.accountant.steps == 2
+    moved = node.gossip.estimate - initial
+    # Zero change plus noise of std sigma*C = 4 per coordinate: about 4*sqrt(2) each.
+    assert np.isfinite(moved).all()
+    assert 4.0 < float(np.std(moved)) < 8.0
+
+
+def test_training_batches_are_secret_under_dp_and_reproducible_without(
+    digits: Task, tmp_path: Path
+) -> None:
+    def first_order(**settings: Any) -> list[int]:
+        node = make_runtime(digits, tmp_path / str(len(list(tmp_path.iterdir()))), "0/1",
+                            seed=7, **settings)
+        return torch.randperm(50, generator=node.generator).tolist()
+
+    assert first_order() == first_order()
+    dp = {"dp_clip": 1.0, "dp_noise": 1.0}
+    assert first_order(**dp) != first_order(**dp)

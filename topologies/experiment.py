@@ -105,7 +105,12 @@ def experiment_summary(
             "noise_multiplier": options.dp_noise,
             "delta": runs[0].delta,
             "epsilon": max(run.epsilon for run in runs),
-            "accountant": "gossip.privacy.RdpAccountant at sigma/2",
+            "mode": options.dp,
+            "accountant": (
+                "opacus RDPAccountant (subsampled Gaussian, add/remove one record)"
+                if options.dp == "sample"
+                else "gossip.privacy.RdpAccountant at sigma/2 (replace one record)"
+            ),
         }
     return summary
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fltasks import Task
 from gossip.privacy import GaussianMechanism, RdpAccountant, clip_rows
+from topologies.batched import ParameterLayout
 
 DELTA = 1e-5
 
@@ -62,3 +64,64 @@ class BatchedGaussianMechanism:
         steps = int(self.steps.max()) if len(self.steps) else 0
         accountant = RdpAccountant(self.mechanism.accountant.noise_multiplier, steps=steps)
         return accountant.epsilon(delta)
+
+
+class DpSgdNodes:
+    """``--dp sample`` in the simulator: each honest node runs the daemon's own DP-SGD.
+
+    opacus computes per-sample gradients of one model, not of n stacked ones,
+    so the nodes are not batched here: every active honest node loads its row
+    into its own copy of the model and runs :class:`fltasks.dp_sgd.DpSgdTrainer`,
+    the code the daemon runs, with the same sample rate, clipping, noise and
+    accountant. One difference, on purpose: the generators are seeded from
+    the simulation's seed, so a run is reproducible (a daemon draws from OS
+    entropy). The reported epsilon is the worst node's, from opacus's RDP
+    accountant.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        layout: ParameterLayout,
+        shards: list[np.ndarray],
+        clip_norm: float,
+        noise_multiplier: float,
+        seed: int,
+    ) -> None:
+        from fltasks.dp_sgd import DpSgdTrainer  # opacus only when asked for
+
+        self.layout = layout
+        self.models = [task.make_model() for _ in shards]
+        self.trainers = []
+        for index, (model, shard) in enumerate(zip(self.models, shards, strict=True)):
+            rows = torch.as_tensor(shard, dtype=torch.long)
+            generator = torch.Generator().manual_seed(seed * 100_003 + index + 0x5347)
+            self.trainers.append(
+                DpSgdTrainer(
+                    model,
+                    task.x_train[rows],
+                    task.y_train[rows],
+                    lr=task.lr,
+                    batch_size=task.batch_size,
+                    noise_multiplier=noise_multiplier,
+                    clip_norm=clip_norm,
+                    generator=generator,
+                )
+            )
+
+    def train(self, flat: torch.Tensor, rows: torch.Tensor, epochs: int) -> None:
+        """Replace each of ``flat[rows]`` by its node's DP-SGD result, in place."""
+        for row in rows.tolist():
+            model, start = self.models[row], flat[row].clone()
+            views = self.layout.views(start.unsqueeze(0))
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    parameter.copy_(views[name][0])
+            self.trainers[row].train(epochs)
+            trained = self.layout.flatten(model)
+            # From noisy steps only: keeping the start instead is post-processing.
+            flat[row] = trained if torch.isfinite(trained).all() else start
+
+    def epsilon(self, delta: float = DELTA) -> float:
+        """The largest epsilon of any node so far, from opacus's RDP accountant."""
+        return max((trainer.epsilon(delta) for trainer in self.trainers), default=0.0)

@@ -174,9 +174,17 @@ class ExperimentConfig:
         metavar="S",
     )
     # differential privacy
+    dp: str = setting(
+        "differential privacy (off by default)",
+        "node: clip and noise each round's delta (default); sample: per-record DP-SGD with "
+        "opacus, the daemon's code, node by node (slower)",
+        _SIM.dp_mode,
+        choices=("node", "sample"),
+    )
     dp_clip: float | None = setting(
         "differential privacy (off by default)",
-        "clip every honest node's round delta to L2 norm C",
+        "clip to L2 norm C every honest node's round delta (node) or each record's gradient "
+        "(sample)",
         _SIM.dp_clip,
         metavar="C",
     )
@@ -245,6 +253,7 @@ class ExperimentConfig:
             network=self.network,
             seed=self.seed,
             dtype=torch.float64 if self.float64 else torch.float32,
+            dp_mode=self.dp,
             **{name: getattr(self, name) for name in _PASSED_THROUGH},
         )
 

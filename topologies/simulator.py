@@ -23,8 +23,9 @@ and each a small piece with the gossip core's own rules:
   They are left out of the honest metrics (``honest_accuracy_*``, and the
   consensus distance, taken over honest nodes only when there are attackers);
   a non-finite message is dropped as gossip's admission would reject it;
-* ``dp_clip``/``dp_noise``: gossip's Gaussian mechanism on every honest
-  node's round delta (:mod:`topologies.privacy`);
+* ``dp_clip``/``dp_noise``: with ``dp_mode`` "node", gossip's Gaussian mechanism
+  on every honest node's round delta; with "sample", the daemon's DP-SGD run
+  node by node (:mod:`topologies.privacy`), and every node weighs 1;
 * ``compression``: gossip's codecs, batched, with error feedback or CHOCO
   public copies (:mod:`topologies.compression`).
 """
@@ -59,7 +60,7 @@ from topologies.network import (
     RoundPlan,
     message_bytes,
 )
-from topologies.privacy import DELTA, BatchedGaussianMechanism
+from topologies.privacy import DELTA, BatchedGaussianMechanism, DpSgdNodes
 from topologies.robust import BatchedRule, batched_rule
 from topologies.settings_error import SettingError
 from topologies.stacked_pushsum import StackedPushSum, consensus_distance
@@ -98,6 +99,7 @@ class SimulationConfig:
     attack_scale: float | None = None  # None: the attack's default (topologies.attacks)
     dp_clip: float | None = None
     dp_noise: float | None = None
+    dp_mode: str = "node"  # or "sample": per-record DP-SGD (the daemon's --dp)
     compression: str = "none"  # none, fp16, int8, topk:FRACTION
     choco_step: float = DEFAULT_CHOCO_STEP  # gamma of top-k's public-copy mixing
     choco_compensation: float = DEFAULT_COMPENSATION  # residual mass a top-k sender keeps
@@ -137,6 +139,8 @@ class SimulationConfig:
                 BatchedGaussianMechanism(self.dp_clip, self.dp_noise, 1, 0)  # validates C, sigma
             except ValueError as error:
                 raise SettingError(("dp_clip", "dp_noise"), str(error)) from None
+        if self.dp_mode not in ("node", "sample"):
+            raise SettingError("dp_mode", f"must be node or sample, got {self.dp_mode!r}")
         try:
             codec = resolve_codec(self.compression)
         except ValueError as error:
@@ -242,11 +246,19 @@ class Simulation:
             if batched.lossless
             else Compressor(batched, self.state.estimates, config.choco_step)
         )
-        self.privacy = (
-            None
-            if config.dp_clip is None
-            else BatchedGaussianMechanism(config.dp_clip, config.dp_noise, n, config.seed)
-        )
+        self.privacy: BatchedGaussianMechanism | None = None
+        self.dp_sgd: DpSgdNodes | None = None
+        if config.dp_clip is not None and config.dp_noise is not None:
+            if config.dp_mode == "sample" and config.train:
+                assert task is not None and trainer is not None and shards is not None
+                own = [shards.index[i, : int(shards.sizes[i])].numpy() for i in range(n)]
+                self.dp_sgd = DpSgdNodes(
+                    task, trainer.layout, own, config.dp_clip, config.dp_noise, config.seed
+                )
+            elif config.dp_mode == "node":
+                self.privacy = BatchedGaussianMechanism(
+                    config.dp_clip, config.dp_noise, n, config.seed
+                )
         self._plain = self.rule is None and self.adversary is None and self.compressor is None
 
     @classmethod
@@ -268,6 +280,8 @@ class Simulation:
         initial = trainer.layout.flatten(model)
         estimates = initial.unsqueeze(0).expand(n, -1).to(config.dtype).contiguous()
         weights = np.array([len(s) for s in shards], dtype=np.float64)
+        if config.dp_mode == "sample" and config.dp_clip is not None:
+            weights = np.ones(n)  # as a --dp sample daemon sends: counts stay private
         shapes = dict(zip(trainer.layout.names, trainer.layout.shapes, strict=True))
         return cls(
             graph,
@@ -290,6 +304,8 @@ class Simulation:
 
     def epsilon(self, delta: float = DELTA) -> float | None:
         """The privacy spent so far by the most-trained honest node, or None without DP."""
+        if self.dp_sgd is not None:
+            return self.dp_sgd.epsilon(delta)
         return None if self.privacy is None else self.privacy.epsilon(delta)
 
     def step(self) -> RoundMetrics:
@@ -375,6 +391,11 @@ class Simulation:
         estimates = self.state.estimates
         flat = estimates if estimates.dtype == torch.float32 else estimates.float()
         before = None if self.privacy is None else flat.clone()
+        if self.dp_sgd is not None:
+            honest = torch.from_numpy(self.honest)
+            rows = torch.from_numpy(np.flatnonzero((active & honest).numpy()))
+            self.dp_sgd.train(flat, rows, self.config.local_epochs)
+            active = active & ~honest  # Byzantine rows still train the plain way
         self.trainer.train(flat, self.shards, self.config.local_epochs, self._generator, active)
         if self.privacy is not None:
             rows = torch.from_numpy(np.flatnonzero(active.numpy() & self.honest))

@@ -1,0 +1,240 @@
+"""Per-record DP (``--dp sample``): DP-SGD with opacus in the daemon, on real digits.
+
+- A node trains a few rounds of DP-SGD: the model learns, epsilon grows, and it
+  is opacus's own RDP accountant stepped the same number of times at the
+  same noise and sample rate; the budget survives a restart.
+- The node announces weight 1, not its record count (the add/remove relation).
+- ``--dp-target-epsilon``: the node stops training before epsilon would pass
+  the target, says so in /status, /metrics and the log, and keeps merging.
+- Steps spent under ``--dp node`` compose into the same accountant.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trio
+from opacus.accountants import RDPAccountant
+from runtimes import make_runtime
+
+from fltasks import Task, load_task, partition
+from fltasks.dp_sgd import DpSgdTrainer, check_history, epsilon_of
+from gossip import NodeKey
+from p2pfl.checkpoint import CheckpointStore
+from p2pfl.config import ConfigError, NodeConfig
+from p2pfl.status import render_metrics
+
+torch.set_num_threads(1)
+DELTA = 1e-5
+SAMPLE = {"dp": "sample", "dp_clip": 1.0, "dp_noise": 1.0, "min_neighbors": 0}
+
+
+@pytest.fixture(scope="module")
+def digits() -> Task:
+    return load_task("digits")
+
+
+def opacus_epsilon(noise: float, sample_rate: float, steps: int) -> float:
+    accountant = RDPAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
+    return float(accountant.get_epsilon(DELTA))
+
+
+async def test_dp_sgd_rounds_learn_and_spend_opacus_epsilon_across_a_restart(
+    digits: Task, tmp_path: Path
+) -> None:
+    key = NodeKey.generate()
+    # Shard 0 of 8: 180 records, batches of 32, so q = 32/180 and 5 steps a round.
+    with trio.fail_after(120):
+        node = make_runtime(digits, tmp_path / "node", "0/8", key, rounds=2, **SAMPLE)
+        assert node.status()["epsilon"] == 0.0 and node.status()["dp"] == "sample"
+        trainer = node.dp_sgd
+        assert trainer is not None
+        rate, per_round = trainer.sample_rate, trainer.steps_per_epoch
+        assert (rate, per_round) == (32 / len(node.shard), int(len(node.shard) / 32))
+        await node.run()
+        after_two = node.status()["epsilon"]
+        assert after_two == pytest.approx(opacus_epsilon(1.0, rate, 2 * per_round), rel=1e-9)
+
+        again = make_runtime(digits, tmp_path / "node", "0/8", key, rounds=5, **SAMPLE)
+        assert again.status()["epsilon"] == after_two  # restored, not restarted at 0
+        await again.run()
+    status = again.status()
+    assert status["epsilon"] > after_two
+    assert status["epsilon"] == pytest.approx(opacus_epsilon(1.0, rate, 5 * per_round), rel=1e-9)
+    assert status["delta"] == DELTA
+    # Five noisy rounds on 180 records still learn: chance is 0.1.
+    assert status["accuracy"] > 0.2
+    assert f"p2pfl_dp_epsilon {status['epsilon']}" in render_metrics(status)
+    saved = CheckpointStore(tmp_path / "node").load(again.gossip.layout.fingerprint)
+    assert saved is not None
+    assert saved.optimizer["dp_history"] == [[1.0, rate, 5 * per_round]]
+
+
+def test_a_dp_sgd_node_announces_weight_one_not_its_record_count(
+    digits: Task, tmp_path: Path
+) -> None:
+    node = make_runtime(digits, tmp_path / "sample", "0/8", **SAMPLE)
+    assert node.gossip.pushsum.weight == 1.0
+    plain = make_runtime(digits, tmp_path / "plain", "0/8", min_neighbors=0)
+    assert plain.gossip.pushsum.weight == float(len(plain.shard))
+
+
+async def test_the_target_epsilon_stops_training_but_not_merging(
+    digits: Task, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = make_runtime(digits, tmp_path / "node", "0/8", rounds=4, **SAMPLE)
+    assert node.dp_sgd is not None
+    rate, per_round = node.dp_sgd.sample_rate, node.dp_sgd.steps_per_epoch
+    # A target between the epsilon of 2 and of 3 rounds: exactly 2 rounds may train.
+    two, three = (opacus_epsilon(1.0, rate, k * per_round) for k in (2, 3))
+    target = (two + three) / 2
+    node = make_runtime(
+        digits, tmp_path / "node2", "0/8", rounds=4, dp_target_epsilon=target, **SAMPLE
+    )
+    with caplog.at_level(logging.WARNING, logger="p2pfl.runtime"), trio.fail_after(120):
+        await node.run()
+    status = node.status()
+    assert node.dp_sgd is not None and node.dp_sgd.history() == [(1.0, rate, 2 * per_round)]
+    assert status["epsilon"] == pytest.approx(two) and status["epsilon"] <= target
+    assert status["dp_exhausted"] is True and status["round"] == 4
+    assert "p2pfl_dp_exhausted 1" in render_metrics(status)
+    assert any("privacy budget reached" in r.getMessage() for r in caplog.records)
+
+
+def test_node_mode_steps_compose_into_the_dp_sgd_accountant(
+    digits: Task, tmp_path: Path
+) -> None:
+    # 3 node-mode rounds at sigma 4 (sensitivity 2C: opacus noise 2, rate 1), then DP-SGD.
+    state = tmp_path / "node"
+    node = make_runtime(digits, state, "0/8", **SAMPLE)
+    store = CheckpointStore(state)
+    node_mode = {"dp_steps": 3, "dp_noise": 4.0, "non_private_rounds": 0}
+    store.save(replace(node._state(), round=3, optimizer=node_mode))
+    node.store.unlock()
+    resumed = make_runtime(digits, state, "0/8", **SAMPLE)
+    assert resumed.dp_sgd is not None
+    assert resumed.dp_sgd.history() == [(2.0, 1.0, 3)]
+    assert resumed.status()["epsilon"] == pytest.approx(epsilon_of([(2.0, 1.0, 3)], DELTA))
+    # And back: node mode refuses a state that spent budget under DP-SGD.
+    resumed.store.unlock()
+    sampled = {"dp_history": [[1.0, 0.2, 5]], "non_private_rounds": 0}
+    store.save(replace(node._state(), optimizer=sampled))
+    with pytest.raises(ConfigError, match="spent its budget under --dp sample"):
+        make_runtime(digits, state, "0/8", dp_clip=1.0, dp_noise=1.0, min_neighbors=0)
+
+
+@pytest.mark.parametrize(
+    "bad", [{}, [[1.0, 0.2]], [[1.0, 0.2, -1]], [[0.0, 0.2, 1]], [[1.0, 1.5, 1]], [[1, 0.2, 1.5]]]
+)
+def test_a_malformed_history_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="DP-SGD history"):
+        check_history(bad)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"dp": "record"}, "choose node or sample"),
+        ({"dp": "sample", "dp_clip": 1.0}, "needs --dp-clip C and --dp-noise SIGMA"),
+        ({"dp_target_epsilon": 8.0}, "only used with DP on"),
+        ({"dp": "sample", "dp_clip": 1.0, "dp_noise": 1.0, "dp_target_epsilon": -1.0}, "> 0"),
+    ],
+)
+def test_dp_settings_are_checked(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        NodeConfig(**settings).validate()  # type: ignore[arg-type]
+
+
+def test_old_node_flags_still_mean_node_mode() -> None:
+    config = NodeConfig(dp_clip=1.0, dp_noise=2.0).validate()
+    assert config.dp_mode == "node" and config.dp_enabled
+    assert NodeConfig().validate().dp_mode is None
+    assert np.isfinite(epsilon_of([(1.0, 0.2, 10)], DELTA))
+
+
+def test_the_dp_flags_reach_the_config() -> None:
+    from p2pfl.cli import build_parser, node_config
+
+    flags = ["node", "--dp", "sample", "--dp-clip", "1.5", "--dp-noise", "0.8"]
+    args = build_parser().parse_args([*flags, "--dp-delta", "1e-6", "--dp-target-epsilon", "8"])
+    config = node_config(args)
+    assert (config.dp_mode, config.dp_clip, config.dp_noise) == ("sample", 1.5, 0.8)
+    assert (config.dp_delta, config.dp_target_epsilon) == (1e-6, 8.0)
+    old = node_config(build_parser().parse_args(["node", "--dp-clip", "1", "--dp-noise", "2"]))
+    assert old.dp_mode == "node"
+
+
+# -- the simulator runs the daemon's DP-SGD, node by node ----------------------------------
+
+
+def test_the_simulators_dp_sgd_is_the_daemons_for_the_same_generator(digits: Task) -> None:
+    from topologies.batched import make_trainer
+    from topologies.privacy import DpSgdNodes
+
+    shards = partition(digits.y_train, 4, "iid", seed=0)
+    layout = make_trainer(digits).layout
+    nodes = DpSgdNodes(digits, layout, shards, clip_norm=1.0, noise_multiplier=1.0, seed=3)
+    start = layout.flatten(digits.make_model())
+    flat = start.repeat(4, 1)
+    nodes.train(flat, torch.tensor([2]), epochs=2)
+    assert torch.equal(flat[0], start) and not torch.equal(flat[2], start)
+
+    # The daemon's trainer, with the generator the simulator seeds for node 2.
+    model = digits.make_model()
+    rows = torch.as_tensor(shards[2], dtype=torch.long)
+    daemon = DpSgdTrainer(
+        model, digits.x_train[rows], digits.y_train[rows], lr=digits.lr,
+        batch_size=digits.batch_size, noise_multiplier=1.0, clip_norm=1.0,
+        generator=torch.Generator().manual_seed(3 * 100_003 + 2 + 0x5347),
+    )
+    daemon.train(2)
+    assert torch.equal(flat[2], layout.flatten(model))
+    assert nodes.trainers[2].history() == daemon.history()
+
+
+def test_a_sample_mode_simulation_reports_the_worst_nodes_opacus_epsilon(digits: Task) -> None:
+    from topologies.graphs import small_world
+    from topologies.simulator import Simulation, SimulationConfig
+
+    shards = partition(digits.y_train, 6, "dirichlet:0.5", seed=0)
+    config = SimulationConfig(rounds=2, seed=0, dp_clip=1.0, dp_noise=1.0, dp_mode="sample")
+    simulation = Simulation.for_task(digits, small_world(6, 2, 0.1, seed=0), shards, config)
+    assert (simulation.weights == 1.0).all()  # counts stay private, as in the daemon
+    simulation.run()
+    expected = max(
+        opacus_epsilon(1.0, min(1.0, 32 / len(s)), 2 * int(1 / min(1.0, 32 / len(s))))
+        for s in shards
+    )
+    assert simulation.epsilon(DELTA) == pytest.approx(expected, rel=1e-9)
+
+
+async def test_the_target_epsilon_also_bounds_node_mode(digits: Task, tmp_path: Path) -> None:
+    from gossip.privacy import RdpAccountant
+
+    one, two = (RdpAccountant(2.0, steps=k).epsilon(DELTA) for k in (1, 2))  # sigma 4: z = 2
+    node = make_runtime(
+        digits, tmp_path / "node", "0/1", rounds=3, min_neighbors=0,
+        dp_clip=1.0, dp_noise=4.0, dp_target_epsilon=(one + two) / 2,
+    )
+    with trio.fail_after(60):
+        await node.run()
+    assert node.privacy is not None and node.privacy.accountant.steps == 1
+    status = node.status()
+    assert status["epsilon"] == pytest.approx(one) and status["dp_exhausted"] is True
+    assert status["state"] == "serving"  # its rounds are done; dp-exhausted before that
+
+
+def test_dp_sgd_refuses_a_model_whose_batchnorm_mixes_records() -> None:
+    from fltasks.models import small_cnn
+
+    x, y = torch.randn(20, 3, 32, 32), torch.randint(0, 10, (20,))
+    with pytest.raises(ValueError, match=r"--dp sample cannot train this model: .*BatchNorm"):
+        DpSgdTrainer(small_cnn(3, 32, 32, 10), x, y, lr=0.1, batch_size=4,
+                     noise_multiplier=1.0, clip_norm=1.0, generator=torch.Generator())
