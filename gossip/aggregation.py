@@ -80,15 +80,10 @@ class RobustRule:
     def combine(self, state: PushSum, received: Sequence[Share]) -> None:
         if not received:
             return
-        others = _stack(state, received)[1:]
+        dtype = state.estimate.dtype
+        others = np.stack([np.asarray(share.estimate, dtype=dtype) for share in received])
         state.estimate[...] = self.aggregate(state.estimate, others)
         add_weight(state, sum(share.weight for share in received))
-
-
-def _stack(state: PushSum, received: Sequence[Share]) -> np.ndarray:
-    """Own estimate first, then each received one: the [m, P] set a robust rule reads."""
-    rows = [state.estimate, *(share.estimate for share in received)]
-    return np.stack([np.asarray(row, dtype=state.estimate.dtype) for row in rows])
 
 
 def add_weight(state: PushSum, weight: float) -> None:

@@ -42,7 +42,9 @@ DEFAULT_INBOX_LIMIT = 64
 # Distinct fresh senders a robust merge needs (the issue's and the literature's
 # floor: with fewer, one attacker can be the whole majority of what is trimmed).
 DEFAULT_QUORUM = 3
-MAX_SEQ = 2**63 - 1
+# The highest sequence a saved state may hold: far above any real count, far
+# enough below the wire's 2**63 - 1 that no restored node is stuck at the top.
+MAX_RESTORED_SEQ = 2**62
 
 
 @dataclass(frozen=True)
@@ -162,10 +164,10 @@ class GossipNode:
             raise ValueError("the saved estimate holds NaN or inf")
         if not (math.isfinite(state.weight) and 0 < state.weight <= MAX_WEIGHT):
             raise ValueError(f"the saved weight {state.weight!r} is not a finite number > 0")
-        if not 0 <= state.seq < MAX_SEQ // 2:
+        if not 0 <= state.seq < MAX_RESTORED_SEQ:
             raise ValueError(f"the saved sequence {state.seq} is out of range")
         for sender, seq in state.last_seq.items():
-            if len(sender) != 32 or not 0 <= seq < MAX_SEQ // 2:
+            if len(sender) != 32 or not 0 <= seq < MAX_RESTORED_SEQ:
                 raise ValueError(f"a saved peer sequence ({seq}) is out of range")
         self.seq = state.seq
         self.pushsum.weight = float(state.weight)
@@ -276,8 +278,8 @@ class GossipNode:
     def set_peers(self, senders: frozenset[bytes] | None) -> None:
         """Admit updates for merging only from ``senders`` (None: from anyone admitted).
 
-        The runtime passes the peers this node may gossip with: its current
-        in- and out-neighbours, a set bounded by the degree. Anyone else's
+        The runtime passes the peers that choose this node as a neighbour (its
+        in-neighbours, at most the degree). Anyone else's
         update is refused as ``not-neighbour``. A sender that leaves the set
         loses its vote; the weight it already delivered is kept.
         """
@@ -302,7 +304,7 @@ class GossipNode:
             return  # a top-k difference to a copy we do not have: like a lost message
         if update.sender not in self.votes and len(self.votes) >= self.inbox_limit:
             self.merge()  # keeps memory bounded however many peers push
-            self.votes.forget_stale(self.round + self.votes.max_age + 1)
+            self.votes.forget_merged()
         self.votes.record(update.sender, estimate, update.weight, self.round)
 
     def _fold_weight_of(self, share: Share) -> None:

@@ -114,6 +114,11 @@ class VoteTable:
             if self._votes[sender].pending_weight == 0:
                 del self._votes[sender]
 
+    def forget_merged(self) -> None:
+        """Drop every vote whose weight has been folded in: frees the table when full."""
+        for sender in [s for s, v in self._votes.items() if v.pending_weight == 0]:
+            del self._votes[sender]
+
     def keep_only(self, senders: Iterable[bytes]) -> list[Vote]:
         """Forget every sender not in ``senders``; returns their votes (to fold in their weight)."""
         allowed = set(senders)

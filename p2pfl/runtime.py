@@ -261,8 +261,6 @@ class NodeRuntime:
         state = self.store.load(self.gossip.layout.fingerprint, self.gossip.layout.size)
         if state is None:
             return False
-        if not 0 <= state.round < 2**62:
-            raise CheckpointError(f"{self.store.current}: round {state.round} is out of range")
         try:
             saved = GossipState(state.seq, state.weight, state.estimate, state.last_seq)
             self.gossip.restore(saved)
@@ -575,14 +573,14 @@ class NodeRuntime:
         candidates = list(dict.fromkeys(heard_of))[:ADOPT_FROM]
         models: list[np.ndarray] = []
         sources: list[dict[str, Any]] = []
+        # A snapshot is about our own model's size (float32 parameters).
+        deadline = frame_deadline(
+            DIAL_TIMEOUT_S, 4 * self.gossip.layout.size, self.config.min_link_bytes_per_s
+        )
         for peer_id in candidates:
             try:
                 sender = public_key_from_peer_id(peer_id)
                 await self._connect(peer_id)
-                # A snapshot is about our own model's size (float32 parameters).
-                deadline = frame_deadline(
-                    DIAL_TIMEOUT_S, 4 * self.gossip.layout.size, self.config.min_link_bytes_per_s
-                )
                 reply = await self.transport.request(
                     peer_id,
                     MODEL_PROTOCOL,

@@ -30,16 +30,12 @@ import math
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
-ATTACKS = ("sign-flip", "scale", "noise", "alie")
-DEFAULT_SCALE = {"sign-flip": 1.0, "scale": 10.0, "noise": 1.0}
+# One source for the attacks' names, default scales and ALIE's z_max: the daemon's
+# --attack members (gossip/attacks.py) use the same definitions.
+from gossip.attacks import ATTACKS, DEFAULT_SCALE, alie_z_max
 
-
-def alie_z_max(nodes: int, byzantine: int) -> float:
-    """Baruch et al. 2019, section 4: ``Phi^-1((n - q) / n)``, ``q = floor(n/2 + 1) - f``."""
-    supporters = math.floor(nodes / 2 + 1) - byzantine
-    return float(norm.ppf((nodes - supporters) / nodes))
+__all__ = ["ATTACKS", "DEFAULT_SCALE", "Adversary", "alie_z_max", "choose_byzantine"]
 
 
 def choose_byzantine(nodes: int, count: int, seed: int) -> np.ndarray:
