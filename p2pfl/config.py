@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from gossip.aggregation import AGGREGATORS, Aggregator, aggregator_by_name
 from gossip.attacks import ATTACKS
-from gossip.compression import codec_by_id
+from gossip.compression import resolve_codec
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from gossip.node import DEFAULT_QUORUM
 
@@ -93,7 +93,6 @@ class NodeConfig:
     log_format: str = "text"
     # Experiments only: run as a Byzantine member with this attack (gossip/attacks.py).
     attack: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def shard_index(self) -> tuple[int, int]:
@@ -160,7 +159,7 @@ class NodeConfig:
             raise ConfigError(f"--peer-mb-per-min {self.peer_mb_per_min}: must be > 0")
         self._validate_aggregation()
         self._validate_privacy()
-        if codec_by_id(self.compression) is None:
+        if resolve_codec(self.compression) is None:
             raise ConfigError(
                 f"--compression {self.compression!r}: choose raw, fp16, int8 or topk:F "
                 "with 0 < F <= 1 (e.g. topk:0.01)"
@@ -226,7 +225,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config {source}: no such file") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"--config {source}: not valid TOML ({error})") from None
-    known = {item.name for item in fields(NodeConfig)} - {"extra"}
+    known = {item.name for item in fields(NodeConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(
@@ -257,7 +256,7 @@ def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -
     hints = get_type_hints(NodeConfig)
     typed: dict[str, Any] = {}
     for item in fields(NodeConfig):
-        if item.name not in merged or item.name == "extra":
+        if item.name not in merged:
             continue
         value = merged[item.name]
         if item.name in _LIST_KEYS:

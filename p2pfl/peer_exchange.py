@@ -195,9 +195,6 @@ class PeerBook:
             return True
         return False
 
-    def remove(self, peer_id: str) -> None:
-        self._entries.pop(peer_id, None)
-
     def known(self) -> list[str]:
         """Peers known first-hand, sorted: the only ones chosen as neighbours."""
         return sorted(pid for pid, entry in self._entries.items() if entry.first_hand)
@@ -208,10 +205,6 @@ class PeerBook:
     def addrs(self, peer_id: str) -> list[str]:
         entry = self._entries.get(peer_id)
         return entry.addrs() if entry else []
-
-    def last_seen(self, peer_id: str) -> float | None:
-        entry = self._entries.get(peer_id)
-        return entry.last_seen if entry else None
 
     def sample(self, k: int, exclude: Iterable[str] = ()) -> list[tuple[str, list[str]]]:
         """Up to ``k`` random peers to pass on: first-hand ones, verified addresses only."""

@@ -27,7 +27,6 @@ def test_a_second_hand_entry_is_stale_and_not_a_neighbour_candidate() -> None:
     book = PeerBook(peer(), clock=clock)
     heard = peer()
     assert book.add(heard, [addr(heard)], first_hand=False, source="s")
-    assert book.last_seen(heard) is None
     assert book.known() == [] and len(book) == 0
     assert heard in book and book.second_hand() == [heard]
 
