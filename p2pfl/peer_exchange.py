@@ -231,11 +231,11 @@ class PeerBook:
     def _room_for_second_hand(self, source: str | None) -> bool:
         second = [(pid, e) for pid, e in self._entries.items() if not e.first_hand]
         if sum(1 for _, e in second if e.source == source) >= self.per_source_quota:
-            self.rejected["over_quota"] += 1
+            self.rejected["over-quota"] += 1
             return False
         if len(second) >= self.max_second_hand or len(self._entries) >= self.max_peers:
             if not second:
-                self.rejected["over_quota"] += 1
+                self.rejected["over-quota"] += 1
                 return False
             # Evict from the source that holds the most, its oldest entry first, so one
             # source flooding the table mostly displaces its own entries.
@@ -362,7 +362,7 @@ def serve_peer_exchange(transport: Transport, book: PeerBook, read_timeout: floa
     async def handle(peer_id: str, payload: bytes) -> bytes | None:
         addrs = decode_request(payload, peer_id)
         if addrs is None:
-            book.rejected["malformed_request"] += 1
+            book.rejected["malformed-request"] += 1
             return None
         # Sample before adding the requester, so it is not told about itself.
         reply = encode_reply(book.sample(MAX_PEERS_PER_REPLY, exclude=[peer_id]))
@@ -388,11 +388,11 @@ async def exchange_peers(transport: Transport, peer_id: str, book: PeerBook, tim
     book.mark_alive(peer_id)
     decoded = decode_reply(reply)
     if decoded is None:
-        book.rejected["malformed_reply"] += 1
+        book.rejected["malformed-reply"] += 1
         return 0
     peers, dropped = decoded
     if dropped:
-        book.rejected["bad_entry"] += dropped
+        book.rejected["bad-entry"] += dropped
     return sum(
         book.add(pid, addrs, first_hand=False, source=peer_id)
         for pid, addrs in peers

@@ -45,7 +45,7 @@ class _StatusCollector(Collector):
         status = self.status
         yield GaugeMetricFamily("p2pfl_round", "Local rounds completed.", value=status["round"])
         yield GaugeMetricFamily(
-            "p2pfl_neighbors", "Current gossip neighbours.", value=len(status["neighbors"])
+            "p2pfl_neighbours", "Current gossip neighbours.", value=len(status["neighbours"])
         )
         if status.get("accuracy") is not None:
             yield GaugeMetricFamily(

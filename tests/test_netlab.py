@@ -38,8 +38,9 @@ NO_NFT = nft_missing_reason()
 needs_nft = pytest.mark.skipif(NO_NFT is not None, reason=NO_NFT or "")
 
 PORT = 7000
-# Failure deadlines only: a correct run finishes long before them.
-DAEMON_DEADLINE_S = 120.0
+# Failure deadlines only: a correct run finishes long before them, even on a machine
+# kept busy by other work.
+DAEMON_DEADLINE_S = 600.0
 
 
 @pytest.fixture(autouse=True)
@@ -184,7 +185,9 @@ def wait_until(check: Callable[[], Any], what: str) -> Any:
 
 
 def test_daemons_train_through_a_cut_and_learn_across_it_after_the_heal(tmp_path: Path) -> None:
-    options = ("--send-timeout", "1")
+    # Short enough that the rounds in the cut stay short, long enough that a push on a
+    # busy machine is not cut off before the cut (1 s was: a node then never heard both).
+    options = ("--send-timeout", "10")
     with Lab(3) as lab, LabNetwork(
         lab, str(tmp_path), rounds=None, degree=2, local_epochs=1, extra_args=options
     ) as net:

@@ -62,7 +62,7 @@ def test_one_source_gets_at_most_its_quota_of_second_hand_entries() -> None:
         fake = peer()
         book.add(fake, [addr(fake)], first_hand=False, source="liar")
     assert len(book.second_hand()) == 5
-    assert book.rejected["over_quota"] == 15
+    assert book.rejected["over-quota"] == 15
 
 
 def test_only_first_hand_peers_at_verified_addresses_are_passed_on() -> None:

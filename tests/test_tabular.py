@@ -187,7 +187,8 @@ def test_simulator_runs_a_csv_task(tmp_path: Path, cancer_csv: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "simulate.py"), "--task", f"csv:{cancer_csv}",
          "--label", "diagnosis", "--model", "mlp:16", "--nodes", "4", "--degree", "2",
-         "--topology", "ring", "--rounds", "3", "--partition", "iid", "--out", str(tmp_path)],
+         "--topology", "ring", "--rounds", "3", "--local-epochs", "1", "--partition", "iid",
+         "--out", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
