@@ -41,7 +41,8 @@ FLAGS = {
 
 def simulate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+        # A guard against a hang: importing torch alone takes minutes on a busy machine.
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=600
     )
 
 
