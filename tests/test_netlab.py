@@ -205,14 +205,22 @@ def test_daemons_train_through_a_cut_and_learn_across_it_after_the_heal(tmp_path
         assert before_cut, "host 2 has connections to the others"
         lab.partition([[0, 1], [2]])
         at_cut = net.statuses()
-        wait_until(
-            lambda: all(s and s["round"] >= c["round"] + 3
-                        for s, c in zip(net.statuses(), at_cut, strict=True)),
-            "both sides keep training: 3 rounds each during the cut",
+
+        def trained_and_failed_in_the_cut() -> list[dict[str, Any]] | None:
+            # Pushes run beside the rounds, so a push across the cut fails (at its
+            # deadline) in its own time: wait for both, by count, not one then the other.
+            now = net.statuses()
+            done = all(
+                s and c and s["round"] >= c["round"] + 3
+                and sum(s["send_failures"].values()) > sum(c["send_failures"].values())
+                for s, c in zip(now, at_cut, strict=True)
+            )
+            return now if done else None
+
+        at_heal = wait_until(
+            trained_and_failed_in_the_cut,
+            "both sides train 3 rounds during the cut and their pushes across it fail",
         )
-        at_heal = net.statuses()
-        assert all(sum(s["send_failures"].values()) > sum(c["send_failures"].values())
-                   for s, c in zip(at_heal, at_cut, strict=True) if s and c)
         lab.heal()
 
         def crossed() -> bool:
