@@ -36,7 +36,7 @@ K = 4
 # Discovery runs until every node knows every other first-hand, for at most this
 # many rounds: second-hand entries count as known once dialled, and on a loaded
 # machine a timed-out exchange costs a round; a count, not a clock, ends the loop.
-MAX_DISCOVERY_ROUNDS = 30
+MAX_DISCOVERY_ROUNDS = 100  # 30 ran out at a load of 20-30 on 2 cores
 FANOUT = 3
 # Generous: 20 hosts share one event loop, and on a loaded machine an exchange can take
 # many seconds; a timed-out exchange costs a node first-hand knowledge of that peer, and
@@ -72,7 +72,7 @@ async def _run_transport(
 
 
 async def _build_overlay() -> Overlay:
-    with trio.fail_after(900):  # a guard against a hang, not a claim about speed
+    with trio.fail_after(1800):  # a guard against a hang, not a claim about speed
         async with trio.open_nursery() as hosts:
             # Each host in its own task so that all close at once: libp2p spends 0.2 s per
             # open connection in host.close(), one connection after another.
@@ -127,6 +127,8 @@ def test_every_node_knows_at_least_half_the_network(overlay: Overlay) -> None:
 
 
 def test_no_node_has_more_than_2k_gossip_neighbours(overlay: Overlay) -> None:
+    # The bound holds for full views; with partial ones it says nothing about the rule.
+    assert all(len(known) == NODES - 1 for known in overlay.known.values()), "discovery"
     degrees = dict(overlay.graph().to_undirected().degree())
     assert max(degrees.values()) <= 2 * K, sorted(degrees.values())
 
