@@ -2,7 +2,8 @@
 
 Every host is a network namespace with its own IP. Public hosts hang off a bridge in a
 "core" namespace; each NAT group sits behind a router namespace that masquerades
-toward the core. Nothing is joined to the machine's own namespace or uplink, and no
+toward the core (keeping source ports, as nft masquerade does) and drops unsolicited
+inbound packets without an answer, as most home and office NATs do. Nothing is joined to the machine's own namespace or uplink, and no
 route leaves ``10.77.0.0/16``, so lab traffic stays in the lab.
 
 Built with ``ip``, ``tc`` and ``nft`` (subprocess, nothing at the packet level):
@@ -277,6 +278,18 @@ class Lab:
                 f"add table ip {PREFIX}",
                 f"add chain ip {PREFIX} post {{ type nat hook postrouting priority 100 ; }}",
                 f"add rule ip {PREFIX} post oifname wan masquerade",
+                # Like a home or office NAT: unsolicited inbound is dropped without an
+                # answer (a refusal would reset a hole punch's simultaneous open).
+                *(
+                    command
+                    for hook in ("input", "forward")
+                    for command in (
+                        f"add chain ip {PREFIX} {hook} {{ type filter hook {hook} priority 0 ; }}",
+                        f"add rule ip {PREFIX} {hook} iifname wan ct state established,related "
+                        "accept",
+                        f"add rule ip {PREFIX} {hook} iifname wan drop",
+                    )
+                ),
             )
         for host in self.hosts:
             self._add_namespace(host.namespace)
