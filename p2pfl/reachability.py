@@ -335,18 +335,22 @@ async def maintain(
 
 
 def status_view(transport: Transport | None, state: Reachability) -> dict[str, Any]:
-    """/status: our addresses by kind, our relays, and which peers we reach through one."""
+    """/status: our addresses by kind, our relays, and how we reach each connected peer
+    (``relayed_peers``: peer -> relay; ``direct_peers``: the others)."""
     if transport is None:
-        return {"addrs": {}, "relays": [], "relayed_peers": {}}
-    relayed = {}
+        return {"addrs": {}, "relays": [], "relayed_peers": {}, "direct_peers": []}
+    relayed, direct = {}, []
     for peer_id in transport.connected_peers():
         relay = transport.relayed_via(peer_id)
         if relay is not None:
             relayed[peer_id] = relay
+        else:
+            direct.append(peer_id)
     return {
         "addrs": dict(state.kinds),
         "seen_as": list(state.seen_as),
         "relay_service": state.serve_relay,
         "relays": sorted(transport.nat.reservations) if transport.nat else [],
         "relayed_peers": relayed,
+        "direct_peers": sorted(direct),
     }

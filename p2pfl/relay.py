@@ -143,7 +143,9 @@ class NatTraversal:
             return False
 
     async def reserve(self, relay_addr: str) -> Reservation:
-        """Reserve a slot on the relay at ``relay_addr`` (already connected); raise on refusal.
+        """Reserve a slot on the relay at ``relay_addr`` (already connected).
+
+        ConnectionError (one line) when the peer is no relay or refuses a slot.
 
         The relay's address is the one we reached it at, so the circuit address we
         advertise names a relay address that is known to be dialable.
@@ -151,7 +153,10 @@ class NatTraversal:
         if self._nursery is None:
             raise RuntimeError("NatTraversal.reserve outside running()")
         relay_id, _ = split_peer_multiaddr(relay_addr)
-        stream = await self.host.new_stream(ID.from_base58(relay_id), [HOP_PROTOCOL_ID])
+        try:
+            stream = await self.host.new_stream(ID.from_base58(relay_id), [HOP_PROTOCOL_ID])
+        except Exception as error:  # libp2p's StreamFailure, or the connection is gone
+            raise ConnectionError(f"relay {relay_id} does not serve relays ({error})") from None
         try:
             reserved = await self.circuits.reserve(stream, ID.from_base58(relay_id), self._nursery)
         finally:

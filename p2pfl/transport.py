@@ -55,8 +55,8 @@ HOST_CLOSE_TIMEOUT = 5.0
 # Dials per network address (without /p2p) and minute, whoever names it: peer exchange
 # may name many fake ids at one address, and must not make us hammer it.
 DIALS_PER_ADDRESS_PER_MIN = 3
-# How long the peerstore keeps a relay address we reached a peer at.
-CIRCUIT_ADDR_TTL_S = 3600
+# Relay addresses we reached peers at, remembered for this many peers (oldest out).
+MAX_REMEMBERED_CIRCUITS = 1024
 
 Handler = Callable[[str, bytes], Awaitable[bytes | None]]
 """An inbound handler: ``(peer_id, payload) -> reply`` (None = no reply)."""
@@ -255,6 +255,7 @@ class Transport:
         """Dials not made because their address was over its per-minute budget."""
         self.nat: NatTraversal | None = None
         """Circuit relay and DCUtR (p2pfl.relay), once the node starts them."""
+        self._reached_through_relay: dict[str, str] = {}
 
     @classmethod
     @asynccontextmanager
@@ -394,12 +395,16 @@ class Transport:
         return None
 
     def peer_addrs(self, peer_id: str) -> list[str]:
-        """The addresses the peerstore holds for ``peer_id`` (learnt from identify or dials)."""
+        """The addresses the peerstore holds for ``peer_id`` (learnt from identify or dials),
+        and the relay address we last reached it at."""
         try:
             addrs = self._host.get_peerstore().addrs(_parse_peer_id(peer_id))
         except Exception:  # unknown peer: libp2p raises PeerStoreError
-            return []
-        return sorted({_full_addr(addr, peer_id) for addr in addrs})
+            addrs = []
+        known = {_full_addr(addr, peer_id) for addr in addrs}
+        if peer_id in self._reached_through_relay:
+            known.add(self._reached_through_relay[peer_id])
+        return sorted(known)
 
     async def connect(self, multiaddr: str, timeout: float) -> str:
         """Dial ``/ip4/.../tcp/N/p2p/<id>``; return the peer id. ValueError for a bad address."""
@@ -443,7 +448,6 @@ class Transport:
         self, multiaddr: str, peer_id: str, relay_part: Multiaddr, timeout: float
     ) -> str:
         """Dial ``peer_id`` through the relay its circuit address names."""
-        remote = _parse_peer_id(peer_id)
         if peer_id in self.connected_peers():
             return peer_id
         if self.nat is None:
@@ -454,11 +458,12 @@ class Transport:
                 # Through our own dial path: budget, kernel refusal and gating apply.
                 await self.connect(relay_addr, timeout)
                 await self.nat.dial(multiaddr)
-                # Kept so that peer_addrs() names this working relay address with the
-                # relay's id (libp2p stores its own copies without it).
-                self._host.get_peerstore().add_addrs(
-                    remote, [parse_multiaddr(multiaddr)], CIRCUIT_ADDR_TTL_S
-                )
+                # Kept so that peer_addrs() names this working relay address: libp2p's
+                # identify replaces the peerstore's addresses with the peer's listen ones.
+                self._reached_through_relay.pop(peer_id, None)
+                self._reached_through_relay[peer_id] = multiaddr
+                while len(self._reached_through_relay) > MAX_REMEMBERED_CIRCUITS:
+                    del self._reached_through_relay[next(iter(self._reached_through_relay))]
             except (TransportError, ValueError) as error:
                 raise TransportError(f"cannot connect to {multiaddr}: {error}") from None
             except Exception as error:
