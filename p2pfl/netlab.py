@@ -3,8 +3,9 @@
 Every host is a network namespace with its own IP. Public hosts hang off a bridge in a
 "core" namespace; each NAT group sits behind a router namespace that masquerades
 toward the core (keeping source ports, as nft masquerade does) and drops unsolicited
-inbound packets without an answer, as most home and office NATs do. Nothing is joined to the machine's own namespace or uplink, and no
-route leaves ``10.77.0.0/16``, so lab traffic stays in the lab.
+inbound packets without an answer, as most home and office NATs do. Nothing is joined
+to the machine's own namespace or uplink, and no route leaves ``10.77.0.0/16``, so lab
+traffic stays in the lab.
 
 Built with ``ip``, ``tc`` and ``nft`` (subprocess, nothing at the packet level):
 - a per-host rate is a ``tbf`` qdisc on both ends of the host's link;
@@ -51,6 +52,7 @@ TBF_LATENCY = "50ms"
 # packets sent before that are lost, so a lab is ready only when every link is up.
 CARRIER_TIMEOUT_S = 10.0
 NFT_INSTALL_HINT = "apt-get install -y nftables"
+NAT_PORTS = ("keep", "random")
 _CLONE_NEWNET = 0x40000000
 
 _T = TypeVar("_T")
@@ -169,7 +171,10 @@ class LabHost:
 class Lab:
     """``hosts`` namespaces on one bridge, some behind NATs; use it as a context manager.
 
-    ``nats`` lists the host indices behind each NAT router (needs nftables). ``rate_mbit``
+    ``nats`` lists the host indices behind each NAT router (needs nftables); the routers
+    keep source ports (``nat_ports="keep"``, as most NATs do, so hole punching can
+    work) or pick a random one per connection (``"random"``, a symmetric NAT that
+    defeats it). ``rate_mbit``
     limits every host's link in both directions; ``loss_percent`` drops that share of
     every host's inbound packets (needs nftables).
     """
@@ -181,6 +186,7 @@ class Lab:
         nats: Sequence[Sequence[int]] = (),
         rate_mbit: float | None = None,
         loss_percent: float = 0.0,
+        nat_ports: str = "keep",
     ) -> None:
         if not 1 <= hosts <= MAX_HOSTS:
             raise ValueError(f"a lab has 1 to {MAX_HOSTS} hosts")
@@ -191,6 +197,9 @@ class Lab:
             raise LabError(reason)
         if not 0.0 <= loss_percent < 100.0:
             raise ValueError("loss_percent must be in [0, 100)")
+        if nat_ports not in NAT_PORTS:
+            raise ValueError(f"nat_ports must be one of {', '.join(NAT_PORTS)}")
+        self.nat_ports = nat_ports
         self.tag = f"{PREFIX}-{os.getpid()}"
         self.core = f"{self.tag}-core"
         self.nats = [list(group) for group in nats]
@@ -277,7 +286,8 @@ class Lab:
                 router,
                 f"add table ip {PREFIX}",
                 f"add chain ip {PREFIX} post {{ type nat hook postrouting priority 100 ; }}",
-                f"add rule ip {PREFIX} post oifname wan masquerade",
+                f"add rule ip {PREFIX} post oifname wan masquerade"
+                + (" fully-random" if self.nat_ports == "random" else ""),
                 # Like a home or office NAT: unsolicited inbound is dropped without an
                 # answer (a refusal would reset a hole punch's simultaneous open).
                 *(
