@@ -231,20 +231,12 @@ async def ask(transport: Transport, peer_id: str, ports: Sequence[int], timeout:
     return answer
 
 
-def _listen_addrs(transport: Transport) -> list[str]:
-    own = f"/p2p/{transport.peer_id}"
-    return [
-        f"{addr}{own}" if "/p2p/" not in str(addr) else str(addr)
-        for addr in transport.host.get_transport_addrs()
-    ]
-
-
 async def check(
     transport: Transport, state: Reachability, ask_first: Sequence[str], timeout: float,
     rng: random.Random,
 ) -> list[Answer]:
     """Ask up to ASK_PEERS directly connected peers (``ask_first`` first) and update ``state``."""
-    listen = _listen_addrs(transport)
+    listen = transport.listen_addrs
     ports = sorted({ep[1] for ep in map(_tcp_endpoint, listen) if ep})[:MAX_PORTS]
     direct = [p for p in transport.connected_peers() if transport.relayed_via(p) is None]
     others = [p for p in direct if p not in ask_first]

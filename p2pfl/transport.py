@@ -339,9 +339,17 @@ class Transport:
     @property
     def addrs(self) -> list[str]:
         """Our dialable multiaddrs, with the bound port and ``/p2p/<our id>``; then our
-        addresses through the relays we hold a reservation on."""
-        direct = [str(addr) for addr in self._host.get_addrs()]
-        return direct + (self.nat.circuit_addrs if self.nat is not None else [])
+        addresses through the relays we hold a reservation on.
+
+        Listen addresses only: libp2p's ``get_addrs()`` adds addresses that 4 peers
+        observed us at, which behind a NAT are the router's (dropping unsolicited
+        dials, so each costs a whole dial timeout); p2pfl.reachability decides."""
+        return self.listen_addrs + (self.nat.circuit_addrs if self.nat is not None else [])
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """The addresses we listen on, with the bound port and ``/p2p/<our id>``."""
+        return [_full_addr(addr, self.peer_id) for addr in self._host.get_transport_addrs()]
 
     def relayed_via(self, peer_id: str) -> str | None:
         """The relay our connection to ``peer_id`` runs through; None if it is direct
