@@ -32,7 +32,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -399,6 +399,50 @@ class Lab:
         """Delete every namespace of this lab (with its links, qdiscs, tables and processes)."""
         for name in self.namespaces():
             _delete_namespace(name)
+
+
+@contextlib.contextmanager
+def serving_in(
+    lab: Lab, index: int, serve: Callable[[Any, list[str]], Awaitable[None]]
+) -> Iterator[list[str]]:
+    """Run ``await serve(stop, addrs)`` under trio on host ``index`` in a thread for the
+    duration of the block; ``serve`` puts what others need (its addresses) into
+    ``addrs``, which the block gets once it is not empty, and returns once ``stop``
+    (a ``trio.Event``) is set at the block's end."""
+    import trio
+
+    leave, addrs = threading.Event(), []
+    failure: list[BaseException] = []
+
+    async def main() -> None:
+        stop = trio.Event()
+
+        async def watch() -> None:
+            await trio.to_thread.run_sync(leave.wait)
+            stop.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await serve(stop, addrs)
+            nursery.cancel_scope.cancel()
+
+    def run() -> None:
+        try:
+            lab.run(index, lambda: trio.run(main))
+        except BaseException as error:  # handed to the caller's thread below
+            failure.append(error)
+
+    thread = threading.Thread(target=run, name=f"lab-serve-{index}")
+    thread.start()
+    try:
+        while not addrs and thread.is_alive():
+            time.sleep(0.05)
+        if failure:
+            raise failure[0]
+        yield addrs
+    finally:
+        leave.set()
+        thread.join()
 
 
 @contextlib.contextmanager

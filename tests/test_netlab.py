@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from p2pfl.netlab import (
     lab_namespaces,
     lab_unavailable_reason,
     nft_missing_reason,
+    serving_in,
 )
 from p2pfl.relay import circuit_relay
 from p2pfl.transport import Transport, TransportError
@@ -265,32 +265,6 @@ def test_daemons_behind_two_nats_learn_together_through_a_lossy_cut_and_heal(
         )
 
 
-def _serve_in(
-    lab: Lab, index: int, serve: Callable[[trio.Event, list[str]], Any]
-) -> tuple[threading.Thread, threading.Event, list[str]]:
-    """Run ``serve(stop, addrs)`` under trio on host ``index`` in a thread; it fills
-    ``addrs`` once listening and returns when ``stop`` (a threading.Event) is set."""
-    stop, addrs = threading.Event(), []
-
-    async def main() -> None:
-        done = trio.Event()
-
-        async def watch() -> None:
-            await trio.to_thread.run_sync(stop.wait)
-            done.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch)
-            await serve(done, addrs)
-            nursery.cancel_scope.cancel()
-
-    thread = threading.Thread(target=lambda: lab.run(index, lambda: trio.run(main)))
-    thread.start()
-    while not addrs and thread.is_alive():
-        time.sleep(0.05)
-    return thread, stop, addrs
-
-
 @needs_nft
 @pytest.mark.xfail(
     strict=True,
@@ -317,15 +291,10 @@ def test_autonat_tells_a_natted_host_it_is_not_reachable() -> None:
             status, _ = await client.query_server(ID.from_base58(server_id), [public.to_bytes()])
             return status
 
-    with Lab(2, nats=[[1]]) as lab:
-        thread, stop, addrs = _serve_in(lab, 0, server)
-        try:
-            status = lab.run(1, lambda: trio.run(ask_autonat, addrs[0]))
-            # The router drops unsolicited inbound: nothing can dial 10.77.0.200:4001.
-            assert dial(lab, 0, ROUTER_0) != "ok"
-        finally:
-            stop.set()
-            thread.join()
+    with Lab(2, nats=[[1]]) as lab, serving_in(lab, 0, server) as addrs:
+        status = lab.run(1, lambda: trio.run(ask_autonat, addrs[0]))
+        # The router drops unsolicited inbound: nothing can dial 10.77.0.200:4001.
+        assert dial(lab, 0, ROUTER_0) != "ok"
     assert status != Message.OK
 
 
