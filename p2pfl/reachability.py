@@ -57,6 +57,7 @@ ASK_PEERS = 3
 # afterwards less often (a relay may go away, an address may change).
 UNSETTLED_INTERVAL_S = 2.0
 SETTLED_INTERVAL_S = 30.0
+RELAY_TAG = "relay"
 _WILDCARDS = ("0.0.0.0", "::")
 
 PUBLIC, NATED, FIREWALLED, RELAYED, UNKNOWN = "public", "nated", "firewalled", "relayed", "unknown"
@@ -281,6 +282,7 @@ async def _keep_relays(transport: Transport, book: PeerBook, answers: Sequence[A
         if relay_id not in connected:
             logger.info("lost the relay %s; looking for another", relay_id)
             nat.drop(relay_id)
+            transport.unprotect(relay_id, RELAY_TAG)
     for answer in answers:
         if len(nat.reservations) >= MAX_RELAYS:
             break
@@ -294,6 +296,8 @@ async def _keep_relays(transport: Transport, book: PeerBook, answers: Sequence[A
         except Exception as error:  # libp2p raises several types for a refused slot
             logger.info("no relay slot on %s: %s", answer.peer_id, error)
             continue
+        # Our only way in: never pruned by libp2p's connection limits.
+        transport.protect(answer.peer_id, RELAY_TAG)
         logger.info("reachable through the relay at %s", reservation.circuit_addr)
 
 
@@ -323,7 +327,17 @@ async def maintain(
             said = line
         holding = transport.nat is not None and len(transport.nat.reservations) > 0
         settled = state.settled and (state.public or holding)
-        await trio.sleep(SETTLED_INTERVAL_S if settled else UNSETTLED_INTERVAL_S)
+        # Settled, look again in a while; but at once when a relay's connection drops.
+        wake = trio.current_time() + (SETTLED_INTERVAL_S if settled else UNSETTLED_INTERVAL_S)
+        while trio.current_time() < wake and not _lost_a_relay(transport):
+            await trio.sleep(UNSETTLED_INTERVAL_S)
+
+
+def _lost_a_relay(transport: Transport) -> bool:
+    nat = transport.nat
+    if nat is None or not nat.reservations:
+        return False
+    return not set(nat.reservations) <= set(transport.connected_peers())
 
 
 def status_view(transport: Transport | None, state: Reachability) -> dict[str, Any]:

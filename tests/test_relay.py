@@ -245,3 +245,33 @@ async def test_libp2p_tags_an_inbound_relayed_connection_with_its_relay() -> Non
             tags = [str(addr) for addr in connection.get_transport_addresses()]
     assert tags and all(is_circuit(tag) for tag in tags)  # holds: it is tagged relayed
     assert all(tag.startswith(f"/p2p/{relay.peer_id}/p2p-circuit/") for tag in tags)
+
+
+async def test_a_natted_node_holds_slots_on_public_relays_and_lets_go_of_lost_ones() -> None:
+    from p2pfl.reachability import MAX_RELAYS, _keep_relays
+
+    with trio.fail_after(DEADLINE_S):
+        async with hosts(True, True, True, False) as (*relays, natted):
+            book = PeerBook(natted.peer_id)
+            for relay in relays:
+                await natted.connect(relay.addrs[0], 5.0)
+                book.add(relay.peer_id, relay.addrs, observed_ip="127.0.0.1")
+            answers = [
+                Answer(relays[0].peer_id, "203.0.113.7", frozenset(), public=False, relay=True),
+                Answer(relays[1].peer_id, "203.0.113.7", frozenset(), public=True, relay=True),
+                Answer(relays[2].peer_id, "203.0.113.7", frozenset(), public=True, relay=True),
+            ]
+            await _keep_relays(natted, book, answers)
+            assert natted.nat is not None
+            held = {r.peer_id for r in relays[1:]}  # not the one that is not public itself
+            assert set(natted.nat.reservations) == held and len(held) == MAX_RELAYS
+            assert all(natted.is_protected(relay_id) for relay_id in held)
+            assert {circuit_relay(a) for a in natted.addrs if is_circuit(a)} == held
+
+            await natted.disconnect(relays[1].peer_id)
+            while relays[1].peer_id in natted.connected_peers():
+                await trio.sleep(0.01)
+            await _keep_relays(natted, book, answers)
+            assert set(natted.nat.reservations) == {relays[2].peer_id}
+            assert not natted.is_protected(relays[1].peer_id)
+            assert [circuit_relay(a) for a in natted.addrs if is_circuit(a)] == [relays[2].peer_id]
