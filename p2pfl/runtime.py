@@ -588,7 +588,7 @@ class NodeRuntime:
             self.reachability,
             lambda: bootstrapped,
             self.announce,
-            DIAL_TIMEOUT_S,
+            self.deadlines.peer_exchange,  # a small request and reply, like peer exchange
         )
 
     async def _discovery_loop(self) -> None:
