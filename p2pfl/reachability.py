@@ -215,7 +215,15 @@ def serve_reachability(transport: Transport, state: Reachability, read_timeout: 
         if ip is None or not budget.allows(ip, 1, now):
             return encode_reply("", [False] * len(ports), state.public, state.serve_relay)
         budget.charge(ip, 1, now)
-        opened = [await _dial_back(ip, port) for port in ports]
+        opened = [False] * len(ports)
+
+        async def dial(index: int) -> None:
+            opened[index] = await _dial_back(ip, ports[index])
+
+        # Concurrently: the answer is due within the asker's deadline, whatever the ports.
+        async with trio.open_nursery() as nursery:
+            for index in range(len(ports)):
+                nursery.start_soon(dial, index)
         return encode_reply(ip, opened, state.public, state.serve_relay)
 
     transport.set_handler(REACH_PROTOCOL, handle, MAX_REQUEST_BYTES, read_timeout)
@@ -255,11 +263,14 @@ async def check(
         for peer_id in chosen:
             nursery.start_soon(one, peer_id)
     circuits = transport.nat.circuit_addrs if transport.nat is not None else []
-    if answers:
-        state.kinds = classify([*listen, *circuits], answers)
-        state.seen_as = sorted({a.seen for a in answers if a.seen})
-    elif not state.kinds:
-        state.kinds = classify([*listen, *circuits], [])
+    seeing = [a for a in answers if a.seen]
+    if seeing:
+        state.kinds = classify([*listen, *circuits], seeing)
+        state.seen_as = sorted({a.seen for a in seeing})
+    else:
+        # Nobody could look (over budget, or only relayed peers): keep what we knew.
+        known = {addr: state.kinds.get(addr, UNKNOWN) for addr in listen}
+        state.kinds = {**known, **{addr: RELAYED for addr in circuits}}
     return answers
 
 

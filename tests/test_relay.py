@@ -275,3 +275,23 @@ async def test_a_natted_node_holds_slots_on_public_relays_and_lets_go_of_lost_on
             assert set(natted.nat.reservations) == {relays[2].peer_id}
             assert not natted.is_protected(relays[1].peer_id)
             assert [circuit_relay(a) for a in natted.addrs if is_circuit(a)] == [relays[2].peer_id]
+
+
+async def test_a_verdict_is_kept_when_the_peers_asked_cannot_look() -> None:
+    """Over a peer's dial-back budget the answer sees nothing: the node keeps its verdict
+    instead of falling back to unknown."""
+    import random
+
+    from p2pfl.reachability import DIALBACKS_PER_IP_PER_MIN, check
+
+    with trio.fail_after(DEADLINE_S):
+        async with hosts(None, None) as (server, client):
+            serve_reachability(server, Reachability(), 5.0)
+            await client.connect(server.addrs[0], 5.0)
+            state = Reachability()
+            seen = []
+            for _ in range(DIALBACKS_PER_IP_PER_MIN + 1):
+                [answer] = await check(client, state, [server.peer_id], 5.0, random.Random(0))
+                seen.append(answer.seen)
+                assert state.kinds == {client.listen_addrs[0]: PUBLIC}
+    assert seen == ["127.0.0.1"] * DIALBACKS_PER_IP_PER_MIN + [""]
