@@ -145,10 +145,9 @@ class NatTraversal:
     async def reserve(self, relay_addr: str) -> Reservation:
         """Reserve a slot on the relay at ``relay_addr`` (already connected).
 
-        ConnectionError (one line) when the peer is no relay or refuses a slot.
-
         The relay's address is the one we reached it at, so the circuit address we
-        advertise names a relay address that is known to be dialable.
+        advertise names a relay address that is known to be dialable. Raises
+        ConnectionError (one line) when the peer is no relay or refuses a slot.
         """
         if self._nursery is None:
             raise RuntimeError("NatTraversal.reserve outside running()")
@@ -174,7 +173,11 @@ class NatTraversal:
     def drop(self, relay_id: str) -> None:
         """Forget the reservation on ``relay_id`` (its connection is gone)."""
         self.reservations.pop(relay_id, None)
-        self.circuits._reservations.pop(ID.from_base58(relay_id), None)
+        # libp2p's refresher would keep renewing it over a dead connection, and its
+        # transport has no public way to forget one.
+        relay = ID.from_base58(relay_id)
+        self.circuits._reservations.pop(relay, None)
+        self.circuits._reservation_proofs.pop(relay, None)
 
     async def dial(self, addr: str) -> None:
         """Connect to the peer at circuit address ``addr`` through its relay.
