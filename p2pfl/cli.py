@@ -202,6 +202,12 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         help="stop training before epsilon would pass E; keep merging and serving",
     )
     add("--log-format", choices=["text", "json"], help="log lines on stderr (default text)")
+    add(
+        "--relay",
+        choices=["on", "off"],
+        help="carry traffic for members behind NAT as a circuit relay; they use it only if "
+        "peers can dial this node (default on)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +268,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "min_link_mbit",
             "quorum",
             "attack",
+            "relay",
         )
     }
     flags["listen"] = tuple(args.listen) if args.listen else None

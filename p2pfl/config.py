@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 
 LOG_FORMATS = ("text", "json")
 DP_MODES = ("node", "sample")
+RELAY_MODES = ("on", "off")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,11 @@ class NodeConfig:
     # Stop training before epsilon would pass this; keep merging and serving.
     dp_target_epsilon: float | None = None
     log_format: str = "text"
+    # Serve as a circuit relay (p2pfl/relay.py) for members behind NAT. Members reserve
+    # slots only on relays that peers can dial back (p2pfl/reachability.py), so a
+    # NATed node serving it costs nothing; "off" for a member that must not carry
+    # others' traffic.
+    relay: str = "on"
     # Experiments only: run as a Byzantine member with this attack (gossip/attacks.py).
     attack: str | None = None
 
@@ -170,6 +176,8 @@ class NodeConfig:
                 f"--compression {self.compression!r}: choose raw, fp16, int8 or topk:F "
                 "with 0 < F <= 1 (e.g. topk:0.01)"
             )
+        if self.relay not in RELAY_MODES:
+            raise ConfigError(f"--relay {self.relay!r}: choose on or off")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format {self.log_format!r}: choose text or json")
         if not self.listen:

@@ -2,8 +2,10 @@
 
 Every host is a network namespace with its own IP. Public hosts hang off a bridge in a
 "core" namespace; each NAT group sits behind a router namespace that masquerades
-toward the core. Nothing is joined to the machine's own namespace or uplink, and no
-route leaves ``10.77.0.0/16``, so lab traffic stays in the lab.
+toward the core (keeping source ports, as nft masquerade does) and drops unsolicited
+inbound packets without an answer, as most home and office NATs do. Nothing is joined
+to the machine's own namespace or uplink, and no route leaves ``10.77.0.0/16``, so lab
+traffic stays in the lab.
 
 Built with ``ip``, ``tc`` and ``nft`` (subprocess, nothing at the packet level):
 - a per-host rate is a ``tbf`` qdisc on both ends of the host's link;
@@ -30,7 +32,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -50,6 +52,7 @@ TBF_LATENCY = "50ms"
 # packets sent before that are lost, so a lab is ready only when every link is up.
 CARRIER_TIMEOUT_S = 10.0
 NFT_INSTALL_HINT = "apt-get install -y nftables"
+NAT_PORTS = ("keep", "random")
 _CLONE_NEWNET = 0x40000000
 
 _T = TypeVar("_T")
@@ -168,7 +171,10 @@ class LabHost:
 class Lab:
     """``hosts`` namespaces on one bridge, some behind NATs; use it as a context manager.
 
-    ``nats`` lists the host indices behind each NAT router (needs nftables). ``rate_mbit``
+    ``nats`` lists the host indices behind each NAT router (needs nftables); the routers
+    keep source ports (``nat_ports="keep"``, as most NATs do, so hole punching can
+    work) or pick a random one per connection (``"random"``, a symmetric NAT that
+    defeats it). ``rate_mbit``
     limits every host's link in both directions; ``loss_percent`` drops that share of
     every host's inbound packets (needs nftables).
     """
@@ -180,6 +186,7 @@ class Lab:
         nats: Sequence[Sequence[int]] = (),
         rate_mbit: float | None = None,
         loss_percent: float = 0.0,
+        nat_ports: str = "keep",
     ) -> None:
         if not 1 <= hosts <= MAX_HOSTS:
             raise ValueError(f"a lab has 1 to {MAX_HOSTS} hosts")
@@ -190,6 +197,9 @@ class Lab:
             raise LabError(reason)
         if not 0.0 <= loss_percent < 100.0:
             raise ValueError("loss_percent must be in [0, 100)")
+        if nat_ports not in NAT_PORTS:
+            raise ValueError(f"nat_ports must be one of {', '.join(NAT_PORTS)}")
+        self.nat_ports = nat_ports
         self.tag = f"{PREFIX}-{os.getpid()}"
         self.core = f"{self.tag}-core"
         self.nats = [list(group) for group in nats]
@@ -276,7 +286,20 @@ class Lab:
                 router,
                 f"add table ip {PREFIX}",
                 f"add chain ip {PREFIX} post {{ type nat hook postrouting priority 100 ; }}",
-                f"add rule ip {PREFIX} post oifname wan masquerade",
+                f"add rule ip {PREFIX} post oifname wan masquerade"
+                + (" fully-random" if self.nat_ports == "random" else ""),
+                # Like a home or office NAT: unsolicited inbound is dropped without an
+                # answer (a refusal would reset a hole punch's simultaneous open).
+                *(
+                    command
+                    for hook in ("input", "forward")
+                    for command in (
+                        f"add chain ip {PREFIX} {hook} {{ type filter hook {hook} priority 0 ; }}",
+                        f"add rule ip {PREFIX} {hook} iifname wan ct state established,related "
+                        "accept",
+                        f"add rule ip {PREFIX} {hook} iifname wan drop",
+                    )
+                ),
             )
         for host in self.hosts:
             self._add_namespace(host.namespace)
@@ -376,6 +399,50 @@ class Lab:
         """Delete every namespace of this lab (with its links, qdiscs, tables and processes)."""
         for name in self.namespaces():
             _delete_namespace(name)
+
+
+@contextlib.contextmanager
+def serving_in(
+    lab: Lab, index: int, serve: Callable[[Any, list[str]], Awaitable[None]]
+) -> Iterator[list[str]]:
+    """Run ``await serve(stop, addrs)`` under trio on host ``index`` in a thread for the
+    duration of the block; ``serve`` puts what others need (its addresses) into
+    ``addrs``, which the block gets once it is not empty, and returns once ``stop``
+    (a ``trio.Event``) is set at the block's end."""
+    import trio
+
+    leave, addrs = threading.Event(), []
+    failure: list[BaseException] = []
+
+    async def main() -> None:
+        stop = trio.Event()
+
+        async def watch() -> None:
+            await trio.to_thread.run_sync(leave.wait)
+            stop.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await serve(stop, addrs)
+            nursery.cancel_scope.cancel()
+
+    def run() -> None:
+        try:
+            lab.run(index, lambda: trio.run(main))
+        except BaseException as error:  # handed to the caller's thread below
+            failure.append(error)
+
+    thread = threading.Thread(target=run, name=f"lab-serve-{index}")
+    thread.start()
+    try:
+        while not addrs and thread.is_alive():
+            time.sleep(0.05)
+        if failure:
+            raise failure[0]
+        yield addrs
+    finally:
+        leave.set()
+        thread.join()
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ import trio
 
 from gossip.keys import public_key_from_peer_id
 from p2pfl.host import parse_multiaddr
+from p2pfl.relay import circuit_relay, is_circuit
 from p2pfl.transport import Transport, TransportError
 
 logger = logging.getLogger(__name__)
@@ -140,11 +141,14 @@ class PeerBook:
         first_hand: bool = True,
         source: str | None = None,
         observed_ip: str | None = None,
+        vouched: Iterable[str] = (),
     ) -> bool:
         """Record ``peer_id`` at ``addrs``; True if the peer was new to the book.
 
         ``first_hand`` addresses come from the peer itself over an authenticated
-        connection whose remote IP was ``observed_ip``: those on that IP are verified.
+        connection whose remote IP was ``observed_ip``: those on that IP are verified,
+        and so are the relay addresses the caller ``vouched`` for (see
+        :func:`connection_evidence`).
         Second-hand ones (``source``'s reply) only fill an unverified entry's free
         slots. A new peer without any address is not recorded: nobody could dial it.
         """
@@ -171,7 +175,13 @@ class PeerBook:
             self._make_room_for_first_hand()
             entry = self._entries[peer_id] = PeerEntry(first_hand=True, added=now)
         entry.first_hand, entry.source, entry.last_seen, entry.heard = True, None, now, ()
-        verified = [addr for addr in addrs if observed_ip and address_ip(addr) == observed_ip]
+        proven = set(vouched)
+        verified = [
+            addr
+            for addr in addrs
+            if addr in proven
+            or (observed_ip and not is_circuit(addr) and address_ip(addr) == observed_ip)
+        ]
         # Fresh addresses first, so a peer that moved is reached at its new address.
         entry.verified = tuple(dict.fromkeys([*verified, *entry.verified]))[:MAX_ADDRS_PER_PEER]
         entry.claimed = tuple(dict.fromkeys([*addrs, *entry.claimed]))[:MAX_ADDRS_PER_PEER]
@@ -380,6 +390,24 @@ def decode_reply(data: bytes) -> tuple[list[tuple[str, list[str]]], int] | None:
 # -- both ends ----------------------------------------------------------------------------
 
 
+def connection_evidence(transport: Transport, peer_id: str, addrs: list[str]) -> dict[str, Any]:
+    """What our connection to ``peer_id`` proves about ``addrs``: ``PeerBook.add`` options.
+
+    Over a direct connection, addresses on its remote IP are verified. Over a relayed
+    one that IP is the relay's, so only circuit addresses through that same relay
+    are (we reached the peer through it). A relay also vouches for the circuit
+    addresses through itself of a peer that holds a reservation on it, which is
+    how a NATed member's relay address first gets passed on.
+    """
+    relay = transport.relayed_via(peer_id)
+    if relay is not None:
+        return {"observed_ip": None, "vouched": [a for a in addrs if circuit_relay(a) == relay]}
+    nat = transport.nat
+    ours = nat is not None and nat.holds_reservation_for(peer_id)
+    vouched = [a for a in addrs if ours and circuit_relay(a) == transport.peer_id]
+    return {"observed_ip": transport.remote_ip(peer_id), "vouched": vouched}
+
+
 def serve_peer_exchange(transport: Transport, book: PeerBook, read_timeout: float = 5.0) -> None:
     """Answer peer-exchange requests from the book, and learn each requester's addresses."""
 
@@ -392,7 +420,7 @@ def serve_peer_exchange(transport: Transport, book: PeerBook, read_timeout: floa
         reply = encode_reply(book.sample(MAX_PEERS_PER_REPLY, exclude=[peer_id]))
         # Only advertised addresses: the peerstore may hold the requester's ephemeral
         # source port, which nobody can dial.
-        book.add(peer_id, addrs, observed_ip=transport.remote_ip(peer_id))
+        book.add(peer_id, addrs, **connection_evidence(transport, peer_id, addrs))
         book.mark_alive(peer_id)
         return reply
 
@@ -408,7 +436,8 @@ async def exchange_peers(transport: Transport, peer_id: str, book: PeerBook, tim
     reply = await transport.request(
         peer_id, PEERS_PROTOCOL, encode_request(transport.addrs), timeout, MAX_REPLY_BYTES
     )
-    book.add(peer_id, transport.peer_addrs(peer_id), observed_ip=transport.remote_ip(peer_id))
+    addrs = transport.peer_addrs(peer_id)
+    book.add(peer_id, addrs, **connection_evidence(transport, peer_id, addrs))
     book.mark_alive(peer_id)
     decoded = decode_reply(reply)
     if decoded is None:

@@ -58,6 +58,9 @@ from p2pfl.framing import MAX_UVARINT_BYTES
 from p2pfl.neighbours import choose_neighbours, in_neighbours
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
 from p2pfl.ratelimit import MIB, LogThrottle, PeerRateLimiter
+from p2pfl.reachability import Reachability, serve_reachability
+from p2pfl.reachability import maintain as maintain_reachability
+from p2pfl.reachability import status_view as reachability_view
 from p2pfl.status import serve_status
 from p2pfl.transport import Transport, TransportError, Unanswered
 
@@ -268,6 +271,8 @@ class NodeRuntime:
         self._rejection_log = LogThrottle(REJECTION_LOG_INTERVAL_S)
         # Updates refused before admission, by reason (shown with updates_rejected).
         self.refused_updates: Counter[str] = Counter()
+        # Which of our addresses are public, NATed or relayed (p2pfl/reachability.py).
+        self.reachability = Reachability()
         self.resumed = self._restore()
         self.epsilon = self._epsilon_now()
         self._status_view = self._gossip_view()
@@ -379,6 +384,9 @@ class NodeRuntime:
         return {
             "peer_id": self.key.peer_id,
             "addrs": transport.addrs if transport else [],
+            # Each address's kind (public, nated, firewalled, relayed), our relays, and
+            # the peers we reach through a relay (p2pfl/reachability.py).
+            "reachability": reachability_view(transport, self.reachability),
             "round": self.round,
             "neighbours": list(self.neighbours),
             "accuracy": self.accuracy,
@@ -570,6 +578,18 @@ class NodeRuntime:
             except (TransportError, ValueError) as error:
                 logger.warning("bootstrap %s: %s", addr, error)
         return reached
+
+    async def _reachability_loop(self, bootstrapped: list[str]) -> None:
+        """Learn which of our addresses are public; behind NAT, hold relay slots."""
+        assert self.transport is not None
+        await maintain_reachability(
+            self.transport,
+            self.book,
+            self.reachability,
+            lambda: bootstrapped,
+            self.announce,
+            self.deadlines.peer_exchange,  # a small request and reply, like peer exchange
+        )
 
     async def _discovery_loop(self) -> None:
         assert self.transport is not None
@@ -858,7 +878,11 @@ class NodeRuntime:
             config.peer_mb_per_min * MIB / 60.0, max_bytes + MAX_UVARINT_BYTES
         )
         async with Transport.open(
-            self.key, config.listen, allowed_peers=self.members, rate_limiter=limiter
+            self.key,
+            config.listen,
+            allowed_peers=self.members,
+            rate_limiter=limiter,
+            relay=config.relay == "on",
         ) as transport:
             self.transport = transport
             timeout = config.read_timeout
@@ -866,6 +890,8 @@ class NodeRuntime:
             transport.set_handler(UPDATE_PROTOCOL, self._on_update, max_bytes, timeout, rate)
             transport.set_handler(MODEL_PROTOCOL, self._on_model_request, 0, timeout, rate)
             serve_peer_exchange(transport, self.book, read_timeout=timeout)
+            self.reachability.serve_relay = config.relay == "on"
+            serve_reachability(transport, self.reachability, timeout)
             try:
                 async with trio.open_nursery() as nursery:
                     self._push_nursery = nursery
@@ -877,6 +903,7 @@ class NodeRuntime:
                     self.announce(f"status http://{bound[0]}:{bound[1]}/status")
                     task_status.started(self)
                     reached = await self._bootstrap()
+                    nursery.start_soon(self._reachability_loop, reached)
                     if reached and not self.resumed:
                         await self._adopt_current_model(reached)
                     nursery.start_soon(self._discovery_loop)

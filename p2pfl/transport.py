@@ -24,7 +24,7 @@ import os
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -41,6 +41,7 @@ from p2pfl.framing import FrameError, encode_uvarint, read_frame, write_frame
 from p2pfl.gating import DEFAULT_MAX_CONNECTIONS_PER_IP, ConnectionGate, InboundGuard
 from p2pfl.host import new_node_host, parse_multiaddr, split_peer_multiaddr
 from p2pfl.ratelimit import PeerRateLimiter
+from p2pfl.relay import NatTraversal, is_circuit
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ DEFAULT_MAX_INBOUND_STREAMS = 64
 # Dials per network address (without /p2p) and minute, whoever names it: peer exchange
 # may name many fake ids at one address, and must not make us hammer it.
 DIALS_PER_ADDRESS_PER_MIN = 3
+# Relay addresses we reached peers at, remembered for this many peers (oldest out).
+MAX_REMEMBERED_CIRCUITS = 1024
 
 Handler = Callable[[str, bytes], Awaitable[bytes | None]]
 """An inbound handler: ``(peer_id, payload) -> reply`` (None = no reply)."""
@@ -184,6 +187,29 @@ def _kernel_refusal(addr: Multiaddr) -> str | None:
     return None
 
 
+def _relay_under(connection: object) -> str | None:
+    """The peer at the far end of the relay stream a relayed connection runs over.
+
+    libp2p tags an inbound relayed connection with our own id in the relay's place,
+    so the relay is read from the stream itself: Yamux -> secure session -> Noise
+    -> raw connection -> the relay's stream (a bounded walk over those layers).
+    """
+    layer: object | None = getattr(connection, "muxed_conn", None)
+    for _ in range(6):
+        if layer is None:
+            return None
+        stream = getattr(layer, "stream", None)
+        peer = getattr(getattr(stream, "muxed_conn", None), "peer_id", None)
+        if peer is not None:
+            return str(peer)
+        layer = next(
+            (getattr(layer, name) for name in ("_wrapped", "conn", "secured_conn")
+             if getattr(layer, name, None) is not None),
+            None,
+        )  # fmt: skip
+    return None
+
+
 def _parse_peer_id(peer_id: str) -> ID:
     try:
         return ID.from_base58(peer_id)
@@ -233,6 +259,9 @@ class Transport:
         )
         self.dials_deferred = 0
         """Dials not made because their address was over its per-minute budget."""
+        self.nat: NatTraversal | None = None
+        """Circuit relay and DCUtR (p2pfl.relay), once the node starts them."""
+        self._reached_through_relay: dict[str, str] = {}
 
     @classmethod
     @asynccontextmanager
@@ -247,10 +276,14 @@ class Transport:
         rate_limiter: PeerRateLimiter | None = None,
         guard: InboundGuard | None = None,
         max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
+        relay: bool | None = None,
     ) -> AsyncIterator[Transport]:
         """Run a host for ``key`` listening on ``listen_addrs``; closed on exit, always.
 
         ``guard`` replaces the default per-IP handshake limits (tests pass small ones).
+        ``relay`` starts circuit relay and DCUtR (p2pfl.relay): True also serves as a
+        relay for others, False only dials and accepts relayed connections; None
+        (the default) runs neither.
         """
         addrs = [parse_multiaddr(text) for text in listen_addrs]
         gate = ConnectionGate(
@@ -270,7 +303,12 @@ class Transport:
                     # those peers report about themselves) to reach 150 connections;
                     # this node chooses whom to dial, under a per-address budget.
                     await host.get_network().auto_connector.stop()
-                    async with trio.open_nursery() as nursery:
+                    async with AsyncExitStack() as stack:
+                        nat = None
+                        if relay is not None:
+                            nat = NatTraversal(host, serve_relay=relay)
+                            await stack.enter_async_context(nat.running())
+                        nursery = await stack.enter_async_context(trio.open_nursery())
                         transport = cls(
                             host,
                             nursery,
@@ -280,6 +318,7 @@ class Transport:
                             rate_limiter=rate_limiter,
                             gate=gate,
                         )
+                        transport.nat = nat
                         try:
                             yield transport
                         finally:
@@ -305,8 +344,38 @@ class Transport:
 
     @property
     def addrs(self) -> list[str]:
-        """Our dialable multiaddrs, with the bound port and ``/p2p/<our id>``."""
-        return [str(addr) for addr in self._host.get_addrs()]
+        """Our dialable multiaddrs, with the bound port and ``/p2p/<our id>``; then our
+        addresses through the relays we hold a reservation on.
+
+        Listen addresses only: libp2p's ``get_addrs()`` adds addresses that 4 peers
+        observed us at, which behind a NAT are the router's (dropping unsolicited
+        dials, so each costs a whole dial timeout); p2pfl.reachability decides."""
+        return self.listen_addrs + (self.nat.circuit_addrs if self.nat is not None else [])
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """The addresses we listen on, with the bound port and ``/p2p/<our id>``."""
+        return [_full_addr(addr, self.peer_id) for addr in self._host.get_transport_addrs()]
+
+    def relayed_via(self, peer_id: str) -> str | None:
+        """The relay our connection to ``peer_id`` runs through; None if it is direct
+        (or there is none). With a direct and a relayed one, libp2p uses the direct one."""
+        try:
+            connections = self._host.get_network().get_connections(_parse_peer_id(peer_id))
+        except Exception:
+            return None
+        relays = []
+        for connection in connections:
+            try:
+                addrs = [str(addr) for addr in connection.get_transport_addresses()]
+            except Exception:
+                addrs = []
+            if not any(is_circuit(addr) for addr in addrs):
+                return None
+            relay = _relay_under(connection)
+            if relay is not None:
+                relays.append(relay)
+        return relays[0] if relays else None
 
     def protect(self, peer_id: str, tag: str) -> None:
         """Keep ``peer_id``'s connections from pruning and per-IP limits (libp2p tags)."""
@@ -340,12 +409,16 @@ class Transport:
         return None
 
     def peer_addrs(self, peer_id: str) -> list[str]:
-        """The addresses the peerstore holds for ``peer_id`` (learnt from identify or dials)."""
+        """The addresses the peerstore holds for ``peer_id`` (learnt from identify or dials),
+        and the relay address we last reached it at."""
         try:
             addrs = self._host.get_peerstore().addrs(_parse_peer_id(peer_id))
         except Exception:  # unknown peer: libp2p raises PeerStoreError
-            return []
-        return sorted({_full_addr(addr, peer_id) for addr in addrs})
+            addrs = []
+        known = {_full_addr(addr, peer_id) for addr in addrs}
+        if peer_id in self._reached_through_relay:
+            known.add(self._reached_through_relay[peer_id])
+        return sorted(known)
 
     async def connect(self, multiaddr: str, timeout: float) -> str:
         """Dial ``/ip4/.../tcp/N/p2p/<id>``; return the peer id. ValueError for a bad address."""
@@ -353,6 +426,8 @@ class Transport:
         if peer_id == self.peer_id:
             raise ValueError(f"{multiaddr} is this node's own address")
         remote = _parse_peer_id(peer_id)
+        if is_circuit(multiaddr):
+            return await self._connect_through_relay(multiaddr, peer_id, addr, timeout)
         if peer_id not in self.connected_peers() and (refusal := _kernel_refusal(addr)):
             raise TransportError(f"cannot connect to {multiaddr}: {refusal}")
         info = PeerInfo(remote, [addr])
@@ -378,6 +453,33 @@ class Transport:
         with trio.move_on_after(timeout):
             try:
                 await self._host.connect(info)
+            except Exception as error:
+                raise TransportError(f"cannot connect to {multiaddr}: {_describe(error)}") from None
+            return peer_id
+        raise TransportError(f"connecting to {multiaddr} timed out after {timeout:g} s")
+
+    async def _connect_through_relay(
+        self, multiaddr: str, peer_id: str, relay_part: Multiaddr, timeout: float
+    ) -> str:
+        """Dial ``peer_id`` through the relay its circuit address names."""
+        if peer_id in self.connected_peers():
+            return peer_id
+        if self.nat is None:
+            raise TransportError(f"cannot connect to {multiaddr}: relays are not running")
+        relay_addr = str(relay_part)[: -len("/p2p-circuit")]
+        with trio.move_on_after(timeout):
+            try:
+                # Through our own dial path: budget, kernel refusal and gating apply.
+                await self.connect(relay_addr, timeout)
+                await self.nat.dial(multiaddr)
+                # Kept so that peer_addrs() names this working relay address: libp2p's
+                # identify replaces the peerstore's addresses with the peer's listen ones.
+                self._reached_through_relay.pop(peer_id, None)
+                self._reached_through_relay[peer_id] = multiaddr
+                while len(self._reached_through_relay) > MAX_REMEMBERED_CIRCUITS:
+                    del self._reached_through_relay[next(iter(self._reached_through_relay))]
+            except (TransportError, ValueError) as error:
+                raise TransportError(f"cannot connect to {multiaddr}: {error}") from None
             except Exception as error:
                 raise TransportError(f"cannot connect to {multiaddr}: {_describe(error)}") from None
             return peer_id

@@ -7,7 +7,10 @@ per host (``ip netns exec ... python -m p2pfl.cli node``). Scenarios:
 - ``partition``: a 4|4 cut for 10 rounds, then the heal: round time during the cut,
   time to the first update across the old cut, push failures after the heal.
 - ``slow``: every link at --rate-mbit with a 1.1M-parameter model (4.5 MB raw).
-- ``nat``: 2 public hosts and 2 hosts behind each of 2 NATs (needs nftables).
+- ``nat``: 2 public hosts and 2 hosts behind each of 2 NATs (needs nftables): time to
+  the first update between the NATs (through a relay) and until every pair across them
+  has exchanged one (with ``--degree 5`` every pair are neighbours), and whether DCUtR
+  turned relayed connections into direct ones (``--nat-ports random`` defeats it).
 - ``loss``: baseline with --loss-percent on every host's inbound packets (needs nftables).
 
 Needs root, iproute2 and, for ``nat`` and ``loss``, nftables (apt-get install -y nftables).
@@ -246,27 +249,74 @@ def scenario_slow(args: argparse.Namespace, directory: Path) -> Status:
     }
 
 
+def _cross_nat_pairs(nats: list[list[int]]) -> list[tuple[int, int]]:
+    return [(a, b) for a in nats[0] for b in nats[1]] + [(b, a) for a in nats[0] for b in nats[1]]
+
+
+def _links(statuses: list[Status | None], pairs: list[tuple[int, int]], ids: list[str]) -> Counter:
+    """How each (host, host behind the other NAT) pair is connected: direct, relayed, none."""
+    kinds: Counter[str] = Counter()
+    for a, b in pairs:
+        view = statuses[a]["reachability"] if statuses[a] else {}
+        if ids[b] in view.get("direct_peers", []):
+            kinds["direct"] += 1
+        elif ids[b] in view.get("relayed_peers", {}):
+            kinds["relayed"] += 1
+        else:
+            kinds["none"] += 1
+    return kinds
+
+
 def scenario_nat(args: argparse.Namespace, directory: Path) -> Status:
-    # Hosts 0-1 public, 2-3 behind NAT 0, 4-5 behind NAT 1.
+    # Hosts 0-1 public, 2-3 behind NAT 0, 4-5 behind NAT 1. Both hosts behind a NAT
+    # listen on port 4001, so the router keeps that port for one of them only.
     nats = [[2, 3], [4, 5]]
-    with Lab(6, nats=nats) as lab, started_network(lab, directory, args) as net:
+    pairs = _cross_nat_pairs(nats)
+    title = f"nat ({args.nat_ports} ports): 0-1 public, 2-3 behind nat0, 4-5 behind nat1"
+    with Lab(6, nats=nats, nat_ports=args.nat_ports) as lab, started_network(
+        lab, directory, args
+    ) as net:
         with Live(console=console, refresh_per_second=2) as live:
             net.start_all()
-            watch = Watch(net, live, "nat: 0-1 public, 2-3 behind nat0, 4-5 behind nat1")
+            ids = [node.peer_id or "" for node in net.started()]
+            watch = Watch(net, live, title)
+
+            def heard(statuses: list[Status | None], a: int, b: int) -> bool:
+                status = statuses[a]
+                return status is not None and ids[b] in status["last_seq"]
+
+            # One clock for all three: each is the first poll at which it held.
+            goals: dict[str, Callable[[list[Status | None]], bool]] = {
+                "first_update": lambda s: any(heard(s, a, b) for a, b in pairs),
+                "every_pair_heard": lambda s: all(heard(s, a, b) for a, b in pairs),
+                "first_direct": lambda s: _links(s, pairs, ids)["direct"] > 0,
+            }
+            reached: dict[str, float] = {}
+            started = time.monotonic()
+
+            def all_reached(statuses: list[Status | None]) -> bool:
+                for name, goal in goals.items():
+                    if name not in reached and goal(statuses):
+                        reached[name] = time.monotonic() - started
+                return len(reached) == len(goals)
+
+            watch.until(all_reached, args.timeout)
             first = watch.poll()
             watch.until(lambda s: False, args.settle)
             final = watch.statuses
-        peer_ids = [node.peer_id for node in net.nodes if node is not None]
-    between_nats = 0
-    for index, status in enumerate(final):
-        if status is None or index < 2:
-            continue
-        other = nats[1] if index in nats[0] else nats[0]
-        between_nats += sum(1 for i in other if peer_ids[i] in status["last_seq"])
+    links = _links(final, pairs, ids)
     round_s = _round_times(first, final, args.settle)
     return {
         "scenario": "nat",
-        "senders_heard_across_nats": between_nats,
+        "nat_ports": args.nat_ports,
+        "seconds_to_first_cross_nat_update": reached.get("first_update"),
+        "seconds_until_every_cross_nat_pair_heard": reached.get("every_pair_heard"),
+        "seconds_to_first_direct_cross_nat_connection": reached.get("first_direct"),
+        "cross_nat_pairs": len(pairs),
+        "pairs_heard_at_end": sum(heard(final, a, b) for a, b in pairs),
+        "pairs_direct_at_end": links["direct"],
+        "pairs_relayed_at_end": links["relayed"],
+        "pairs_unconnected_at_end": links["none"],
         "round_s_public_median": statistics.median(round_s[:2]),
         "round_s_natted_median": statistics.median(round_s[2:]),
         "accuracy_min": min(accuracies(final)),
@@ -294,6 +344,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--send-timeout", type=float, default=5.0, help="daemon --send-timeout")
     parser.add_argument(
         "--daemon-args", default="", help='more daemon flags, e.g. "--read-timeout 60"'
+    )
+    parser.add_argument(
+        "--nat-ports",
+        choices=["keep", "random"],
+        default="keep",
+        help="`nat`: routers keep source ports (hole punching can work) or randomise them",
     )
     parser.add_argument("--json", type=Path, help="write the measurements here")
     return parser.parse_args(argv)
