@@ -31,7 +31,7 @@ import logging
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -46,6 +46,7 @@ from gossip.delivery import MAX_RECEIPT_BYTES, DeliveryLedger, InvalidReceipt, R
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from gossip.node import GossipState
 from gossip.privacy import GaussianMechanism, RdpAccountant
+from gossip.public_copy import is_difference_codec
 from p2pfl.checkpoint import CheckpointError, CheckpointStore, NodeState
 from p2pfl.config import ConfigError, NodeConfig, load_allowlist, parse_host_port
 from p2pfl.dp import (
@@ -86,6 +87,9 @@ ATTACK_PUSH_INTERVAL_S = 0.03
 # of milliseconds to seconds, and the loop must keep every stream draining.
 OFFLOAD_MIN_PARAMETERS = 1_000_000
 REJECTION_LOG_INTERVAL_S = 10.0
+# Top-k differences that may wait behind one busy link; past that it skips rounds and
+# gets a whole copy when it is free.
+MAX_QUEUED_DIFFERENCES = 8
 MAX_REJECTION_DETAIL_CHARS = 200
 
 
@@ -251,6 +255,10 @@ class NodeRuntime:
         self.deliveries: DeliveryLedger[Outgoing] = DeliveryLedger()
         # Peers with a push in flight: never two at once on one link.
         self._pushing: set[str] = set()
+        # Top-k differences waiting behind a busy link, per peer (see _free).
+        self._queued: dict[str, deque[Outgoing]] = {}
+        # Top-k pushes that went as the whole public copy (a peer out of step).
+        self.whole_copies_sent = 0
         self._push_nursery: trio.Nursery | None = None
         # The whole-model form of the current top-k message, made once per round.
         self._whole: tuple[int, bytearray] | None = None
@@ -419,6 +427,8 @@ class NodeRuntime:
             "deliveries": {**self.deliveries.counts, "held": self.deliveries.held_count()},
             "pushes_refused": dict(self.pushes_refused),
             "pushes_in_flight": len(self._pushing),
+            # top-k: pushes that had to carry the whole public copy (peer out of step)
+            "whole_copies_sent": self.whole_copies_sent,
             "streams_refused": dict(transport.streams_refused) if transport else {},
             # Connections cut before any stream (p2pfl.gating), by reason.
             "connections_refused": dict(transport.connections_refused) if transport else {},
@@ -693,65 +703,102 @@ class NodeRuntime:
             await trio.sleep(0.1)
 
     def _push(self, outgoing: Outgoing, peers: list[str]) -> None:
-        """Start one push of ``outgoing`` to each of ``peers`` in the background.
+        """Push ``outgoing`` to each of ``peers`` in the background.
 
-        The caller has left out peers with a push in flight (:meth:`_free`) and split
-        the weight for exactly these, so every share is accounted for.
+        The caller chose the peers (:meth:`_free`) and split the weight for exactly
+        these, so every share is accounted for. A top-k difference to a peer with a
+        push in flight waits its turn behind it.
         """
         assert self._push_nursery is not None
         for peer_id in peers:
+            if peer_id in self._pushing:
+                self._queued.setdefault(peer_id, deque()).append(outgoing)
+                continue
             self._pushing.add(peer_id)
-            self._push_nursery.start_soon(self._push_one, outgoing, peer_id)
+            self._push_nursery.start_soon(self._push_in_turn, outgoing, peer_id)
 
     def _free(self, peers: Iterable[str]) -> list[str]:
-        """``peers`` that can take a push now: reachable, with none in flight."""
-        return [p for p in peers if p not in self._pushing and self.book.reachable(p)]
+        """``peers`` that can take a push now: reachable, and free.
+
+        A whole model supersedes the last, so a link still busy with one skips a
+        round. Top-k differences must all arrive, in order (each is a step of the
+        public copy; a gap costs a whole copy), so a few may queue behind a busy link:
+        with a whole copy in flight on a slow link, skipping made every push after it
+        a whole copy again (measured in the lab at 10 Mbit/s).
+        """
+        queues = is_difference_codec(self.gossip.codec_id) and self.attacker is None
+        return [
+            p
+            for p in peers
+            if self.book.reachable(p)
+            and (
+                p not in self._pushing
+                or (queues and len(self._queued.get(p, ())) < MAX_QUEUED_DIFFERENCES)
+            )
+        ]
+
+    async def _push_in_turn(self, outgoing: Outgoing, peer_id: str) -> None:
+        """Push ``outgoing``, then whatever queued behind it, one at a time, in order."""
+        try:
+            next_one: Outgoing | None = outgoing
+            while next_one is not None:
+                await self._push_one(next_one, peer_id)
+                queue = self._queued.get(peer_id)
+                next_one = queue.popleft() if queue else None
+                if next_one is not None and not self.book.reachable(peer_id):
+                    # It could not be dialled: nothing queued can reach it either.
+                    unsent = [next_one, *(queue or ())]
+                    self._queued.pop(peer_id, None)
+                    for share in unsent:
+                        await self._refund(self.deliveries.not_sent(peer_id, share))
+                    next_one = None
+        finally:
+            self._pushing.discard(peer_id)
+            self._queued.pop(peer_id, None)
 
     async def _push_one(self, outgoing: Outgoing, peer_id: str) -> None:
         assert self.transport is not None
         transport = self.transport
+        message = outgoing.message
+        if outgoing.difference and not self.deliveries.in_step(peer_id, outgoing.seq):
+            message = await self._gossip(self._whole_message, outgoing)
+            self.whole_copies_sent += 1
         try:
-            message = outgoing.message
-            if outgoing.difference and not self.deliveries.in_step(peer_id, outgoing.seq):
-                message = await self._gossip(self._whole_message, outgoing)
-            try:
-                await self._connect(peer_id)
-            except TransportError as error:
-                # Not dialled: certainly not delivered. Unreachable until discovery
-                # reaches it again; forgotten only once gone a long while.
-                await self._refund(self.deliveries.not_sent(peer_id, outgoing))
-                self.send_failures[peer_id] += 1
-                if self.book.mark_failed(peer_id):
-                    self.deliveries.forget(peer_id)
-                    logger.info("forgot neighbour %s: undialable for long", peer_id)
-                logger.debug("push to %s: dial failed: %s", peer_id, error)
-                return
-            try:
-                reply = await transport.request(
-                    peer_id,
-                    UPDATE_PROTOCOL,
-                    message,
-                    self.deadlines.push(len(message)),
-                    MAX_RECEIPT_BYTES,
-                )
-                receipt = Receipt.decode(reply)
-            except (Unanswered, InvalidReceipt) as error:
-                # The peer may have taken it: hold the share until its next receipt.
-                self.deliveries.unanswered(peer_id, outgoing)
-                self._push_failed(peer_id, error)
-                return
-            except TransportError as error:
-                await self._refund(self.deliveries.not_sent(peer_id, outgoing))
-                self._push_failed(peer_id, error)
-                return
-            self.book.mark_alive(peer_id)
-            await self._refund(self.deliveries.answered(peer_id, outgoing, receipt))
-            if receipt.accepted:
-                self.updates_sent += 1
-            else:
-                self.pushes_refused[receipt.verdict] += 1
-        finally:
-            self._pushing.discard(peer_id)
+            await self._connect(peer_id)
+        except TransportError as error:
+            # Not dialled: certainly not delivered. Unreachable until discovery
+            # reaches it again; forgotten only once gone a long while.
+            await self._refund(self.deliveries.not_sent(peer_id, outgoing))
+            self.send_failures[peer_id] += 1
+            if self.book.mark_failed(peer_id):
+                self.deliveries.forget(peer_id)
+                logger.info("forgot neighbour %s: undialable for long", peer_id)
+            logger.debug("push to %s: dial failed: %s", peer_id, error)
+            return
+        try:
+            reply = await transport.request(
+                peer_id,
+                UPDATE_PROTOCOL,
+                message,
+                self.deadlines.push(len(message)),
+                MAX_RECEIPT_BYTES,
+            )
+            receipt = Receipt.decode(reply)
+        except (Unanswered, InvalidReceipt) as error:
+            # The peer may have taken it: hold the share until its next receipt.
+            self.deliveries.unanswered(peer_id, outgoing)
+            self._push_failed(peer_id, error)
+            return
+        except TransportError as error:
+            await self._refund(self.deliveries.not_sent(peer_id, outgoing))
+            self._push_failed(peer_id, error)
+            return
+        self.book.mark_alive(peer_id)
+        await self._refund(self.deliveries.answered(peer_id, outgoing, receipt))
+        if receipt.accepted:
+            self.updates_sent += 1
+        else:
+            self.pushes_refused[receipt.verdict] += 1
 
     def _push_failed(self, peer_id: str, error: Exception) -> None:
         assert self.transport is not None
