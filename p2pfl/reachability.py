@@ -112,6 +112,11 @@ def _tcp_endpoint(addr: str) -> tuple[str, int] | None:
     return None
 
 
+def is_loopback(addr: str) -> bool:
+    """True for ``/ip4/127.x.x.x/...`` and ``/ip6/::1/...`` addresses."""
+    return addr.startswith("/ip4/127.") or addr.startswith("/ip6/::1/")
+
+
 def classify(addrs: Sequence[str], answers: Sequence[Answer]) -> dict[str, str]:
     """Each of ``addrs`` with its kind, from the peers' ``answers`` (rules in the module doc)."""
     kinds: dict[str, str] = {}
