@@ -1,0 +1,148 @@
+"""Real daemons training ResNet-18 on a locally made image folder: where each round goes.
+
+The data set is made here, nothing is downloaded: scikit-learn's bundled 8x8
+digits, upscaled to 32x32 and written as grayscale PNG files in the
+``ImageFolder`` layout, each copy shifted by a few pixels and with its contrast
+jittered (seeded) so that the ~5,300 files are distinct images. Every daemon
+reads the folder, holds out the same stratified quarter for validation, and
+trains on its IID shard of the rest (about ``images_per_node`` images).
+
+``nodes`` real daemons (``p2pfl.localnet.LocalNetwork``: one ``python -m
+p2pfl.cli node`` process each, loopback, degree 3) run ``--model resnet18``
+(11,181,642 parameters, 44.7 MB raw updates) for ``rounds`` rounds of 1 local
+epoch, unpaced, with a per-peer byte budget that one 44.7 MB update a round
+fits (``--peer-mb-per-min``). Each daemon logs one ``round N phases {json}``
+line per round (p2pfl/phases.py); this module reads them from the logs:
+
+* seconds per phase: train, merge, prepare (encode and sign), send, admit
+  (verify and decode of what arrived during the round), evaluate, checkpoint;
+* ``overhead_fraction``: everything but training, as a share of the round;
+  ``gossip_fraction``: merge, prepare, send and admit only;
+* the event loop's worst stall in the round, and the daemon's peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fltasks.datasets import TEST_FRACTION, load_digits_arrays
+from p2pfl.localnet import LocalNetwork
+
+IMAGE_SIZE = 32
+MAX_SHIFT_PX = 3
+GOSSIP_PHASES = ("merge", "prepare", "send", "admit")
+ROUND_LINE = re.compile(r"round (\d+) phases (\{.*\})")
+
+
+@dataclass(frozen=True)
+class ResnetRun:
+    """What one benchmark run measured: each daemon's round records and peak RSS."""
+
+    rounds: dict[int, list[dict[str, Any]]]  # daemon index -> its round records
+    peak_rss_mb: dict[int, float]
+    images: int
+    seconds: float
+
+
+def write_digit_images(root: Path, count: int, seed: int = 0) -> Path:
+    """``count`` distinct 32x32 digit PNGs in ``root/<digit>/``, balanced over classes."""
+    x, y = load_digits_arrays()
+    rng = np.random.default_rng(seed)
+    pad = MAX_SHIFT_PX
+    for label in range(10):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        label = index % 10
+        pool = np.flatnonzero(y == label)
+        digit = x[pool[rng.integers(len(pool))]].reshape(8, 8) * (255.0 / 16.0)
+        big = np.asarray(
+            Image.fromarray(digit.astype(np.uint8), mode="L").resize(
+                (IMAGE_SIZE - 2 * pad, IMAGE_SIZE - 2 * pad), Image.Resampling.BILINEAR
+            ),
+            dtype=np.float64,
+        )
+        canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE))
+        top, left = rng.integers(0, 2 * pad + 1, size=2)
+        canvas[top : top + big.shape[0], left : left + big.shape[1]] = big
+        canvas = np.clip(canvas * rng.uniform(0.7, 1.0) + rng.uniform(0, 30), 0, 255)
+        Image.fromarray(canvas.astype(np.uint8), mode="L").save(
+            root / str(label) / f"{index:05d}.png"
+        )
+    return root
+
+
+def images_for(nodes: int, images_per_node: int) -> int:
+    """Files to write so each node's training shard holds about ``images_per_node``."""
+    return int(round(nodes * images_per_node / (1.0 - TEST_FRACTION)))
+
+
+def round_records(log_path: Path) -> list[dict[str, Any]]:
+    """The ``round N phases {json}`` records a daemon logged, in order."""
+    records = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = ROUND_LINE.search(line)
+        if match:
+            records.append(json.loads(match.group(2)))
+    return records
+
+
+def run_resnet(
+    directory: Path,
+    *,
+    nodes: int,
+    rounds: int,
+    images_per_node: int,
+    model: str = "resnet18",
+    timeout: float = 3600.0,
+) -> ResnetRun:
+    """Run the daemons to the end of their rounds and read their records."""
+    count = images_for(nodes, images_per_node)
+    root = write_digit_images(directory / "digits32", count)
+    extra = (
+        "--model", model, "--round-interval", "0", "--linger", "0",
+        "--min-neighbors", str(nodes - 1), "--peer-mb-per-min", "1024",
+    )  # fmt: skip
+    started = time.monotonic()
+    with LocalNetwork(
+        directory / "nodes", nodes, rounds=rounds, task=f"imagefolder:{root}",
+        partition="iid", local_epochs=1, extra_args=extra,
+    ) as network:  # fmt: skip
+        network.start_all()
+        if not network.wait_all_exited(timeout):
+            raise RuntimeError(f"the daemons did not finish {rounds} rounds in {timeout:.0f} s")
+        records = {node.index: round_records(node.log_path) for node in network.started()}
+    seconds = time.monotonic() - started
+    peak = {i: max((r["peak_rss_mb"] for r in rs), default=0.0) for i, rs in records.items()}
+    return ResnetRun(records, peak, count, seconds)
+
+
+def round_summary(run: ResnetRun) -> list[dict[str, Any]]:
+    """Per round: each phase's mean over the daemons, the fractions, the worst stall."""
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for records in run.rounds.values():
+        for record in records:
+            by_round.setdefault(record["round"], []).append(record)
+    rows = []
+    for number in sorted(by_round):
+        records = by_round[number]
+        row: dict[str, Any] = {"round": number, "daemons": len(records)}
+        for key in records[0]:
+            if key.endswith("_s") and key != "worst_stall_s":
+                row[key] = round(statistics.fmean(r[key] for r in records), 3)
+        row["overhead_fraction"] = round(statistics.fmean(
+            1.0 - r["train_s"] / r["round_s"] for r in records), 3)
+        row["gossip_fraction"] = round(statistics.fmean(
+            sum(r[f"{p}_s"] for p in GOSSIP_PHASES) / r["round_s"] for r in records), 3)
+        row["worst_stall_s"] = max(r["worst_stall_s"] for r in records)
+        row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in records)
+        rows.append(row)
+    return rows
