@@ -156,10 +156,13 @@ class ClippedGossip(RobustRule):
         self.beta = float(beta)
 
     def aggregate(self, own: np.ndarray, others: np.ndarray) -> np.ndarray:
-        tau = self.tau
-        if tau is None:
-            tau = robust.adaptive_tau(own, others, self.beta)
-        return robust.clipped_step(own, others, tau)
+        if self.tau is not None:
+            return robust.clipped_step(own, others, self.tau)
+        # The adaptive radius from the same differences the step clips: one [k, P]
+        # temporary instead of two (robust.adaptive_tau's rule, per set).
+        valid = np.ones((1, len(others)), dtype=bool)
+        return robust.clipped_step_sets(own[None], np.asarray(others)[None], valid, None,
+                                        self.beta)[0]
 
 
 AGGREGATORS: dict[str, type] = {

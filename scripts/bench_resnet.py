@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                          images_per_node=args.images_per_node, model=args.model)
     rows = round_summary(run)
     console = Console(width=180)
-    title = (f"{args.nodes} daemons, --model {args.model}, {run.images:,} images "
-             f"(~{args.images_per_node} per shard), 1 local epoch: mean seconds over daemons")
+    title = (f"{args.nodes} daemons, --model {args.model}, {run.images:,} own images each "
+             f"({args.images_per_node} to train on), 1 local epoch: mean seconds over daemons")
     table = Table(title=title)
     phases = ["train", *GOSSIP_PHASES, "evaluate", "checkpoint"]
     columns = ["round", "round_s", *(f"{p}_s" for p in phases), "overhead_fraction",

@@ -3,9 +3,10 @@
 The data set is made here, nothing is downloaded: scikit-learn's bundled 8x8
 digits, upscaled to 32x32 and written as grayscale PNG files in the
 ``ImageFolder`` layout, each copy shifted by a few pixels and with its contrast
-jittered (seeded) so that the ~5,300 files are distinct images. Every daemon
-reads the folder, holds out the same stratified quarter for validation, and
-trains on its IID shard of the rest (about ``images_per_node`` images).
+jittered (seeded) so that the files are distinct images. Each daemon has its
+own folder, as a member has its own data: ``images_per_node / 0.75`` images,
+of which it holds out a stratified quarter for validation (evaluated every
+round) and trains on the rest (``--shard 0/1``).
 
 ``nodes`` real daemons (``p2pfl.localnet.LocalNetwork``: one ``python -m
 p2pfl.cli node`` process each, loopback, degree 3) run ``--model resnet18``
@@ -49,7 +50,7 @@ class ResnetRun:
 
     rounds: dict[int, list[dict[str, Any]]]  # daemon index -> its round records
     peak_rss_mb: dict[int, float]
-    images: int
+    images: int  # per daemon's folder
     seconds: float
 
 
@@ -80,9 +81,9 @@ def write_digit_images(root: Path, count: int, seed: int = 0) -> Path:
     return root
 
 
-def images_for(nodes: int, images_per_node: int) -> int:
-    """Files to write so each node's training shard holds about ``images_per_node``."""
-    return int(round(nodes * images_per_node / (1.0 - TEST_FRACTION)))
+def images_for(images_per_node: int) -> int:
+    """Files to write so a node's training split holds about ``images_per_node``."""
+    return int(round(images_per_node / (1.0 - TEST_FRACTION)))
 
 
 def round_records(log_path: Path) -> list[dict[str, Any]]:
@@ -105,16 +106,19 @@ def run_resnet(
     timeout: float = 3600.0,
 ) -> ResnetRun:
     """Run the daemons to the end of their rounds and read their records."""
-    count = images_for(nodes, images_per_node)
-    root = write_digit_images(directory / "digits32", count)
+    count = images_for(images_per_node)
+    folders = [write_digit_images(directory / f"digits32-{i}", count, seed=i) for i in range(nodes)]
     extra = (
         "--model", model, "--round-interval", "0", "--linger", "0",
         "--min-neighbors", str(nodes - 1), "--peer-mb-per-min", "1024",
     )  # fmt: skip
+    # Flags of one daemon come after the shared ones, so its own folder and shard win.
+    own = {i: ("--task", f"imagefolder:{folder}", "--shard", "0/1")
+           for i, folder in enumerate(folders)}
     started = time.monotonic()
     with LocalNetwork(
-        directory / "nodes", nodes, rounds=rounds, task=f"imagefolder:{root}",
-        partition="iid", local_epochs=1, extra_args=extra,
+        directory / "nodes", nodes, rounds=rounds, task=f"imagefolder:{folders[0]}",
+        partition="iid", local_epochs=1, extra_args=extra, node_args=own,
     ) as network:  # fmt: skip
         network.start_all()
         if not network.wait_all_exited(timeout):
