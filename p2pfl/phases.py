@@ -30,6 +30,7 @@ from typing import Any, ParamSpec, TypeVar
 import trio
 
 PHASES = ("train", "merge", "prepare", "send", "admit", "evaluate", "checkpoint")
+ROUND_PHASES = tuple(phase for phase in PHASES if phase != "admit")  # one after the other
 # A short tick measures stalls finely; 10 ms keeps the watchdog's own cost at about
 # a hundred wake-ups a second.
 WATCHDOG_TICK_S = 0.01
@@ -100,6 +101,9 @@ class PhaseClock:
             "round": round_number,
             "round_s": round(wall_s, 4),
             **{f"{name}_s": round(seconds, 4) for name, seconds in phases.items()},
+            # The rest of the round: waits for the gossip lock (held by admits),
+            # copying the estimate, choosing neighbours. Admits overlap the round.
+            "other_s": round(max(0.0, wall_s - sum(phases[p] for p in ROUND_PHASES)), 4),
             "overhead_fraction": round(1.0 - phases["train"] / wall_s, 4) if wall_s > 0 else None,
             "worst_stall_s": round(stall, 4),
             "peak_rss_mb": round(peak_rss_mb(), 1),

@@ -105,7 +105,7 @@ def _phase_metrics(phases: dict[str, Any] | None) -> Iterator[Metric]:
             "p2pfl_round_phase_seconds", "Seconds per phase in the last round.", labels=["phase"]
         )
         for key, value in last.items():
-            if key.endswith("_s") and key not in ("round_s", "worst_stall_s"):
+            if key.endswith("_s") and key not in ("round_s", "worst_stall_s", "other_s"):
                 seconds.add_metric([key.removesuffix("_s")], value)
         yield seconds
         yield GaugeMetricFamily(

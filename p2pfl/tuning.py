@@ -4,6 +4,12 @@ glibc serves allocations above 128 KiB with fresh ``mmap`` pages and returns
 them on free, so every update buffer costs one page fault per 4 KiB page
 (about 2,000 for an 8 MB update, ~7 ms here). Raising the mmap and trim
 thresholds keeps such buffers in the heap, where they are reused warm.
+
+Only up to 32 MB: a ResNet-18 update (44.7 MB, 89 MB as float64) kept in the
+heap after it is freed costs resident memory, not time worth saving: about
+340 MB more peak RSS over a few receive, merge, prepare and checkpoint cycles
+of a ResNet-18 node, where its page faults cost a few tens of milliseconds in
+a round of tens of seconds (peak RSS per daemon: scripts/bench_resnet.py).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import ctypes.util
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_HEAP_THRESHOLD_BYTES = 256 * 1024 * 1024
+_HEAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 
 
 def keep_large_buffers_in_heap() -> bool:

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{args.nodes} daemons, --model {args.model}, {run.images:,} own images each "
              f"({args.images_per_node} to train on), 1 local epoch: mean seconds over daemons")
     table = Table(title=title)
-    phases = ["train", *GOSSIP_PHASES, "evaluate", "checkpoint"]
+    phases = ["train", *GOSSIP_PHASES, "evaluate", "checkpoint", "other"]
     columns = ["round", "round_s", *(f"{p}_s" for p in phases), "overhead_fraction",
                "gossip_fraction", "worst_stall_s", "peak_rss_mb"]
     for column in columns:

@@ -16,7 +16,9 @@ fits (``--peer-mb-per-min``). Each daemon logs one ``round N phases {json}``
 line per round (p2pfl/phases.py); this module reads them from the logs:
 
 * seconds per phase: train, merge, prepare (encode and sign), send, admit
-  (verify and decode of what arrived during the round), evaluate, checkpoint;
+  (verify and decode of what arrived during the round), evaluate, checkpoint,
+  and other (the rest of the round: mostly waiting for the gossip lock while
+  an admit holds it);
 * ``overhead_fraction``: everything but training, as a share of the round;
   ``gossip_fraction``: merge, prepare, send and admit only;
 * the event loop's worst stall in the round, and the daemon's peak RSS.
