@@ -22,8 +22,8 @@ _M_MMAP_THRESHOLD = -3
 _HEAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 
 
-def keep_large_buffers_in_heap() -> bool:
-    """Ask glibc to reuse large buffers; False (and no change) where that is not glibc."""
+def _mallopt(settings: dict[int, int]) -> bool:
+    """Apply glibc ``mallopt`` settings; False (and no change) where that is not glibc."""
     name = ctypes.util.find_library("c")
     if name is None:
         return False
@@ -33,9 +33,27 @@ def keep_large_buffers_in_heap() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_THRESHOLD_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, 2 * _HEAP_THRESHOLD_BYTES)
+    return all([bool(mallopt(option, value)) for option, value in settings.items()])
+
+
+def keep_large_buffers_in_heap() -> bool:
+    """Ask glibc to reuse large buffers; False (and no change) where that is not glibc."""
+    return _mallopt(
+        {_M_MMAP_THRESHOLD: _HEAP_THRESHOLD_BYTES, _M_TRIM_THRESHOLD: 2 * _HEAP_THRESHOLD_BYTES}
     )
+
+
+def return_large_buffers(threshold_bytes: int = 1024 * 1024) -> bool:
+    """Serve every allocation from ``threshold_bytes`` up with its own pages, freed at once.
+
+    The opposite trade of :func:`keep_large_buffers_in_heap`, for the
+    simulator's memory-bounded runs: glibc's default threshold rises with the
+    buffers freed (up to 32 MB), after which chunk-sized activations land in
+    the heap and fragment it. Measured with a 1M-parameter model, node chunks
+    of 2: peak RSS grew by 13 MB per node instead of the 4 MB its model takes.
+    Setting the threshold fixes it (glibc stops adjusting it).
+    """
+    return _mallopt({_M_MMAP_THRESHOLD: threshold_bytes})
 
 
 # Enough for every peer connection, stream, status client and checkpoint file of a

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from fltasks import Task
+from p2pfl.tuning import return_large_buffers
 from topologies.attacks import ATTACKS, Adversary, choose_byzantine
 from topologies.batched import BatchedTrainer, PaddedShards, make_trainer
 from topologies.compression import (
@@ -230,6 +231,8 @@ class Simulation:
             raise ValueError("training needs the nodes' shards")
         self.graph = graph
         self.config = config
+        if config.node_chunk is not None:
+            return_large_buffers()  # else glibc's heap fragments, and grows with n
         self.task, self.trainer, self.shards = task, trainer, shards
         self.network = NetworkModel(graph, config.network, seed=config.seed)
         self.state = StackedPushSum(
