@@ -2,7 +2,7 @@
 """The simulator's memory-bounded path (--node-chunk) with 1M- and 11M-parameter models.
 
 For ``cnn`` (1,070,986 parameters) and ``resnet18`` (11,181,642) on locally
-made 32x32 digit PNGs (p2pfl.bench.resnet.write_digit_images; nothing is
+made 32x32 digit PNGs (fltasks.demo_data.write_digit_images; nothing is
 downloaded), a small-world graph (k=4) of ``--nodes`` nodes with IID shards of
 ``--images-per-node`` training images, 1 local epoch a round, ``--node-chunk``
 nodes trained and evaluated at a time. Each case runs in a fresh subprocess,
@@ -88,7 +88,8 @@ def main() -> int:
         result = run_case(args.child, args.nodes, args.rounds, args.node_chunk, args.folder)
         print(json.dumps(result))
         return 0
-    from p2pfl.bench.resnet import images_for, write_digit_images
+    from fltasks.demo_data import write_digit_images
+    from p2pfl.bench.resnet import images_for
 
     with tempfile.TemporaryDirectory() as scratch:
         images = images_for(2 * args.nodes * args.images_per_node)

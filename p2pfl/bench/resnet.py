@@ -3,7 +3,8 @@
 The data set is made here, nothing is downloaded: scikit-learn's bundled 8x8
 digits, upscaled to 32x32 and written as grayscale PNG files in the
 ``ImageFolder`` layout, each copy shifted by a few pixels and with its contrast
-jittered (seeded) so that the files are distinct images. Each daemon has its
+jittered (seeded) so that the files are distinct images
+(:func:`fltasks.demo_data.write_digit_images`). Each daemon has its
 own folder, as a member has its own data: ``images_per_node / 0.75`` images,
 of which it holds out a stratified quarter for validation (evaluated every
 round) and trains on the rest (``--shard 0/1``).
@@ -34,14 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
-from fltasks.datasets import TEST_FRACTION, load_digits_arrays
+from fltasks.datasets import TEST_FRACTION
+from fltasks.demo_data import write_digit_images
 from p2pfl.localnet import LocalNetwork
 
-IMAGE_SIZE = 32
-MAX_SHIFT_PX = 3
 GOSSIP_PHASES = ("merge", "prepare", "send", "admit")
 ROUND_LINE = re.compile(r"round (\d+) phases (\{.*\})")
 
@@ -54,33 +51,6 @@ class ResnetRun:
     peak_rss_mb: dict[int, float]
     images: int  # per daemon's folder
     seconds: float
-
-
-def write_digit_images(root: Path, count: int, seed: int = 0) -> Path:
-    """``count`` distinct 32x32 digit PNGs in ``root/<digit>/``, balanced over classes."""
-    x, y = load_digits_arrays()
-    rng = np.random.default_rng(seed)
-    pad = MAX_SHIFT_PX
-    for label in range(10):
-        (root / str(label)).mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        label = index % 10
-        pool = np.flatnonzero(y == label)
-        digit = x[pool[rng.integers(len(pool))]].reshape(8, 8) * (255.0 / 16.0)
-        big = np.asarray(
-            Image.fromarray(digit.astype(np.uint8), mode="L").resize(
-                (IMAGE_SIZE - 2 * pad, IMAGE_SIZE - 2 * pad), Image.Resampling.BILINEAR
-            ),
-            dtype=np.float64,
-        )
-        canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE))
-        top, left = rng.integers(0, 2 * pad + 1, size=2)
-        canvas[top : top + big.shape[0], left : left + big.shape[1]] = big
-        canvas = np.clip(canvas * rng.uniform(0.7, 1.0) + rng.uniform(0, 30), 0, 255)
-        Image.fromarray(canvas.astype(np.uint8), mode="L").save(
-            root / str(label) / f"{index:05d}.png"
-        )
-    return root
 
 
 def images_for(images_per_node: int) -> int:
