@@ -1,17 +1,19 @@
 """Where a daemon's rounds go: seconds per phase, peak memory and the event loop's worst stall.
 
 A round's phases are ``train``, ``merge``, ``prepare`` (encode and sign),
-``send`` (every push of the round, concurrently, until the last one ends) and
-``admit`` (verify and decode of each update that arrived since the previous
-round ended), plus ``evaluate`` and ``checkpoint``, so that the phases account
-for the whole round. Gossip work is timed inside the call (in its worker thread
-for large models), so waiting for the gossip lock is not counted twice; ``send``
-and the round itself are wall-clock seconds on the loop.
+``evaluate`` and ``checkpoint``, one after the other, and ``other``, the rest
+of the round's wall time (mostly waiting for the gossip lock). Two more run in
+the background, overlapping the rounds, and are summed over every call that
+ended during the round: ``send`` (each push, from its stream to the
+receiver's receipt; pushes to several neighbours run at once, so this can
+exceed the wall time they took) and ``admit`` (verify and decode of each
+update that arrived). Gossip work is timed inside the call (in its worker
+thread for large models), so waiting for the gossip lock is not counted in
+it; ``send`` and the round are wall-clock seconds on the loop.
 
 ``overhead_fraction`` is everything but training as a share of the round's
-wall time: ``1 - train / round``. Admits that overlap training are not in the
-round's wall time; they show in ``admit`` (and slow training down on a busy
-machine, which shows in ``train``).
+wall time: ``1 - train / round``. Background sends and admits are not in the
+round's wall time; on a busy machine they slow the round's own phases down.
 
 The watchdog measures the loop's worst stall as ``scripts/bench_loop_stall.py``
 does: it asks for a short sleep over and over and records how late it wakes.
@@ -30,7 +32,8 @@ from typing import Any, ParamSpec, TypeVar
 import trio
 
 PHASES = ("train", "merge", "prepare", "send", "admit", "evaluate", "checkpoint")
-ROUND_PHASES = tuple(phase for phase in PHASES if phase != "admit")  # one after the other
+BACKGROUND_PHASES = ("send", "admit")  # overlap the rounds
+ROUND_PHASES = tuple(phase for phase in PHASES if phase not in BACKGROUND_PHASES)
 # A short tick measures stalls finely; 10 ms keeps the watchdog's own cost at about
 # a hundred wake-ups a second.
 WATCHDOG_TICK_S = 0.01
@@ -102,7 +105,7 @@ class PhaseClock:
             "round_s": round(wall_s, 4),
             **{f"{name}_s": round(seconds, 4) for name, seconds in phases.items()},
             # The rest of the round: waits for the gossip lock (held by admits),
-            # copying the estimate, choosing neighbours. Admits overlap the round.
+            # copying the estimate, choosing neighbours.
             "other_s": round(max(0.0, wall_s - sum(phases[p] for p in ROUND_PHASES)), 4),
             "overhead_fraction": round(1.0 - phases["train"] / wall_s, 4) if wall_s > 0 else None,
             "worst_stall_s": round(stall, 4),

@@ -128,8 +128,9 @@ async def test_two_runtimes_gossip_a_1m_parameter_cnn(tmp_path: Path) -> None:
         phases = me.status()["phases"]
         last = phases["last_round"]
         assert last["round"] == 2 and last["round_s"] > 0
-        assert last["train_s"] > 0 and last["prepare_s"] > 0 and last["send_s"] > 0
+        assert last["train_s"] > 0 and last["prepare_s"] > 0 and last["checkpoint_s"] > 0
         assert 0 < last["overhead_fraction"] < 1
-        assert me.phases.totals["admit"] > 0
+        # Pushes and admits run in the background, so they are counted when they end.
+        assert me.phases.totals["send"] > 0 and me.phases.totals["admit"] > 0
         # The model (4.3 MB) and its copies are resident at least once.
         assert phases["peak_rss_mb"] > 4

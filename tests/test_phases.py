@@ -23,7 +23,7 @@ def test_a_round_record_holds_each_phase_and_the_share_that_is_not_training() ->
     assert record["train_s"] == 6.0 and record["send_s"] == 1.5 and record["admit_s"] == 0.5
     assert record["merge_s"] == 0.0
     assert record["overhead_fraction"] == pytest.approx(0.25)
-    assert record["other_s"] == pytest.approx(0.5)  # 8 - 6 - 1.5; admits overlap the round
+    assert record["other_s"] == pytest.approx(2.0)  # 8 - 6: sends and admits overlap it
     assert set(PHASES) <= {key.removesuffix("_s") for key in record}
     assert clock.status()["last_round"] == record
 

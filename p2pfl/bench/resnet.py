@@ -16,12 +16,14 @@ epoch, unpaced, with a per-peer byte budget that one 44.7 MB update a round
 fits (``--peer-mb-per-min``). Each daemon logs one ``round N phases {json}``
 line per round (p2pfl/phases.py); this module reads them from the logs:
 
-* seconds per phase: train, merge, prepare (encode and sign), send, admit
-  (verify and decode of what arrived during the round), evaluate, checkpoint,
-  and other (the rest of the round: mostly waiting for the gossip lock while
-  an admit holds it);
-* ``overhead_fraction``: everything but training, as a share of the round;
-  ``gossip_fraction``: merge, prepare, send and admit only;
+* seconds per phase: train, merge, prepare (encode and sign), evaluate,
+  checkpoint and other (the rest of the round: mostly waiting for the gossip
+  lock while an admit holds it), one after the other; and send (each push
+  until its receipt) and admit (verify and decode), which run in the
+  background and are summed over the calls that ended in the round;
+* ``overhead_fraction``: everything but training, as a share of the round's
+  wall time; ``gossip_fraction``: merge, prepare, send and admit over the
+  round's wall time (an upper bound: sends and admits overlap the round);
 * the event loop's worst stall in the round, and the daemon's peak RSS.
 """
 
