@@ -5,7 +5,8 @@ For ``cnn`` (1,070,986 parameters) and ``resnet18`` (11,181,642) on locally
 made 32x32 digit PNGs (fltasks.demo_data.write_digit_images; nothing is
 downloaded), a small-world graph (k=4) of ``--nodes`` nodes with IID shards of
 ``--images-per-node`` training images, 1 local epoch a round, ``--node-chunk``
-nodes trained and evaluated at a time. Each case runs in a fresh subprocess,
+nodes trained at a time; evaluation is off (``--evaluate`` turns it on), so
+the time is training and mixing. Each case runs in a fresh subprocess,
 twice (``--nodes`` and twice as many, on the same images: the smaller run's
 shards are twice as large), so that its peak RSS (VmHWM) is its own and the
 memory per node-model is the difference of the two:
@@ -18,7 +19,7 @@ memory per node-model is the difference of the two:
 * ``max_nodes_16gb``: nodes that fit in 16 GiB on that line, and the
   ``n x P`` it makes.
 
-    nice -n 10 python scripts/bench_sim_large.py [--nodes 8] [--rounds 2] [--node-chunk 2]
+    nice -n 10 python scripts/bench_sim_large.py [--nodes 6] [--rounds 1] [--node-chunk 2]
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def run_case(model: str, nodes: int, rounds: int, chunk: int, folder: Path) -> dict:
+def run_case(
+    model: str, nodes: int, rounds: int, chunk: int, folder: Path, evaluate: bool
+) -> dict:
     """Runs inside the child process."""
     import torch
 
@@ -53,7 +56,7 @@ def run_case(model: str, nodes: int, rounds: int, chunk: int, folder: Path) -> d
     torch.set_num_threads(1)
     task = load_task(f"imagefolder:{folder}", model=model)
     shards = partition(task.y_train.numpy(), nodes, "iid", seed=0)
-    config = SimulationConfig(rounds=rounds, seed=0, node_chunk=chunk)
+    config = SimulationConfig(rounds=rounds, seed=0, node_chunk=chunk, evaluate=evaluate)
     simulation = Simulation.for_task(task, small_world(nodes, 4, 0.1, seed=0), shards, config)
     start = time.perf_counter()
     history = simulation.run()
@@ -69,23 +72,25 @@ def run_case(model: str, nodes: int, rounds: int, chunk: int, folder: Path) -> d
 def child(model: str, nodes: int, args: argparse.Namespace, folder: Path) -> dict:
     command = [sys.executable, __file__, "--child", model, "--nodes", str(nodes),
                "--rounds", str(args.rounds), "--node-chunk", str(args.node_chunk),
-               "--folder", str(folder)]
+               "--folder", str(folder), *(["--evaluate"] if args.evaluate else [])]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--nodes", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--node-chunk", type=int, default=2)
     parser.add_argument("--images-per-node", type=int, default=64)
     parser.add_argument("--models", nargs="+", default=["cnn", "resnet18"])
+    parser.add_argument("--evaluate", action="store_true", help="measure accuracy every round")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = run_case(args.child, args.nodes, args.rounds, args.node_chunk, args.folder)
+        result = run_case(args.child, args.nodes, args.rounds, args.node_chunk, args.folder,
+                          args.evaluate)
         print(json.dumps(result))
         return 0
     from fltasks.demo_data import write_digit_images
