@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title=title)
     phases = ["train", *GOSSIP_PHASES, "evaluate", "checkpoint", "other"]
     columns = ["round", "round_s", *(f"{p}_s" for p in phases), "overhead_fraction",
-               "gossip_fraction", "worst_stall_s", "peak_rss_mb"]
+               "worst_stall_s", "peak_rss_mb"]
     for column in columns:
         table.add_column(column.removesuffix("_s"), justify="right")
     for row in rows:

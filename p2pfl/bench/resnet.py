@@ -22,8 +22,8 @@ line per round (p2pfl/phases.py); this module reads them from the logs:
   until its receipt) and admit (verify and decode), which run in the
   background and are summed over the calls that ended in the round;
 * ``overhead_fraction``: everything but training, as a share of the round's
-  wall time; ``gossip_fraction``: merge, prepare, send and admit over the
-  round's wall time (an upper bound: sends and admits overlap the round);
+  wall time (sends and admits, in the background, count only as far as they
+  delay the round's own phases);
 * the event loop's worst stall in the round, and the daemon's peak RSS.
 """
 
@@ -118,8 +118,6 @@ def round_summary(run: ResnetRun) -> list[dict[str, Any]]:
                 row[key] = round(statistics.fmean(r[key] for r in records), 3)
         row["overhead_fraction"] = round(statistics.fmean(
             1.0 - r["train_s"] / r["round_s"] for r in records), 3)
-        row["gossip_fraction"] = round(statistics.fmean(
-            sum(r[f"{p}_s"] for p in GOSSIP_PHASES) / r["round_s"] for r in records), 3)
         row["worst_stall_s"] = max(r["worst_stall_s"] for r in records)
         row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in records)
         rows.append(row)
