@@ -19,6 +19,7 @@ still bias the result within the spread of the honest values.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -138,6 +139,46 @@ def clipped_step_sets(
     return step
 
 
+def clipped_step_streamed(
+    own: np.ndarray,
+    others: Sequence[np.ndarray],
+    tau: float | None = None,
+    beta: float = DEFAULT_TRIM_FRACTION,
+) -> np.ndarray:
+    """:func:`clipped_step_sets` for one node, one received vector at a time.
+
+    ``tau`` fixed, or None for :func:`adaptive_tau`'s radius. The same
+    arithmetic in the same order, so the same result, but two [P] temporaries
+    where the stacked form holds [k, P] ones: for a node merging three
+    ResNet-18 votes, 180 MB instead of 625 MB.
+    """
+    own = np.asarray(own)
+    rows = [np.asarray(row) for row in others]
+    if tau is not None and not tau >= 0:
+        raise ValueError(f"the clipping radius must be >= 0, got {tau}")
+    if not rows:
+        return own.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        distances = np.array([_row_norms(row - own) for row in rows])
+    if tau is None:
+        rank = max(len(rows) - 1 - farthest_count(len(rows), beta), 0)
+        radius = np.sort(distances)[rank]
+    else:
+        radius = tau
+    step = np.zeros_like(own)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        for row, norm in zip(rows, distances, strict=True):
+            if not np.isfinite(norm):
+                continue  # overflowed: an infinitely far neighbour, clipped to nothing
+            difference = row - own
+            if norm > radius:
+                difference *= own.dtype.type(radius / norm)
+            step += difference
+    step /= own.dtype.type(len(rows) + 1)
+    step += own
+    return step
+
+
 def _row_norms(vectors: np.ndarray) -> np.ndarray:
     """``np.linalg.norm(vectors, axis=-1)`` without its [..., P] temporary of squares."""
     return np.sqrt(np.einsum("...i,...i->...", vectors, vectors))
@@ -238,7 +279,4 @@ def clipped_step(own: np.ndarray, others: np.ndarray, tau: float) -> np.ndarray:
     make two nodes swap values forever on a bipartite graph. No neighbour can
     move the node by more than ``tau / m``.
     """
-    own = np.asarray(own)
-    others = _as_stack(others)
-    valid = np.ones((1, len(others)), dtype=bool)
-    return clipped_step_sets(own[None], others[None], valid, tau)[0]
+    return clipped_step_streamed(own, _as_stack(others), tau)
