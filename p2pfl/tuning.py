@@ -6,10 +6,9 @@ them on free, so every update buffer costs one page fault per 4 KiB page
 thresholds keeps such buffers in the heap, where they are reused warm.
 
 Only up to 32 MB: a ResNet-18 update (44.7 MB, 89 MB as float64) kept in the
-heap after it is freed costs resident memory, not time worth saving: about
-340 MB more peak RSS over a few receive, merge, prepare and checkpoint cycles
-of a ResNet-18 node, where its page faults cost a few tens of milliseconds in
-a round of tens of seconds (peak RSS per daemon: scripts/bench_resnet.py).
+heap after it is freed keeps hundreds of MB resident for a time saving of a
+few tens of milliseconds of page faults in a round of tens of seconds (peak
+RSS per daemon: scripts/bench_resnet.py).
 """
 
 from __future__ import annotations
