@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gossip.compression import TensorCodec, codec_by_id
+from gossip.compression import TensorCodec, resolve_codec
 from gossip.compression.feedback import round_trip
 from gossip.layout import ModelLayout
 
@@ -53,7 +53,7 @@ class PublicCopySender:
     since_sync: int = 0
 
     def __post_init__(self) -> None:
-        codec = codec_by_id(self.codec_id)
+        codec = resolve_codec(self.codec_id)
         if codec is None or not is_difference_codec(self.codec_id):
             raise ValueError(f"{self.codec_id!r} is not a difference codec (topk:F)")
         if self.sync_every is not None and self.sync_every < 1:

@@ -27,7 +27,10 @@ from gossip.keys import NodeKey
 
 _T = TypeVar("_T")
 
-STARTUP_TIMEOUT_S = 60.0
+# Until a node prints its addresses; a node that exits early is reported at once, so this
+# only bounds a hang. Generous: on a 2-core machine kept busy by other work, several
+# nodes importing torch and libp2p at once start many times slower than on an idle one.
+STARTUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 10.0
 
 

@@ -122,8 +122,8 @@ class PeerBook:
         self._rng = rng if rng is not None else random.Random()
         self._entries: dict[str, PeerEntry] = {}
         self.rejected: Counter[str] = Counter()
-        """Dropped protocol input by reason: malformed_request, malformed_reply, bad_entry,
-        over_quota (second-hand entries over a source's quota or the table's size)."""
+        """Dropped protocol input by reason: malformed-request, malformed-reply, bad-entry,
+        over-quota (second-hand entries over a source's quota or the table's size)."""
 
     def __len__(self) -> int:
         """How many peers are known first-hand (the neighbour candidates)."""
@@ -217,9 +217,6 @@ class PeerBook:
         entry = self._entries.get(peer_id)
         return entry is not None and entry.first_hand and entry.unreachable_since is None
 
-    def remove(self, peer_id: str) -> None:
-        self._entries.pop(peer_id, None)
-
     def known(self) -> list[str]:
         """Peers known first-hand, sorted: the only ones chosen as neighbours."""
         return sorted(pid for pid, entry in self._entries.items() if entry.first_hand)
@@ -230,10 +227,6 @@ class PeerBook:
     def addrs(self, peer_id: str) -> list[str]:
         entry = self._entries.get(peer_id)
         return entry.addrs() if entry else []
-
-    def last_seen(self, peer_id: str) -> float | None:
-        entry = self._entries.get(peer_id)
-        return entry.last_seen if entry else None
 
     def sample(self, k: int, exclude: Iterable[str] = ()) -> list[tuple[str, list[str]]]:
         """Up to ``k`` random peers to pass on: first-hand ones, verified addresses only."""
@@ -262,11 +255,11 @@ class PeerBook:
     def _room_for_second_hand(self, source: str | None) -> bool:
         second = [(pid, e) for pid, e in self._entries.items() if not e.first_hand]
         if sum(1 for _, e in second if e.source == source) >= self.per_source_quota:
-            self.rejected["over_quota"] += 1
+            self.rejected["over-quota"] += 1
             return False
         if len(second) >= self.max_second_hand or len(self._entries) >= self.max_peers:
             if not second:
-                self.rejected["over_quota"] += 1
+                self.rejected["over-quota"] += 1
                 return False
             # Evict from the source that holds the most, its oldest entry first, so one
             # source flooding the table mostly displaces its own entries.
@@ -393,7 +386,7 @@ def serve_peer_exchange(transport: Transport, book: PeerBook, read_timeout: floa
     async def handle(peer_id: str, payload: bytes) -> bytes | None:
         addrs = decode_request(payload, peer_id)
         if addrs is None:
-            book.rejected["malformed_request"] += 1
+            book.rejected["malformed-request"] += 1
             return None
         # Sample before adding the requester, so it is not told about itself.
         reply = encode_reply(book.sample(MAX_PEERS_PER_REPLY, exclude=[peer_id]))
@@ -419,11 +412,11 @@ async def exchange_peers(transport: Transport, peer_id: str, book: PeerBook, tim
     book.mark_alive(peer_id)
     decoded = decode_reply(reply)
     if decoded is None:
-        book.rejected["malformed_reply"] += 1
+        book.rejected["malformed-reply"] += 1
         return 0
     peers, dropped = decoded
     if dropped:
-        book.rejected["bad_entry"] += dropped
+        book.rejected["bad-entry"] += dropped
     return sum(
         book.add(pid, addrs, first_hand=False, source=peer_id)
         for pid, addrs in peers

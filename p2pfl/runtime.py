@@ -17,7 +17,7 @@ gossiping without training for ``--linger`` seconds, so members that started
 later are not left to train alone.
 
 Updates are admitted for merging only from the peers that gossip to this node
-(its in-neighbours, :func:`p2pfl.neighbors.in_neighbors`, at most ``degree``);
+(its in-neighbours, :func:`p2pfl.neighbours.in_neighbours`, at most ``degree``);
 anyone else's is refused as ``not-neighbour``.
 
 With an allowlist (``--allow``) the node talks to members only: the transport
@@ -56,7 +56,7 @@ from p2pfl.dp import (
     refuse_dp_after_raw_rounds,
 )
 from p2pfl.framing import MAX_UVARINT_BYTES
-from p2pfl.neighbors import choose_neighbors, in_neighbors
+from p2pfl.neighbours import choose_neighbours, in_neighbours
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
 from p2pfl.phases import PhaseClock
 from p2pfl.ratelimit import MIB, LogThrottle, PeerRateLimiter
@@ -108,7 +108,7 @@ class MemberBook(PeerBook):
 
     def add(self, peer_id: str, addrs: Iterable[str], **how: Any) -> bool:
         if self.members is not None and peer_id not in self.members:
-            self.rejected["not_allowed"] += 1
+            self.rejected["not-member"] += 1
             return False
         return super().add(peer_id, addrs, **how)
 
@@ -253,7 +253,7 @@ class NodeRuntime:
         self._push_nursery: trio.Nursery | None = None
         # The whole-model form of the current top-k message, made once per round.
         self._whole: tuple[int, bytearray] | None = None
-        self.neighbors: list[str] = []
+        self.neighbours: list[str] = []
         self.started = time.monotonic()
         self.transport: Transport | None = None
         self.book = MemberBook(key.peer_id, self.members, rng=random.Random(key.seed + b"book"))
@@ -290,20 +290,20 @@ class NodeRuntime:
         self.round = state.round
         for peer_id, addrs in state.peers.items():
             self.book.add(peer_id, addrs)
-        self._saved_privacy = dict(state.optimizer)
-        self._saved_privacy[NON_PRIVATE_ROUNDS] = non_private_rounds(state.optimizer, state.round)
+        self._saved_privacy = dict(state.privacy)
+        self._saved_privacy[NON_PRIVATE_ROUNDS] = non_private_rounds(state.privacy, state.round)
         if self.config.dp_enabled:
-            refuse_dp_after_raw_rounds(state.optimizer, state.round, str(self.store.current))
+            refuse_dp_after_raw_rounds(state.privacy, state.round, str(self.store.current))
         if self.privacy is not None:
-            if state.optimizer.get("dp_history"):
+            if state.privacy.get("dp_history"):
                 raise ConfigError(
                     f"--dp node: the state in {self.store.current} spent its budget under "
                     "--dp sample; keep --dp sample, or start from a fresh --state-dir"
                 )
             accountant = self.privacy.accountant
-            accountant.steps = _dp_steps_from(state.optimizer, self.privacy.noise_multiplier)
+            accountant.steps = _dp_steps_from(state.privacy, self.privacy.noise_multiplier)
         if self.dp_sgd is not None:
-            self.dp_sgd.accountant.history = _dp_sgd_history(state.optimizer, self.store.current)
+            self.dp_sgd.accountant.history = _dp_sgd_history(state.privacy, self.store.current)
         logger.info("resumed from checkpoint at round %d, sequence %d", state.round, state.seq)
         return True
 
@@ -317,7 +317,7 @@ class NodeRuntime:
             fingerprint=self.gossip.layout.fingerprint,
             last_seq=gossip.last_seq,
             peers={peer_id: self.book.addrs(peer_id) for peer_id in self.book.known()},
-            optimizer=self._privacy_state(),
+            privacy=self._privacy_state(),
         )
 
     def _privacy_state(self) -> dict[str, Any]:
@@ -384,7 +384,7 @@ class NodeRuntime:
             "peer_id": self.key.peer_id,
             "addrs": transport.addrs if transport else [],
             "round": self.round,
-            "neighbors": list(self.neighbors),
+            "neighbours": list(self.neighbours),
             "accuracy": self.accuracy,
             "updates_sent": self.updates_sent,
             "updates_accepted": counters["accepted"],
@@ -500,7 +500,7 @@ class NodeRuntime:
             return
         self._peer_view = known
         allowed = set()
-        for peer_id in in_neighbors(self.key.peer_id, known, self.config.degree):
+        for peer_id in in_neighbours(self.key.peer_id, known, self.config.degree):
             try:
                 allowed.add(public_key_from_peer_id(peer_id))
             except ValueError:
@@ -667,11 +667,11 @@ class NodeRuntime:
 
     async def _wait_for_peers(self) -> None:
         next_log = time.monotonic()
-        while len(self.book) < self.config.min_neighbors:
+        while len(self.book) < self.config.min_neighbours:
             if time.monotonic() >= next_log:
                 logger.info(
                     "waiting for %d peer(s) before training (known: %d)",
-                    self.config.min_neighbors,
+                    self.config.min_neighbours,
                     len(self.book),
                 )
                 next_log += WAIT_LOG_INTERVAL_S
@@ -788,8 +788,8 @@ class NodeRuntime:
         snapshot = await self._gossip(self._estimate)
         evaluate = self.phases.timed("evaluate", self._evaluate)
         self.accuracy = await trio.to_thread.run_sync(evaluate, snapshot)
-        self.neighbors = choose_neighbors(self.key.peer_id, self.book.known(), self.config.degree)
-        targets = self._free(self.neighbors)
+        self.neighbours = choose_neighbours(self.key.peer_id, self.book.known(), self.config.degree)
+        targets = self._free(self.neighbours)
         if self.attacker is not None:
             prepare = self.phases.timed("prepare", self.attacker.prepare)
             outgoing = await self._gossip(prepare, time.time())
@@ -809,7 +809,7 @@ class NodeRuntime:
             "round %d accuracy %.4f neighbours %d%s",
             self.round,
             self.accuracy,
-            len(self.neighbors),
+            len(self.neighbours),
             " (serving)" if self.serving else "",
         )
 

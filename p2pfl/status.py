@@ -36,6 +36,15 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 StatusSource = Callable[[], dict[str, Any]]
 
 
+def _by_label(
+    family: CounterMetricFamily | GaugeMetricFamily, counts: dict[str, int]
+) -> Metric:
+    """``family`` with one sample per entry of ``counts``, its key as the one label."""
+    for label, count in sorted(counts.items()):
+        family.add_metric([label], count)
+    return family
+
+
 class _StatusCollector(Collector):
     """The numeric fields of one status snapshot, as Prometheus metric families."""
 
@@ -46,7 +55,7 @@ class _StatusCollector(Collector):
         status = self.status
         yield GaugeMetricFamily("p2pfl_round", "Local rounds completed.", value=status["round"])
         yield GaugeMetricFamily(
-            "p2pfl_neighbors", "Current gossip neighbours.", value=len(status["neighbors"])
+            "p2pfl_neighbours", "Current gossip neighbours.", value=len(status["neighbours"])
         )
         if status.get("accuracy") is not None:
             yield GaugeMetricFamily(
@@ -59,22 +68,21 @@ class _StatusCollector(Collector):
             "p2pfl_updates_accepted", "Incoming updates admitted.", value=status["updates_accepted"]
         )
         if status["updates_rejected"]:
-            rejected = CounterMetricFamily(
-                "p2pfl_updates_rejected", "Incoming updates rejected, by reason.", labels=["reason"]
+            yield _by_label(
+                CounterMetricFamily("p2pfl_updates_rejected",
+                                    "Incoming updates rejected, by reason.", labels=["reason"]),
+                status["updates_rejected"],
             )
-            for reason, count in sorted(status["updates_rejected"].items()):
-                rejected.add_metric([reason], count)
-            yield rejected
         if status.get("deliveries"):
-            fates = GaugeMetricFamily(
-                "p2pfl_push_shares",
-                "Pushed weight shares by fate: delivered, refused, refunded, lost, held "
-                "(awaiting a receipt).",
-                labels=["fate"],
+            yield _by_label(
+                GaugeMetricFamily(
+                    "p2pfl_push_shares",
+                    "Pushed weight shares by fate: delivered, refused, refunded, lost, held "
+                    "(awaiting a receipt).",
+                    labels=["fate"],
+                ),
+                status["deliveries"],
             )
-            for fate, count in sorted(status["deliveries"].items()):
-                fates.add_metric([fate], count)
-            yield fates
         if status.get("weight") is not None:
             yield GaugeMetricFamily(
                 "p2pfl_pushsum_weight", "This node's push-sum weight.", value=status["weight"]

@@ -351,7 +351,7 @@ async def test_malformed_peer_exchange_request_is_counted_not_fatal() -> None:
             for garbage in [b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"addrs": [1]})]:
                 with pytest.raises(TransportError):
                     await a.request(peer, PEERS_PROTOCOL, garbage, timeout=5, max_size=1 << 20)
-            assert book.rejected["malformed_request"] == 3
+            assert book.rejected["malformed-request"] == 3
             assert await exchange_peers(a, peer, PeerBook(a.peer_id), timeout=5) == 0
 
 

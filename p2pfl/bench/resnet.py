@@ -84,7 +84,7 @@ def run_resnet(
     folders = [write_digit_images(directory / f"digits32-{i}", count, seed=i) for i in range(nodes)]
     extra = (
         "--model", model, "--round-interval", "0", "--linger", "0",
-        "--min-neighbors", str(nodes - 1), "--peer-mb-per-min", "1024",
+        "--min-neighbours", str(nodes - 1), "--peer-mb-per-min", "1024",
     )  # fmt: skip
     # Flags of one daemon come after the shared ones, so its own folder and shard win.
     own = {i: ("--task", f"imagefolder:{folder}", "--shard", "0/1")
