@@ -87,7 +87,7 @@ def test_metrics_export_the_last_rounds_phases() -> None:
     clock.add("train", 2.0)
     clock.end_round(1, wall_s=3.0)
     status = {
-        "round": 1, "neighbors": [], "updates_sent": 0, "updates_accepted": 0,
+        "round": 1, "neighbours": [], "updates_sent": 0, "updates_accepted": 0,
         "updates_rejected": {}, "bytes_sent": 0, "bytes_received": 0, "uptime_s": 1.0,
         "phases": clock.status(),
     }
