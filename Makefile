@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(PY) scripts/bench_network.py
 	$(PY) scripts/bench_models.py
 	$(PY) scripts/bench_loop_stall.py
+	$(PY) scripts/bench_resnet.py
+	$(PY) scripts/bench_sim_large.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -15,6 +15,11 @@ Python's ``csv`` module reads the file: pandas is not installed, and a
 column-typing rule this small does not need it. Every problem with the file is
 one ``TaskError`` line naming the file, the column and the row (rows are the
 file's line numbers; the header is row 1).
+
+A ``.parquet`` file is read with pyarrow when it is importable (it is not a
+dependency: about 40 MB for one optional format); its cells are typed by the
+same rules as CSV text, and record k is called row k + 1, as in a CSV export.
+Without pyarrow, the error says which package to install.
 """
 
 from __future__ import annotations
@@ -67,7 +72,36 @@ def _sorted_values(values: set[str]) -> tuple[str, ...]:
     return tuple(sorted(values))
 
 
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def _read_parquet_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The records of a Parquet file as CSV-like text cells (null: an empty cell)."""
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise TaskError(f"{path}: reading Parquet needs pyarrow, which is not installed; "
+                        f"run `pip install pyarrow`, or export the table as CSV") from None
+    try:
+        table = parquet.read_table(path)
+    except FileNotFoundError:
+        raise TaskError(f"{path}: no such file") from None
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise TaskError(f"{path}: not a readable Parquet file ({error})") from None
+    header = [str(name) for name in table.column_names]
+    if not header:
+        raise TaskError(f"{path}: empty file; expected named columns")
+    columns = [["" if value is None else str(value) for value in column.to_pylist()]
+               for column in table.columns]
+    rows = [(index + 2, list(cells)) for index, cells in enumerate(zip(*columns, strict=True))]
+    if not rows:
+        raise TaskError(f"{path}: no data rows")
+    return header, rows
+
+
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        return _read_parquet_rows(path)
     try:
         # utf-8-sig: spreadsheet programs start their CSV exports with a byte-order mark.
         with path.open(newline="", encoding="utf-8-sig") as handle:

@@ -46,7 +46,8 @@ class Aggregator(Protocol):
     min_senders: int
 
     def aggregate(self, own: np.ndarray, others: np.ndarray) -> np.ndarray:
-        """The new estimate from ``own`` ([P]) and one row per neighbour (``others``, [k, P])."""
+        """The new estimate from ``own`` ([P]) and one row per neighbour (``others``: a
+        [k, P] array, or a list of k [P] rows, which spares the clipped rule a stack)."""
 
     def combine(self, state: PushSum, received: Sequence[Share]) -> None:
         """One synchronous round: update ``state`` in place with the ``received`` shares."""
@@ -156,10 +157,9 @@ class ClippedGossip(RobustRule):
         self.beta = float(beta)
 
     def aggregate(self, own: np.ndarray, others: np.ndarray) -> np.ndarray:
-        tau = self.tau
-        if tau is None:
-            tau = robust.adaptive_tau(own, others, self.beta)
-        return robust.clipped_step(own, others, tau)
+        # One neighbour at a time (``others`` may be a list of rows): no [k, P]
+        # temporaries, which at 11M parameters are hundreds of MB each.
+        return robust.clipped_step_streamed(own, others, self.tau, self.beta)
 
 
 AGGREGATORS: dict[str, type] = {

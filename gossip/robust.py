@@ -19,6 +19,7 @@ still bias the result within the spread of the honest values.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -117,12 +118,12 @@ def clipped_step_sets(
     valid = np.asarray(valid, dtype=bool)
     if tau is not None and not tau >= 0:
         raise ValueError(f"the clipping radius must be >= 0, got {tau}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        differences = others - own[:, None, :]
-        distances = np.linalg.norm(differences, axis=2)
-    received = valid.sum(axis=1)
     if others.shape[1] == 0:
         return own.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        differences = others - own[:, None, :]
+        distances = _row_norms(differences)
+    received = valid.sum(axis=1)
     radius: float | np.ndarray
     if tau is None:
         ordered = np.sort(np.where(valid, distances, np.inf), axis=1)
@@ -131,8 +132,69 @@ def clipped_step_sets(
         radius = np.take_along_axis(ordered, rank[:, None], axis=1)
     else:
         radius = tau
-    step = _clipped(differences, distances, radius, valid).sum(axis=1)
-    return own + step / (received + 1)[:, None].astype(own.dtype)
+    # Scaled in place: at 11M parameters each [n, k, P] temporary is hundreds of MB.
+    step = _clip_in_place(differences, distances, radius, valid).sum(axis=1)
+    step /= (received + 1)[:, None].astype(own.dtype)
+    step += own
+    return step
+
+
+def clipped_step_streamed(
+    own: np.ndarray,
+    others: Sequence[np.ndarray],
+    tau: float | None = None,
+    beta: float = DEFAULT_TRIM_FRACTION,
+) -> np.ndarray:
+    """:func:`clipped_step_sets` for one node, one received vector at a time.
+
+    ``tau`` fixed, or None for :func:`adaptive_tau`'s radius. The same
+    arithmetic in the same order, so the same result, but two [P] temporaries
+    where the stacked form holds [k, P] ones: for a node merging three
+    ResNet-18 votes, 180 MB instead of 625 MB.
+    """
+    own = np.asarray(own)
+    rows = [np.asarray(row) for row in others]
+    if tau is not None and not tau >= 0:
+        raise ValueError(f"the clipping radius must be >= 0, got {tau}")
+    if not rows:
+        return own.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        distances = np.array([_row_norms(row - own) for row in rows])
+    if tau is None:
+        rank = max(len(rows) - 1 - farthest_count(len(rows), beta), 0)
+        radius = np.sort(distances)[rank]
+    else:
+        radius = tau
+    step = np.zeros_like(own)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        for row, norm in zip(rows, distances, strict=True):
+            if not np.isfinite(norm):
+                continue  # overflowed: an infinitely far neighbour, clipped to nothing
+            difference = row - own
+            if norm > radius:
+                difference *= own.dtype.type(radius / norm)
+            step += difference
+    step /= own.dtype.type(len(rows) + 1)
+    step += own
+    return step
+
+
+def _row_norms(vectors: np.ndarray) -> np.ndarray:
+    """``np.linalg.norm(vectors, axis=-1)`` without its [..., P] temporary of squares."""
+    return np.sqrt(np.einsum("...i,...i->...", vectors, vectors))
+
+
+def _clip_in_place(
+    vectors: np.ndarray, norms: np.ndarray, radius: float | np.ndarray, valid: np.ndarray
+) -> np.ndarray:
+    """:func:`_clipped`, overwriting ``vectors`` (a temporary of the caller's)."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scale = np.where(norms > radius, radius / norms, 1.0)
+    keep = valid & np.isfinite(norms)
+    if not keep.all():
+        vectors[~keep] = 0
+    vectors *= np.where(keep, scale, 1.0)[:, :, None].astype(vectors.dtype)
+    return vectors
 
 
 def _clipped(
@@ -191,7 +253,7 @@ def adaptive_tau(own: np.ndarray, others: np.ndarray, beta: float = DEFAULT_TRIM
     """
     others = _as_stack(others)
     with np.errstate(over="ignore", invalid="ignore"):
-        distances = np.sort(np.linalg.norm(others - own, axis=1))
+        distances = np.sort(_row_norms(others - own))
     received = len(distances)
     return float(distances[received - 1 - farthest_count(received, beta)])
 
@@ -217,7 +279,4 @@ def clipped_step(own: np.ndarray, others: np.ndarray, tau: float) -> np.ndarray:
     make two nodes swap values forever on a bipartite graph. No neighbour can
     move the node by more than ``tau / m``.
     """
-    own = np.asarray(own)
-    others = _as_stack(others)
-    valid = np.ones((1, len(others)), dtype=bool)
-    return clipped_step_sets(own[None], others[None], valid, tau)[0]
+    return clipped_step_streamed(own, _as_stack(others), tau)

@@ -27,6 +27,7 @@ never records a non-member, so none is dialed or chosen as a neighbour.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -58,6 +59,7 @@ from p2pfl.dp import (
 from p2pfl.framing import MAX_UVARINT_BYTES
 from p2pfl.neighbours import choose_neighbours, in_neighbours
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
+from p2pfl.phases import PhaseClock
 from p2pfl.ratelimit import MIB, LogThrottle, PeerRateLimiter
 from p2pfl.reachability import Reachability, is_loopback, serve_reachability
 from p2pfl.reachability import maintain as maintain_reachability
@@ -281,6 +283,8 @@ class NodeRuntime:
         self.refused_updates: Counter[str] = Counter()
         # Which of our addresses are public, NATed or relayed (p2pfl/reachability.py).
         self.reachability = Reachability()
+        # Seconds per phase of each round, peak RSS and the loop's worst stall (/status).
+        self.phases = PhaseClock()
         self.resumed = self._restore()
         self.epsilon = self._epsilon_now()
         self._status_view = self._gossip_view()
@@ -446,6 +450,8 @@ class NodeRuntime:
             "dp_target_epsilon": self.config.dp_target_epsilon,
             "dp_exhausted": self.dp_exhausted,
             "task": self.task.name,
+            # The last round's seconds per phase, peak RSS, the loop's worst stall.
+            "phases": self.phases.status(),
         }
 
     def _state_name(self) -> str:
@@ -529,9 +535,8 @@ class NodeRuntime:
             self._log_rejection(peer_id, "unsupported-key", "its peer id is not an ed25519 key")
             return Receipt("unsupported-key", 0).encode()
         await self._refresh_peers()
-        verdict, receipt = await self._gossip(
-            self.gossip.deliver, payload, time.time(), sender_key
-        )
+        deliver = self.phases.timed("admit", self.gossip.deliver)
+        verdict, receipt = await self._gossip(deliver, payload, time.time(), sender_key)
         if verdict.accepted:
             self.book.mark_alive(peer_id)
         else:
@@ -782,13 +787,14 @@ class NodeRuntime:
             logger.debug("push to %s: dial failed: %s", peer_id, error)
             return
         try:
-            reply = await transport.request(
-                peer_id,
-                UPDATE_PROTOCOL,
-                message,
-                self.deadlines.push(len(message)),
-                MAX_RECEIPT_BYTES,
-            )
+            with self.phases.timing("send"):  # in the background: overlaps the round
+                reply = await transport.request(
+                    peer_id,
+                    UPDATE_PROTOCOL,
+                    message,
+                    self.deadlines.push(len(message)),
+                    MAX_RECEIPT_BYTES,
+                )
             receipt = Receipt.decode(reply)
         except (Unanswered, InvalidReceipt) as error:
             # The peer may have taken it: hold the share until its next receipt.
@@ -847,24 +853,31 @@ class NodeRuntime:
 
     async def _one_round(self) -> None:
         """Train (unless serving), merge the votes once, evaluate, push, checkpoint."""
+        started = time.perf_counter()
         if not self.serving and self._budget_allows_a_round():
             await self._train_step()
         await self._refresh_peers()
-        await self._gossip(self.gossip.merge)
+        await self._gossip(self.phases.timed("merge", self.gossip.merge))
         snapshot = await self._gossip(self._estimate)
-        self.accuracy = await trio.to_thread.run_sync(self._evaluate, snapshot)
+        evaluate = self.phases.timed("evaluate", self._evaluate)
+        self.accuracy = await trio.to_thread.run_sync(evaluate, snapshot)
         self.neighbours = choose_neighbours(self.key.peer_id, self.book.known(), self.config.degree)
         targets = self._free(self.neighbours)
         if self.attacker is not None:
-            outgoing = await self._gossip(self.attacker.prepare, time.time())
+            prepare = self.phases.timed("prepare", self.attacker.prepare)
+            outgoing = await self._gossip(prepare, time.time())
         else:
-            outgoing = await self._gossip(self.gossip.prepare, len(targets), time.time())
+            prepare = self.phases.timed("prepare", self.gossip.prepare)
+            outgoing = await self._gossip(prepare, len(targets), time.time())
         if not self.serving:
             self.round += 1
         # Checkpoint before sending: a restart then never reuses a sequence number
         # that peers have already seen.
-        await self.checkpoint()
+        with self.phases.timing("checkpoint"):
+            await self.checkpoint()
         self._push(outgoing, targets)
+        record = self.phases.end_round(self.round, time.perf_counter() - started)
+        logger.info("round %d phases %s", self.round, json.dumps(record))
         logger.info(
             "round %d accuracy %.4f neighbours %d%s",
             self.round,
@@ -875,7 +888,7 @@ class NodeRuntime:
 
     async def _train_step(self) -> None:
         before = await self._gossip(self._estimate)
-        after = await trio.to_thread.run_sync(self._train, before)
+        after = await trio.to_thread.run_sync(self.phases.timed("train", self._train), before)
         if self.privacy is not None:
             try:
                 after = self.privacy.privatize_step(before, after)
@@ -960,6 +973,7 @@ class NodeRuntime:
                     if reached and not self.resumed:
                         await self._adopt_current_model(reached)
                     nursery.start_soon(self._discovery_loop)
+                    nursery.start_soon(self.phases.watchdog)
                     if self.attacker is not None:
                         nursery.start_soon(self._attack_loop)
                     if self.resumed:

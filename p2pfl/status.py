@@ -107,6 +107,33 @@ class _StatusCollector(Collector):
         yield GaugeMetricFamily(
             "p2pfl_uptime_seconds", "Seconds since the node started.", value=status["uptime_s"]
         )
+        yield from _phase_metrics(status.get("phases"))
+
+
+def _phase_metrics(phases: dict[str, Any] | None) -> Iterator[Metric]:
+    """The last round's seconds per phase, peak RSS and worst loop stall (p2pfl.phases)."""
+    if not phases:
+        return
+    yield GaugeMetricFamily(
+        "p2pfl_peak_rss_bytes", "Peak resident set size of the daemon.",
+        value=phases["peak_rss_mb"] * 2**20,
+    )
+    yield GaugeMetricFamily(
+        "p2pfl_loop_worst_stall_seconds", "Longest the event loop was blocked since start.",
+        value=phases["worst_stall_s"],
+    )
+    last = phases.get("last_round")
+    if last:
+        seconds = GaugeMetricFamily(
+            "p2pfl_round_phase_seconds", "Seconds per phase in the last round.", labels=["phase"]
+        )
+        for key, value in last.items():
+            if key.endswith("_s") and key not in ("round_s", "worst_stall_s", "other_s"):
+                seconds.add_metric([key.removesuffix("_s")], value)
+        yield seconds
+        yield GaugeMetricFamily(
+            "p2pfl_round_seconds", "Wall-clock seconds of the last round.", value=last["round_s"]
+        )
 
 
 def render_metrics(status: dict[str, Any]) -> str:

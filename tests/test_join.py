@@ -16,8 +16,9 @@ from libp2p.crypto.secp256k1 import create_new_key_pair
 from libp2p.peer.id import ID
 from runtimes import LOOPBACK, make_runtime, wait_until
 
+import gossip.node
 from fltasks import Task, load_task
-from gossip import GossipNode, NodeKey, codec
+from gossip import GossipNode, NodeKey, codec, robust
 from gossip.codec import FORMAT_VERSION, MAGIC, SIGNING_DOMAIN
 from p2pfl.peer_exchange import PeerBook, serve_peer_exchange
 from p2pfl.runtime import MODEL_PROTOCOL, NodeRuntime, model_arrays
@@ -178,3 +179,18 @@ async def test_a_peer_whose_id_is_not_ed25519_is_counted_not_fatal(
             # It went on to the member it could ask (the others trained alone, unknown).
             assert [p["peer_id"] for p in joiner.adopted_from["peers"]] == [first.key.peer_id]
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("count", [3, 4])
+def test_adopting_block_by_block_is_the_whole_models_median(
+    monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    monkeypatch.setattr(gossip.node, "ADOPT_BLOCK_VALUES", 7)  # 50 values: 8 blocks
+    rng = np.random.default_rng(count)
+    node = GossipNode.create(NodeKey.generate(), {"w": np.zeros(50, np.float32)}, samples=1)
+    models = [rng.standard_normal(50) for _ in range(count)]
+    node.adopt(models)
+    assert np.array_equal(node.estimate, robust.median(np.stack(models)))
+    with pytest.raises(ValueError, match="shape"):
+        node.adopt([np.zeros(49)])
+    assert np.array_equal(node.estimate, robust.median(np.stack(models)))  # unchanged

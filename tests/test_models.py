@@ -119,3 +119,13 @@ async def test_two_runtimes_gossip_a_1m_parameter_cnn(tmp_path: Path) -> None:
         assert status["updates_accepted"] >= 1 and status["updates_rejected"] == {}
         assert other.key.peer_id in status["last_seq"]
         assert me.gossip.layout.size == 1_070_986  # every parameter travels
+        # Each round's phases are timed; what arrived was admitted in some round.
+        phases = me.status()["phases"]
+        last = phases["last_round"]
+        assert last["round"] == 2 and last["round_s"] > 0
+        assert last["train_s"] > 0 and last["prepare_s"] > 0 and last["checkpoint_s"] > 0
+        assert 0 < last["overhead_fraction"] < 1
+        # Pushes and admits run in the background, so they are counted when they end.
+        assert me.phases.totals["send"] > 0 and me.phases.totals["admit"] > 0
+        # The model (4.3 MB) and its copies are resident at least once.
+        assert phases["peak_rss_mb"] > 4

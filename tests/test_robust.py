@@ -207,3 +207,20 @@ def test_a_sender_pushing_many_updates_between_merges_gets_one_vote() -> None:
     node.merge()
     # Own, two honest zeros and one attacker vote: the median stays at zero.
     assert np.allclose(node.estimate, 0.0)
+
+
+@pytest.mark.parametrize("tau", [None, 0.5])
+def test_the_streamed_clipped_step_is_the_stacked_one_bit_for_bit(tau: float | None) -> None:
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        k, size = int(rng.integers(1, 6)), int(rng.integers(1, 100))
+        own = rng.standard_normal(size) * 3
+        others = own + rng.standard_normal((k, size)) * rng.uniform(0.01, 5, size=(k, 1))
+        if trial % 5 == 0:
+            others[0, :2] = 1e308  # its norm overflows: clipped to nothing
+        if trial % 7 == 0:
+            others[-1] = own  # at distance 0
+        valid = np.ones((1, k), dtype=bool)
+        stacked = robust.clipped_step_sets(own[None], others[None], valid, tau, 0.45)[0]
+        streamed = robust.clipped_step_streamed(own, list(others), tau, 0.45)
+        assert np.array_equal(stacked, streamed)

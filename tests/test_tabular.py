@@ -193,3 +193,33 @@ def test_simulator_runs_a_csv_task(tmp_path: Path, cancer_csv: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "ring" in result.stdout
+
+
+def test_parquet_without_pyarrow_is_one_line_naming_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # None in sys.modules makes `import pyarrow` fail, installed or not.
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    path = tmp_path / "records.parquet"
+    path.write_bytes(b"PAR1")
+    with pytest.raises(TaskError) as info:
+        load_task(f"csv:{path}", label="diagnosis")
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message and "pip install pyarrow" in message
+
+
+def test_parquet_reads_like_its_csv_export_when_pyarrow_is_there(
+    tmp_path: Path, cancer_csv: Path
+) -> None:
+    pyarrow = pytest.importorskip("pyarrow")
+    from pyarrow import csv as arrow_csv
+    from pyarrow import parquet
+
+    path = tmp_path / "cancer.parquet"
+    parquet.write_table(arrow_csv.read_csv(cancer_csv), path)
+    assert pyarrow is not None
+    from_parquet, from_csv = read_table(path, "diagnosis"), read_table(cancer_csv, "diagnosis")
+    assert from_parquet.features == from_csv.features
+    assert np.allclose(from_parquet.x, from_csv.x) and np.array_equal(from_parquet.y, from_csv.y)

@@ -109,18 +109,37 @@ class BatchedTrainer:
         epochs: int,
         generator: torch.Generator,
         active: torch.Tensor | None = None,
+        node_chunk: int | None = None,
     ) -> None:
-        """Run ``epochs`` of local SGD for every active node, updating ``flat`` [n, P] in place."""
-        x_all, y_all, batch = self.task.x_train, self.task.y_train, self.task.batch_size
+        """Run ``epochs`` of local SGD for every active node, updating ``flat`` [n, P] in place.
+
+        ``node_chunk`` trains that many nodes at a time, one chunk after the
+        other, so the working copies, gradients and activations are those of a
+        chunk, not of all n nodes. The epochs' sample orders are drawn for every
+        node first, in the same order as without chunks, and nodes never
+        interact while training, so each node follows the same steps either way.
+        """
         sizes = shards.sizes if active is None else torch.where(active, shards.sizes, 0)
-        steps = math.ceil(int(sizes.max()) / batch)
-        if steps == 0:
+        if int(sizes.max()) == 0:
             return
+        orders = [shards.epoch_order(generator) for _ in range(epochs)]
+        n = flat.shape[0]
+        chunk = n if node_chunk is None else max(1, node_chunk)
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            if int(sizes[rows].max()) > 0:
+                self._train_rows(flat[rows], sizes[rows], [order[rows] for order in orders])
+
+    def _train_rows(
+        self, flat: torch.Tensor, sizes: torch.Tensor, orders: list[torch.Tensor]
+    ) -> None:
+        """Local SGD for the rows of ``flat`` (a view, updated in place), one order per epoch."""
+        x_all, y_all, batch = self.task.x_train, self.task.y_train, self.task.batch_size
+        steps = math.ceil(int(sizes.max()) / batch)
         params = {
             k: v.detach().clone().requires_grad_(True) for k, v in self.layout.views(flat).items()
         }
-        for _ in range(epochs):
-            order = shards.epoch_order(generator)
+        for order in orders:
             for step in range(steps):
                 start = step * batch
                 idx = order[:, start : start + batch]
@@ -131,12 +150,15 @@ class BatchedTrainer:
         for name, view in self.layout.views(flat).items():
             view.copy_(params[name].detach())
 
-    def accuracy(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def accuracy(
+        self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, node_chunk: int | None = None
+    ) -> torch.Tensor:
         """Accuracy of every node's model on (x, y): a float tensor [n]."""
         out = []
+        chunk = min(EVAL_CHUNK_NODES, node_chunk or EVAL_CHUNK_NODES)
         with torch.no_grad():
-            for start in range(0, flat.shape[0], EVAL_CHUNK_NODES):
-                params = self.layout.views(flat[start : start + EVAL_CHUNK_NODES])
+            for start in range(0, flat.shape[0], chunk):
+                params = self.layout.views(flat[start : start + chunk])
                 logits = self.predict(params, x)
                 out.append((logits.argmax(dim=-1) == y).float().mean(dim=1))
         return torch.cat(out)

@@ -215,6 +215,15 @@ class ExperimentConfig:
     float64: bool = setting(
         "run", "keep and mix the stacked models in float64 (default float32)", False
     )
+    node_chunk: int | None = setting(
+        "run",
+        "bound memory for large models: train, evaluate and mix at most this many nodes' "
+        "models at a time (same results; the [n, P] models stay in memory once, 4 bytes a "
+        "value; compression, attacks, DP and delay still hold extra [n, P] copies). "
+        "Default: all at once",
+        _SIM.node_chunk,
+        metavar="NODES",
+    )
 
     def __post_init__(self) -> None:
         hints = _types()
@@ -268,6 +277,7 @@ _PASSED_THROUGH = (
     "compression",
     "choco_step",
     "choco_compensation",
+    "node_chunk",
 )
 
 

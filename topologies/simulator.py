@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from fltasks import Task
+from p2pfl.tuning import return_large_buffers
 from topologies.attacks import ATTACKS, Adversary, choose_byzantine
 from topologies.batched import BatchedTrainer, PaddedShards, make_trainer
 from topologies.compression import (
@@ -69,6 +70,13 @@ from topologies.stacked_pushsum import StackedPushSum, consensus_distance
 # spin-waiting than it saves: measured 18x slower (14.7 s against 0.8 s) for the
 # centralized digits baseline with 2 threads on the 2-core machine under load.
 SINGLE_THREAD_BELOW = 1 << 20
+# Rows centred at once for the consensus distance (see stacked_pushsum.consensus_distance).
+CONSENSUS_CHUNK_NODES = 256
+
+
+def _mix_columns(config: SimulationConfig, n: int, size: int) -> int | None:
+    """Columns per mixing block under ``node_chunk``: n x columns is a chunk's worth."""
+    return None if config.node_chunk is None else max(1, -(-config.node_chunk * size // n))
 
 
 @contextlib.contextmanager
@@ -105,6 +113,9 @@ class SimulationConfig:
     compression: str = "raw"  # raw, fp16, int8, topk:FRACTION (the daemon's codec ids)
     choco_step: float = DEFAULT_CHOCO_STEP  # gamma of top-k's public-copy mixing
     choco_compensation: float = DEFAULT_COMPENSATION  # residual mass a top-k sender keeps
+    # Bounds working memory for large models: train, evaluate and measure this many
+    # nodes at a time, and mix the plain push-sum in column blocks of the same size.
+    node_chunk: int | None = None
 
     def __post_init__(self) -> None:
         """Every problem is a :class:`SettingError` naming the fields to change."""
@@ -126,6 +137,8 @@ class SimulationConfig:
                 f"{self.aggregator!r} needs delay 0 in the simulator "
                 "(delayed messages are only modelled for push-sum's mean)",
             )
+        if self.node_chunk is not None and self.node_chunk < 1:
+            raise SettingError("node_chunk", f"must be >= 1, got {self.node_chunk}")
         if self.byzantine < 0:
             raise SettingError("byzantine", f"must be >= 0, got {self.byzantine}")
         if self.attack not in ATTACKS:
@@ -220,16 +233,24 @@ class Simulation:
             raise ValueError("training needs the nodes' shards")
         self.graph = graph
         self.config = config
+        if config.node_chunk is not None:
+            return_large_buffers()  # else glibc's heap fragments, and grows with n
         self.task, self.trainer, self.shards = task, trainer, shards
         self.network = NetworkModel(graph, config.network, seed=config.seed)
-        self.state = StackedPushSum(estimates.to(config.dtype), weights, self.network)
+        self.state = StackedPushSum(
+            estimates.to(config.dtype),
+            weights,
+            self.network,
+            mix_columns=_mix_columns(config, graph.number_of_nodes(), estimates.shape[1]),
+        )
         self.round = 0
         self._generator = torch.Generator().manual_seed(config.seed)
         shapes = parameter_shapes or {"parameters": (estimates.shape[1],)}
         n = graph.number_of_nodes()
         codec = resolve_codec(config.compression)
         self.message_bytes = message_bytes(shapes, codec.id)
-        self._scratch = torch.empty(min(256, n), estimates.shape[1], dtype=config.dtype)
+        self._rows_at_once = min(CONSENSUS_CHUNK_NODES, n, config.node_chunk or n)
+        self._scratch = torch.empty(self._rows_at_once, estimates.shape[1], dtype=config.dtype)
 
         self.rule = batched_rule(config.aggregator, config.trim_fraction, config.clip_radius)
         self.byzantine = choose_byzantine(n, config.byzantine, config.seed)
@@ -280,7 +301,8 @@ class Simulation:
         model = task.make_model()
         trainer = make_trainer(task, model, generic=generic)
         initial = trainer.layout.flatten(model)
-        estimates = initial.unsqueeze(0).expand(n, -1).to(config.dtype).contiguous()
+        # A broadcast view: the push-sum state makes the one [n, P] copy.
+        estimates = initial.to(config.dtype).unsqueeze(0).expand(n, -1)
         weights = np.array([len(s) for s in shards], dtype=np.float64)
         if config.dp_mode == "sample" and config.dp_clip is not None:
             weights = np.ones(n)  # as a --dp sample daemon sends: counts stay private
@@ -342,7 +364,7 @@ class Simulation:
             accuracy_mean=None if acc is None else float(acc.mean()),
             accuracy_min=None if acc is None else float(acc.min()),
             accuracy_max=None if acc is None else float(acc.max()),
-            consensus_distance=consensus_distance(estimates, self._scratch),
+            consensus_distance=consensus_distance(estimates, self._scratch, self._rows_at_once),
             bytes_per_node=messages * self.message_bytes / self.network.n,
             online=int(plan.online.sum()),
             honest_accuracy_mean=None if honest_acc is None else float(honest_acc.mean()),
@@ -386,7 +408,9 @@ class Simulation:
         flat = self.state.estimates
         if flat.dtype != torch.float32:
             flat = flat.float()
-        return self.trainer.accuracy(flat, self.task.x_test, self.task.y_test)
+        return self.trainer.accuracy(
+            flat, self.task.x_test, self.task.y_test, self.config.node_chunk
+        )
 
     def _train(self, active: torch.Tensor) -> None:
         assert self.trainer is not None and self.shards is not None
@@ -398,7 +422,10 @@ class Simulation:
             rows = torch.from_numpy(np.flatnonzero((active & honest).numpy()))
             self.dp_sgd.train(flat, rows, self.config.local_epochs)
             active = active & ~honest  # Byzantine rows still train the plain way
-        self.trainer.train(flat, self.shards, self.config.local_epochs, self._generator, active)
+        self.trainer.train(
+            flat, self.shards, self.config.local_epochs, self._generator, active,
+            self.config.node_chunk,
+        )
         if self.privacy is not None:
             rows = torch.from_numpy(np.flatnonzero(active.numpy() & self.honest))
             self.privacy.privatize(before, flat, rows)

@@ -69,7 +69,17 @@ def _csr(
 class StackedPushSum:
     """Every node's push-sum estimate ``z`` (rows of ``estimates``) and weight ``w``."""
 
-    def __init__(self, estimates: torch.Tensor, weights: np.ndarray, network: NetworkModel) -> None:
+    def __init__(
+        self,
+        estimates: torch.Tensor,
+        weights: np.ndarray,
+        network: NetworkModel,
+        *,
+        mix_columns: int | None = None,
+    ) -> None:
+        """``mix_columns``: mix the plain push-sum that many columns at a time, through a
+        buffer of n x ``mix_columns`` instead of a second [n, P] tensor (memory-bounded
+        runs; columns never interact, so the result is the same)."""
         if estimates.dim() != 2 or estimates.shape[0] != network.n:
             raise ValueError(f"estimates must be [n={network.n}, P], got {tuple(estimates.shape)}")
         weights = np.asarray(weights, dtype=np.float64)
@@ -77,7 +87,13 @@ class StackedPushSum:
             raise ValueError("push-sum weights must be positive, one per node (sample counts)")
         self.network = network
         self.estimates = estimates.clone(memory_format=torch.contiguous_format)  # never alias
-        self._spare = torch.empty_like(self.estimates)
+        size = self.estimates.shape[1]
+        self.mix_columns = None if mix_columns is None or mix_columns >= size else mix_columns
+        self._spare = (
+            torch.empty_like(self.estimates)
+            if self.mix_columns is None
+            else torch.empty(network.n * self.mix_columns, dtype=self.estimates.dtype)
+        )
         self.weights = weights.copy()
         # due round -> (mass [n, P], weight [n]) of delayed shares still in flight
         self._in_flight: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
@@ -126,16 +142,27 @@ class StackedPushSum:
         row_of = np.repeat(np.arange(n), np.diff(push.indptr))
         data = push.data * w[push.indices] / new_w[row_of]
         mix = _csr(push.indptr, push.indices, data, (n, n), self.dtype)
-        out = self._spare
-        torch.addmm(out, mix, self.estimates, beta=0.0, out=out)
-
-        if net.conditions.delay:
+        if net.conditions.delay:  # reads the estimates before they are mixed
             self._send_delayed(plan, delivered, coef, w)
+        if self.mix_columns is None:
+            out = self._spare
+            torch.addmm(out, mix, self.estimates, beta=0.0, out=out)
+            self._spare, self.estimates = self.estimates, out
+        else:
+            self._mix_in_blocks(mix)
         if arrived is not None:
-            self._absorb_arrivals(out, arrived, new_w)
-
-        self._spare, self.estimates = self.estimates, out
+            self._absorb_arrivals(self.estimates, arrived, new_w)
         self.weights = new_w
+
+    def _mix_in_blocks(self, mix: torch.Tensor) -> None:
+        """``estimates = mix @ estimates``, ``mix_columns`` columns at a time, in place."""
+        n, size = self.estimates.shape
+        assert self.mix_columns is not None
+        for start in range(0, size, self.mix_columns):
+            block = self.estimates[:, start : start + self.mix_columns]
+            out = self._spare[: n * block.shape[1]].view(n, block.shape[1])
+            torch.addmm(out, mix, block.contiguous(), beta=0.0, out=out)
+            block.copy_(out)
 
     def gossip_sent(
         self, plan: RoundPlan, sent: torch.Tensor, *, compensation: float = 0.0, step: float = 1.0
@@ -180,7 +207,7 @@ class StackedPushSum:
             vals = np.concatenate([vals, -compensation * given * w / new_w])
         mix = sp.csr_array((vals, (rows, cols)), shape=(n, n))
         mix.sum_duplicates()
-        out = self._spare
+        out = self._output()
         torch.addmm(out, self._torch_csr(mix), sent.to(self.dtype), beta=0.0, out=out)
         out.addcmul_(self.estimates, torch.from_numpy(own).to(self.dtype).unsqueeze(1))
 
@@ -188,7 +215,7 @@ class StackedPushSum:
             self._send_delayed(plan, delivered, coef, w, sent)
         if arrived is not None:
             self._absorb_arrivals(out, arrived, new_w)
-        self._spare, self.estimates = self.estimates, out
+        self._replace(out)
         self.weights = new_w
 
     def gossip_robust(self, plan: RoundPlan, sent: torch.Tensor, rule: BatchedRule) -> None:
@@ -211,8 +238,19 @@ class StackedPushSum:
         got = received_now(net, plan)
         others = sent.to(self.dtype)[got.senders]
         self.estimates = rule(self.estimates, others, got.valid).contiguous()
-        self._spare = torch.empty_like(self.estimates)
+        if self.mix_columns is None:
+            self._spare = torch.empty_like(self.estimates)
         self.weights = new_w
+
+    def _output(self) -> torch.Tensor:
+        """A whole [n, P] output: the spare one, or (column-blocked runs) a fresh one."""
+        return self._spare if self.mix_columns is None else torch.empty_like(self.estimates)
+
+    def _replace(self, out: torch.Tensor) -> None:
+        if self.mix_columns is None:
+            self._spare, self.estimates = self.estimates, out
+        else:
+            self.estimates = out
 
     def _torch_csr(self, matrix: sp.csr_array) -> torch.Tensor:
         return _csr(matrix.indptr, matrix.indices, matrix.data, matrix.shape, self.dtype)
