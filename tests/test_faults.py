@@ -116,7 +116,10 @@ HALF = 4
 def half_task(task: Task, labels: range) -> Task:
     """The task with training data of ``labels`` only: the two halves learn apart."""
     keep = torch.isin(task.y_train, torch.tensor(list(labels)))
-    return replace(task, x_train=task.x_train[keep], y_train=task.y_train[keep])
+    raw = task.raw_features  # the unscaled rows each node scales itself
+    assert raw is not None
+    return replace(task, x_train=task.x_train[keep], y_train=task.y_train[keep],
+                   raw_features=replace(raw, x_train=raw.x_train[keep.numpy()]))
 
 
 def half_gap(nodes: list[NodeRuntime]) -> float:

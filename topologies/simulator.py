@@ -43,6 +43,8 @@ import numpy as np
 import torch
 
 from fltasks import Task
+from fltasks.dp_defaults import DP_SGD_LR
+from fltasks.scaling import node_view
 from topologies.attacks import ATTACKS, Adversary, choose_byzantine
 from topologies.batched import BatchedTrainer, PaddedShards, make_trainer
 from topologies.compression import (
@@ -100,6 +102,7 @@ class SimulationConfig:
     dp_clip: float | None = None
     dp_noise: float | None = None
     dp_mode: str = "node"  # or "sample": per-record DP-SGD (the daemon's --dp)
+    dp_lr: float = DP_SGD_LR  # DP-SGD's learning rate under "sample" (the daemon's --dp-lr)
     compression: str = "none"  # none, fp16, int8, topk:FRACTION
     choco_step: float = DEFAULT_CHOCO_STEP  # gamma of top-k's public-copy mixing
     choco_compensation: float = DEFAULT_COMPENSATION  # residual mass a top-k sender keeps
@@ -141,6 +144,8 @@ class SimulationConfig:
                 raise SettingError(("dp_clip", "dp_noise"), str(error)) from None
         if self.dp_mode not in ("node", "sample"):
             raise SettingError("dp_mode", f"must be node or sample, got {self.dp_mode!r}")
+        if not (math.isfinite(self.dp_lr) and self.dp_lr > 0):
+            raise SettingError("dp_lr", f"must be a finite number > 0, got {self.dp_lr}")
         try:
             codec = resolve_codec(self.compression)
         except ValueError as error:
@@ -253,7 +258,8 @@ class Simulation:
                 assert task is not None and trainer is not None and shards is not None
                 own = [shards.index[i, : int(shards.sizes[i])].numpy() for i in range(n)]
                 self.dp_sgd = DpSgdNodes(
-                    task, trainer.layout, own, config.dp_clip, config.dp_noise, config.seed
+                    task, trainer.layout, own, config.dp_clip, config.dp_noise, config.seed,
+                    lr=config.dp_lr,
                 )
             elif config.dp_mode == "node":
                 self.privacy = BatchedGaussianMechanism(
@@ -271,10 +277,17 @@ class Simulation:
         *,
         generic: bool = False,
     ) -> Simulation:
-        """Every node starts from the task's one initial model, weighted by its shard size."""
+        """Every node starts from the task's one initial model, weighted by its shard size.
+
+        Each node's features are scaled as its daemon scales them
+        (:func:`fltasks.scaling.node_view`): from its own shard, or from public
+        ranges under ``--dp sample``.
+        """
         n = graph.number_of_nodes()
         if len(shards) != n:
             raise ValueError(f"{len(shards)} shards for {n} nodes")
+        record_private = config.dp_mode == "sample" and config.dp_clip is not None
+        task = node_view(task, shards, record_private=record_private)
         model = task.make_model()
         trainer = make_trainer(task, model, generic=generic)
         initial = trainer.layout.flatten(model)
