@@ -318,3 +318,19 @@ def test_the_daemons_dp_sgd_reseeds_before_every_step(digits: Task) -> None:
     assert trainers[0].history() == trainers[1].history()  # the same accounting
     changed = [torch.cat([p.detach().flatten() for p in t.module.parameters()]) for t in trainers]
     assert not torch.equal(changed[0], changed[1])  # the seed did not decide the steps
+
+
+def test_a_lingering_simulation_gossips_without_training_or_spending(digits: Task) -> None:
+    from topologies.graphs import ring
+    from topologies.simulator import Simulation, SimulationConfig
+
+    shards = partition(digits.y_train, 4, "iid", seed=0)
+    config = SimulationConfig(rounds=1, linger_rounds=3, seed=0, dp_clip=1.0, dp_noise=1.0,
+                              dp_mode="sample")
+    simulation = Simulation.for_task(digits, ring(4), shards, config)
+    history = simulation.run()
+    assert len(history) == 4
+    spent = max(opacus_epsilon(1.0, 32 / len(s), int(len(s) / 32)) for s in shards)
+    assert simulation.epsilon(DELTA) == pytest.approx(spent, rel=1e-9)  # one round's steps
+    distances = [m.consensus_distance for m in history]
+    assert distances[3] < distances[1] < distances[0]  # only averaging after round 1

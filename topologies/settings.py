@@ -107,6 +107,12 @@ class ExperimentConfig:
         "dirichlet:0.5",
     )
     rounds: int = setting("learning", "gossip rounds, >= 1", _SIM.rounds, metavar="R")
+    linger_rounds: int = setting(
+        "learning",
+        "rounds after the last that only gossip, as a daemon lingers (--linger)",
+        _SIM.linger_rounds,
+        metavar="R",
+    )
     local_epochs: int = setting(
         "learning",
         "epochs over its own shard each node runs per round",
@@ -276,6 +282,7 @@ class ExperimentConfig:
 
 
 _PASSED_THROUGH = (
+    "linger_rounds",
     "aggregator",
     "trim_fraction",
     "clip_radius",

@@ -87,6 +87,9 @@ def torch_threads(count: int) -> Iterator[None]:
 @dataclass(frozen=True)
 class SimulationConfig:
     rounds: int = 50
+    # Rounds after the last training round that only gossip, as a daemon lingers
+    # (--linger): a node's last noisy step is then averaged before it is measured.
+    linger_rounds: int = 0
     local_epochs: int = 1
     train: bool = True
     evaluate: bool = True
@@ -111,6 +114,8 @@ class SimulationConfig:
         """Every problem is a :class:`SettingError` naming the fields to change."""
         if self.rounds < 0:
             raise SettingError("rounds", f"must be >= 0, got {self.rounds}")
+        if self.linger_rounds < 0:
+            raise SettingError("linger_rounds", f"must be >= 0, got {self.linger_rounds}")
         if self.local_epochs < 1:
             raise SettingError("local_epochs", f"must be >= 1, got {self.local_epochs}")
         if self.dtype not in (torch.float32, torch.float64):
@@ -324,7 +329,7 @@ class Simulation:
     def step(self) -> RoundMetrics:
         """Train, gossip, measure: one round."""
         plan = self.network.plan(self.round)
-        if self.config.train:
+        if self.config.train and self.round < self.config.rounds:  # then lingering
             self._train(torch.from_numpy(plan.online))
         if self._plain:
             self.state.gossip(plan)
@@ -384,7 +389,7 @@ class Simulation:
         history = []
         small = self.state.estimates.numel() < SINGLE_THREAD_BELOW
         with torch_threads(1) if small else contextlib.nullcontext():
-            for _ in range(self.config.rounds):
+            for _ in range(self.config.rounds + self.config.linger_rounds):
                 metrics = self.step()
                 history.append(metrics)
                 if on_round is not None:
