@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fltasks.models import ModelSpec, check_fits, parse_model
+from fltasks.settings_file import SettingsFileError, read_toml_table
 from fltasks.task import TaskError
 
 SPEC_KINDS = ("csv", "imagefolder")
@@ -99,16 +99,9 @@ def load_spec(path: str | Path) -> TaskSpec:
     """Read and check a spec file; every problem is one TaskError line naming the file."""
     source = Path(path)
     try:
-        with source.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise TaskError(f"--task-spec {source}: no such file") from None
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        raise TaskError(f"--task-spec {source}: not a readable TOML file ({error})") from None
-    unknown = sorted(set(raw) - _KEYS)
-    if unknown:
-        raise TaskError(f"--task-spec {source}: unknown key {unknown[0]!r}; "
-                        f"known keys are {', '.join(sorted(_KEYS))}")
+        raw = read_toml_table(source, _KEYS)
+    except SettingsFileError as error:
+        raise TaskError(f"--task-spec {source}: {error}") from None
     missing = sorted({"task", "classes", "input_shape", "model"} - set(raw))
     if missing:
         raise TaskError(f"--task-spec {source}: missing key {missing[0]!r}")

@@ -157,18 +157,6 @@ class Admission:
             return self._reject(error)
         return self._judge_values(update)
 
-    def admit_update(self, update: Update, now: float) -> Verdict:
-        """The checks after the signature, for an update that never was bytes (the simulator)."""
-        try:
-            self._check_replay(update.sender, update.seq)
-            self._check_fresh(update.created_at, now)
-            if update.fingerprint != self.policy.fingerprint:
-                raise InvalidUpdate(Reason.WRONG_MODEL, WRONG_MODEL_DETAIL)
-            check_layout(update, self.policy.fingerprint, self.policy.task_spec_hash)
-        except InvalidUpdate as error:
-            return self._reject(error)
-        return self._judge_values(update)
-
     def _judge_values(self, update: Update) -> Verdict:
         if not all_finite(update.tensors.values()):
             return self._reject(InvalidUpdate(Reason.NON_FINITE, "a tensor holds NaN or inf"))

@@ -34,7 +34,7 @@ import blake3
 import msgpack
 import numpy as np
 
-from gossip.compression import codec_by_id
+from gossip.compression import resolve_codec
 from gossip.errors import InvalidUpdate, Reason
 from gossip.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, NodeKey, verify
 from gossip.layout import ALLOWED_DTYPES, FINGERPRINT_BYTES
@@ -98,7 +98,7 @@ def encode(update: Update, key: NodeKey) -> bytearray:
     """Serialize and sign ``update``; the key must be the update's sender."""
     if key.public_key != update.sender:
         raise ValueError("the signing key is not the update's sender")
-    tensor_codec = codec_by_id(update.codec)
+    tensor_codec = resolve_codec(update.codec)
     if tensor_codec is None:
         raise ValueError(f"unknown codec {update.codec!r}")
     entries = []
@@ -274,7 +274,7 @@ def check_signature(signed: SignedHeader) -> None:
 def decode_tensors(signed: SignedHeader) -> Update:
     """Decode the payloads of a parsed (and, by now, verified) message into an Update."""
     header = signed.header
-    tensor_codec = codec_by_id(header["codec"])
+    tensor_codec = resolve_codec(header["codec"])
     if tensor_codec is None:
         raise InvalidUpdate(Reason.UNKNOWN_CODEC, f"codec {header['codec']!r} is not known here")
     tensors: dict[str, np.ndarray] = {}

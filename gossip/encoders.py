@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gossip.compression import ErrorFeedback, codec_by_id
+from gossip.compression import ErrorFeedback, resolve_codec
 from gossip.layout import ModelLayout
 from gossip.public_copy import DEFAULT_SYNC_EVERY, PublicCopySender, is_difference_codec
 
@@ -64,7 +64,7 @@ class FeedbackEncoder:
     feedback: dict[str, ErrorFeedback] = field(default_factory=dict)
 
     def encode(self, estimate: np.ndarray, layout: ModelLayout) -> tuple[str, Tensors, Tensors]:
-        tensor_codec = codec_by_id(self.codec_id)
+        tensor_codec = resolve_codec(self.codec_id)
         if tensor_codec is None:
             raise ValueError(f"unknown codec {self.codec_id!r}")
         tensors = _own_tensors(estimate, layout)
@@ -92,11 +92,11 @@ class PublicCopyEncoder:
         self.sender.reset()
 
 
-def encoder_for(codec_id: str, sync_every: int = DEFAULT_SYNC_EVERY) -> Encoder:
+def encoder_for(codec_id: str, sync_every: int | None = DEFAULT_SYNC_EVERY) -> Encoder:
     """The encoder of ``codec_id`` (raw, fp16, int8, topk:F); ValueError if unknown."""
     if codec_id == "raw":
         return RawEncoder()
-    if codec_by_id(codec_id) is None:
+    if resolve_codec(codec_id) is None:
         raise ValueError(f"unknown codec {codec_id!r}")
     if is_difference_codec(codec_id):
         return PublicCopyEncoder(codec_id, PublicCopySender(codec_id, sync_every))

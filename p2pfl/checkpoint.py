@@ -61,9 +61,9 @@ class NodeState:
     fingerprint: bytes
     last_seq: dict[bytes, int] = field(default_factory=dict)
     peers: dict[str, list[str]] = field(default_factory=dict)
-    # Task.train runs plain SGD with no state between rounds; kept so that an
-    # optimizer with state can be added without a format change.
-    optimizer: dict[str, Any] = field(default_factory=dict)
+    # The privacy budget spent so far (p2pfl/dp.py: accountant steps, DP-SGD history,
+    # rounds trained without DP), so a restart never under-reports epsilon.
+    privacy: dict[str, Any] = field(default_factory=dict)
 
 
 def encode_state(state: NodeState) -> bytes:
@@ -77,7 +77,7 @@ def encode_state(state: NodeState) -> bytes:
             "fingerprint": state.fingerprint,
             "last_seq": [[sender, seq] for sender, seq in state.last_seq.items()],
             "peers": state.peers,
-            "optimizer": state.optimizer,
+            "privacy": state.privacy,
         },
         use_bin_type=True,
     )
@@ -109,7 +109,7 @@ def decode_state(data: bytes, expected_length: int | None = None) -> NodeState:
             fingerprint=_bytes_of(raw["fingerprint"], SENDER_BYTES, "fingerprint"),
             last_seq=_last_seq(raw["last_seq"]),
             peers=_peers(raw["peers"]),
-            optimizer=_optimizer(raw["optimizer"]),
+            privacy=_privacy(raw["privacy"] if "privacy" in raw else raw["optimizer"]),
         )
     except CheckpointError:
         raise
@@ -178,9 +178,10 @@ def _peers(value: Any) -> dict[str, list[str]]:
     return peers
 
 
-def _optimizer(value: Any) -> dict[str, Any]:
+def _privacy(value: Any) -> dict[str, Any]:
+    # Checkpoints written before the rename call this map "optimizer"; it held the same.
     if type(value) is not dict or not all(type(key) is str for key in value):
-        raise CheckpointError("optimizer must be a map with string keys")
+        raise CheckpointError("privacy must be a map with string keys")
     return dict(value)
 
 

@@ -108,7 +108,7 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     add("--degree", type=int, help="gossip neighbours per node (default 4)")
     add("--rounds", type=int, help="stop after this many local rounds (default: run until stopped)")
     add("--local-epochs", type=int, help="epochs over the local shard per round (default 1)")
-    add("--min-neighbors", type=int, help="peers to know before training starts (default 1)")
+    add("--min-neighbours", type=int, help="peers to know before training starts (default 1)")
     add(
         "--round-interval",
         type=float,
@@ -161,7 +161,7 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         help="trimmed-mean/clipped: fraction treated as outliers (default: trimmed-mean 0.2, "
         "clipped 0.45)",
     )
-    add("--clip-tau", type=float, metavar="TAU", help="clipped: fixed radius (default adaptive)")
+    add("--clip-radius", type=float, metavar="TAU", help="clipped: fixed radius (default adaptive)")
     add(
         "--quorum",
         type=int,
@@ -250,7 +250,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "degree",
             "rounds",
             "local_epochs",
-            "min_neighbors",
+            "min_neighbours",
             "round_interval",
             "max_message_mb",
             "send_timeout",
@@ -259,7 +259,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "aggregator",
             "compression",
             "trim_fraction",
-            "clip_tau",
+            "clip_radius",
             "dp",
             "dp_clip",
             "dp_noise",

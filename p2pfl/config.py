@@ -8,16 +8,17 @@ flags override the file. Validation happens here, once, and each problem is a
 from __future__ import annotations
 
 import math
-import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from fltasks.settings_file import SettingsFileError, read_toml_table, typed_value
 from gossip.aggregation import AGGREGATORS, Aggregator, aggregator_by_name
 from gossip.attacks import ATTACKS
-from gossip.compression import codec_by_id
+from gossip.compression import resolve_codec
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from gossip.node import DEFAULT_QUORUM
+from p2pfl.deadlines import Deadlines
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,7 @@ class NodeConfig:
     degree: int = 4
     rounds: int | None = None
     local_epochs: int = 1
-    min_neighbors: int = 1
+    min_neighbours: int = 1
     # Rounds are paced by default: unpaced rounds take ~75 ms, so nodes started
     # 2 s apart ended 30 rounds apart and a clean run varied by 6 points.
     round_interval: float = 0.5
@@ -80,7 +81,7 @@ class NodeConfig:
     trim_fraction: float | None = None
     # Distinct fresh neighbours a robust merge needs; below it, a bounded step.
     quorum: int = DEFAULT_QUORUM
-    clip_tau: float | None = None
+    clip_radius: float | None = None
     # Differential privacy (SECURITY.md): "node" clips and noises each round's whole
     # update (gossip/privacy.py), "sample" runs DP-SGD with opacus (fltasks/dp_sgd.py).
     # Without --dp, giving --dp-clip and --dp-noise means "node", as it always has.
@@ -96,7 +97,6 @@ class NodeConfig:
     log_format: str = "text"
     # Experiments only: run as a Byzantine member with this attack (gossip/attacks.py).
     attack: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def shard_index(self) -> tuple[int, int]:
@@ -106,6 +106,11 @@ class NodeConfig:
     @property
     def min_link_bytes_per_s(self) -> float:
         return self.min_link_mbit * 1e6 / 8
+
+    @property
+    def deadlines(self) -> Deadlines:
+        """Every network deadline these settings give (p2pfl/deadlines.py)."""
+        return Deadlines(self.send_timeout, self.read_timeout, self.min_link_bytes_per_s)
 
     @property
     def dp_mode(self) -> str | None:
@@ -126,7 +131,7 @@ class NodeConfig:
         if self.aggregator == "trimmed-mean":
             return aggregator_by_name(self.aggregator, **self._fraction())
         if self.aggregator == "clipped":
-            return aggregator_by_name(self.aggregator, tau=self.clip_tau, **self._fraction())
+            return aggregator_by_name(self.aggregator, tau=self.clip_radius, **self._fraction())
         return aggregator_by_name(self.aggregator)
 
     def validate(self) -> NodeConfig:
@@ -143,8 +148,8 @@ class NodeConfig:
             raise ConfigError(f"--rounds {self.rounds}: must be >= 1 (omit it to run forever)")
         if self.local_epochs < 1:
             raise ConfigError(f"--local-epochs {self.local_epochs}: must be at least 1")
-        if self.min_neighbors < 0:
-            raise ConfigError(f"--min-neighbors {self.min_neighbors}: must be >= 0")
+        if self.min_neighbours < 0:
+            raise ConfigError(f"--min-neighbours {self.min_neighbours}: must be >= 0")
         if self.round_interval < 0 or self.send_timeout <= 0 or self.max_message_mb <= 0:
             raise ConfigError(
                 "--round-interval must be >= 0; --send-timeout and --max-message-mb must be > 0"
@@ -163,7 +168,7 @@ class NodeConfig:
             raise ConfigError(f"--peer-mb-per-min {self.peer_mb_per_min}: must be > 0")
         self._validate_aggregation()
         self._validate_privacy()
-        if codec_by_id(self.compression) is None:
+        if resolve_codec(self.compression) is None:
             raise ConfigError(
                 f"--compression {self.compression!r}: choose raw, fp16, int8 or topk:F "
                 "with 0 < F <= 1 (e.g. topk:0.01)"
@@ -182,11 +187,11 @@ class NodeConfig:
             )
         if self.trim_fraction is not None and not 0.0 < self.trim_fraction < 0.5:
             raise ConfigError(f"--trim-fraction {self.trim_fraction}: must be in (0, 0.5)")
-        if self.clip_tau is not None:
+        if self.clip_radius is not None:
             if self.aggregator != "clipped":
-                raise ConfigError("--clip-tau: only used with --aggregator clipped; drop it")
-            if not (math.isfinite(self.clip_tau) and self.clip_tau >= 0):
-                raise ConfigError(f"--clip-tau {self.clip_tau}: must be a finite number >= 0")
+                raise ConfigError("--clip-radius: only used with --aggregator clipped; drop it")
+            if not (math.isfinite(self.clip_radius) and self.clip_radius >= 0):
+                raise ConfigError(f"--clip-radius {self.clip_radius}: must be a finite number >= 0")
 
     def _validate_privacy(self) -> None:
         if self.dp is not None and self.dp not in DP_MODES:
@@ -228,19 +233,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """The settings in a TOML file, as a dict of known keys."""
     source = Path(path)
     try:
-        with source.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"--config {source}: no such file") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"--config {source}: not valid TOML ({error})") from None
-    known = {item.name for item in fields(NodeConfig)} - {"extra"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(
-            f"--config {source}: unknown key(s) {', '.join(unknown)}; "
-            f"known keys are {', '.join(sorted(known))}"
-        )
+        raw = read_toml_table(source, {item.name for item in fields(NodeConfig)})
+    except SettingsFileError as error:
+        raise ConfigError(f"--config {source}: {error}") from None
     settings: dict[str, Any] = {}
     for name, value in raw.items():
         if name in _LIST_KEYS:
@@ -265,34 +260,17 @@ def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -
     hints = get_type_hints(NodeConfig)
     typed: dict[str, Any] = {}
     for item in fields(NodeConfig):
-        if item.name not in merged or item.name == "extra":
+        if item.name not in merged:
             continue
         value = merged[item.name]
         if item.name in _LIST_KEYS:
             typed[item.name] = tuple(value)
             continue
-        typed[item.name] = _typed_value(item.name, value, hints[item.name])
+        try:
+            typed[item.name] = typed_value(value, hints[item.name])
+        except SettingsFileError as error:
+            raise ConfigError(f"{item.name}: {error}") from None
     return replace(NodeConfig(), **typed).validate()
-
-
-def _typed_value(name: str, value: Any, hint: Any) -> Any:
-    """``value`` if it has the type ``hint`` declares (``int | None``, ``float``, ...)."""
-    allowed = [t for t in getattr(hint, "__args__", (hint,)) if t is not type(None)]
-    optional = len(allowed) < len(getattr(hint, "__args__", (hint,)))
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) and bool not in allowed:
-        raise ConfigError(f"{name}: expected {_type_words(allowed)}, got {value!r}")
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, tuple(allowed)):
-        raise ConfigError(f"{name}: expected {_type_words(allowed)}, got {value!r}")
-    return value
-
-
-def _type_words(allowed: list[type]) -> str:
-    words = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
-    return " or ".join(words.get(t, t.__name__) for t in allowed)
 
 
 def load_allowlist(path: str | Path) -> frozenset[bytes]:

@@ -8,6 +8,7 @@ starts first; the others bootstrap from the address it prints.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -26,7 +27,10 @@ from gossip.keys import NodeKey
 
 _T = TypeVar("_T")
 
-STARTUP_TIMEOUT_S = 60.0
+# Until a node prints its addresses; a node that exits early is reported at once, so this
+# only bounds a hang. Generous: on a 2-core machine kept busy by other work, several
+# nodes importing torch and libp2p at once start many times slower than on an idle one.
+STARTUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 10.0
 
 
@@ -66,7 +70,8 @@ class LocalNode:
         try:
             with urllib.request.urlopen(self.status_url, timeout=timeout) as response:
                 return json.load(response)
-        except (urllib.error.URLError, OSError, ValueError):
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException):
+            # HTTPException: e.g. IncompleteRead from a node exiting mid-answer.
             return None
 
     @property

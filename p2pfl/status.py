@@ -23,9 +23,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from p2pfl.deadlines import STATUS_READ_S
+
 logger = logging.getLogger(__name__)
 
-REQUEST_TIMEOUT_S = 5.0
 MAX_REQUEST_BYTES = 8192
 MAX_CONNECTIONS = 16
 LINGER_S = 1.0
@@ -33,6 +34,15 @@ LINGER_S = 1.0
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 StatusSource = Callable[[], dict[str, Any]]
+
+
+def _by_label(
+    family: CounterMetricFamily | GaugeMetricFamily, counts: dict[str, int]
+) -> Metric:
+    """``family`` with one sample per entry of ``counts``, its key as the one label."""
+    for label, count in sorted(counts.items()):
+        family.add_metric([label], count)
+    return family
 
 
 class _StatusCollector(Collector):
@@ -45,7 +55,7 @@ class _StatusCollector(Collector):
         status = self.status
         yield GaugeMetricFamily("p2pfl_round", "Local rounds completed.", value=status["round"])
         yield GaugeMetricFamily(
-            "p2pfl_neighbors", "Current gossip neighbours.", value=len(status["neighbors"])
+            "p2pfl_neighbours", "Current gossip neighbours.", value=len(status["neighbours"])
         )
         if status.get("accuracy") is not None:
             yield GaugeMetricFamily(
@@ -58,12 +68,25 @@ class _StatusCollector(Collector):
             "p2pfl_updates_accepted", "Incoming updates admitted.", value=status["updates_accepted"]
         )
         if status["updates_rejected"]:
-            rejected = CounterMetricFamily(
-                "p2pfl_updates_rejected", "Incoming updates rejected, by reason.", labels=["reason"]
+            yield _by_label(
+                CounterMetricFamily("p2pfl_updates_rejected",
+                                    "Incoming updates rejected, by reason.", labels=["reason"]),
+                status["updates_rejected"],
             )
-            for reason, count in sorted(status["updates_rejected"].items()):
-                rejected.add_metric([reason], count)
-            yield rejected
+        if status.get("deliveries"):
+            yield _by_label(
+                GaugeMetricFamily(
+                    "p2pfl_push_shares",
+                    "Pushed weight shares by fate: delivered, refused, refunded, lost, held "
+                    "(awaiting a receipt).",
+                    labels=["fate"],
+                ),
+                status["deliveries"],
+            )
+        if status.get("weight") is not None:
+            yield GaugeMetricFamily(
+                "p2pfl_pushsum_weight", "This node's push-sum weight.", value=status["weight"]
+            )
         yield CounterMetricFamily(
             "p2pfl_bytes_sent", "Payload bytes sent.", value=status["bytes_sent"]
         )
@@ -171,7 +194,7 @@ async def serve_status(
     task_status: Any = trio.TASK_STATUS_IGNORED,
     *,
     max_connections: int = MAX_CONNECTIONS,
-    read_timeout: float = REQUEST_TIMEOUT_S,
+    read_timeout: float = STATUS_READ_S,
 ) -> None:
     """Serve until cancelled; reports the bound ``(host, port)`` through ``task_status``."""
     open_connections = 0

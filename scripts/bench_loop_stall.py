@@ -63,7 +63,7 @@ def runtime(task: Task, directory: Path, shard: str, rounds: int, **settings) ->
         rounds=rounds,
         round_interval=0.0,
         linger=0.0,
-        min_neighbors=1,
+        min_neighbours=1,
         send_timeout=60.0,
         read_timeout=60.0,
         peer_mb_per_min=4096.0,

@@ -57,7 +57,9 @@ def run_case(name: str, nodes: int, rounds: int, training: bool, degree: int) ->
     start, cpu_start = time.perf_counter(), time.process_time()
     graph = small_world(nodes, degree, 0.1, seed=0)
     shards = partition(task.y_train, nodes, "dirichlet:0.5", seed=0) if training else None
-    config = SimulationConfig(rounds=rounds, train=training, evaluate=training, seed=0)
+    config = SimulationConfig(
+        rounds=rounds, local_epochs=1, train=training, evaluate=training, seed=0
+    )
     if training:
         simulation = Simulation.for_task(task, graph, shards, config)
     else:

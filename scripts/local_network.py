@@ -109,7 +109,7 @@ def render(network: LocalNetwork, statuses: list[dict | None], rounds: int, titl
             # A node that finished its rounds keeps gossiping for late starters.
             "serving" if status.get("state") == "serving" else f"{status['round']}/{rounds}",
             f"{accuracy:.4f}" if accuracy is not None else "-",
-            str(len(status["neighbors"])),
+            str(len(status["neighbours"])),
             str(status["updates_accepted"]),
             str(sum(status["updates_rejected"].values())),
             f"{status['bytes_sent'] / 1e6:.2f}",

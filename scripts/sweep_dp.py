@@ -4,9 +4,10 @@ Each combination of the listed values is one run of the simulator (small-world
 of degree 4, IID shards, ``--aggregator mean``), which runs the daemon's DP-SGD
 node by node; one JSON line per run. The noise is ``--sigma``, or the least
 noise that spends ``--target`` epsilon (delta 1e-5) in the run's steps on the
-smallest shard. ``--batch`` replaces the task's batch size (the expected
-Poisson batch); ``--linger`` reports the accuracy after that many more rounds
-that only gossip, as daemons linger. This is how the defaults in
+smallest shard; one local epoch a round, as the daemon's default. ``--batch``
+replaces the task's batch size (the expected Poisson batch); ``--linger``
+reports the accuracy after that many more rounds that only gossip, as
+daemons linger. This is how the defaults in
 fltasks/dp_defaults.py were chosen (README, differential privacy).
 
     python scripts/sweep_dp.py --task digits --nodes 8 --lr 0.1 1 --target 7.5
@@ -38,8 +39,9 @@ def run(args: argparse.Namespace, lr: float, clip: float, batch: int | None,
     if sigma is None:
         rate = sample_rate_of(task.batch_size, min(len(s) for s in shards))
         sigma = noise_for_target(args.target, 1e-5, rate, rounds * steps_per_epoch(rate))
-    config = SimulationConfig(rounds=rounds, seed=args.seed, dp_clip=clip, dp_noise=sigma,
-                              dp_mode="sample", dp_lr=lr, linger_rounds=args.linger)
+    config = SimulationConfig(rounds=rounds, local_epochs=1, seed=args.seed, dp_clip=clip,
+                              dp_noise=sigma, dp_mode="sample", dp_lr=lr,
+                              linger_rounds=args.linger)
     graph = small_world(args.nodes, 4, 0.1, seed=args.seed)
     simulation = Simulation.for_task(task, graph, shards, config)
     history = simulation.run()

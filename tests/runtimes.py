@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from fltasks import Task
 from gossip import NodeKey
 from p2pfl.config import NodeConfig
 from p2pfl.runtime import NodeRuntime
+from p2pfl.transport import TransportError
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -27,7 +28,7 @@ def make_runtime(
     config = NodeConfig(
         key=str(state_dir / "unused.key"),
         state_dir=str(state_dir),
-        listen=(LOOPBACK,),
+        listen=settings.pop("listen", (LOOPBACK,)),
         status_addr="127.0.0.1:0",
         shard=shard,
         partition=settings.pop("partition", "iid"),
@@ -36,8 +37,50 @@ def make_runtime(
     return NodeRuntime(config, key or NodeKey.generate(), task, announce=lambda line: None)
 
 
+# Bounds on waits and runs that are there only so that a hang fails instead of blocking
+# the suite, never claims about speed: generous, since a machine kept busy by other work
+# (2 cores, a load of 20 while this was written) runs these tests many times slower.
+GUARD_S = 300.0
+
+
+async def run_two(
+    tasks: tuple[Task, Task], state_dirs: tuple[Path, Path], shards: tuple[str, str],
+    **settings: Any,
+) -> tuple[NodeRuntime, NodeRuntime]:
+    """Two runtimes, the second bootstrapped from the first, each run to its last round."""
+    with trio.fail_after(GUARD_S):
+        first = make_runtime(tasks[0], state_dirs[0], shards[0], **settings)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run)
+            assert first.transport is not None
+            bootstrap = (first.transport.addrs[0],)
+            second = make_runtime(
+                tasks[1], state_dirs[1], shards[1], bootstrap=bootstrap, **settings
+            )
+            nursery.start_soon(second.run)
+    return first, second
+
+
+async def with_retries(
+    action: Callable[[], Awaitable[Any]], attempts: int = 10, what: str = "the action"
+) -> Any:
+    """``action()``, tried again after a TransportError, at most ``attempts`` times.
+
+    For a test's own dials and requests: on a busy machine a dial can be refused by the
+    peer's handshake limits or a stream can fail to open, and a node retries those in its
+    next round; a test that tries once then fails on load, not on what it checks.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return await action()
+        except TransportError as error:
+            if attempt == attempts:
+                raise AssertionError(f"{what} failed {attempts} times: {error}") from error
+            await trio.sleep(0.2 * attempt)  # back off a little, as a node's next round would
+
+
 async def wait_until(
-    condition: Callable[[], bool], timeout: float = 10.0, what: str = "the condition"
+    condition: Callable[[], bool], timeout: float = 60.0, what: str = "the condition"
 ) -> None:
     """Poll ``condition`` until true; AssertionError naming ``what`` after ``timeout`` s."""
     with trio.move_on_after(timeout):

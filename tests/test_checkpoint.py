@@ -35,7 +35,7 @@ def state(round_: int) -> NodeState:
         fingerprint=FINGERPRINT,
         last_seq={bytes([round_]) * 32: 7, b"\xff" * 32: 3},
         peers={PEER: [f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}"]},
-        optimizer={"momentum": [1, 2, 3]},
+        privacy={"dp_steps": 3},
     )
 
 
@@ -47,7 +47,7 @@ def assert_same_state(got: NodeState | None, want: NodeState) -> None:
     assert got.fingerprint == want.fingerprint
     assert got.last_seq == want.last_seq
     assert got.peers == want.peers
-    assert got.optimizer == want.optimizer
+    assert got.privacy == want.privacy
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -204,6 +204,7 @@ def forge(**fields: object) -> bytes:
         ({"last_seq": [[b"\x01" * 32, 2**63 - 1]]}, "last_seq"),
         ({"last_seq": [[b"\x01" * 32, 1]] * 70_000}, "last_seq"),
         ({"peers": {"p": ["x" * 300]}}, "peers"),
+        ({"privacy": {1: 2}}, "privacy"),
     ],
 )
 def test_a_forged_checkpoint_is_refused_in_one_line_and_the_previous_one_used(
@@ -220,6 +221,15 @@ def test_a_forged_checkpoint_is_refused_in_one_line_and_the_previous_one_used(
     messages = [record.getMessage() for record in caplog.records]
     warning = next(message for message in messages if "ignoring checkpoint" in message)
     assert store.previous.name in warning and "\n" not in warning
+
+
+def test_a_checkpoint_from_before_the_privacy_rename_still_resumes() -> None:
+    """Older checkpoints keep the privacy budget under the key "optimizer"."""
+    body = msgpack.unpackb(encode_state(state(2))[36:], raw=False, strict_map_key=False)
+    body["optimizer"] = body.pop("privacy")
+    packed = msgpack.packb(body, use_bin_type=True)
+    older = MAGIC + blake3.blake3(packed).digest() + packed
+    assert_same_state(decode_state(older, expected_length=97), state(2))
 
 
 def test_files_are_private_and_the_directory_too(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ async def test_failed_checkpoint_writes_are_counted_and_the_node_keeps_going(
     tmp_path: Path,
 ) -> None:
     state_dir = tmp_path / "state"
-    node = make_runtime(load_task("digits"), state_dir, "0/1", rounds=ROUNDS, min_neighbors=0)
+    node = make_runtime(load_task("digits"), state_dir, "0/1", rounds=ROUNDS, min_neighbours=0)
     blocker = state_dir / (FILE_NAME + ".prev")
     blocker.mkdir()
     (blocker / "in-the-way").write_text("x")

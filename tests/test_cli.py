@@ -23,7 +23,9 @@ from gossip.keys import NodeKey
 from p2pfl.config import ConfigError, build_config, load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 120
+# A guard against a hang: several node processes import torch and libp2p at once,
+# minutes on a machine kept busy by other work.
+TIMEOUT_S = 600
 PEER_ID = re.compile(r"^12D3KooW[1-9A-HJ-NP-Za-km-z]{44}$")
 
 

@@ -31,7 +31,7 @@ from p2pfl.status import render_metrics
 
 torch.set_num_threads(1)
 DELTA = 1e-5
-SAMPLE = {"dp": "sample", "dp_clip": 1.0, "dp_noise": 1.0, "min_neighbors": 0}
+SAMPLE = {"dp": "sample", "dp_clip": 1.0, "dp_noise": 1.0, "min_neighbours": 0}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ async def test_dp_sgd_rounds_learn_and_spend_opacus_epsilon_across_a_restart(
     assert f"p2pfl_dp_epsilon {status['epsilon']}" in render_metrics(status)
     saved = CheckpointStore(tmp_path / "node").load(again.gossip.layout.fingerprint)
     assert saved is not None
-    assert saved.optimizer["dp_history"] == [[1.0, rate, 5 * per_round]]
+    assert saved.privacy["dp_history"] == [[1.0, rate, 5 * per_round]]
 
 
 def test_a_dp_sgd_node_announces_weight_one_not_its_record_count(
@@ -82,7 +82,7 @@ def test_a_dp_sgd_node_announces_weight_one_not_its_record_count(
 ) -> None:
     node = make_runtime(digits, tmp_path / "sample", "0/8", **SAMPLE)
     assert node.gossip.pushsum.weight == 1.0
-    plain = make_runtime(digits, tmp_path / "plain", "0/8", min_neighbors=0)
+    plain = make_runtime(digits, tmp_path / "plain", "0/8", min_neighbours=0)
     assert plain.gossip.pushsum.weight == float(len(plain.shard))
 
 
@@ -116,7 +116,7 @@ def test_node_mode_steps_compose_into_the_dp_sgd_accountant(
     node = make_runtime(digits, state, "0/8", **SAMPLE)
     store = CheckpointStore(state)
     node_mode = {"dp_steps": 3, "dp_noise": 4.0, "non_private_rounds": 0}
-    store.save(replace(node._state(), round=3, optimizer=node_mode))
+    store.save(replace(node._state(), round=3, privacy=node_mode))
     node.store.unlock()
     resumed = make_runtime(digits, state, "0/8", **SAMPLE)
     assert resumed.dp_sgd is not None
@@ -125,9 +125,9 @@ def test_node_mode_steps_compose_into_the_dp_sgd_accountant(
     # And back: node mode refuses a state that spent budget under DP-SGD.
     resumed.store.unlock()
     sampled = {"dp_history": [[1.0, 0.2, 5]], "non_private_rounds": 0}
-    store.save(replace(node._state(), optimizer=sampled))
+    store.save(replace(node._state(), privacy=sampled))
     with pytest.raises(ConfigError, match="spent its budget under --dp sample"):
-        make_runtime(digits, state, "0/8", dp_clip=1.0, dp_noise=1.0, min_neighbors=0)
+        make_runtime(digits, state, "0/8", dp_clip=1.0, dp_noise=1.0, min_neighbours=0)
 
 
 @pytest.mark.parametrize(
@@ -177,7 +177,7 @@ def test_the_dp_flags_reach_the_config() -> None:
 def test_dp_sample_alone_takes_the_declared_defaults(digits: Task, tmp_path: Path) -> None:
     from fltasks.dp_defaults import DP_SGD_CLIP, DP_SGD_LR, DP_SGD_NOISE
 
-    node = make_runtime(digits, tmp_path, "0/8", dp="sample", min_neighbors=0)
+    node = make_runtime(digits, tmp_path, "0/8", dp="sample", min_neighbours=0)
     trainer = node.dp_sgd
     assert trainer is not None
     assert (trainer.noise_multiplier, trainer.clip_norm) == (DP_SGD_NOISE, DP_SGD_CLIP)
@@ -192,7 +192,7 @@ def test_a_target_and_rounds_choose_the_noise_that_spends_the_target(
     config = NodeConfig(
         key=str(tmp_path / "unused.key"), state_dir=str(tmp_path), shard="0/8",
         status_addr="127.0.0.1:0", dp="sample", dp_target_epsilon=8.0, rounds=40,
-        min_neighbors=0,
+        min_neighbours=0,
     ).validate()
     from p2pfl.runtime import NodeRuntime
 
@@ -242,7 +242,9 @@ def test_a_sample_mode_simulation_reports_the_worst_nodes_opacus_epsilon(digits:
     from topologies.simulator import Simulation, SimulationConfig
 
     shards = partition(digits.y_train, 6, "dirichlet:0.5", seed=0)
-    config = SimulationConfig(rounds=2, seed=0, dp_clip=1.0, dp_noise=1.0, dp_mode="sample")
+    config = SimulationConfig(
+        rounds=2, local_epochs=1, seed=0, dp_clip=1.0, dp_noise=1.0, dp_mode="sample"
+    )
     simulation = Simulation.for_task(digits, small_world(6, 2, 0.1, seed=0), shards, config)
     assert (simulation.weights == 1.0).all()  # counts stay private, as in the daemon
     simulation.run()
@@ -258,7 +260,7 @@ async def test_the_target_epsilon_also_bounds_node_mode(digits: Task, tmp_path: 
 
     one, two = (RdpAccountant(2.0, steps=k).epsilon(DELTA) for k in (1, 2))  # sigma 4: z = 2
     node = make_runtime(
-        digits, tmp_path / "node", "0/1", rounds=3, min_neighbors=0,
+        digits, tmp_path / "node", "0/1", rounds=3, min_neighbours=0,
         dp_clip=1.0, dp_noise=4.0, dp_target_epsilon=(one + two) / 2,
     )
     with trio.fail_after(60):
@@ -325,8 +327,8 @@ def test_a_lingering_simulation_gossips_without_training_or_spending(digits: Tas
     from topologies.simulator import Simulation, SimulationConfig
 
     shards = partition(digits.y_train, 4, "iid", seed=0)
-    config = SimulationConfig(rounds=1, linger_rounds=3, seed=0, dp_clip=1.0, dp_noise=1.0,
-                              dp_mode="sample")
+    config = SimulationConfig(rounds=1, linger_rounds=3, local_epochs=1, seed=0, dp_clip=1.0,
+                              dp_noise=1.0, dp_mode="sample")
     simulation = Simulation.for_task(digits, ring(4), shards, config)
     history = simulation.run()
     assert len(history) == 4

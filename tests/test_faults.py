@@ -1,7 +1,10 @@
 """Faults a running network must survive, with in-process node runtimes over real libp2p.
 
-- A neighbour dies in the middle of receiving an update: the sender's push fails
-  within its timeout, the weight share is refunded, and the sender keeps going.
+- A neighbour dies in the middle of receiving an update: the sender's rounds never
+  wait for that push, it fails within its timeout, its share is held (the peer may
+  have it) rather than refunded, and the dead neighbour is kept as unreachable
+  (skipped) until it can be dialled again; one that comes back is pushed to again,
+  and its receipt settles what was held.
 - The network splits in two halves that train apart, then heals when one node of
   each half dials the other: the halves' models draw together again.
 - A node restarts: the privacy budget it spent is not forgotten.
@@ -20,7 +23,7 @@ import torch
 import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
-from runtimes import LOOPBACK, make_runtime, wait_until
+from runtimes import GUARD_S, LOOPBACK, make_runtime, wait_until, with_retries
 
 from fltasks import Task, load_task
 from fltasks.datasets import mlp
@@ -34,7 +37,6 @@ from p2pfl.transport import Transport
 
 torch.set_num_threads(1)
 
-
 @pytest.fixture(scope="module")
 def digits() -> Task:
     return load_task("digits")
@@ -43,7 +45,7 @@ def digits() -> Task:
 # -- a neighbour dies mid-transfer --------------------------------------------------------
 
 
-async def test_a_neighbour_dying_mid_transfer_costs_one_timeout_and_no_weight(
+async def test_a_neighbour_dying_mid_transfer_never_stalls_rounds_or_creates_weight(
     digits: Task, tmp_path: Path
 ) -> None:
     # A 64-4096-10 model: a 1.2 MB update, several yamux windows, so the transfer is
@@ -68,7 +70,7 @@ async def test_a_neighbour_dying_mid_transfer_costs_one_timeout_and_no_weight(
                 task_status.started(receiver.addrs[0])
                 await trio.sleep_forever()
 
-    with trio.fail_after(90):
+    with trio.fail_after(4 * GUARD_S):
         async with trio.open_nursery() as nursery:
             address = await nursery.start(run_receiver)
             sender = make_runtime(
@@ -82,29 +84,95 @@ async def test_a_neighbour_dying_mid_transfer_costs_one_timeout_and_no_weight(
             initial_weight = sender.gossip.pushsum.weight
             await nursery.start(sender.run)
 
-            with trio.fail_after(30):
+            with trio.fail_after(4 * GUARD_S):
                 await stalled.wait()
             # Mid-transfer: half of the weight travels with the update being sent.
             assert sender.gossip.pushsum.weight == pytest.approx(initial_weight / 2)
-            assert sender.round == 1
+            # Rounds do not wait for the stuck push, and split nothing off for a
+            # neighbour that is still receiving the last one.
+            await wait_until(lambda: sender.round >= 3, GUARD_S, "rounds during the stall")
+            assert sender.send_failures[receiver_key.peer_id] == 0
+            assert sender.gossip.pushsum.weight == pytest.approx(initial_weight / 2)
             kill_receiver.cancel()
             await wait_until(
                 lambda: sender.send_failures[receiver_key.peer_id] >= 1,
-                60,  # a guard against a hang; the push itself is bounded by send_timeout
+                GUARD_S,  # against a hang; the push itself is bounded by send_timeout
                 "the push to the dead neighbour to fail",
             )
-            # One timeout, counted once, and the round that pushed is the one that pays it:
-            # by count and order, not by a wall-clock bound a loaded machine can break.
+            # One failure, counted once. The whole frame had been handed over (yamux
+            # buffers it at the receiver whether or not the handler reads), so the
+            # receiver might have taken it: the share is held, not refunded, until
+            # that peer's next receipt says (docs/PROTOCOL.md §4). Weight is never
+            # created; here, with the peer gone, it stays out.
             assert sender.send_failures[receiver_key.peer_id] == 1
-            assert sender.round == 1
-            assert sender.gossip.pushsum.weight == pytest.approx(initial_weight, rel=1e-12)
+            assert sender.deliveries.counts["refunded"] == 0
+            assert sender.deliveries.held_count() == 1
+            assert sender.gossip.pushsum.weight == pytest.approx(initial_weight / 2)
 
-            # The sender keeps running rounds, and forgets the dead neighbour after a
-            # few failed pushes; no weight is lost on any of them.
-            await wait_until(lambda: sender.round >= 5, 60, "the sender at round 5")
+            # The sender keeps running rounds. The dead neighbour cannot be dialled: it
+            # is kept, as unreachable (it may come back), and skipped, so no more
+            # shares are split off for it.
+            await wait_until(lambda: sender.round >= 8, GUARD_S, "the sender at round 8")
             assert sender.updates_sent == 0
-            assert receiver_key.peer_id not in sender.book
-            assert sender.gossip.pushsum.weight == pytest.approx(initial_weight, rel=1e-12)
+            assert receiver_key.peer_id in sender.book.known()
+            assert not sender.book.reachable(receiver_key.peer_id)
+            assert sender.neighbours == [receiver_key.peer_id]
+            assert sender.gossip.pushsum.weight == pytest.approx(initial_weight / 2)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_neighbour_that_comes_back_is_redialled_and_pushed_to_again(
+    digits: Task, tmp_path: Path
+) -> None:
+    """Push failures never make a node forget a peer that is only away: the bootstrap
+    node (which has no bootstrap address to fall back on) keeps its one peer while that
+    peer is down, redials it, and gossips with it again once it is back."""
+    settings = {"degree": 1, "round_interval": 0.2}
+    with trio.fail_after(4 * GUARD_S):
+        async with trio.open_nursery() as nursery:
+            hub = make_runtime(digits, tmp_path / "hub", "0/2", **settings)
+            await nursery.start(hub.run)
+            assert hub.transport is not None
+            member_key = NodeKey.generate()
+            away = trio.CancelScope()
+
+            async def run_member(listen: str, scope: trio.CancelScope, task_status: Any) -> None:
+                member = make_runtime(
+                    digits,
+                    tmp_path / "member",
+                    "1/2",
+                    member_key,
+                    bootstrap=(hub.transport.addrs[0],),
+                    listen=(listen,),
+                    **settings,
+                )
+                with scope:
+                    await member.run(task_status=task_status)
+
+            member = await nursery.start(run_member, LOOPBACK, away)
+            assert member.transport is not None
+            address = member.transport.addrs[0]
+            port = address.split("/tcp/")[1].split("/")[0]
+            await wait_until(lambda: hub.updates_sent >= 3, GUARD_S, "the hub to reach the member")
+
+            away.cancel()  # the member goes down
+            await wait_until(
+                lambda: not hub.book.reachable(member_key.peer_id), GUARD_S, "a failed dial"
+            )
+            sent_while_away = hub.updates_sent
+            rounds_then = hub.round
+            await wait_until(lambda: hub.round >= rounds_then + 5, GUARD_S, "5 rounds while away")
+            assert member_key.peer_id in hub.book.known()
+            assert hub.updates_sent == sent_while_away
+
+            # Back at the same address: the hub's discovery redials it, pushes resume.
+            await nursery.start(run_member, f"/ip4/127.0.0.1/tcp/{port}", trio.CancelScope())
+            await wait_until(
+                lambda: hub.updates_sent >= sent_while_away + 3, GUARD_S, "pushes to resume"
+            )
+            assert hub.book.reachable(member_key.peer_id)
+            # Its receipts settled whatever the hub held for it while it was away.
+            assert hub.deliveries.held_count() == 0
             nursery.cancel_scope.cancel()
 
 
@@ -133,8 +201,11 @@ async def test_a_partitioned_network_converges_again_after_it_heals(
     digits: Task, tmp_path: Path
 ) -> None:
     tasks = [half_task(digits, range(0, 5)), half_task(digits, range(5, 10))]
-    settings = {"degree": 3, "round_interval": 0.25, "send_timeout": 5.0}
-    with trio.fail_after(120):
+    # Generous: on a busy machine 5 s cut off pushes that were merely slow, and the
+    # halves mixed too little to converge; this test is about the heal, not timeouts.
+    settings = {"degree": 3, "round_interval": 0.25, "send_timeout": 30.0}
+    # Each wait inside is bounded by GUARD_S; the whole run by a few of them.
+    with trio.fail_after(4 * GUARD_S):
         async with trio.open_nursery() as nursery:
             nodes: list[NodeRuntime] = []
             for side in (0, 1):
@@ -157,7 +228,7 @@ async def test_a_partitioned_network_converges_again_after_it_heals(
             split_rounds = 12
             await wait_until(
                 lambda: min(node.round for node in nodes) >= split_rounds,
-                60,
+                GUARD_S,
                 f"every node at round {split_rounds}",
             )
             halves = [{n.key.peer_id for n in nodes[:HALF]}, {n.key.peer_id for n in nodes[HALF:]}]
@@ -170,18 +241,26 @@ async def test_a_partitioned_network_converges_again_after_it_heals(
             # discovery spreads the rest.
             bridge, contact = nodes[HALF], nodes[0]
             assert bridge.transport is not None and contact.transport is not None
-            await bridge.transport.connect(contact.transport.addrs[0], timeout=5)
-            await exchange_peers(bridge.transport, contact.key.peer_id, bridge.book, timeout=5)
+
+            async def heal() -> None:
+                # Generous timeouts: the contact answers in its own time on a busy machine.
+                assert bridge.transport is not None and contact.transport is not None
+                await bridge.transport.connect(contact.transport.addrs[0], timeout=GUARD_S)
+                await exchange_peers(
+                    bridge.transport, contact.key.peer_id, bridge.book, timeout=GUARD_S
+                )
+
+            await with_retries(heal, what="the heal")
             everyone = {n.key.peer_id for n in nodes}
             await wait_until(
                 lambda: all(set(n.book.known()) | {n.key.peer_id} == everyone for n in nodes),
-                30,
+                GUARD_S,
                 "every node to know all the others",
             )
             healed_at = [node.round for node in nodes]
             await wait_until(
                 lambda: all(n.round >= r + 15 for n, r in zip(nodes, healed_at, strict=True)),
-                60,
+                GUARD_S,
                 "15 more rounds on every node",
             )
             healed_gap = half_gap(nodes)
@@ -198,8 +277,8 @@ async def test_dp_is_applied_reported_and_its_budget_survives_a_restart(
     digits: Task, tmp_path: Path
 ) -> None:
     key = NodeKey.generate()
-    settings = {"dp_clip": 1.0, "dp_noise": 4.0, "rounds": 3, "min_neighbors": 0}
-    with trio.fail_after(60):
+    settings = {"dp_clip": 1.0, "dp_noise": 4.0, "rounds": 3, "min_neighbours": 0}
+    with trio.fail_after(4 * GUARD_S):
         node = make_runtime(digits, tmp_path / "node", "0/1", key, **settings)
         assert node.status()["epsilon"] == 0.0
         initial = node.gossip.estimate.copy()
@@ -211,7 +290,7 @@ async def test_dp_is_applied_reported_and_its_budget_survives_a_restart(
         status = node.status()
         assert (status["epsilon"], status["delta"]) == (expected["epsilon"], 1e-5)
         saved = CheckpointStore(tmp_path / "node").load(node.gossip.layout.fingerprint)
-        assert saved is not None and saved.optimizer["dp_steps"] == 3
+        assert saved is not None and saved.privacy["dp_steps"] == 3
 
         # Restarted with more noise: the 3 steps at sigma 4 are re-counted at sigma 8
         # (12 steps) so that epsilon is never under-reported.
@@ -223,11 +302,11 @@ async def test_dp_is_applied_reported_and_its_budget_survives_a_restart(
         assert again.privacy.accountant.steps == 13
 
         # Without DP, status says so, and the saved budget is kept for later.
-        plain = make_runtime(digits, tmp_path / "node", "0/1", key, rounds=5, min_neighbors=0)
+        plain = make_runtime(digits, tmp_path / "node", "0/1", key, rounds=5, min_neighbours=0)
         assert (plain.status()["epsilon"], plain.status()["delta"]) == (None, None)
         await plain.run()
         saved = CheckpointStore(tmp_path / "node").load(node.gossip.layout.fingerprint)
-        assert saved is not None and saved.optimizer == {
+        assert saved is not None and saved.privacy == {
             "dp_steps": 13,
             "dp_noise": 8.0,
             "non_private_rounds": 1,
@@ -241,14 +320,14 @@ async def test_dp_refuses_an_old_checkpoint_whose_rounds_were_not_private(
     digits: Task, tmp_path: Path
 ) -> None:
     key = NodeKey.generate()
-    with trio.fail_after(60):
-        await make_runtime(digits, tmp_path / "node", "0/1", key, rounds=2, min_neighbors=0).run()
+    with trio.fail_after(4 * GUARD_S):
+        await make_runtime(digits, tmp_path / "node", "0/1", key, rounds=2, min_neighbours=0).run()
     store = CheckpointStore(tmp_path / "node")
     fingerprint = make_runtime(digits, tmp_path / "other", "0/1").gossip.layout.fingerprint
     saved = store.load(fingerprint)
-    assert saved is not None and saved.optimizer == {"non_private_rounds": 2}
+    assert saved is not None and saved.privacy == {"non_private_rounds": 2}
     # As written before the ledger existed: no record at all of how rounds were trained.
-    store.save(replace(saved, optimizer={}))
+    store.save(replace(saved, privacy={}))
     with pytest.raises(ConfigError, match=r"trained 2 round\(s\) without DP"):
         make_runtime(digits, tmp_path / "node", "0/1", key, dp_clip=1.0, dp_noise=1.0)
 
@@ -258,8 +337,8 @@ async def test_a_diverged_round_under_dp_releases_noise_and_is_accounted(
 ) -> None:
     # A learning rate this large turns the first step's weights into inf and then NaN.
     diverging = replace(digits, lr=1e38)
-    settings = {"dp_clip": 1.0, "dp_noise": 4.0, "rounds": 2, "min_neighbors": 0}
-    with trio.fail_after(60):
+    settings = {"dp_clip": 1.0, "dp_noise": 4.0, "rounds": 2, "min_neighbours": 0}
+    with trio.fail_after(4 * GUARD_S):
         node = make_runtime(diverging, tmp_path / "node", "0/1", **settings)
         trained = node._train(node.gossip.estimate.copy())
         assert not np.isfinite(trained).all()  # the premise: training does diverge

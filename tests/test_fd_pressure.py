@@ -27,7 +27,7 @@ def test_300_idle_status_clients_under_a_256_fd_limit_do_not_stop_rounds(tmp_pat
     log = (tmp_path / "node.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "p2pfl.cli", "node", "--key", str(key),
-         "--state-dir", str(tmp_path / "state"), "--min-neighbors", "0",
+         "--state-dir", str(tmp_path / "state"), "--min-neighbours", "0",
          "--rounds", str(ROUNDS), "--round-interval", "0.2", "--linger", "0"],
         stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=low_fd_limit,
     )

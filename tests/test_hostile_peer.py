@@ -67,7 +67,7 @@ async def running_daemon(
     It waits for more peers than will ever exist, so it never trains: only what it
     admits could change its model.
     """
-    settings.setdefault("min_neighbors", 100)
+    settings.setdefault("min_neighbours", 100)
     allow = state_dir / "allow.txt"
     state_dir.mkdir(parents=True, exist_ok=True)
     allow.write_text("# members\n" + "".join(f"{peer}\n" for peer in members))

@@ -87,7 +87,7 @@ async def start_members(task: Task, tmp_path: Path, nursery: trio.Nursery) -> li
     members = []
     for index in range(3):
         member = make_runtime(
-            task, tmp_path / f"m{index}", f"{index}/4", rounds=None, min_neighbors=0,
+            task, tmp_path / f"m{index}", f"{index}/4", rounds=None, min_neighbours=0,
             round_interval=0.05,
         )
         await nursery.start(member.run)
@@ -142,7 +142,7 @@ async def test_an_absurd_snapshot_is_refused_counted_and_the_node_keeps_its_own_
             # It waits for more peers than exist, so it never trains: its model can
             # only have changed through what it adopted.
             joiner = make_runtime(
-                digits, tmp_path / "joiner", "0/4", rounds=None, min_neighbors=100,
+                digits, tmp_path / "joiner", "0/4", rounds=None, min_neighbours=100,
                 bootstrap=(hostile.addrs[0],),
             )
             initial = joiner.gossip.estimate.copy()

@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import trio
-from runtimes import make_runtime
+from runtimes import run_two
 from test_images import write_digit_pngs
 
 from fltasks import TaskError
@@ -110,14 +109,10 @@ async def test_two_runtimes_gossip_a_1m_parameter_cnn(tmp_path: Path) -> None:
     root = write_digit_pngs(tmp_path / "digits", per_class=12)
     task = imagefolder_task(root, seed=0)
     assert task.num_parameters() == 1_070_986
-    with trio.fail_after(120):
-        first = make_runtime(task, tmp_path / "a", "0/2", rounds=2, round_interval=0.2)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(first.run)
-            assert first.transport is not None
-            second = make_runtime(task, tmp_path / "b", "1/2", rounds=2, round_interval=0.2,
-                                  bootstrap=(first.transport.addrs[0],))
-            nursery.start_soon(second.run)
+    first, second = await run_two(
+        (task, task), (tmp_path / "a", tmp_path / "b"), ("0/2", "1/2"),
+        rounds=2, round_interval=0.2,
+    )
     for me, other in ((first, second), (second, first)):
         status = me.status()
         assert status["round"] == 2

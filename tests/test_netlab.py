@@ -38,8 +38,9 @@ NO_NFT = nft_missing_reason()
 needs_nft = pytest.mark.skipif(NO_NFT is not None, reason=NO_NFT or "")
 
 PORT = 7000
-# Failure deadlines only: a correct run finishes long before them.
-DAEMON_DEADLINE_S = 120.0
+# Failure deadlines only: a correct run finishes long before them, even on a machine
+# kept busy by other work.
+DAEMON_DEADLINE_S = 600.0
 
 
 @pytest.fixture(autouse=True)
@@ -184,7 +185,9 @@ def wait_until(check: Callable[[], Any], what: str) -> Any:
 
 
 def test_daemons_train_through_a_cut_and_learn_across_it_after_the_heal(tmp_path: Path) -> None:
-    options = ("--send-timeout", "1")
+    # Short enough that the rounds in the cut stay short, long enough that a push on a
+    # busy machine is not cut off before the cut (1 s was: a node then never heard both).
+    options = ("--send-timeout", "10")
     with Lab(3) as lab, LabNetwork(
         lab, str(tmp_path), rounds=None, degree=2, local_epochs=1, extra_args=options
     ) as net:
@@ -202,14 +205,22 @@ def test_daemons_train_through_a_cut_and_learn_across_it_after_the_heal(tmp_path
         assert before_cut, "host 2 has connections to the others"
         lab.partition([[0, 1], [2]])
         at_cut = net.statuses()
-        wait_until(
-            lambda: all(s and s["round"] >= c["round"] + 3
-                        for s, c in zip(net.statuses(), at_cut, strict=True)),
-            "both sides keep training: 3 rounds each during the cut",
+
+        def trained_and_failed_in_the_cut() -> list[dict[str, Any]] | None:
+            # Pushes run beside the rounds, so a push across the cut fails (at its
+            # deadline) in its own time: wait for both, by count, not one then the other.
+            now = net.statuses()
+            done = all(
+                s and c and s["round"] >= c["round"] + 3
+                and sum(s["send_failures"].values()) > sum(c["send_failures"].values())
+                for s, c in zip(now, at_cut, strict=True)
+            )
+            return now if done else None
+
+        at_heal = wait_until(
+            trained_and_failed_in_the_cut,
+            "both sides train 3 rounds during the cut and their pushes across it fail",
         )
-        at_heal = net.statuses()
-        assert all(sum(s["send_failures"].values()) > sum(c["send_failures"].values())
-                   for s, c in zip(at_heal, at_cut, strict=True) if s and c)
         lab.heal()
 
         def crossed() -> bool:

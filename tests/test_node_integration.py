@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import trio
-from runtimes import LOOPBACK, make_runtime, wait_until
+from runtimes import LOOPBACK, make_runtime, run_two, wait_until
 
 from fltasks import Task, load_task
 from gossip import GossipNode, NodeKey
@@ -36,38 +36,25 @@ def digits() -> Task:
 async def test_two_runtimes_exchange_signed_updates(
     digits: Task, tmp_path: Path, compression: str
 ) -> None:
-    with trio.fail_after(60):
-        first = make_runtime(
-            digits, tmp_path / "a", "0/2", rounds=3, round_interval=0.2, compression=compression
-        )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(first.run)
-            assert first.transport is not None
-            second = make_runtime(
-                digits,
-                tmp_path / "b",
-                "1/2",
-                rounds=3,
-                round_interval=0.2,
-                bootstrap=(first.transport.addrs[0],),
-                compression=compression,
-            )
-            nursery.start_soon(second.run)
-        # Both run() calls have returned: each node did its 3 rounds and stopped.
-        for me, other in ((first, second), (second, first)):
-            status = me.status()
-            assert status["round"] == 3
-            assert me.gossip.admission.accepted >= 1
-            assert other.key.peer_id in status["last_seq"]
-            assert status["updates_rejected"] == {}
-            assert status["compression"] == compression
+    first, second = await run_two(
+        (digits, digits), (tmp_path / "a", tmp_path / "b"), ("0/2", "1/2"),
+        rounds=3, round_interval=0.2, compression=compression,
+    )
+    # Both run() calls have returned: each node did its 3 rounds and stopped.
+    for me, other in ((first, second), (second, first)):
+        status = me.status()
+        assert status["round"] == 3
+        assert me.gossip.admission.accepted >= 1
+        assert other.key.peer_id in status["last_seq"]
+        assert status["updates_rejected"] == {}
+        assert status["compression"] == compression
 
 
 async def test_a_tampered_update_is_rejected_and_counted(digits: Task, tmp_path: Path) -> None:
     with trio.fail_after(30):
         # It waits for more peers than will exist: the node serves but never trains
         # (nor merges), so its estimate could only change through what it receives.
-        node = make_runtime(digits, tmp_path / "node", "0/2", rounds=None, min_neighbors=100)
+        node = make_runtime(digits, tmp_path / "node", "0/2", rounds=None, min_neighbours=100)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             assert node.transport is not None
@@ -105,9 +92,9 @@ async def test_a_node_joining_a_running_network_adopts_its_current_model(
     digits: Task, tmp_path: Path
 ) -> None:
     with trio.fail_after(60):
-        # The first node trains alone (min_neighbors=0) until it is a few rounds in.
+        # The first node trains alone (min_neighbours=0) until it is a few rounds in.
         first = make_runtime(
-            digits, tmp_path / "a", "0/2", rounds=None, round_interval=0.05, min_neighbors=0
+            digits, tmp_path / "a", "0/2", rounds=None, round_interval=0.05, min_neighbours=0
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(first.run)

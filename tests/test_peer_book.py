@@ -27,7 +27,6 @@ def test_a_second_hand_entry_is_stale_and_not_a_neighbour_candidate() -> None:
     book = PeerBook(peer(), clock=clock)
     heard = peer()
     assert book.add(heard, [addr(heard)], first_hand=False, source="s")
-    assert book.last_seen(heard) is None
     assert book.known() == [] and len(book) == 0
     assert heard in book and book.second_hand() == [heard]
 
@@ -63,7 +62,7 @@ def test_one_source_gets_at_most_its_quota_of_second_hand_entries() -> None:
         fake = peer()
         book.add(fake, [addr(fake)], first_hand=False, source="liar")
     assert len(book.second_hand()) == 5
-    assert book.rejected["over_quota"] == 15
+    assert book.rejected["over-quota"] == 15
 
 
 def test_only_first_hand_peers_at_verified_addresses_are_passed_on() -> None:

@@ -16,7 +16,7 @@ from runtimes import make_runtime, wait_until
 
 from fltasks import load_task
 from gossip.keys import NodeKey
-from p2pfl.neighbors import choose_neighbors
+from p2pfl.neighbours import choose_neighbours
 from p2pfl.peer_exchange import (
     MAX_PEERS_PER_REPLY,
     PEERS_PROTOCOL,
@@ -103,7 +103,7 @@ async def test_a_flood_of_fake_ids_leaves_the_honest_neighbours_in_place() -> No
         assert {h1.peer_id, h2.peer_id} <= set(book.known())
         # Only the liar's quota of its fakes got in, and none is a neighbour candidate.
         assert len(book.second_hand()) <= book.per_source_quota
-        neighbours = choose_neighbors(target.peer_id, book.known(), 4)
+        neighbours = choose_neighbours(target.peer_id, book.known(), 4)
         assert {h1.peer_id, h2.peer_id} <= set(neighbours)
 
 
@@ -155,7 +155,7 @@ async def test_a_daemon_fed_fakes_keeps_its_honest_neighbours_and_reflects_nothi
 ) -> None:
     """The same flood against a real daemon (in-process, no allowlist): its own discovery
     loop asks the liar, gets fakes at a third party's address, and tries to dial them."""
-    daemon = make_runtime(load_task("digits"), tmp_path / "daemon", "0/1", min_neighbors=100)
+    daemon = make_runtime(load_task("digits"), tmp_path / "daemon", "0/1", min_neighbours=100)
     async with third_party() as (port, accepted), trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
         transport = daemon.transport
@@ -170,7 +170,8 @@ async def test_a_daemon_fed_fakes_keeps_its_honest_neighbours_and_reflects_nothi
             assert 1 <= accepted[0] <= DIALS_PER_ADDRESS_PER_MIN
             honest = {h1.peer_id, h2.peer_id}
             assert honest <= set(daemon.book.known())
-            chosen = choose_neighbors(daemon.key.peer_id, daemon.book.known(), daemon.config.degree)
+            own, known = daemon.key.peer_id, daemon.book.known()
+            chosen = choose_neighbours(own, known, daemon.config.degree)
             assert honest <= set(chosen)
             assert daemon.status()["known_peers"] == 3
         nursery.cancel_scope.cancel()

@@ -102,7 +102,7 @@ def test_the_daemon_and_the_simulator_give_a_node_the_same_features(
     digits: Task, tmp_path: Path, dp: str | None
 ) -> None:
     settings = {} if dp is None else {"dp": dp, "dp_clip": 1.0, "dp_noise": 1.0}
-    node = make_runtime(digits, tmp_path, "2/4", min_neighbors=0, **settings)
+    node = make_runtime(digits, tmp_path, "2/4", min_neighbours=0, **settings)
     shards = partition(digits.y_train, 4, "iid", seed=0)
     config = SimulationConfig(
         rounds=0, dp_mode=dp or "node",

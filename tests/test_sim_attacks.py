@@ -156,6 +156,7 @@ def digits_run(rounds: int, nodes: int = 16, degree: int = 6, **options):
     graph = small_world(nodes, degree, 0.1, seed=0)
     shards = partition(task.y_train, nodes, "iid", seed=0)
     network = options.pop("network", NetworkConditions())
+    options.setdefault("local_epochs", 1)
     config = SimulationConfig(rounds=rounds, seed=0, network=network, **options)
     simulation = Simulation.for_task(task, graph, shards, config)
     return simulation, simulation.run()

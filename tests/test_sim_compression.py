@@ -56,7 +56,7 @@ def digits_run(compression: str, rounds: int = 8):
 
 @pytest.mark.parametrize("compression", ["fp16", "int8", "topk:0.01"])
 def test_simulator_converges_with_each_codec(compression):
-    plain = digits_run("none")[1]
+    plain = digits_run("raw")[1]
     simulation, history = digits_run(compression)
     ratio = plain[-1].bytes_per_node / history[-1].bytes_per_node
     assert ratio >= {"fp16": 1.9, "int8": 3.5, "topk:0.01": 20}[compression]

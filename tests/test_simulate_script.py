@@ -41,7 +41,8 @@ FLAGS = {
 
 def simulate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+        # A guard against a hang: importing torch alone takes minutes on a busy machine.
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=600
     )
 
 
@@ -54,6 +55,8 @@ def test_small_run_writes_every_promised_field_and_plot(tmp_path):
         "8",
         "--rounds",
         "3",
+        "--local-epochs",
+        "1",
         "--loss",
         "0.1",
         "--delay",
@@ -90,6 +93,10 @@ def test_small_run_writes_every_promised_field_and_plot(tmp_path):
     [
         (("--loss", "1.5"), "--loss"),
         (("--task", "nosuchmodule:make_task"), "nosuchmodule"),
+        (("--nodes", "4", "--byzantine", "4"), "--byzantine"),
+        (("--compression", "zip"), "--compression"),
+        (("--dp-noise", "1"), "--dp-clip"),
+        (("--compression", "topk:0.01", "--loss", "0.1"), "--loss"),
     ],
 )
 def test_bad_flag_exits_2_with_one_line(tmp_path, args, cause):
@@ -103,7 +110,8 @@ def test_bad_flag_exits_2_with_one_line(tmp_path, args, cause):
 
 def test_hostile_private_compressed_run_reports_honest_accuracy_bytes_and_epsilon(tmp_path):
     out = tmp_path / "run"
-    flags = ("--topology", "ring", "--nodes", "8", "--rounds", "2", "--out", str(out))
+    flags = ("--topology", "ring", "--nodes", "8", "--rounds", "2", "--local-epochs", "1")
+    flags += ("--out", str(out))
     hostile = ("--byzantine", "1", "--attack", "sign-flip", "--aggregator", "clipped")
     private = ("--dp-clip", "1", "--dp-noise", "0.5", "--compression", "int8")
     result = simulate(*flags, *hostile, *private, cwd=tmp_path)
@@ -117,23 +125,6 @@ def test_hostile_private_compressed_run_reports_honest_accuracy_bytes_and_epsilo
         assert entry["message_bytes"] < 0.3 * 4 * 4810  # int8
     for column in ("honest mean", "honest min", "epsilon", "KB/node/round"):
         assert column in result.stdout
-
-
-@pytest.mark.parametrize(
-    "args, cause",
-    [
-        (("--nodes", "4", "--byzantine", "4"), "--byzantine"),
-        (("--compression", "zip"), "--compression"),
-        (("--dp-noise", "1"), "--dp-clip"),
-        (("--compression", "topk:0.01", "--loss", "0.1"), "--loss"),
-    ],
-)
-def test_bad_hostile_or_compression_flag_exits_2_with_one_line(tmp_path, args, cause):
-    result = simulate(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert cause in lines[0] and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,7 @@ def small_digits_run(seed: int, rounds: int, conditions: NetworkConditions = HOS
     task = load_task("digits", seed=0)
     graph = small_world(8, 4, 0.1, seed=seed)
     shards = partition(task.y_train, 8, "iid", seed=seed)
-    config = SimulationConfig(rounds=rounds, network=conditions, seed=seed)
+    config = SimulationConfig(rounds=rounds, local_epochs=1, network=conditions, seed=seed)
     simulation = Simulation.for_task(task, graph, shards, config)
     return simulation, simulation.run()
 

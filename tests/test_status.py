@@ -16,7 +16,7 @@ from p2pfl.status import render_metrics, serve_status
 SAMPLE: dict[str, Any] = {
     "peer_id": "12D3KooWJbV6uzPMKBPtwhgUXm8FnTnosy4gawhgjCLP6PdDPsdC",
     "round": 7,
-    "neighbors": ["a", "b", "c"],
+    "neighbours": ["a", "b", "c"],
     "accuracy": 0.875,
     "updates_sent": 21,
     "updates_accepted": 18,
@@ -39,7 +39,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def test_metrics_parse_as_prometheus_text_with_the_status_values() -> None:
     parsed = samples(render_metrics(SAMPLE))
     assert parsed[("p2pfl_round", ())] == 7
-    assert parsed[("p2pfl_neighbors", ())] == 3
+    assert parsed[("p2pfl_neighbours", ())] == 3
     assert parsed[("p2pfl_accuracy", ())] == 0.875
     assert parsed[("p2pfl_updates_sent_total", ())] == 21
     assert parsed[("p2pfl_updates_accepted_total", ())] == 18

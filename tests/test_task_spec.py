@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import trio
-from runtimes import make_runtime
+from runtimes import run_two
 from test_images import write_digit_pngs
 
 from fltasks import TaskError, load_task
@@ -149,14 +148,10 @@ async def test_two_runtimes_with_different_specs_refuse_each_other(
     a_task = load_task(f"csv:{first}", task_spec=str(spec))
     b_task = load_task(f"csv:{second}", task_spec=str(other_spec))
     assert a_task.input_shape == b_task.input_shape  # the tensors line up; the specs do not
-    with trio.fail_after(60):
-        a = make_runtime(a_task, tmp_path / "a", "0/1", rounds=3, round_interval=0.1)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(a.run)
-            assert a.transport is not None
-            b = make_runtime(b_task, tmp_path / "b", "0/1", rounds=3, round_interval=0.1,
-                             bootstrap=(a.transport.addrs[0],))
-            nursery.start_soon(b.run)
+    a, b = await run_two(
+        (a_task, b_task), (tmp_path / "a", tmp_path / "b"), ("0/1", "0/1"),
+        rounds=3, round_interval=0.1,
+    )
     for node in (a, b):
         status = node.status()
         assert status["round"] == 3
@@ -169,7 +164,7 @@ def test_spec_errors_are_one_line_naming_the_file(tmp_path: Path, member_files: 
     good = spec.read_text()
     cases = {
         "missing.toml": (None, "no such file"),
-        "unknown.toml": ('colour = "red"\n' + good, "unknown key 'colour'"),
+        "unknown.toml": ('colour = "red"\n' + good, "unknown key(s) 'colour'"),
         "nomodel.toml": (good.replace('model = "mlp:64"\n', ""), "missing key 'model'"),
         "shape.toml": (good.replace("input_shape = [8]", "input_shape = [3, 8, 8]"),
                        "input_shape is [features]"),

@@ -81,11 +81,12 @@ DEFAULT_COMPENSATION = 0.0
 
 
 def resolve_codec(name: str) -> TensorCodec:
-    """``none`` (raw float32) or a gossip codec id; ValueError naming the choices otherwise."""
-    codec = gossip_resolve_codec("raw" if name == "none" else name)
+    """A gossip codec id (``raw``, ``fp16``, ``int8``, ``topk:F``); ValueError naming the
+    choices otherwise."""
+    codec = gossip_resolve_codec(name)
     if codec is None or not isinstance(codec, RawCodec | Fp16Codec | Int8Codec | TopKCodec):
         raise ValueError(
-            f"unknown compression {name!r}; choose none, fp16, int8 or topk:FRACTION "
+            f"unknown compression {name!r}; choose raw, fp16, int8 or topk:FRACTION "
             "with FRACTION in (0, 1]"
         )
     return codec

@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from topologies.simulator import RoundMetrics  # noqa: E402
@@ -102,17 +104,10 @@ def plot_accuracy(path: Path, runs: Sequence[TopologyRun], centralized: float) -
             [m.accuracy_max for m in run.history],
             alpha=0.12,
         )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.axhline(centralized, color="black", linestyle="--", label="centralized")
-    ax.set(
-        xlabel="round",
-        ylabel="test accuracy (mean over nodes; band: min-max)",
-        title="Accuracy per round",
+    _save_per_round(
+        fig, ax, path, "test accuracy (mean over nodes; band: min-max)", "Accuracy per round"
     )
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_consensus(path: Path, runs: Sequence[TopologyRun]) -> None:
@@ -123,13 +118,16 @@ def plot_consensus(path: Path, runs: Sequence[TopologyRun]) -> None:
             [max(m.consensus_distance, 1e-30) for m in run.history],
             label=run.name,
         )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_yscale("log")
-    ax.set(
-        xlabel="round",
-        ylabel="mean squared distance to the mean model",
-        title="Consensus distance per round",
+    _save_per_round(
+        fig, ax, path, "mean squared distance to the mean model", "Consensus distance per round"
     )
+
+
+def _save_per_round(fig: Figure, ax: Axes, path: Path, ylabel: str, title: str) -> None:
+    """Label a plot over whole rounds, save it as ``path`` and free it."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="round", ylabel=ylabel, title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

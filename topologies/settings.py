@@ -21,9 +21,6 @@ So a wrong value gets the same one-line error from a flag and from TOML.
 from __future__ import annotations
 
 import argparse
-import math
-import tomllib
-import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,6 +29,7 @@ from typing import Any
 import torch
 
 from fltasks.dp_defaults import DP_SGD_CLIP, DP_SGD_NOISE
+from fltasks.settings_file import SettingsFileError, read_toml_table, type_words, typed_value
 from gossip.aggregation import AGGREGATORS
 from topologies.attacks import ATTACKS
 from topologies.graphs import TOPOLOGIES
@@ -81,7 +79,7 @@ class ExperimentConfig:
     degree: int = setting(
         "graph",
         "neighbours per node for random (regular degree) and small-world (k, even), >= 2",
-        4,
+        6,
         metavar="K",
     )
     rewire: float = setting("graph", "small-world rewiring probability in [0, 1]", 0.1, metavar="P")
@@ -211,7 +209,7 @@ class ExperimentConfig:
     )
     # compression
     compression: str = setting(
-        "compression", "none, fp16, int8 or topk:FRACTION", _SIM.compression, metavar="CODEC"
+        "compression", "raw, fp16, int8 or topk:FRACTION", _SIM.compression, metavar="CODEC"
     )
     choco_step: float = setting(
         "compression",
@@ -302,32 +300,17 @@ def _types() -> dict[str, Any]:
     return typing.get_type_hints(ExperimentConfig)
 
 
-def _base_type(hint: Any) -> tuple[type, bool]:
-    """``float | None`` -> (float, True); ``int`` -> (int, False)."""
-    if isinstance(hint, types.UnionType):
-        members = [member for member in hint.__args__ if member is not type(None)]
-        return members[0], True
-    return hint, False
+def _base_type(hint: Any) -> type:
+    """``float | None`` -> float; ``int`` -> int: what a flag's text is parsed into."""
+    members = [member for member in typing.get_args(hint) if member is not type(None)]
+    return members[0] if members else hint
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
-    kind, optional = _base_type(hint)
-    if value is None and optional:
-        return
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return
-    if kind in (int, float) and isinstance(value, bool):
-        raise SettingError(name, f"expected a number, got {value!r}")
-    if not isinstance(value, kind):
-        raise SettingError(name, f"expected {_type_word(kind)}, got {value!r}")
-    if kind is float and not math.isfinite(value):
-        raise SettingError(name, f"expected a finite number, got {value!r}")
-
-
-def _type_word(kind: type) -> str:
-    return {int: "a whole number", float: "a number", str: "text", bool: "true or false"}.get(
-        kind, kind.__name__
-    )
+    try:
+        typed_value(value, hint, finite=True)
+    except SettingsFileError as error:
+        raise SettingError(name, str(error)) from None
 
 
 def flag_name(name: str) -> str:
@@ -338,7 +321,7 @@ def _parse_text(name: str, kind: type, text: str) -> Any:
     try:
         return kind(text)
     except ValueError:
-        raise SettingError(name, f"expected {_type_word(kind)}, got {text!r}") from None
+        raise SettingError(name, f"expected {type_words(kind)}, got {text!r}") from None
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -349,7 +332,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         meta = item.metadata
         group = groups.get(meta["group"]) or parser.add_argument_group(meta["group"])
         groups[meta["group"]] = group
-        kind, _ = _base_type(hints[item.name])
+        kind = _base_type(hints[item.name])
         shown = "" if item.default is None else f" (default {item.default})"
         if kind is bool:
             group.add_argument(
@@ -374,7 +357,7 @@ def config_from_flags(
         text = getattr(flags, item.name, None)
         if text is None:
             continue
-        kind, _ = _base_type(hints[item.name])
+        kind = _base_type(hints[item.name])
         values[item.name] = text if kind is bool else _parse_text(item.name, kind, text)
     return ExperimentConfig(**values)
 
@@ -382,16 +365,9 @@ def config_from_flags(
 def load_toml(path: Path) -> dict[str, Any]:
     """The settings in a TOML file, by field name; unknown keys are refused."""
     try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except OSError as error:
-        raise SettingError("config", f"cannot read {path} ({error.strerror})") from None
-    except tomllib.TOMLDecodeError as error:
-        raise SettingError("config", f"{path} is not valid TOML ({error})") from None
-    known = {item.name for item in fields(ExperimentConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise SettingError("config", f"{path}: unknown key(s) {', '.join(unknown)}")
+        raw = read_toml_table(path, {item.name for item in fields(ExperimentConfig)})
+    except SettingsFileError as error:
+        raise SettingError("config", f"{path}: {error}") from None
     if isinstance(raw.get("out"), str):
         raw["out"] = Path(raw["out"])
     return raw

@@ -90,7 +90,9 @@ class SimulationConfig:
     # Rounds after the last training round that only gossip, as a daemon lingers
     # (--linger): a node's last noisy step is then averaged before it is measured.
     linger_rounds: int = 0
-    local_epochs: int = 1
+    # 10 epochs of each node's few dozen records per round: with 1, even FedAvg ends 5
+    # points below centralized training on digits in 50 rounds (README, "Simulate").
+    local_epochs: int = 10
     train: bool = True
     evaluate: bool = True
     network: NetworkConditions = field(default_factory=NetworkConditions)
@@ -106,7 +108,7 @@ class SimulationConfig:
     dp_noise: float | None = None
     dp_mode: str = "node"  # or "sample": per-record DP-SGD (the daemon's --dp)
     dp_lr: float = DP_SGD_LR  # DP-SGD's learning rate under "sample" (the daemon's --dp-lr)
-    compression: str = "none"  # none, fp16, int8, topk:FRACTION
+    compression: str = "raw"  # raw, fp16, int8, topk:FRACTION (the daemon's codec ids)
     choco_step: float = DEFAULT_CHOCO_STEP  # gamma of top-k's public-copy mixing
     choco_compensation: float = DEFAULT_COMPENSATION  # residual mass a top-k sender keeps
 

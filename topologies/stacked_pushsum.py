@@ -132,12 +132,7 @@ class StackedPushSum:
         if net.conditions.delay:
             self._send_delayed(plan, delivered, coef, w)
         if arrived is not None:
-            mass, weight = arrived
-            hit = np.flatnonzero(weight > 0)
-            if len(hit):
-                idx = torch.from_numpy(hit)
-                scale = torch.from_numpy(1.0 / new_w[hit]).to(self.dtype).unsqueeze(1)
-                out.index_add_(0, idx, mass.index_select(0, idx) * scale)
+            self._absorb_arrivals(out, arrived, new_w)
 
         self._spare, self.estimates = self.estimates, out
         self.weights = new_w

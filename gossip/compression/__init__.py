@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from gossip.compression.base import (
     TensorCodec,
-    codec_by_id,
     register,
     register_family,
     resolve_codec,
@@ -32,7 +31,6 @@ __all__ = [
     "RawCodec",
     "TensorCodec",
     "TopKCodec",
-    "codec_by_id",
     "register",
     "register_family",
     "resolve_codec",

@@ -63,7 +63,6 @@ def resolve_codec(codec_id: str) -> TensorCodec | None:
     return factory(parameter) if factory is not None else None
 
 
-codec_by_id = resolve_codec  # the older name, still used by gossip.codec
 
 
 def element_count(shape: tuple[int, ...]) -> int:

@@ -1,34 +1,27 @@
 """Error feedback: what a lossy codec drops now is added to what is sent next.
 
-A compressor such as top-k drops most of every message; sent on its own, the
-dropped part is lost for good and averaging drifts. With error feedback
+A lossy codec (rounding to fp16 or int8) drops part of every message; sent
+on its own, the dropped part is lost for good and averaging drifts. With error feedback
 (EF-SGD, Karimireddy et al., ICML 2019; the same memory as in CHOCO-SGD,
 Koloskova et al., ICML 2019) the sender keeps the residual ``e`` and sends
 ``C(v + e)``, then keeps ``e <- v + e - C(v + e)``. For a fixed ``v`` the
 residual stays bounded, so the mean of what was sent over t messages is
 ``v - e_t / t``: no part of ``v`` is lost, only delayed.
 
-Which quantity is compressed. CHOCO-SGD compresses the *difference*
-``x - x̂`` between a node's model and a public copy ``x̂`` that every
-neighbour holds and updates in lockstep; that needs every message to reach
-every neighbour, in order. Push-sum here is asynchronous and lossy (a
-message may be dropped, a neighbour may leave), and the receiver folds in
-each message's *whole estimate* with its weight, so there is no shared copy
-to take differences from. The design is therefore the simplest correct one:
-the codec applies to the whole message vector (the sender's estimate, in
-each tensor's own dtype, exactly as the wire carries it), with this memory
-so that the accumulated error is sent later rather than lost.
-
-The trade-off: for ``fp16`` and ``int8`` each message is within a small
+Where it is used. The dense lossy codecs (``fp16``, ``int8``) compress the
+whole message vector (the sender's estimate, in each tensor's own dtype,
+exactly as the wire carries it) with this memory
+(:class:`gossip.encoders.FeedbackEncoder`): each message is within a small
 relative error of the estimate, and the memory removes even that bias over
-time. For ``topk`` each single message is mostly zeros, so a receiver's
-estimate takes a large step towards a sparse vector before later messages
-make up for it; only the time-average is right. Expect to need a larger
-fraction (or more rounds) than difference-compressing schemes report, and
-use ``topk`` where bandwidth, not accuracy per round, is the limit. A refund
-(a failed delivery) does not rewind the memory: the sender gets its exact
-share back and the memory holds the error of a message nobody saw, a bounded
-extra that the next messages carry.
+time, so push-sum's receivers can fold in each message's whole estimate with
+its weight as usual. A refund (a failed delivery) does not rewind the
+memory: the sender gets its exact share back and the memory holds the error
+of a message nobody saw, a bounded extra that the next messages carry.
+
+``topk`` does not use this class: a mostly-zero whole estimate cannot be
+averaged, so it sends differences to a public copy that every receiver holds
+(:mod:`gossip.public_copy`, as in CHOCO-SGD), and the residual ``z - x̂``
+there plays the part of this memory. Only :func:`round_trip` is shared.
 
 One :class:`ErrorFeedback` per tensor, since each tensor is encoded on its
 own; the memory is float64 whatever the tensor's dtype, so the rounding to

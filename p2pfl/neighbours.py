@@ -67,7 +67,7 @@ def _ranked(own: str, known: Sequence[str]) -> tuple[list[str], int]:
     return members, members.index(own)
 
 
-def choose_neighbors(own: str, known: Sequence[str], degree: int) -> list[str]:
+def choose_neighbours(own: str, known: Sequence[str], degree: int) -> list[str]:
     """Up to ``degree`` peers of ``known``: ring neighbours first, then long links."""
     peers = set(known) - {own}
     if len(peers) <= degree:
@@ -78,10 +78,10 @@ def choose_neighbors(own: str, known: Sequence[str], degree: int) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def in_neighbors(own: str, known: Sequence[str], degree: int) -> list[str]:
+def in_neighbours(own: str, known: Sequence[str], degree: int) -> list[str]:
     """The peers of ``known`` that choose ``own`` as a neighbour, when they know what we know.
 
-    Every member runs :func:`choose_neighbors` with the same offsets, so the
+    Every member runs :func:`choose_neighbours` with the same offsets, so the
     peers that link to us sit at our rank minus each offset: at most
     ``degree`` of them, found without running everyone's choice.
     """
