@@ -60,6 +60,7 @@ def reference_curve(noise: float, rate: float, orders: list[float] | None = None
     accountant = rdp_privacy_accountant.RdpAccountant(orders=orders)
     event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise))
     accountant.compose(event, 1)  # the series once; RDP composes linearly in steps
+    # Private fields: the public get_epsilon would rerun the slow series per count.
     rdp = np.asarray(accountant._rdp)
 
     def epsilon(steps: int) -> float:
