@@ -10,9 +10,11 @@ mechanism (Mironov, Talwar, Zhang 2019), whose neighbouring relation is
 add/remove of one record; ``q`` and the number of steps are fixed when the
 trainer is built and are not functions of the records' values.
 
-Randomness comes from one torch generator the caller seeds from OS entropy
-(p2pfl/dp.py), for both the batches and the noise: opacus would otherwise draw
-noise from torch's global generator, which experiments seed. ``secure_mode``
+Randomness comes from one torch generator, for both the batches and the
+noise: opacus would otherwise draw noise from torch's global generator, which
+experiments seed. The daemon passes ``reseed``, which refills the generator's
+whole state from OS entropy before every step (p2pfl/dp.py); the simulator
+passes a seeded generator and no reseed, to be reproducible. ``secure_mode``
 of the optimizer draws each noise value as a sum of several Gaussians, which
 closes the floating-point attack on the noise's low bits (opacus's notes).
 
@@ -25,11 +27,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
@@ -69,6 +73,30 @@ def epsilon_of(history: History, delta: float) -> float:
     return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
 
 
+def noise_for_target(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The least noise multiplier (to opacus's 0.01 in epsilon) whose ``steps`` spend at most
+    ``epsilon``: opacus's ``get_noise_multiplier``, on the same RDP accountant."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant="rdp",
+        )
+    )
+
+
+def sample_rate_of(batch_size: int, records: int) -> float:
+    """Poisson sampling's rate: each record joins a batch with this probability."""
+    return min(1.0, batch_size / records)
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """opacus's ``DPDataLoader`` length: ``1 / q`` batches, rounded down."""
+    return int(1 / sample_rate)
+
+
 class DpSgdTrainer:
     """DP-SGD on one node's records; :meth:`train` runs the steps of one local round.
 
@@ -89,6 +117,7 @@ class DpSgdTrainer:
         clip_norm: float,
         generator: torch.Generator,
         history: History | None = None,
+        reseed: Callable[[torch.Generator], None] | None = None,
     ) -> None:
         if len(x) == 0:
             raise ValueError("cannot train on an empty shard: give every node at least one sample")
@@ -101,7 +130,9 @@ class DpSgdTrainer:
                 f"--dp sample cannot train this model: {first}; "
                 "use a model without BatchNorm (e.g. --model mlp:64)"
             )
-        self.sample_rate = min(1.0, batch_size / len(x))
+        self.sample_rate = sample_rate_of(batch_size, len(x))
+        self.generator = generator
+        self.reseed = reseed
         self.noise_multiplier = float(noise_multiplier)
         self.clip_norm = float(clip_norm)
         self.module = GradSampleModule(model, loss_reduction="sum")
@@ -138,7 +169,11 @@ class DpSgdTrainer:
             # per-sample hooks need only the parameters' (a harmless warning).
             warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
             for _ in range(epochs):
-                for xb, yb in self.loader:
+                batches = iter(self.loader)
+                for _ in range(len(self.loader)):
+                    if self.reseed is not None:  # before the batch and its noise are drawn
+                        self.reseed(self.generator)
+                    xb, yb = next(batches)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss = nn.functional.cross_entropy(self.module(xb), yb, reduction="sum")
                     loss.backward()

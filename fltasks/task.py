@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fltasks.scaling import RawFeatures
 
 
 class TaskError(ValueError):
@@ -42,6 +46,9 @@ class Task:
     # without one; it joins the model fingerprint so that members with different
     # specs refuse each other as wrong-model.
     spec_hash: bytes = b""
+    # A built-in task's unscaled features: each node then scales its own shard
+    # (fltasks/scaling.py, node_view). None when the data is already one owner's.
+    raw_features: RawFeatures | None = None
 
     def __post_init__(self) -> None:
         # A user's own task is checked here, once, rather than failing deep in training.
@@ -57,6 +64,12 @@ class Task:
             if len(x) != len(y):
                 raise TaskError(f"task {self.name!r}: x_{split} has {len(x)} rows "
                                 f"but y_{split} has {len(y)}")
+        raw = self.raw_features
+        if raw is not None and (len(raw.x_train), len(raw.x_test)) != (len(self.y_train),
+                                                                          len(self.y_test)):
+            raise TaskError(f"task {self.name!r}: raw_features has {len(raw.x_train)} train and "
+                            f"{len(raw.x_test)} test rows, but the labels {len(self.y_train)} and "
+                            f"{len(self.y_test)}; replace raw_features with the same rows")
         if self.num_classes < 2:
             raise TaskError(f"task {self.name!r}: num_classes must be >= 2, "
                             f"got {self.num_classes}")

@@ -185,14 +185,22 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         "--dp-clip",
         type=float,
         metavar="C",
-        help="differential privacy: clip to L2 norm C each record's gradient (sample) or "
-        "each round's update (node)",
+        help="differential privacy: clip to L2 norm C each record's gradient (sample; "
+        "default 1) or each round's update (node)",
     )
     add(
         "--dp-noise",
         type=float,
         metavar="SIGMA",
-        help="differential privacy: Gaussian noise of std SIGMA*C (needs --dp-clip)",
+        help="differential privacy: Gaussian noise of std SIGMA*C; --dp sample's default is "
+        "2, or the least noise that keeps --rounds within --dp-target-epsilon",
+    )
+    add(
+        "--dp-lr",
+        type=float,
+        metavar="LR",
+        help="--dp sample: DP-SGD's learning rate (default 1; the task's own rate is for "
+        "non-private SGD)",
     )
     add("--dp-delta", type=float, help="delta of the reported (epsilon, delta) (default 1e-5)")
     add(
@@ -261,6 +269,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "dp",
             "dp_clip",
             "dp_noise",
+            "dp_lr",
             "dp_delta",
             "dp_target_epsilon",
             "log_format",

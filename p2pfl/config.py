@@ -86,9 +86,12 @@ class NodeConfig:
     # Differential privacy (SECURITY.md): "node" clips and noises each round's whole
     # update (gossip/privacy.py), "sample" runs DP-SGD with opacus (fltasks/dp_sgd.py).
     # Without --dp, giving --dp-clip and --dp-noise means "node", as it always has.
+    # Under "sample" all three have defaults (fltasks/dp_defaults.py); the noise is
+    # then chosen to spend --dp-target-epsilon in --rounds when both are given.
     dp: str | None = None
     dp_clip: float | None = None
     dp_noise: float | None = None
+    dp_lr: float | None = None
     dp_delta: float = 1e-5
     # Stop training before epsilon would pass this; keep merging and serving.
     dp_target_epsilon: float | None = None
@@ -201,10 +204,15 @@ class NodeConfig:
     def _validate_privacy(self) -> None:
         if self.dp is not None and self.dp not in DP_MODES:
             raise ConfigError(f"--dp {self.dp!r}: choose node or sample")
-        if self.dp is not None and (self.dp_clip is None or self.dp_noise is None):
+        if self.dp == "node" and (self.dp_clip is None or self.dp_noise is None):
             raise ConfigError(f"--dp {self.dp}: needs --dp-clip C and --dp-noise SIGMA")
-        if (self.dp_clip is None) != (self.dp_noise is None):
+        if self.dp is None and (self.dp_clip is None) != (self.dp_noise is None):
             raise ConfigError("--dp-clip and --dp-noise: give both to turn DP on, or neither")
+        if self.dp_lr is not None:
+            if self.dp_mode != "sample":
+                raise ConfigError("--dp-lr: the DP-SGD learning rate is only used with --dp sample")
+            if not (math.isfinite(self.dp_lr) and self.dp_lr > 0):
+                raise ConfigError(f"--dp-lr {self.dp_lr}: must be a finite number > 0")
         if self.dp_target_epsilon is not None:
             if not self.dp_enabled:
                 raise ConfigError("--dp-target-epsilon: only used with DP on (--dp); drop it")

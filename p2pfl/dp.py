@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
 from p2pfl.config import ConfigError
@@ -52,8 +53,47 @@ def os_entropy_generator() -> torch.Generator:
     """A torch generator seeded from OS entropy, never from the experiment seed.
 
     Batches drawn from a seeded generator are known to whoever knows the seed,
-    and then no amplification by subsampling can be claimed. torch's generator
-    is a Mersenne Twister, not a CSPRNG (opacus's ``secure_mode`` needs
-    torchcsprng, which is not on the package index these machines use): SECURITY.md says so.
+    and then no amplification by subsampling can be claimed. DP-SGD further
+    replaces the generator's whole state from OS entropy before every step
+    (:func:`reseed_from_os_entropy`); the node-level mechanism draws from
+    numpy's PCG64 seeded by OS entropy. SECURITY.md says what this does and
+    does not give.
     """
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+    reseed_from_os_entropy(generator)
+    return generator
+
+
+# torch's CPU generator is a Mersenne Twister (MT19937) whose get_state() is the C struct
+# CPUGeneratorImplState: initial seed (8 bytes), left (4), seeded (4), next (8), then the
+# 624 state words, each stored in 8 bytes (torch 2.13, aten/src/ATen/CPUGeneratorImpl.cpp).
+_MT_WORDS = 624
+_MT_OFFSET = 24
+_FRESH_STATE = torch.Generator().get_state()  # no cached normal sample in it
+
+
+def reseed_from_os_entropy(generator: torch.Generator) -> None:
+    """Replace all 19,968 bits of the generator's MT19937 state with OS entropy.
+
+    opacus's ``secure_mode`` wants torchcsprng (a CSPRNG behind a torch
+    generator), which is not installable here. Short of it, every DP-SGD step
+    draws its Poisson batch and its noise from an MT state that is fresh OS
+    entropy (the kernel's CSPRNG): no state carries from one step to the next,
+    so nothing links steps, and there is no 64-bit seed to search. Within one
+    step the stream is MT's, which is not cryptographically unpredictable; its
+    raw outputs are never released, only noisy gradient sums. The layout is
+    checked on every call, so a torch that stores its state otherwise fails
+    here instead of running on a partly random state.
+    """
+    words = np.frombuffer(os.urandom(4 * _MT_WORDS), dtype=np.uint32).astype(np.uint64)
+    stored = words.view(np.uint8)
+    state = _FRESH_STATE.clone()
+    end = _MT_OFFSET + len(stored)
+    if state.numel() < end:
+        raise RuntimeError(f"torch's generator state has {state.numel()} bytes, expected "
+                           f"at least {end}: the DP-SGD reseed needs updating for this torch")
+    state[_MT_OFFSET:end] = torch.from_numpy(stored.copy())
+    generator.set_state(state)
+    if not torch.equal(generator.get_state()[_MT_OFFSET:end], state[_MT_OFFSET:end]):
+        raise RuntimeError("torch's generator did not take the OS-entropy state; "
+                           "the DP-SGD reseed needs updating for this torch")

@@ -41,6 +41,8 @@ import torch
 import trio
 
 from fltasks import Task, partition
+from fltasks.dp_defaults import DP_SGD_CLIP, DP_SGD_LR, DP_SGD_NOISE
+from fltasks.scaling import node_view
 from gossip import AdmissionPolicy, GossipNode, InvalidUpdate, NodeKey, Outgoing, Reason
 from gossip.attacks import Attacker
 from gossip.delivery import MAX_RECEIPT_BYTES, DeliveryLedger, InvalidReceipt, Receipt
@@ -55,6 +57,7 @@ from p2pfl.dp import (
     non_private_rounds,
     os_entropy_generator,
     refuse_dp_after_raw_rounds,
+    reseed_from_os_entropy,
 )
 from p2pfl.framing import MAX_UVARINT_BYTES
 from p2pfl.neighbours import choose_neighbours, in_neighbours
@@ -161,10 +164,12 @@ class NodeRuntime:
     ) -> None:
         self.config = config
         self.key = key
-        self.task = task
         self.announce = announce
         index, count = config.shard_index
         shards = partition(task.y_train.numpy(), count, config.partition, config.seed)
+        # Features scaled from this node's own shard (or public ranges under --dp sample).
+        task = node_view(task, shards, record_private=config.dp_mode == "sample")
+        self.task = task
         self.shard = torch.as_tensor(shards[index], dtype=torch.long)
         self.x, self.y = task.x_train[self.shard], task.y_train[self.shard]
         self.model = task.make_model()
@@ -222,24 +227,24 @@ class NodeRuntime:
         # reproduce the noise can subtract it.
         self.privacy: GaussianMechanism | None = None
         self.dp_sgd: DpSgdTrainer | None = None
-        if config.dp_clip is not None and config.dp_noise is not None:
-            if config.dp_mode == "sample":
-                from fltasks.dp_sgd import DpSgdTrainer
+        if config.dp_mode == "sample":
+            from fltasks.dp_sgd import DpSgdTrainer
 
-                self.dp_sgd = DpSgdTrainer(
-                    self.model,
-                    self.x,
-                    self.y,
-                    lr=task.lr,
-                    batch_size=task.batch_size,
-                    noise_multiplier=config.dp_noise,
-                    clip_norm=config.dp_clip,
-                    generator=self.generator,
-                )
-            else:
-                self.privacy = GaussianMechanism(
-                    config.dp_clip, config.dp_noise, np.random.default_rng()
-                )
+            self.dp_sgd = DpSgdTrainer(
+                self.model,
+                self.x,
+                self.y,
+                lr=config.dp_lr if config.dp_lr is not None else DP_SGD_LR,
+                batch_size=task.batch_size,
+                noise_multiplier=self._dp_sgd_noise(),
+                clip_norm=config.dp_clip if config.dp_clip is not None else DP_SGD_CLIP,
+                generator=self.generator,
+                reseed=reseed_from_os_entropy,
+            )
+        elif config.dp_clip is not None and config.dp_noise is not None:
+            self.privacy = GaussianMechanism(
+                config.dp_clip, config.dp_noise, np.random.default_rng()
+            )
         # --dp-target-epsilon reached: the node merges and serves but trains no more.
         self.dp_exhausted = False
         # Kept from the checkpoint even while DP is off, so turning it back on resumes it.
@@ -453,6 +458,26 @@ class NodeRuntime:
             # The last round's seconds per phase, peak RSS, the loop's worst stall.
             "phases": self.phases.status(),
         }
+
+    def _dp_sgd_noise(self) -> float:
+        """--dp-noise, else the least noise that spends --dp-target-epsilon in --rounds
+        (both given), else the default; announced, since it fixes the epsilon a run spends."""
+        config = self.config
+        if config.dp_noise is not None:
+            return config.dp_noise
+        if config.dp_target_epsilon is None or config.rounds is None:
+            return DP_SGD_NOISE
+        from fltasks.dp_sgd import noise_for_target, sample_rate_of, steps_per_epoch
+
+        rate = sample_rate_of(self.task.batch_size, len(self.shard))
+        steps = config.rounds * config.local_epochs * steps_per_epoch(rate)
+        noise = noise_for_target(config.dp_target_epsilon, config.dp_delta, rate, steps)
+        self.announce(
+            f"--dp sample: noise {noise:.3f} spends epsilon {config.dp_target_epsilon:g} "
+            f"(delta {config.dp_delta:g}) in {config.rounds} rounds of {steps // config.rounds} "
+            f"steps at sample rate {rate:.3f}"
+        )
+        return noise
 
     def _state_name(self) -> str:
         if self.serving:

@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     with console.status(f"centralized baseline: {epochs} epochs on all the data"):
         centralized = centralized_baseline(task, epochs, options.seed)
     target = options.target or TARGET_FRACTION * centralized.final_accuracy
-    progress, advance = progress_bars(options.rounds, names, options.byzantine > 0)
+    total = options.rounds + options.linger_rounds
+    progress, advance = progress_bars(total, names, options.byzantine > 0)
     with progress:
         runs = run_experiment(task, shards, graphs, config, advance)
     summary = experiment_summary(options, task, centralized, runs, target)

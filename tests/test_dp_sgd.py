@@ -142,7 +142,9 @@ def test_a_malformed_history_is_refused(bad: object) -> None:
     "settings, message",
     [
         ({"dp": "record"}, "choose node or sample"),
-        ({"dp": "sample", "dp_clip": 1.0}, "needs --dp-clip C and --dp-noise SIGMA"),
+        ({"dp": "node", "dp_clip": 1.0}, "needs --dp-clip C and --dp-noise SIGMA"),
+        ({"dp_clip": 1.0, "dp_noise": 1.0, "dp_lr": 1.0}, "only used with --dp sample"),
+        ({"dp": "sample", "dp_lr": 0.0}, "--dp-lr 0.0: must be a finite number > 0"),
         ({"dp_target_epsilon": 8.0}, "only used with DP on"),
         ({"dp": "sample", "dp_clip": 1.0, "dp_noise": 1.0, "dp_target_epsilon": -1.0}, "> 0"),
     ],
@@ -162,36 +164,72 @@ def test_old_node_flags_still_mean_node_mode() -> None:
 def test_the_dp_flags_reach_the_config() -> None:
     from p2pfl.cli import build_parser, node_config
 
-    flags = ["node", "--dp", "sample", "--dp-clip", "1.5", "--dp-noise", "0.8"]
+    flags = ["node", "--dp", "sample", "--dp-clip", "1.5", "--dp-noise", "0.8", "--dp-lr", "2"]
     args = build_parser().parse_args([*flags, "--dp-delta", "1e-6", "--dp-target-epsilon", "8"])
     config = node_config(args)
     assert (config.dp_mode, config.dp_clip, config.dp_noise) == ("sample", 1.5, 0.8)
+    assert config.dp_lr == 2.0
     assert (config.dp_delta, config.dp_target_epsilon) == (1e-6, 8.0)
     old = node_config(build_parser().parse_args(["node", "--dp-clip", "1", "--dp-noise", "2"]))
     assert old.dp_mode == "node"
+
+
+def test_dp_sample_alone_takes_the_declared_defaults(digits: Task, tmp_path: Path) -> None:
+    from fltasks.dp_defaults import DP_SGD_CLIP, DP_SGD_LR, DP_SGD_NOISE
+
+    node = make_runtime(digits, tmp_path, "0/8", dp="sample", min_neighbours=0)
+    trainer = node.dp_sgd
+    assert trainer is not None
+    assert (trainer.noise_multiplier, trainer.clip_norm) == (DP_SGD_NOISE, DP_SGD_CLIP)
+    expected_batch = trainer.optimizer.expected_batch_size
+    assert trainer.optimizer.param_groups[0]["lr"] * expected_batch == pytest.approx(DP_SGD_LR)
+
+
+def test_a_target_and_rounds_choose_the_noise_that_spends_the_target(
+    digits: Task, tmp_path: Path
+) -> None:
+    lines: list[str] = []
+    config = NodeConfig(
+        key=str(tmp_path / "unused.key"), state_dir=str(tmp_path), shard="0/8",
+        status_addr="127.0.0.1:0", dp="sample", dp_target_epsilon=8.0, rounds=40,
+        min_neighbours=0,
+    ).validate()
+    from p2pfl.runtime import NodeRuntime
+
+    node = NodeRuntime(config, NodeKey.generate(), digits, announce=lines.append)
+    trainer = node.dp_sgd
+    assert trainer is not None
+    spent = trainer.epsilon_after(40 * trainer.steps_per_epoch, DELTA)
+    assert 7.9 <= spent <= 8.0  # opacus's search stops within 0.01 below the target
+    assert trainer.epsilon_after(41 * trainer.steps_per_epoch, DELTA) > 8.0
+    assert any(f"noise {trainer.noise_multiplier:.3f} spends epsilon 8" in line for line in lines)
 
 
 # -- the simulator runs the daemon's DP-SGD, node by node ----------------------------------
 
 
 def test_the_simulators_dp_sgd_is_the_daemons_for_the_same_generator(digits: Task) -> None:
+    from fltasks.dp_defaults import DP_SGD_CLIP, DP_SGD_LR
+    from fltasks.scaling import node_view
     from topologies.batched import make_trainer
     from topologies.privacy import DpSgdNodes
 
     shards = partition(digits.y_train, 4, "iid", seed=0)
-    layout = make_trainer(digits).layout
-    nodes = DpSgdNodes(digits, layout, shards, clip_norm=1.0, noise_multiplier=1.0, seed=3)
-    start = layout.flatten(digits.make_model())
+    view = node_view(digits, shards, record_private=True)  # as both scale under --dp sample
+    layout = make_trainer(view).layout
+    nodes = DpSgdNodes(view, layout, shards, clip_norm=DP_SGD_CLIP, noise_multiplier=1.0, seed=3)
+    start = layout.flatten(view.make_model())
     flat = start.repeat(4, 1)
     nodes.train(flat, torch.tensor([2]), epochs=2)
     assert torch.equal(flat[0], start) and not torch.equal(flat[2], start)
 
-    # The daemon's trainer, with the generator the simulator seeds for node 2.
-    model = digits.make_model()
+    # The daemon's trainer (p2pfl/runtime.py builds it so), with the generator the
+    # simulator seeds for node 2.
+    model = view.make_model()
     rows = torch.as_tensor(shards[2], dtype=torch.long)
     daemon = DpSgdTrainer(
-        model, digits.x_train[rows], digits.y_train[rows], lr=digits.lr,
-        batch_size=digits.batch_size, noise_multiplier=1.0, clip_norm=1.0,
+        model, view.x_train[rows], view.y_train[rows], lr=DP_SGD_LR,
+        batch_size=view.batch_size, noise_multiplier=1.0, clip_norm=DP_SGD_CLIP,
         generator=torch.Generator().manual_seed(3 * 100_003 + 2 + 0x5347),
     )
     daemon.train(2)
@@ -240,3 +278,61 @@ def test_dp_sgd_refuses_a_model_whose_batchnorm_mixes_records() -> None:
     with pytest.raises(ValueError, match=r"--dp sample cannot train this model: .*BatchNorm"):
         DpSgdTrainer(small_cnn(3, 32, 32, 10), x, y, lr=0.1, batch_size=4,
                      noise_multiplier=1.0, clip_norm=1.0, generator=torch.Generator())
+
+
+# -- randomness: fresh OS entropy before every DP-SGD step ---------------------------------
+
+
+def test_reseeding_replaces_the_generators_whole_state_with_os_entropy() -> None:
+    from p2pfl.dp import reseed_from_os_entropy
+
+    first, second = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    reseed_from_os_entropy(first)
+    reseed_from_os_entropy(second)
+    # Same seed before, different streams after: the seed no longer decides anything.
+    assert not torch.equal(torch.rand(8, generator=first), torch.rand(8, generator=second))
+    copy = torch.Generator()
+    copy.set_state(first.get_state())
+    assert torch.equal(torch.rand(8, generator=first), torch.rand(8, generator=copy))
+
+
+def test_the_daemons_dp_sgd_reseeds_before_every_step(digits: Task) -> None:
+    from p2pfl.dp import reseed_from_os_entropy
+
+    calls: list[int] = []
+
+    def counting(generator: torch.Generator) -> None:
+        calls.append(1)
+        reseed_from_os_entropy(generator)
+
+    rows = torch.arange(160)
+    trainers = [
+        DpSgdTrainer(
+            digits.make_model(), digits.x_train[rows], digits.y_train[rows], lr=1.0,
+            batch_size=32, noise_multiplier=1.0, clip_norm=1.0,
+            generator=torch.Generator().manual_seed(0), reseed=reseed,
+        )
+        for reseed in (counting, None)
+    ]
+    for trainer in trainers:
+        trainer.train(2)
+    assert len(calls) == 2 * trainers[0].steps_per_epoch == 10
+    assert trainers[0].history() == trainers[1].history()  # the same accounting
+    changed = [torch.cat([p.detach().flatten() for p in t.module.parameters()]) for t in trainers]
+    assert not torch.equal(changed[0], changed[1])  # the seed did not decide the steps
+
+
+def test_a_lingering_simulation_gossips_without_training_or_spending(digits: Task) -> None:
+    from topologies.graphs import ring
+    from topologies.simulator import Simulation, SimulationConfig
+
+    shards = partition(digits.y_train, 4, "iid", seed=0)
+    config = SimulationConfig(rounds=1, linger_rounds=3, local_epochs=1, seed=0, dp_clip=1.0,
+                              dp_noise=1.0, dp_mode="sample")
+    simulation = Simulation.for_task(digits, ring(4), shards, config)
+    history = simulation.run()
+    assert len(history) == 4
+    spent = max(opacus_epsilon(1.0, 32 / len(s), int(len(s) / 32)) for s in shards)
+    assert simulation.epsilon(DELTA) == pytest.approx(spent, rel=1e-9)  # one round's steps
+    distances = [m.consensus_distance for m in history]
+    assert distances[3] < distances[1] < distances[0]  # only averaging after round 1

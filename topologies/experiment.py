@@ -103,6 +103,7 @@ def experiment_summary(
         summary["privacy"] = {
             "clip_norm": options.dp_clip,
             "noise_multiplier": options.dp_noise,
+            **({"learning_rate": options.dp_lr} if options.dp == "sample" else {}),
             "delta": runs[0].delta,
             "epsilon": max(run.epsilon for run in runs),
             "mode": options.dp,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fltasks import Task
+from fltasks.dp_defaults import DP_SGD_LR
 from gossip.privacy import GaussianMechanism, RdpAccountant, clip_rows
 from topologies.batched import ParameterLayout
 
@@ -87,6 +88,7 @@ class DpSgdNodes:
         clip_norm: float,
         noise_multiplier: float,
         seed: int,
+        lr: float = DP_SGD_LR,
     ) -> None:
         from fltasks.dp_sgd import DpSgdTrainer  # opacus only when asked for
 
@@ -101,7 +103,7 @@ class DpSgdNodes:
                     model,
                     task.x_train[rows],
                     task.y_train[rows],
-                    lr=task.lr,
+                    lr=lr,
                     batch_size=task.batch_size,
                     noise_multiplier=noise_multiplier,
                     clip_norm=clip_norm,

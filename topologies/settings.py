@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from fltasks.dp_defaults import DP_SGD_CLIP, DP_SGD_NOISE
 from fltasks.settings_file import SettingsFileError, read_toml_table, type_words, typed_value
 from gossip.aggregation import AGGREGATORS
 from topologies.attacks import ATTACKS
@@ -104,6 +105,12 @@ class ExperimentConfig:
         "dirichlet:0.5",
     )
     rounds: int = setting("learning", "gossip rounds, >= 1", _SIM.rounds, metavar="R")
+    linger_rounds: int = setting(
+        "learning",
+        "rounds after the last that only gossip, as a daemon lingers (--linger)",
+        _SIM.linger_rounds,
+        metavar="R",
+    )
     local_epochs: int = setting(
         "learning",
         "epochs over its own shard each node runs per round",
@@ -174,23 +181,31 @@ class ExperimentConfig:
     # differential privacy
     dp: str = setting(
         "differential privacy (off by default)",
-        "node: clip and noise each round's delta (default); sample: per-record DP-SGD with "
-        "opacus, the daemon's code, node by node (slower)",
+        "node: clip and noise each round's delta (default; needs --dp-clip and --dp-noise); "
+        "sample: per-record DP-SGD with opacus, the daemon's code, node by node (slower; "
+        "on with the daemon's defaults unless --dp-clip, --dp-noise, --dp-lr say otherwise)",
         _SIM.dp_mode,
         choices=("node", "sample"),
     )
     dp_clip: float | None = setting(
         "differential privacy (off by default)",
-        "clip to L2 norm C every honest node's round delta (node) or each record's gradient "
-        "(sample)",
+        f"clip to L2 norm C every honest node's round delta (node) or each record's gradient "
+        f"(sample; default {DP_SGD_CLIP:g})",
         _SIM.dp_clip,
         metavar="C",
     )
     dp_noise: float | None = setting(
         "differential privacy (off by default)",
-        "add N(0, (SIGMA C)^2) per coordinate to the clipped delta",
+        f"add N(0, (SIGMA C)^2) per coordinate to the clipped delta or gradient sum "
+        f"(sample; default {DP_SGD_NOISE:g})",
         _SIM.dp_noise,
         metavar="SIGMA",
+    )
+    dp_lr: float = setting(
+        "differential privacy (off by default)",
+        "sample only: DP-SGD's learning rate (the task's own rate is for non-private SGD)",
+        _SIM.dp_lr,
+        metavar="LR",
     )
     # compression
     compression: str = setting(
@@ -233,6 +248,11 @@ class ExperimentConfig:
             choices = item.metadata["choices"]
             if choices is not None and value not in choices:
                 raise SettingError(item.name, f"{value!r} is not one of {', '.join(choices)}")
+        if self.dp == "sample":  # the daemon's --dp sample defaults, so summary.json shows them
+            if self.dp_clip is None:
+                object.__setattr__(self, "dp_clip", DP_SGD_CLIP)
+            if self.dp_noise is None:
+                object.__setattr__(self, "dp_noise", DP_SGD_NOISE)
 
     @property
     def network(self) -> NetworkConditions:
@@ -254,6 +274,9 @@ class ExperimentConfig:
             raise SettingError(
                 ("byzantine", "nodes"), f"byzantine must be in [0, nodes), got {self.byzantine}"
             )
+        if self.dp_lr != _SIM.dp_lr and self.dp != "sample":
+            raise SettingError("dp_lr", "is DP-SGD's learning rate: give it with --dp sample")
+        passed = {name: getattr(self, name) for name in _PASSED_THROUGH}
         return SimulationConfig(
             rounds=self.rounds,
             local_epochs=self.local_epochs,
@@ -261,11 +284,12 @@ class ExperimentConfig:
             seed=self.seed,
             dtype=torch.float64 if self.float64 else torch.float32,
             dp_mode=self.dp,
-            **{name: getattr(self, name) for name in _PASSED_THROUGH},
+            **passed,
         )
 
 
 _PASSED_THROUGH = (
+    "linger_rounds",
     "aggregator",
     "trim_fraction",
     "clip_radius",
@@ -274,6 +298,7 @@ _PASSED_THROUGH = (
     "attack_scale",
     "dp_clip",
     "dp_noise",
+    "dp_lr",
     "compression",
     "choco_step",
     "choco_compensation",

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 
 from fltasks import Task
+from fltasks.dp_defaults import DP_SGD_LR
+from fltasks.scaling import node_view
 from p2pfl.tuning import return_large_buffers
 from topologies.attacks import ATTACKS, Adversary, choose_byzantine
 from topologies.batched import BatchedTrainer, PaddedShards, make_trainer
@@ -93,6 +95,9 @@ def torch_threads(count: int) -> Iterator[None]:
 @dataclass(frozen=True)
 class SimulationConfig:
     rounds: int = 50
+    # Rounds after the last training round that only gossip, as a daemon lingers
+    # (--linger): a node's last noisy step is then averaged before it is measured.
+    linger_rounds: int = 0
     # 10 epochs of each node's few dozen records per round: with 1, even FedAvg ends 5
     # points below centralized training on digits in 50 rounds (README, "Simulate").
     local_epochs: int = 10
@@ -110,6 +115,7 @@ class SimulationConfig:
     dp_clip: float | None = None
     dp_noise: float | None = None
     dp_mode: str = "node"  # or "sample": per-record DP-SGD (the daemon's --dp)
+    dp_lr: float = DP_SGD_LR  # DP-SGD's learning rate under "sample" (the daemon's --dp-lr)
     compression: str = "raw"  # raw, fp16, int8, topk:FRACTION (the daemon's codec ids)
     choco_step: float = DEFAULT_CHOCO_STEP  # gamma of top-k's public-copy mixing
     choco_compensation: float = DEFAULT_COMPENSATION  # residual mass a top-k sender keeps
@@ -121,6 +127,8 @@ class SimulationConfig:
         """Every problem is a :class:`SettingError` naming the fields to change."""
         if self.rounds < 0:
             raise SettingError("rounds", f"must be >= 0, got {self.rounds}")
+        if self.linger_rounds < 0:
+            raise SettingError("linger_rounds", f"must be >= 0, got {self.linger_rounds}")
         if self.local_epochs < 1:
             raise SettingError("local_epochs", f"must be >= 1, got {self.local_epochs}")
         if self.dtype not in (torch.float32, torch.float64):
@@ -156,6 +164,8 @@ class SimulationConfig:
                 raise SettingError(("dp_clip", "dp_noise"), str(error)) from None
         if self.dp_mode not in ("node", "sample"):
             raise SettingError("dp_mode", f"must be node or sample, got {self.dp_mode!r}")
+        if not (math.isfinite(self.dp_lr) and self.dp_lr > 0):
+            raise SettingError("dp_lr", f"must be a finite number > 0, got {self.dp_lr}")
         try:
             codec = resolve_codec(self.compression)
         except ValueError as error:
@@ -276,7 +286,8 @@ class Simulation:
                 assert task is not None and trainer is not None and shards is not None
                 own = [shards.index[i, : int(shards.sizes[i])].numpy() for i in range(n)]
                 self.dp_sgd = DpSgdNodes(
-                    task, trainer.layout, own, config.dp_clip, config.dp_noise, config.seed
+                    task, trainer.layout, own, config.dp_clip, config.dp_noise, config.seed,
+                    lr=config.dp_lr,
                 )
             elif config.dp_mode == "node":
                 self.privacy = BatchedGaussianMechanism(
@@ -294,10 +305,17 @@ class Simulation:
         *,
         generic: bool = False,
     ) -> Simulation:
-        """Every node starts from the task's one initial model, weighted by its shard size."""
+        """Every node starts from the task's one initial model, weighted by its shard size.
+
+        Each node's features are scaled as its daemon scales them
+        (:func:`fltasks.scaling.node_view`): from its own shard, or from public
+        ranges under ``--dp sample``.
+        """
         n = graph.number_of_nodes()
         if len(shards) != n:
             raise ValueError(f"{len(shards)} shards for {n} nodes")
+        record_private = config.dp_mode == "sample" and config.dp_clip is not None
+        task = node_view(task, shards, record_private=record_private)
         model = task.make_model()
         trainer = make_trainer(task, model, generic=generic)
         initial = trainer.layout.flatten(model)
@@ -335,7 +353,7 @@ class Simulation:
     def step(self) -> RoundMetrics:
         """Train, gossip, measure: one round."""
         plan = self.network.plan(self.round)
-        if self.config.train:
+        if self.config.train and self.round < self.config.rounds:  # then lingering
             self._train(torch.from_numpy(plan.online))
         if self._plain:
             self.state.gossip(plan)
@@ -395,7 +413,7 @@ class Simulation:
         history = []
         small = self.state.estimates.numel() < SINGLE_THREAD_BELOW
         with torch_threads(1) if small else contextlib.nullcontext():
-            for _ in range(self.config.rounds):
+            for _ in range(self.config.rounds + self.config.linger_rounds):
                 metrics = self.step()
                 history.append(metrics)
                 if on_round is not None:
