@@ -238,15 +238,19 @@ def test_nat_and_loss_without_nftables_name_the_package(monkeypatch: pytest.Monk
 
 @pytest.mark.slow
 def test_the_partition_scenario_script_reports_the_heal(tmp_path: Path) -> None:
-    out = tmp_path / "netlab.json"
     script = Path(__file__).parent.parent / "scripts" / "netlab.py"
     subprocess.run(
         [sys.executable, str(script), "partition", "--hosts", "4", "--cut-rounds", "3",
-         "--settle", "5", "--json", str(out)],
+         "--settle", "5", "--out", str(tmp_path)],
         check=True, capture_output=True, timeout=600,
     )
-    [result] = json.loads(out.read_text())
+    [result] = json.loads((tmp_path / "summary.json").read_text())
     assert result["push_failures_during_cut"] > 0
-    assert result["seconds_to_first_cross_update"] is not None
-    assert result["seconds_until_every_node_crossed"] is not None
+    assert result["consensus_distance_at_heal"] > result["consensus_distance_connected"]
+    assert result["rounds_to_connected_accuracy"] is not None
+    assert result["rounds_to_connected_consensus"] is not None
+    assert result["seconds_until_books_complete"] is not None
     assert result["accuracy_min_end"] >= 0.9
+    record = json.loads((tmp_path / "partition.json").read_text())
+    assert [event["label"] for event in record["runs"][0]["events"]] == ["all up", "cut", "heal"]
+    assert (tmp_path / "partition.png").read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,409 @@
+"""Scenarios of the network lab, measured on real daemons (scripts/netlab.py, bench_bandwidth.py).
+
+Each scenario builds a :class:`~p2pfl.netlab.Lab`, runs one daemon per host, polls
+every /status (the live table and the :class:`~p2pfl.netview.History`), and returns
+its measurements as a flat dict. Nothing here asserts: the numbers go to the
+README; the tests assert on behaviour.
+
+Model spread is read from the checkpoints the daemons write every round
+(:meth:`~p2pfl.localnet.LocalNode.saved_state`), so measuring costs the daemons
+nothing. It and the spectral gap come from ``topologies`` (one source for both: the
+simulator reports the same consensus distance).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import torch
+from rich.table import Table
+
+from p2pfl.netlab import LISTEN_PORT, Lab, LabNetwork
+from p2pfl.netview import History, Row, Status, status_table
+from topologies.mixing import metropolis_hastings, rounds_to_consensus, spectral_gap
+from topologies.stacked_pushsum import consensus_distance
+
+POLL_S = 0.5
+# Accuracy on the digits test split moves by a sample or two between polls: a node
+# "has the connected network's accuracy" within this much of it.
+ACCURACY_SLACK = 0.01
+# Seconds of polls averaged for a reference value (before a cut, at the end of a run).
+WINDOW_S = 5.0
+Statuses = list[Status | None]
+Show = Callable[[Table], None]
+
+
+@dataclass(frozen=True)
+class LabOptions:
+    hosts: int = 8
+    degree: int = 3
+    seed: int = 0
+    target: float = 0.90
+    timeout: float = 180.0
+    settle: float = 30.0
+    cut_rounds: int = 10
+    rate_mbit: float = 10.0
+    loss_percent: float = 2.0
+    send_timeout: float = 5.0
+    local_epochs: int = 5
+    daemon_args: tuple[str, ...] = ()
+
+
+class Watch:
+    """Polls every host's /status into the live table and the history; waits on conditions."""
+
+    def __init__(self, net: LabNetwork, history: History, show: Show | None,
+                 spread: bool = False) -> None:
+        self.net = net
+        self.history = history
+        self.show = show
+        self.spread = spread
+        """Also read the checkpoints and record the consensus distance at each poll."""
+        self.statuses: Statuses = []
+        self.distance: float | None = None
+
+    def poll(self) -> Statuses:
+        self.statuses = self.net.statuses()
+        self.history.record(self.statuses)
+        if self.spread:
+            self.distance = model_spread(self.net)
+            if self.distance is not None:
+                self.history.add("consensus distance", self.distance)
+        if self.show is not None:
+            rows = [Row(str(host.index), host.address + ("" if host.nat is None
+                                                          else f" (nat{host.nat})"), status)
+                    for host, status in zip(self.net.lab.hosts, self.statuses, strict=True)]
+            self.show(status_table(self.history.title, rows))
+        return self.statuses
+
+    def until(self, done: Callable[[Statuses], bool], timeout: float,
+              since: float | None = None) -> float | None:
+        """Seconds (since ``since``, a :meth:`History.now`, or since the call) until
+        ``done(statuses)`` holds, or None after ``timeout``."""
+        start = self.history.now() if since is None else since
+        found = self.net.wait_for(lambda: done(self.poll()), timeout, poll=POLL_S)
+        return self.history.now() - start if found else None
+
+    def first_times(self, conditions: dict[str, Callable[[Statuses], bool]], timeout: float,
+                    since: float) -> dict[str, tuple[float, Statuses] | None]:
+        """For each condition: the seconds since ``since`` and the statuses when it first held."""
+        first: dict[str, tuple[float, Statuses] | None] = dict.fromkeys(conditions)
+
+        def check(statuses: Statuses) -> bool:
+            for name, condition in conditions.items():
+                if first[name] is None and condition(statuses):
+                    first[name] = (self.history.now() - since, statuses)
+            return all(value is not None for value in first.values())
+
+        self.until(check, timeout)
+        return first
+
+    def hold(self, seconds: float) -> list[Statuses]:
+        """Poll for ``seconds``; every poll's statuses."""
+        polls: list[Statuses] = []
+        self.until(lambda s: polls.append(s) is not None, seconds)
+        return polls
+
+
+def model_spread(net: LabNetwork) -> float | None:
+    """Mean squared distance of the members' models to their mean (as the simulator's)."""
+    states = [node.saved_state() for node in net.started()]
+    if any(state is None for state in states) or len(states) < 2:
+        return None
+    estimates = torch.from_numpy(np.stack([state.estimate for state in states if state]))
+    return consensus_distance(estimates)
+
+
+def accuracies(statuses: Statuses) -> list[float]:
+    return [s["accuracy"] or 0.0 for s in statuses if s is not None]
+
+
+def all_reach(target: float) -> Callable[[Statuses], bool]:
+    def done(statuses: Statuses) -> bool:
+        return all(s is not None and (s["accuracy"] or 0.0) >= target for s in statuses)
+
+    return done
+
+
+def every_node_trained(statuses: Statuses) -> bool:
+    return all(s is not None and s["round"] >= 1 for s in statuses)
+
+
+def failures(statuses: Statuses) -> int:
+    return sum(sum(s["send_failures"].values()) for s in statuses if s is not None)
+
+
+def rounds(statuses: Statuses) -> list[int]:
+    return [s["round"] if s else 0 for s in statuses]
+
+
+def weight_total(statuses: Statuses) -> float:
+    """The push-sum weight the nodes hold (messages in flight hold the rest)."""
+    return sum(s["weight"] for s in statuses if s is not None)
+
+
+def initial_weight(statuses: Statuses) -> float:
+    """What the weights summed to at the start: each node starts at max(samples, 1)."""
+    return float(sum(max(s["samples"], 1) for s in statuses if s is not None))
+
+
+def round_seconds(before: Statuses, after: Statuses, seconds: float) -> list[float]:
+    return [seconds / (new["round"] - old["round"])
+            for old, new in zip(before, after, strict=True)
+            if old and new and new["round"] > old["round"]]
+
+
+def median_or_none(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def gossip_graph(statuses: Statuses, peer_ids: Sequence[str | None]) -> nx.Graph:
+    """The undirected graph of who pushes to whom, from every node's ``neighbors``."""
+    index = {peer_id: i for i, peer_id in enumerate(peer_ids) if peer_id}
+    graph = nx.Graph()
+    graph.add_nodes_from(range(len(peer_ids)))
+    for i, status in enumerate(statuses):
+        for neighbour in status["neighbors"] if status else ():
+            if neighbour in index:
+                graph.add_edge(i, index[neighbour])
+    return graph
+
+
+def books_complete(net: LabNetwork) -> bool:
+    """Every node's saved peer book holds every other node at its lab address."""
+    expected = {node.peer_id: f"/ip4/{net.lab.hosts[node.index].address}/tcp/{LISTEN_PORT}"
+                for node in net.started()}
+    for node in net.started():
+        state = node.saved_state()
+        if state is None:
+            return False
+        for peer_id, address in expected.items():
+            if peer_id != node.peer_id and not any(
+                addr.startswith(address) for addr in state.peers.get(peer_id, [])
+            ):
+                return False
+    return True
+
+
+def network(lab: Lab, directory: Path, options: LabOptions, *extra: str) -> LabNetwork:
+    daemon = ("--send-timeout", str(options.send_timeout), *options.daemon_args, *extra)
+    return LabNetwork(lab, str(directory), rounds=None, degree=options.degree,
+                      seed=options.seed, local_epochs=options.local_epochs, extra_args=daemon)
+
+
+def run_to_target(options: LabOptions, directory: Path, show: Show | None, title: str, *,
+                  rate_mbit: float | None = None, loss_percent: float = 0.0,
+                  extra: Sequence[str] = (), settle: float = 0.0) -> tuple[Status, History]:
+    """Start the hosts, wait until every node reaches the target (or the timeout), settle.
+
+    Times count from the moment the last daemon is up: ``seconds_to_first_round`` is
+    joining (every node has adopted a model and trained once), ``seconds_to_target``
+    the whole wait, so ``training_seconds_to_target`` is the gossip's share.
+    """
+    history = History(title)
+    with Lab(options.hosts, rate_mbit=rate_mbit, loss_percent=loss_percent) as lab, \
+            network(lab, directory, options, *extra) as net:
+        net.start_all()
+        history.mark("all up")
+        up = history.now()
+        watch = Watch(net, history, show)
+        joined = watch.until(every_node_trained, options.timeout, since=up)
+        left = options.timeout - (joined or options.timeout)
+        reached = None
+        if joined is not None:
+            reached = watch.until(all_reach(options.target), left, since=up)
+        rounds_at_target = rounds(watch.statuses)
+        ends = watch.hold(max(settle, WINDOW_S))
+        end_window = [s for s in ends[-int(WINDOW_S / POLL_S):]]
+        final = watch.statuses
+    alive = [s for s in final if s]
+    mean_accuracy = statistics.mean(statistics.mean(accuracies(s)) for s in end_window if s)
+    return {
+        "seconds_to_first_round": joined,
+        "seconds_to_target": reached,
+        "training_seconds_to_target": None if reached is None else reached - (joined or 0.0),
+        "rounds_median_at_target": None if reached is None else statistics.median(
+            rounds_at_target),
+        "accuracy_min_end": min(accuracies(final)),
+        "accuracy_mean_end": round(mean_accuracy, 4),
+        "rounds_median_end": statistics.median(rounds(final)),
+        "updates_sent": sum(s["updates_sent"] for s in alive),
+        "updates_accepted": sum(s["updates_accepted"] for s in alive),
+        "bytes_sent_mb": round(sum(s["bytes_sent"] for s in alive) / 1e6, 2),
+        "push_failures": failures(final),
+        "rejected": dict(sum((Counter(s["updates_rejected"]) for s in alive), Counter())),
+        "known_peers_min": min(s["known_peers"] for s in alive),
+        "weight_total_end": round(weight_total(final), 3),
+        "weight_total_start": initial_weight(final),
+    }, history
+
+
+def scenario_baseline(options: LabOptions, directory: Path, show: Show | None) -> tuple[
+        Status, list[History]]:
+    result, history = run_to_target(options, directory, show, f"baseline: {options.hosts} hosts",
+                                    settle=options.settle)
+    return {"scenario": "baseline", "hosts": options.hosts, **result}, [history]
+
+
+def scenario_loss(options: LabOptions, directory: Path, show: Show | None) -> tuple[
+        Status, list[History]]:
+    """A clean run and a run with ``loss_percent`` on every link, same seed, one after the other."""
+    runs = {}
+    histories = []
+    for name, loss in (("clean", 0.0), ("lossy", options.loss_percent)):
+        title = f"loss: {options.hosts} hosts, {loss:g} % loss"
+        runs[name], history = run_to_target(options, directory / name, show, title,
+                                            loss_percent=loss, settle=options.settle)
+        histories.append(history)
+    clean, lossy = runs["clean"], runs["lossy"]
+    result: Status = {"scenario": "loss", "hosts": options.hosts,
+                      "loss_percent": options.loss_percent}
+    for name, run in runs.items():
+        result.update({f"{name}_{key}": value for key, value in run.items()
+                       if key != "rejected"})
+    result["lossy_reaches_clean_accuracy"] = (
+        lossy["accuracy_mean_end"] >= clean["accuracy_mean_end"] - ACCURACY_SLACK)
+    return result, histories
+
+
+def scenario_slow(options: LabOptions, directory: Path, show: Show | None) -> tuple[
+        Status, list[History]]:
+    title = f"slow: {options.hosts} hosts at {options.rate_mbit:g} Mbit/s"
+    result, history = run_to_target(options, directory, show, title, rate_mbit=options.rate_mbit,
+                                    extra=("--task", "p2pfl.netlab:wide_digits"))
+    return {"scenario": "slow", "hosts": options.hosts, "rate_mbit": options.rate_mbit,
+            **result}, [history]
+
+
+def scenario_partition(options: LabOptions, directory: Path, show: Show | None) -> tuple[
+        Status, list[History]]:
+    """Cut the hosts in two halves for ``cut_rounds`` rounds, heal, and time the recovery.
+
+    Recovered means: every node's accuracy is back within ``ACCURACY_SLACK`` of the
+    connected network's (the mean of the lowest node's over the seconds before the
+    cut), and the consensus distance is at most its mean over those seconds. The
+    expectation is ``rounds_to_consensus`` on the gossip graph's spectral gap for
+    shrinking the spread from its value at the heal to that reference.
+    """
+    half = options.hosts // 2
+    sides = [list(range(half)), list(range(half, options.hosts))]
+    history = History(f"partition: {options.hosts} hosts, {options.cut_rounds} rounds cut")
+    with Lab(options.hosts) as lab, network(lab, directory, options) as net:
+        net.start_all()
+        history.mark("all up")
+        watch = Watch(net, history, show, spread=True)
+        watch.until(all_reach(options.target), options.timeout)
+        connected = watch.hold(WINDOW_S)
+        spread_ref = statistics.mean(d for _, d in history.series["consensus distance"][-len(
+            connected):])
+        accuracy_ref = statistics.mean(min(accuracies(s)) for s in connected)
+        before_cut = watch.statuses
+        lab.partition(sides)
+        history.mark("cut")
+        at_cut = rounds(before_cut)
+        cut_s = watch.until(lambda s: all(r >= c + options.cut_rounds
+                                         for r, c in zip(rounds(s), at_cut, strict=True)),
+                           options.timeout)
+        at_heal = watch.statuses
+        spread_at_heal = watch.distance
+        books_at_heal = books_complete(net)
+        lab.heal()
+        history.mark("heal")
+        healed_at = history.now()
+        heal_rounds = rounds(at_heal)
+        first = watch.first_times({
+            "accuracy": all_reach(accuracy_ref - ACCURACY_SLACK),
+            "consensus": lambda s: watch.distance is not None and watch.distance <= spread_ref,
+            "books": lambda s: books_complete(net),
+        }, options.timeout, since=healed_at)
+
+        def seconds(name: str) -> float | None:
+            found = first[name]
+            return None if found is None else round(found[0], 2)
+
+        def rounds_since_heal(name: str) -> float | None:
+            found = first[name]
+            if found is None:
+                return None
+            return statistics.median(r - h for r, h in zip(rounds(found[1]), heal_rounds,
+                                                             strict=True))
+
+        watch.hold(options.settle)
+        final = watch.statuses
+        peer_ids = [node.peer_id for node in net.started()]
+    gap = spectral_gap(metropolis_hastings(gossip_graph(final, peer_ids)))
+    expected = None
+    if spread_at_heal and spread_at_heal > spread_ref and gap > 0:
+        # The distance is squared: shrinking it by r shrinks the norm by sqrt(r).
+        expected = rounds_to_consensus(gap, math.sqrt(spread_ref / spread_at_heal))
+    return {
+        "scenario": "partition",
+        "hosts": options.hosts,
+        "accuracy_connected": round(accuracy_ref, 4),
+        "consensus_distance_connected": spread_ref,
+        "consensus_distance_at_heal": spread_at_heal,
+        "round_s_during_cut_median": median_or_none(round_seconds(before_cut, at_heal,
+                                                                  cut_s or options.timeout)),
+        "cut_seconds": cut_s,
+        "push_failures_during_cut": failures(at_heal) - failures(before_cut),
+        "known_peers_min_at_heal": min(s["known_peers"] for s in at_heal if s),
+        "books_complete_at_heal": books_at_heal,
+        "seconds_to_connected_accuracy": seconds("accuracy"),
+        "rounds_to_connected_accuracy": rounds_since_heal("accuracy"),
+        "seconds_to_connected_consensus": seconds("consensus"),
+        "rounds_to_connected_consensus": rounds_since_heal("consensus"),
+        "spectral_gap": round(gap, 4),
+        "rounds_expected_from_gap": expected,
+        "seconds_until_books_complete": seconds("books"),
+        "push_failures_after_heal": failures(final) - failures(at_heal),
+        "accuracy_min_end": min(accuracies(final)),
+        "known_peers_min_end": min(s["known_peers"] for s in final if s),
+    }, [history]
+
+
+def scenario_nat(options: LabOptions, directory: Path, show: Show | None) -> tuple[
+        Status, list[History]]:
+    # Hosts 0-1 public, 2-3 behind NAT 0, 4-5 behind NAT 1.
+    nats = [[2, 3], [4, 5]]
+    options = replace(options, hosts=6)
+    history = History("nat: 0-1 public, 2-3 behind nat0, 4-5 behind nat1")
+    with Lab(6, nats=nats) as lab, network(lab, directory, options) as net:
+        net.start_all()
+        history.mark("all up")
+        watch = Watch(net, history, show)
+        first = watch.poll()
+        watch.hold(options.settle)
+        final = watch.statuses
+        peer_ids = [node.peer_id for node in net.started()]
+    between_nats = 0
+    for index, status in enumerate(final):
+        if status is None or index < 2:
+            continue
+        other = nats[1] if index in nats[0] else nats[0]
+        between_nats += sum(1 for i in other if peer_ids[i] in status["last_seq"])
+    round_s = round_seconds(first, final, options.settle)
+    return {
+        "scenario": "nat",
+        "senders_heard_across_nats": between_nats,
+        "round_s_public_median": median_or_none(round_s[:2]),
+        "round_s_natted_median": median_or_none(round_s[2:]),
+        "accuracy_min": min(accuracies(final)),
+        "push_failures": failures(final),
+    }, [history]
+
+
+SCENARIOS = {
+    "baseline": scenario_baseline,
+    "partition": scenario_partition,
+    "slow": scenario_slow,
+    "nat": scenario_nat,
+    "loss": scenario_loss,
+}
+NEEDS_NFT = ("nat", "loss")
