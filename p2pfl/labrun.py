@@ -200,21 +200,28 @@ def network(lab: Lab, directory: Path, options: LabOptions, *extra: str) -> LabN
 
 def run_to_target(options: LabOptions, directory: Path, show: Show | None, title: str, *,
                   rate_mbit: float | None = None, loss_percent: float = 0.0,
-                  extra: Sequence[str] = (), settle: float = 0.0) -> tuple[Status, History]:
+                  extra: Sequence[str] = (), settle: float = 0.0,
+                  limit_after_join: bool = False) -> tuple[Status, History]:
     """Start the hosts, wait until every node reaches the target (or the timeout), settle.
 
     Times count from the moment the last daemon is up: ``seconds_to_first_round`` is
     joining (every node has adopted a model and trained once), ``seconds_to_target``
-    the whole wait, so ``training_seconds_to_target`` is the gossip's share.
+    the whole wait, so ``training_seconds_to_target`` is the gossip's share. With
+    ``limit_after_join`` the links get ``rate_mbit`` only once every node has joined.
     """
     history = History(title)
-    with Lab(options.hosts, rate_mbit=rate_mbit, loss_percent=loss_percent) as lab, \
+    first_rate = None if limit_after_join else rate_mbit
+    with Lab(options.hosts, rate_mbit=first_rate, loss_percent=loss_percent) as lab, \
             network(lab, directory, options, *extra) as net:
         net.start_all()
         history.mark("all up")
         up = history.now()
         watch = Watch(net, history, show)
         joined = watch.until(every_node_trained, options.timeout, since=up)
+        accuracy_at_join = statistics.mean(accuracies(watch.statuses))
+        if limit_after_join and joined is not None:
+            lab.limit_rate(rate_mbit)
+            history.mark(f"{rate_mbit:g} Mbit/s")
         left = options.timeout - (joined or options.timeout)
         reached = None
         if joined is not None:
@@ -227,8 +234,11 @@ def run_to_target(options: LabOptions, directory: Path, show: Show | None, title
     mean_accuracy = statistics.mean(statistics.mean(accuracies(s)) for s in end_window if s)
     return {
         "seconds_to_first_round": joined,
+        "accuracy_mean_at_first_round": round(accuracy_at_join, 4),
         "seconds_to_target": reached,
         "training_seconds_to_target": None if reached is None else reached - (joined or 0.0),
+        # When the target was not reached: training took longer than this.
+        "training_seconds_watched": None if joined is None else round(left, 1),
         "rounds_median_at_target": None if reached is None else statistics.median(
             rounds_at_target),
         "accuracy_min_end": min(accuracies(final)),

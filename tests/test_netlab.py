@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from gossip.keys import NodeKey
+from p2pfl.labrun import books_complete
 from p2pfl.netlab import (
     PREFIX,
     Lab,
@@ -223,9 +224,29 @@ def test_daemons_train_through_a_cut_and_learn_across_it_after_the_heal(tmp_path
             )
 
         wait_until(crossed, "updates cross the old cut both ways")
+        # Whatever was forgotten in the cut is known again, at the host's own address.
+        wait_until(lambda: books_complete(net), "every saved peer book holds every other host")
         # The connections that went dead in the cut were closed and redialled, not
         # pushed into: none of them is still ESTABLISHED (in retransmission backoff).
         assert not (before_cut & established(lab, 2))
+
+
+def test_a_rate_limit_is_set_on_both_ends_of_every_link_and_lifted() -> None:
+    with Lab(2, nats=[[1]] if NO_NFT is None else []) as lab:
+        ends = [(host.namespace, "eth0") for host in lab.hosts] + [(lab.core, "h0")]
+        if NO_NFT is None:
+            ends.append((f"{lab.tag}-nat0", "h1"))
+
+        def qdiscs() -> list[str]:
+            return [subprocess.run(["tc", "-n", namespace, "qdisc", "show", "dev", device],
+                                   capture_output=True, text=True, check=True).stdout
+                    for namespace, device in ends]
+
+        assert not any("tbf" in shown for shown in qdiscs())
+        lab.limit_rate(5.0)
+        assert all("tbf" in shown and "rate 5Mbit" in shown for shown in qdiscs())
+        lab.limit_rate(None)
+        assert not any("tbf" in shown for shown in qdiscs())
 
 
 def test_nat_and_loss_without_nftables_name_the_package(monkeypatch: pytest.MonkeyPatch,
