@@ -92,7 +92,7 @@ class PublicCopyEncoder:
         self.sender.reset()
 
 
-def encoder_for(codec_id: str, sync_every: int = DEFAULT_SYNC_EVERY) -> Encoder:
+def encoder_for(codec_id: str, sync_every: int | None = DEFAULT_SYNC_EVERY) -> Encoder:
     """The encoder of ``codec_id`` (raw, fp16, int8, topk:F); ValueError if unknown."""
     if codec_id == "raw":
         return RawEncoder()

@@ -20,6 +20,9 @@ class Reason(StrEnum):
     OVERSIZE = "oversize"
     MALFORMED = "malformed"
     UNKNOWN_CODEC = "unknown-codec"
+    # A top-k difference to a public copy the receiver does not hold (it missed the
+    # message before): admitted as authentic, but nothing to fold in.
+    OUT_OF_STEP = "out-of-step"
 
 
 class InvalidUpdate(Exception):

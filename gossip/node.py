@@ -21,12 +21,14 @@ from gossip.admission import (
     Accepted,
     Admission,
     AdmissionPolicy,
+    Rejected,
     Verdict,
     all_finite,
     check_declared_layout,
     check_layout,
 )
 from gossip.aggregation import MAX_WEIGHT, Aggregator, PushSumMean, add_weight
+from gossip.delivery import Receipt
 from gossip.encoders import Encoder, encoder_for
 from gossip.errors import InvalidUpdate, Reason
 from gossip.keys import NodeKey
@@ -55,6 +57,8 @@ class Outgoing:
     seq: int
     tensors: dict[str, np.ndarray]  # what receivers fold in (for top-k: the public copy)
     weight: float
+    # A top-k difference: a peer that is not in step gets :meth:`GossipNode.whole` instead.
+    difference: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,10 @@ class GossipNode:
     # pull us further than that (see merge).
     last_step_norm: float = 0.0
     merges: dict[str, int] = field(default_factory=lambda: {"quorum": 0, "bounded": 0})
-    # Top-k sends differences to a public copy (see gossip/public_copy.py).
-    sync_every: int = DEFAULT_SYNC_EVERY
+    # Top-k sends differences to a public copy (see gossip/public_copy.py), and its
+    # whole copy every ``sync_every`` messages; None: only when :meth:`whole` is asked
+    # for (the daemon knows from receipts which peer is out of step).
+    sync_every: int | None = DEFAULT_SYNC_EVERY
     # What each message carries, per codec (gossip/encoders.py); set from codec_id.
     encoder: Encoder | None = None
     # Receivers' copies of top-k senders' public models.
@@ -103,6 +109,7 @@ class GossipNode:
             self.encoder = encoder_for(self.codec_id, self.sync_every)
         if is_difference_codec(self.codec_id):
             self.public_copies.keep_all = True
+        self.public_copies.layout = self.layout
 
     @classmethod
     def create(
@@ -183,7 +190,6 @@ class GossipNode:
             "coalesced": self.votes.coalesced,
             "votes": len(self.votes.fresh(self.round)),
             "merges": dict(self.merges),
-            "out_of_step": self.public_copies.out_of_step,
         }
 
     def apply_local_step(self, before: np.ndarray, after: np.ndarray) -> None:
@@ -267,7 +273,26 @@ class GossipNode:
             tensors=tensors,
             codec=codec_id,
         )
-        return Outgoing(codec.encode(update, self.key), self.seq, folded, weight)
+        difference = is_difference_codec(codec_id)
+        return Outgoing(codec.encode(update, self.key), self.seq, folded, weight, difference)
+
+    def whole(self, outgoing: Outgoing, now: float) -> bytearray:
+        """``outgoing`` as a whole model (``raw``, same sequence and weight): what a peer
+        that missed a top-k difference gets, so it is back in step at once.
+
+        Receivers fold in the public copy either way, so this is the same share.
+        """
+        update = Update(
+            sender=self.key.public_key,
+            seq=outgoing.seq,
+            samples=self.samples,
+            weight=outgoing.weight,
+            fingerprint=self.layout.fingerprint,
+            created_at=now,
+            tensors=outgoing.tensors,
+            codec="raw",
+        )
+        return codec.encode(update, self.key)
 
     def refund(self, outgoing: Outgoing) -> None:
         """A delivery failed for sure: take its share back so that no mass is lost."""
@@ -293,19 +318,34 @@ class GossipNode:
     ) -> Verdict:
         """Admit one message; an accepted one becomes its sender's vote until :meth:`merge`."""
         verdict = self.admission.admit(data, now, remote_key)
-        if isinstance(verdict, Accepted):
-            self._record(verdict.update)
+        if isinstance(verdict, Accepted) and not self._record(verdict.update):
+            # A top-k difference to a copy we do not hold: nothing to fold in. Refused,
+            # so that the sender takes its share back and sends its whole copy next.
+            self.admission.rejected[Reason.OUT_OF_STEP] += 1
+            self.admission.accepted -= 1
+            return Rejected(Reason.OUT_OF_STEP, "a top-k difference to a copy we do not hold")
         return verdict
 
-    def _record(self, update: Update) -> None:
+    def deliver(
+        self, data: bytes | bytearray | memoryview, now: float, remote_key: bytes
+    ) -> tuple[Verdict, Receipt]:
+        """:meth:`receive`, and the receipt for the peer ``remote_key`` that pushed it
+        (see :mod:`gossip.delivery`)."""
+        last_seq = self.admission.last_seq.get(remote_key)
+        verdict = self.receive(data, now, remote_key)
+        return verdict, Receipt.of(verdict, last_seq)
+
+    def _record(self, update: Update) -> bool:
+        """Make ``update`` its sender's vote; False if there was nothing to fold in."""
         values = self.layout.flatten(update.tensors, dtype=np.float64)
         estimate = self.public_copies.model_of(update.sender, update.seq, update.codec, values)
         if estimate is None:
-            return  # a top-k difference to a copy we do not have: like a lost message
+            return False
         if update.sender not in self.votes and len(self.votes) >= self.inbox_limit:
             self.merge()  # keeps memory bounded however many peers push
             self.votes.forget_merged()
         self.votes.record(update.sender, estimate, update.weight, self.round)
+        return True
 
     def _fold_weight_of(self, share: Share) -> None:
         if self.aggregator.robust:

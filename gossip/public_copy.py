@@ -15,7 +15,12 @@ estimate and resets the copy on both sides. A sender sends ``raw`` first,
 after :meth:`PublicCopySender.reset` (a restart or an adopted model), and
 every ``sync_every`` messages, so a receiver that joined late or lost a
 message is back in step within that many rounds. A difference that arrives
-out of step is not folded in: it is counted, like a lost message.
+out of step is not folded in: it is refused as ``out-of-step``.
+
+The daemon needs no periodic resync: receipts (:mod:`gossip.delivery`) tell
+the sender which peer did not fold in its last message, and that peer alone
+gets the whole copy (:meth:`gossip.node.GossipNode.whole`) instead of the
+difference.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class PublicCopySender:
     """The sender's side: its public copy and when to send it whole."""
 
     codec_id: str
-    sync_every: int = DEFAULT_SYNC_EVERY
+    sync_every: int | None = DEFAULT_SYNC_EVERY  # None: whole only after a reset
     copy: np.ndarray | None = None
     since_sync: int = 0
 
@@ -51,7 +56,7 @@ class PublicCopySender:
         codec = codec_by_id(self.codec_id)
         if codec is None or not is_difference_codec(self.codec_id):
             raise ValueError(f"{self.codec_id!r} is not a difference codec (topk:F)")
-        if self.sync_every < 1:
+        if self.sync_every is not None and self.sync_every < 1:
             raise ValueError("sync_every must be at least 1")
         self.codec: TensorCodec = codec
 
@@ -64,11 +69,13 @@ class PublicCopySender:
     ) -> tuple[str, dict[str, np.ndarray], np.ndarray]:
         """(codec id, tensors to send, the copy receivers will fold in) for this round.
 
-        Both sides hold the copy in float64 and add the same decoded values
-        to it in the same order, so the sender's and every in-step receiver's
-        copies are equal bit for bit.
+        Both sides add the same decoded values to the copy in the same order
+        and round the sum to the model's dtypes, so the sender's and every
+        in-step receiver's copies are equal bit for bit, and the whole copy
+        (:meth:`gossip.node.GossipNode.whole`) is exactly representable.
         """
-        if self.copy is None or self.since_sync + 1 >= self.sync_every:
+        due = self.sync_every is not None and self.since_sync + 1 >= self.sync_every
+        if self.copy is None or due:
             tensors = {
                 name: np.array(a, copy=True) for name, a in layout.unflatten(estimate).items()
             }
@@ -77,9 +84,14 @@ class PublicCopySender:
             return "raw", tensors, self.copy.copy()
         difference = layout.unflatten(estimate - self.copy)
         sent = {name: round_trip(self.codec, array) for name, array in difference.items()}
-        self.copy = self.copy + layout.flatten(sent, dtype=np.float64)
+        self.copy = in_model_dtypes(layout, self.copy + layout.flatten(sent, dtype=np.float64))
         self.since_sync += 1
         return self.codec_id, sent, self.copy.copy()
+
+
+def in_model_dtypes(layout: ModelLayout, vector: np.ndarray) -> np.ndarray:
+    """``vector`` rounded to the model's tensor dtypes (float32, mostly), as float64."""
+    return layout.flatten(layout.unflatten(vector), dtype=np.float64)
 
 
 @dataclass
@@ -99,6 +111,8 @@ class PublicCopies:
 
     keep_all: bool = False
     limit: int = DEFAULT_MAX_COPIES
+    # Set by the node: sums are rounded to its model's dtypes, as the sender's are.
+    layout: ModelLayout | None = None
     copies: OrderedDict[bytes, _Copy] = field(default_factory=OrderedDict)
     difference_senders: set[bytes] = field(default_factory=set)
     out_of_step: int = 0
@@ -121,7 +135,10 @@ class PublicCopies:
             self.copies.pop(sender, None)
             self.out_of_step += 1
             return None
-        updated = _Copy(seq, known.vector + values)
+        summed = known.vector + values
+        if self.layout is not None:
+            summed = in_model_dtypes(self.layout, summed)
+        updated = _Copy(seq, summed)
         self._keep(sender, updated)
         return updated.vector
 

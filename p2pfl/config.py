@@ -18,6 +18,7 @@ from gossip.attacks import ATTACKS
 from gossip.compression import codec_by_id
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from gossip.node import DEFAULT_QUORUM
+from p2pfl.deadlines import Deadlines
 
 
 class ConfigError(ValueError):
@@ -103,6 +104,11 @@ class NodeConfig:
     @property
     def min_link_bytes_per_s(self) -> float:
         return self.min_link_mbit * 1e6 / 8
+
+    @property
+    def deadlines(self) -> Deadlines:
+        """Every network deadline these settings give (p2pfl/deadlines.py)."""
+        return Deadlines(self.send_timeout, self.read_timeout, self.min_link_bytes_per_s)
 
     @property
     def dp_mode(self) -> str | None:

@@ -8,6 +8,7 @@ starts first; the others bootstrap from the address it prints.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -67,7 +68,8 @@ class LocalNode:
         try:
             with urllib.request.urlopen(self.status_url, timeout=timeout) as response:
                 return json.load(response)
-        except (urllib.error.URLError, OSError, ValueError):
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException):
+            # HTTPException: e.g. IncompleteRead from a node exiting mid-answer.
             return None
 
     def saved_state(self) -> NodeState | None:

@@ -41,8 +41,12 @@ MAX_PEER_ID_CHARS = 64
 MAX_REQUEST_BYTES = 4 * 1024
 MAX_REPLY_BYTES = 256 * 1024
 DEFAULT_MAX_BOOK_PEERS = 1024
-# A first-hand peer is forgotten after this many failed exchanges in a row.
+# A first-hand peer that cannot be dialled is kept (not chosen as a neighbour, redialled
+# by discovery) and forgotten only after this many failures in a row spread over at
+# least FORGET_UNREACHABLE_AFTER_S: a partition or a reboot is not a departure, and a
+# node that forgot everyone across a cut could never heal (measured in the lab).
 MAX_CONSECUTIVE_FAILURES = 3
+FORGET_UNREACHABLE_AFTER_S = 600.0
 # Second-hand addresses kept per peer: a liar cannot fill every slot of a real peer.
 MAX_HEARD_ADDRS = 2
 # Second-hand entries one source may have in the book: half a reply.
@@ -70,6 +74,8 @@ class PeerEntry:
     heard: tuple[str, ...] = ()
     """Second-hand addresses (at most MAX_HEARD_ADDRS), dropped once it is first-hand."""
     failures: int = 0
+    unreachable_since: float | None = None
+    """When the first of the current run of failed dials happened (None: reachable)."""
 
     def addrs(self) -> list[str]:
         merged = dict.fromkeys([*self.verified, *self.claimed, *self.heard])
@@ -176,24 +182,40 @@ class PeerBook:
         entry = self._entries.get(peer_id)
         if entry is not None:
             entry.failures = 0
+            entry.unreachable_since = None
             entry.first_hand = True
             entry.source = None
             entry.last_seen = self._clock()
 
     def mark_failed(self, peer_id: str) -> bool:
-        """Count a failed exchange; True if the peer was forgotten because of it.
+        """Count a failed dial or exchange; True if the peer was forgotten because of it.
 
         A second-hand entry is forgotten at its first failure: it was never shown to
-        exist. A first-hand one after MAX_CONSECUTIVE_FAILURES in a row.
+        exist. A first-hand one becomes unreachable (no longer ``reachable``) and is
+        forgotten only once it has failed MAX_CONSECUTIVE_FAILURES times in a row over
+        at least FORGET_UNREACHABLE_AFTER_S. Being slow is not a failure: callers mark
+        only what could not be dialled or answered.
         """
         entry = self._entries.get(peer_id)
         if entry is None:
             return False
+        now = self._clock()
         entry.failures += 1
-        if not entry.first_hand or entry.failures >= MAX_CONSECUTIVE_FAILURES:
+        if entry.unreachable_since is None:
+            entry.unreachable_since = now
+        gone = (
+            entry.failures >= MAX_CONSECUTIVE_FAILURES
+            and now - entry.unreachable_since >= FORGET_UNREACHABLE_AFTER_S
+        )
+        if not entry.first_hand or gone:
             del self._entries[peer_id]
             return True
         return False
+
+    def reachable(self, peer_id: str) -> bool:
+        """Known first-hand, and its last dial (if any) did not fail."""
+        entry = self._entries.get(peer_id)
+        return entry is not None and entry.first_hand and entry.unreachable_since is None
 
     def remove(self, peer_id: str) -> None:
         self._entries.pop(peer_id, None)
@@ -231,6 +253,8 @@ class PeerBook:
         second = self.second_hand()
         first = self.known()
         take_first = min(len(first), max(1, k - len(second))) if k > 0 else 0
+        # Unreachable first-hand peers are candidates too: redialling them is how a
+        # healed partition is noticed.
         chosen = self._rng.sample(first, take_first)
         chosen += self._rng.sample(second, min(k - len(chosen), len(second)))
         return [(pid, self._entries[pid].addrs()) for pid in chosen]

@@ -3,10 +3,15 @@
 There is no barrier anywhere. Each local round trains in a worker thread
 (so libp2p streams keep draining: yamux fails a sender whose receiver stops
 reading for 5 s), merges its neighbours' votes once (gossip/votes.py: one
-vote per neighbour, a quorum for robust rules), pushes one signed update to
-the current neighbours concurrently, each push under a timeout, and
-checkpoints. A dead neighbour costs one timeout and its weight share is
-refunded; a slow one costs nothing at all. Rounds are paced
+vote per neighbour, a quorum for robust rules), checkpoints, and starts one
+push of a signed update to each current neighbour in the background: a round
+never waits for its pushes. A neighbour whose previous push is still in
+flight is skipped that round (its share is not split off), so at most one
+update per link is in flight and pushes to a slow link cannot pile up. Each
+push is answered by a receipt (gossip/delivery.py), so a share is refunded
+only when the receiver did not take it, and weight is never created by a
+timeout. A peer that cannot be dialled is marked unreachable and skipped
+until discovery reaches it again; being slow forgets nobody. Rounds are paced
 (``--round-interval``), and a node that has finished its ``--rounds`` keeps
 gossiping without training for ``--linger`` seconds, so members that started
 later are not left to train alone.
@@ -37,6 +42,7 @@ import trio
 from fltasks import Task, partition
 from gossip import AdmissionPolicy, GossipNode, InvalidUpdate, NodeKey, Outgoing, Reason
 from gossip.attacks import Attacker
+from gossip.delivery import MAX_RECEIPT_BYTES, DeliveryLedger, InvalidReceipt, Receipt
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from gossip.node import GossipState
 from gossip.privacy import GaussianMechanism, RdpAccountant
@@ -48,12 +54,12 @@ from p2pfl.dp import (
     os_entropy_generator,
     refuse_dp_after_raw_rounds,
 )
-from p2pfl.framing import MAX_UVARINT_BYTES, frame_deadline
+from p2pfl.framing import MAX_UVARINT_BYTES
 from p2pfl.neighbors import choose_neighbors, in_neighbors
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
 from p2pfl.ratelimit import MIB, LogThrottle, PeerRateLimiter
 from p2pfl.status import serve_status
-from p2pfl.transport import Transport, TransportError
+from p2pfl.transport import Transport, TransportError, Unanswered
 
 if TYPE_CHECKING:
     from fltasks.dp_sgd import DpSgdTrainer  # opacus is imported only under --dp sample
@@ -61,10 +67,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-UPDATE_PROTOCOL = "/p2pfl/update/1.0.0"
+# 1.1.0: every update is answered with a receipt (docs/PROTOCOL.md).
+UPDATE_PROTOCOL = "/p2pfl/update/1.1.0"
 MODEL_PROTOCOL = "/p2pfl/model/1.0.0"
-DIAL_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = NodeConfig.read_timeout  # the default; config.read_timeout is what runs
 DISCOVERY_INTERVAL_S = 2.0
 DISCOVERY_FANOUT = 3
 WAIT_LOG_INTERVAL_S = 10.0
@@ -188,6 +193,8 @@ class NodeRuntime:
             aggregator=config.make_aggregator(),
             codec_id=config.compression,
             quorum=config.quorum,
+            # Receipts say which peer missed a top-k difference; only it gets the whole copy.
+            sync_every=None,
             # A fresh state numbers its updates from the clock (microseconds), so a node
             # that lost its state dir is not refused as a replay by peers that saw its
             # old sequence numbers; a checkpoint, when there is one, overrides this.
@@ -232,8 +239,18 @@ class NodeRuntime:
         self.store.lock()  # held until run() ends; the kernel drops it if we crash
         self.round = 0
         self.accuracy: float | None = None
+        self.deadlines = config.deadlines
         self.updates_sent = 0
         self.send_failures: Counter[str] = Counter()
+        # Pushes refused by their receiver, by the receipt's reason (their share came back).
+        self.pushes_refused: Counter[str] = Counter()
+        # Shares whose receipt has not come yet, per peer (gossip/delivery.py).
+        self.deliveries: DeliveryLedger[Outgoing] = DeliveryLedger()
+        # Peers with a push in flight: never two at once on one link.
+        self._pushing: set[str] = set()
+        self._push_nursery: trio.Nursery | None = None
+        # The whole-model form of the current top-k message, made once per round.
+        self._whole: tuple[int, bytearray] | None = None
         self.neighbors: list[str] = []
         self.started = time.monotonic()
         self.transport: Transport | None = None
@@ -389,6 +406,11 @@ class NodeRuntime:
                 for sender, seq in view["last_seq"].items()
             },
             "send_failures": dict(self.send_failures),
+            # What became of pushed shares: delivered, refused, refunded, lost; and
+            # how many wait for a receipt (docs/PROTOCOL.md §4).
+            "deliveries": {**self.deliveries.counts, "held": self.deliveries.held_count()},
+            "pushes_refused": dict(self.pushes_refused),
+            "pushes_in_flight": len(self._pushing),
             "streams_refused": dict(transport.streams_refused) if transport else {},
             # Connections cut before any stream (p2pfl.gating), by reason.
             "connections_refused": dict(transport.connections_refused) if transport else {},
@@ -399,8 +421,6 @@ class NodeRuntime:
             # The members whose median model this node started from when it joined.
             "adopted_from": self.adopted_from,
             "join_refused": dict(self.join_refused),
-            # Top-k differences that arrived when our copy of the sender was stale.
-            "out_of_step": counters["out_of_step"],
             "attack": self.config.attack,
             "dp": self.config.dp_mode,
             "epsilon": self.epsilon,
@@ -481,21 +501,24 @@ class NodeRuntime:
                 continue  # not an ed25519 id: it could not sign an update anyway
         await self._gossip(self.gossip.set_peers, frozenset(allowed))
 
-    async def _on_update(self, peer_id: str, payload: bytes) -> None:
+    async def _on_update(self, peer_id: str, payload: bytes) -> bytes:
+        """Admit one pushed update; the reply is its receipt (gossip/delivery.py)."""
         try:
             sender_key = public_key_from_peer_id(peer_id)
         except ValueError:
             # Not an ed25519 identity (e.g. secp256k1): it cannot sign updates for us.
             self.refused_updates["unsupported-key"] += 1
             self._log_rejection(peer_id, "unsupported-key", "its peer id is not an ed25519 key")
-            return None
+            return Receipt("unsupported-key", 0).encode()
         await self._refresh_peers()
-        verdict = await self._gossip(self.gossip.receive, payload, time.time(), sender_key)
+        verdict, receipt = await self._gossip(
+            self.gossip.deliver, payload, time.time(), sender_key
+        )
         if verdict.accepted:
             self.book.mark_alive(peer_id)
         else:
             self._log_rejection(peer_id, verdict.reason.value, verdict.detail)
-        return None
+        return receipt.encode()
 
     def _log_rejection(self, peer_id: str, reason: str, detail: str) -> None:
         """One bounded line per peer and reason every REJECTION_LOG_INTERVAL_S at most;
@@ -522,7 +545,7 @@ class NodeRuntime:
         last: Exception | None = None
         for addr in self.book.addrs(peer_id):
             try:
-                await self.transport.connect(addr, DIAL_TIMEOUT_S)
+                await self.transport.connect(addr, self.deadlines.dial)
                 return
             except (TransportError, ValueError) as error:
                 last = error
@@ -534,13 +557,15 @@ class NodeRuntime:
         reached = []
         for addr in self.config.bootstrap:
             try:
-                peer_id = await self.transport.connect(addr, DIAL_TIMEOUT_S)
+                peer_id = await self.transport.connect(addr, self.deadlines.dial)
                 if self.members is not None and peer_id not in self.members:
                     logger.warning("bootstrap %s: not in the allowlist; skipped", addr)
                     await self.transport.disconnect(peer_id)
                     continue
                 self.book.add(peer_id, [addr])
-                await exchange_peers(self.transport, peer_id, self.book, DIAL_TIMEOUT_S)
+                await exchange_peers(
+                    self.transport, peer_id, self.book, self.deadlines.peer_exchange
+                )
                 reached.append(peer_id)
             except (TransportError, ValueError) as error:
                 logger.warning("bootstrap %s: %s", addr, error)
@@ -552,8 +577,33 @@ class NodeRuntime:
             if not self.book.known() and self.config.bootstrap:
                 await self._bootstrap()
             else:
-                await discovery_round(self.transport, self.book, DISCOVERY_FANOUT, DIAL_TIMEOUT_S)
+                await self._redial_unreachable()
+                await discovery_round(
+                    self.transport, self.book, DISCOVERY_FANOUT, self.deadlines.peer_exchange
+                )
             await trio.sleep(DISCOVERY_INTERVAL_S)
+
+    async def _redial_unreachable(self) -> None:
+        """Dial every known peer whose last dial failed: how a healed partition is seen.
+
+        Each address is dialled at most a few times a minute (the transport's budget),
+        so this costs little while the peer stays away.
+        """
+
+        async def redial(peer_id: str) -> None:
+            try:
+                await self._connect(peer_id)
+            except TransportError:
+                if self.book.mark_failed(peer_id):
+                    self.deliveries.forget(peer_id)
+                    logger.info("forgot %s: undialable for long", peer_id)
+                return
+            self.book.mark_alive(peer_id)
+
+        async with trio.open_nursery() as nursery:
+            for peer_id in self.book.known():
+                if not self.book.reachable(peer_id):
+                    nursery.start_soon(redial, peer_id)
 
     async def _adopt_current_model(self, reached: list[str]) -> None:
         """A fresh node starts from the median of several members' models, never one's.
@@ -574,9 +624,7 @@ class NodeRuntime:
         models: list[np.ndarray] = []
         sources: list[dict[str, Any]] = []
         # A snapshot is about our own model's size (float32 parameters).
-        deadline = frame_deadline(
-            DIAL_TIMEOUT_S, 4 * self.gossip.layout.size, self.config.min_link_bytes_per_s
-        )
+        deadline = self.deadlines.model_fetch(self.gossip.layout.size)
         for peer_id in candidates:
             try:
                 sender = public_key_from_peer_id(peer_id)
@@ -624,36 +672,85 @@ class NodeRuntime:
                 next_log += WAIT_LOG_INTERVAL_S
             await trio.sleep(0.1)
 
-    async def _push(self, outgoing: Outgoing, peers: list[str]) -> None:
+    def _push(self, outgoing: Outgoing, peers: list[str]) -> None:
+        """Start one push of ``outgoing`` to each of ``peers`` in the background.
+
+        The caller has left out peers with a push in flight (:meth:`_free`) and split
+        the weight for exactly these, so every share is accounted for.
+        """
+        assert self._push_nursery is not None
+        for peer_id in peers:
+            self._pushing.add(peer_id)
+            self._push_nursery.start_soon(self._push_one, outgoing, peer_id)
+
+    def _free(self, peers: Iterable[str]) -> list[str]:
+        """``peers`` that can take a push now: reachable, with none in flight."""
+        return [p for p in peers if p not in self._pushing and self.book.reachable(p)]
+
+    async def _push_one(self, outgoing: Outgoing, peer_id: str) -> None:
         assert self.transport is not None
         transport = self.transport
-        # The deadline grows with the update's size at the slowest link we serve.
-        timeout = frame_deadline(
-            self.config.send_timeout, len(outgoing.message), self.config.min_link_bytes_per_s
-        )
-
-        async def push_one(peer_id: str) -> None:
+        try:
+            message = outgoing.message
+            if outgoing.difference and not self.deliveries.in_step(peer_id, outgoing.seq):
+                message = await self._gossip(self._whole_message, outgoing)
             try:
-                with trio.fail_after(timeout):
-                    await self._connect(peer_id)
-                    await transport.send(peer_id, UPDATE_PROTOCOL, outgoing.message, timeout)
-            except (TransportError, trio.TooSlowError) as error:
-                # After a network heals, TCP connections sit ESTABLISHED in retransmission
-                # backoff for minutes and every new stream queues behind them: close the
-                # connection so the next push redials (in the background: not our round's).
-                transport.nursery.start_soon(transport.disconnect, peer_id)
-                # Not delivered: take the weight share back so no mass is lost.
-                await self._gossip(self.gossip.refund, outgoing)
+                await self._connect(peer_id)
+            except TransportError as error:
+                # Not dialled: certainly not delivered. Unreachable until discovery
+                # reaches it again; forgotten only once gone a long while.
+                await self._refund(self.deliveries.not_sent(peer_id, outgoing))
                 self.send_failures[peer_id] += 1
                 if self.book.mark_failed(peer_id):
-                    logger.info("forgot neighbour %s after repeated failures", peer_id)
-                logger.debug("push to %s failed: %s", peer_id, error)
+                    self.deliveries.forget(peer_id)
+                    logger.info("forgot neighbour %s: undialable for long", peer_id)
+                logger.debug("push to %s: dial failed: %s", peer_id, error)
                 return
-            self.updates_sent += 1
+            try:
+                reply = await transport.request(
+                    peer_id,
+                    UPDATE_PROTOCOL,
+                    message,
+                    self.deadlines.push(len(message)),
+                    MAX_RECEIPT_BYTES,
+                )
+                receipt = Receipt.decode(reply)
+            except (Unanswered, InvalidReceipt) as error:
+                # The peer may have taken it: hold the share until its next receipt.
+                self.deliveries.unanswered(peer_id, outgoing)
+                self._push_failed(peer_id, error)
+                return
+            except TransportError as error:
+                await self._refund(self.deliveries.not_sent(peer_id, outgoing))
+                self._push_failed(peer_id, error)
+                return
+            self.book.mark_alive(peer_id)
+            await self._refund(self.deliveries.answered(peer_id, outgoing, receipt))
+            if receipt.accepted:
+                self.updates_sent += 1
+            else:
+                self.pushes_refused[receipt.verdict] += 1
+        finally:
+            self._pushing.discard(peer_id)
 
-        async with trio.open_nursery() as nursery:
-            for peer_id in peers:
-                nursery.start_soon(push_one, peer_id)
+    def _push_failed(self, peer_id: str, error: Exception) -> None:
+        assert self.transport is not None
+        self.send_failures[peer_id] += 1
+        # After a network heals, TCP connections sit ESTABLISHED in retransmission
+        # backoff for minutes and every new stream queues behind them: close the
+        # connection so the next push redials.
+        self.transport.nursery.start_soon(self.transport.disconnect, peer_id)
+        logger.debug("push to %s failed: %s", peer_id, error)
+
+    def _whole_message(self, outgoing: Outgoing) -> bytearray:
+        """Under the gossip lock: the whole-copy form of this round's top-k message, once."""
+        if self._whole is None or self._whole[0] != outgoing.seq:
+            self._whole = (outgoing.seq, self.gossip.whole(outgoing, time.time()))
+        return self._whole[1]
+
+    async def _refund(self, shares: list[Outgoing]) -> None:
+        for share in shares:
+            await self._gossip(self.gossip.refund, share)
 
     # -- the round ------------------------------------------------------------------------
 
@@ -684,16 +781,17 @@ class NodeRuntime:
         snapshot = await self._gossip(self._estimate)
         self.accuracy = await trio.to_thread.run_sync(self._evaluate, snapshot)
         self.neighbors = choose_neighbors(self.key.peer_id, self.book.known(), self.config.degree)
+        targets = self._free(self.neighbors)
         if self.attacker is not None:
             outgoing = await self._gossip(self.attacker.prepare, time.time())
         else:
-            outgoing = await self._gossip(self.gossip.prepare, len(self.neighbors), time.time())
+            outgoing = await self._gossip(self.gossip.prepare, len(targets), time.time())
         if not self.serving:
             self.round += 1
         # Checkpoint before sending: a restart then never reuses a sequence number
         # that peers have already seen.
         await self.checkpoint()
-        await self._push(outgoing, self.neighbors)
+        self._push(outgoing, targets)
         logger.info(
             "round %d accuracy %.4f neighbours %d%s",
             self.round,
@@ -745,10 +843,10 @@ class NodeRuntime:
         """An --attack member pushes its attack to every peer it knows, as fast as allowed."""
         assert self.attacker is not None
         while True:
-            peers = self.book.known()
+            peers = self._free(self.book.known())
             if peers:
                 outgoing = await self._gossip(self.attacker.prepare, time.time())
-                await self._push(outgoing, peers)
+                self._push(outgoing, peers)
             await trio.sleep(ATTACK_PUSH_INTERVAL_S)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -770,6 +868,7 @@ class NodeRuntime:
             serve_peer_exchange(transport, self.book, read_timeout=timeout)
             try:
                 async with trio.open_nursery() as nursery:
+                    self._push_nursery = nursery
                     host, port = parse_host_port(config.status_addr)
                     bound = await nursery.start(serve_status, host, port, self.status)
                     self.announce(f"peer-id {self.key.peer_id}")

@@ -23,9 +23,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from p2pfl.deadlines import STATUS_READ_S
+
 logger = logging.getLogger(__name__)
 
-REQUEST_TIMEOUT_S = 5.0
 MAX_REQUEST_BYTES = 8192
 MAX_CONNECTIONS = 16
 LINGER_S = 1.0
@@ -64,6 +65,20 @@ class _StatusCollector(Collector):
             for reason, count in sorted(status["updates_rejected"].items()):
                 rejected.add_metric([reason], count)
             yield rejected
+        if status.get("deliveries"):
+            fates = GaugeMetricFamily(
+                "p2pfl_push_shares",
+                "Pushed weight shares by fate: delivered, refused, refunded, lost, held "
+                "(awaiting a receipt).",
+                labels=["fate"],
+            )
+            for fate, count in sorted(status["deliveries"].items()):
+                fates.add_metric([fate], count)
+            yield fates
+        if status.get("weight") is not None:
+            yield GaugeMetricFamily(
+                "p2pfl_pushsum_weight", "This node's push-sum weight.", value=status["weight"]
+            )
         yield CounterMetricFamily(
             "p2pfl_bytes_sent", "Payload bytes sent.", value=status["bytes_sent"]
         )
@@ -171,7 +186,7 @@ async def serve_status(
     task_status: Any = trio.TASK_STATUS_IGNORED,
     *,
     max_connections: int = MAX_CONNECTIONS,
-    read_timeout: float = REQUEST_TIMEOUT_S,
+    read_timeout: float = STATUS_READ_S,
 ) -> None:
     """Serve until cancelled; reports the bound ``(host, port)`` through ``task_status``."""
     open_connections = 0

@@ -36,6 +36,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from gossip.keys import NodeKey
+from p2pfl.deadlines import HOST_CLOSE_S, STREAM_CLEANUP_S
 from p2pfl.framing import FrameError, encode_uvarint, read_frame, write_frame
 from p2pfl.gating import DEFAULT_MAX_CONNECTIONS_PER_IP, ConnectionGate, InboundGuard
 from p2pfl.host import new_node_host, parse_multiaddr, split_peer_multiaddr
@@ -49,8 +50,6 @@ DEFAULT_MAX_INBOUND_STREAMS_PER_PEER = 8
 DEFAULT_MAX_INBOUND_STREAMS = 64
 # Closing or resetting a stream writes one small muxer frame; on a wedged connection
 # that write must not hold up the handler task (or host shutdown) for long.
-STREAM_CLEANUP_TIMEOUT = 1.0
-HOST_CLOSE_TIMEOUT = 5.0
 # Dials per network address (without /p2p) and minute, whoever names it: peer exchange
 # may name many fake ids at one address, and must not make us hammer it.
 DIALS_PER_ADDRESS_PER_MIN = 3
@@ -63,6 +62,13 @@ _T = TypeVar("_T")
 
 class TransportError(Exception):
     """An outbound operation failed; the message is one line naming the peer and the cause."""
+
+
+class Unanswered(TransportError):
+    """The request's whole frame was written but no reply came back: whether the peer
+    received it is not known. A failure before the frame's last byte was handed to the
+    connection raises a plain :class:`TransportError`: the peer cannot hold a whole
+    frame then (trio never cancels a socket send that went through)."""
 
 
 class _RateLimited(Exception):
@@ -124,7 +130,7 @@ def _full_addr(addr: Multiaddr, peer_id: str) -> str:
 
 
 async def _reset_quietly(stream: INetStream) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(STREAM_CLEANUP_TIMEOUT):
+    with trio.CancelScope(shield=True), trio.move_on_after(STREAM_CLEANUP_S):
         try:
             await stream.reset()
         except Exception:  # the stream is being discarded; nothing left to report
@@ -132,7 +138,7 @@ async def _reset_quietly(stream: INetStream) -> None:
 
 
 async def _close_quietly(stream: INetStream) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(STREAM_CLEANUP_TIMEOUT):
+    with trio.CancelScope(shield=True), trio.move_on_after(STREAM_CLEANUP_S):
         try:
             await stream.close()
         except Exception:
@@ -142,7 +148,7 @@ async def _close_quietly(stream: INetStream) -> None:
 async def _close_host(host: IHost) -> None:
     # Shielded so a cancelled caller still releases sockets and libp2p's tasks;
     # bounded so a stuck close cannot hang the node's shutdown.
-    with trio.CancelScope(shield=True), trio.move_on_after(HOST_CLOSE_TIMEOUT):
+    with trio.CancelScope(shield=True), trio.move_on_after(HOST_CLOSE_S):
         try:
             await host.close()
         except Exception as error:
@@ -378,7 +384,7 @@ class Transport:
         raise TransportError(f"connecting to {multiaddr} timed out after {timeout:g} s")
 
     async def disconnect(self, peer_id: str) -> None:
-        with trio.move_on_after(STREAM_CLEANUP_TIMEOUT):
+        with trio.move_on_after(STREAM_CLEANUP_S):
             try:
                 await self._host.disconnect(_parse_peer_id(peer_id))
             except Exception as error:
@@ -399,10 +405,17 @@ class Transport:
     async def request(
         self, peer_id: str, protocol: str, payload: bytes, timeout: float, max_size: int
     ) -> bytes:
-        """Write one frame, read one reply frame of at most ``max_size`` bytes."""
+        """Write one frame, read one reply frame of at most ``max_size`` bytes.
+
+        Raises :class:`Unanswered` if it failed once the whole frame was written (the
+        peer may have it), :class:`TransportError` if it failed before.
+        """
+        written = False
 
         async def exchange(stream: INetStream) -> bytes:
+            nonlocal written
             await write_frame(stream, payload, timeout)
+            written = True
             self.bytes_sent += _frame_size(len(payload))
             # close_write, not close: NetStream.close also drops the stream from the
             # connection's bookkeeping, and the reply has yet to be read.
@@ -412,7 +425,12 @@ class Transport:
             await _close_quietly(stream)
             return reply
 
-        return await self._outbound(peer_id, protocol, timeout, "request", exchange)
+        try:
+            return await self._outbound(peer_id, protocol, timeout, "request", exchange)
+        except TransportError as error:
+            if written:
+                raise Unanswered(str(error)) from None
+            raise
 
     async def _outbound(
         self,

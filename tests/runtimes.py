@@ -27,7 +27,7 @@ def make_runtime(
     config = NodeConfig(
         key=str(state_dir / "unused.key"),
         state_dir=str(state_dir),
-        listen=(LOOPBACK,),
+        listen=settings.pop("listen", (LOOPBACK,)),
         status_addr="127.0.0.1:0",
         shard=shard,
         partition=settings.pop("partition", "iid"),

@@ -99,12 +99,68 @@ async def test_a_neighbour_dying_mid_transfer_costs_one_timeout_and_no_weight(
             assert sender.round == 1
             assert sender.gossip.pushsum.weight == pytest.approx(initial_weight, rel=1e-12)
 
-            # The sender keeps running rounds, and forgets the dead neighbour after a
-            # few failed pushes; no weight is lost on any of them.
+            # The sender keeps running rounds. The dead neighbour cannot be dialled: it
+            # is kept, as unreachable (it may come back), and skipped, so no share is
+            # split off for it and no weight is lost.
             await wait_until(lambda: sender.round >= 5, 60, "the sender at round 5")
             assert sender.updates_sent == 0
-            assert receiver_key.peer_id not in sender.book
+            assert receiver_key.peer_id in sender.book.known()
+            assert not sender.book.reachable(receiver_key.peer_id)
+            assert sender.neighbors == [receiver_key.peer_id]
             assert sender.gossip.pushsum.weight == pytest.approx(initial_weight, rel=1e-12)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_neighbour_that_comes_back_is_redialled_and_pushed_to_again(
+    digits: Task, tmp_path: Path
+) -> None:
+    """Push failures never make a node forget a peer that is only away: the bootstrap
+    node (which has no bootstrap address to fall back on) keeps its one peer while that
+    peer is down, redials it, and gossips with it again once it is back."""
+    settings = {"degree": 1, "round_interval": 0.2}
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            hub = make_runtime(digits, tmp_path / "hub", "0/2", **settings)
+            await nursery.start(hub.run)
+            assert hub.transport is not None
+            member_key = NodeKey.generate()
+            away = trio.CancelScope()
+
+            async def run_member(listen: str, scope: trio.CancelScope, task_status: Any) -> None:
+                member = make_runtime(
+                    digits,
+                    tmp_path / "member",
+                    "1/2",
+                    member_key,
+                    bootstrap=(hub.transport.addrs[0],),
+                    listen=(listen,),
+                    **settings,
+                )
+                with scope:
+                    await member.run(task_status=task_status)
+
+            member = await nursery.start(run_member, LOOPBACK, away)
+            assert member.transport is not None
+            address = member.transport.addrs[0]
+            port = address.split("/tcp/")[1].split("/")[0]
+            await wait_until(lambda: hub.updates_sent >= 3, 60, "the hub to reach the member")
+
+            away.cancel()  # the member goes down
+            await wait_until(
+                lambda: not hub.book.reachable(member_key.peer_id), 60, "a failed dial"
+            )
+            sent_while_away = hub.updates_sent
+            rounds_then = hub.round
+            await wait_until(lambda: hub.round >= rounds_then + 5, 60, "5 rounds while away")
+            assert member_key.peer_id in hub.book.known()
+            assert hub.updates_sent == sent_while_away
+
+            # Back at the same address: the hub's discovery redials it, pushes resume.
+            await nursery.start(run_member, f"/ip4/127.0.0.1/tcp/{port}", trio.CancelScope())
+            await wait_until(
+                lambda: hub.updates_sent >= sent_while_away + 3, 60, "pushes to resume"
+            )
+            assert hub.book.reachable(member_key.peer_id)
             nursery.cancel_scope.cancel()
 
 

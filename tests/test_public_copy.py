@@ -52,13 +52,45 @@ def test_a_missed_difference_is_not_folded_in_until_the_next_raw_message() -> No
     receiver.merge()
     sender.prepare(1, NOW)  # lost on the way
     before = receiver.estimate.copy()
-    assert receiver.receive(sender.prepare(1, NOW).message, NOW).accepted
+    verdict = receiver.receive(sender.prepare(1, NOW).message, NOW)
+    assert not verdict.accepted and verdict.reason.value == "out-of-step"
     assert receiver.public_copies.out_of_step == 1
+    assert receiver.counters()["rejected"] == {"out-of-step": 1}
     assert receiver.merge() == 0 and np.array_equal(receiver.estimate, before)
     for _ in range(SYNC):  # the sender's next raw message puts the receiver back in step
         receiver.receive(sender.prepare(1, NOW).message, NOW)
     assert sender.key.public_key in receiver.public_copies.copies
     assert receiver.merge() == 1
+
+
+def test_a_peer_out_of_step_gets_the_whole_copy_and_is_in_step_at_once() -> None:
+    """What the daemon does with receipts: no periodic resync, the whole copy on demand."""
+    rng = np.random.default_rng(4)
+    sender = GossipNode.create(
+        NodeKey(bytes([1]) * 32),
+        {"w": rng.standard_normal(300).astype(np.float32)},
+        samples=10,
+        codec_id="topk:0.1",
+        sync_every=None,
+    )
+    receiver = node(2, np.zeros(300))
+    first = sender.prepare(1, NOW)
+    assert wire.decode(first.message).codec == "raw"  # nothing to differ from yet
+    assert receiver.receive(first.message, NOW).accepted
+    drift(sender, rng)
+    sender.prepare(1, NOW)  # lost on the way
+    for _ in range(3 * SYNC):  # never a periodic whole model
+        drift(sender, rng)
+        outgoing = sender.prepare(1, NOW)
+        assert wire.decode(outgoing.message).codec == "topk:0.1"
+    whole = sender.whole(outgoing, NOW)
+    assert wire.decode(whole).codec == "raw" and wire.decode(whole).seq == outgoing.seq
+    assert receiver.receive(whole, NOW).accepted
+    drift(sender, rng)
+    following = sender.prepare(1, NOW)
+    assert receiver.receive(following.message, NOW).accepted  # the difference applies
+    held = receiver.public_copies.copies[sender.key.public_key].vector
+    assert np.array_equal(held, sender.encoder.sender.copy)
 
 
 def test_adopting_a_model_makes_the_next_message_raw() -> None:

@@ -26,6 +26,7 @@ from gossip.keys import NodeKey
 from p2pfl.framing import encode_uvarint
 from p2pfl.host import new_node_host, parse_multiaddr, split_peer_multiaddr
 from p2pfl.peer_exchange import (
+    FORGET_UNREACHABLE_AFTER_S,
     MAX_PEERS_PER_REPLY,
     PEERS_PROTOCOL,
     PeerBook,
@@ -402,9 +403,20 @@ def test_second_hand_addresses_never_displace_first_hand_ones() -> None:
     assert book.addrs(peer) == [real]
 
 
-def test_peer_book_forgets_a_peer_after_repeated_failures() -> None:
+def test_peer_book_keeps_an_unreachable_peer_until_it_has_been_gone_a_while() -> None:
+    now = [0.0]
     peer = NodeKey.generate().peer_id
-    book = PeerBook(NodeKey.generate().peer_id)
+    book = PeerBook(NodeKey.generate().peer_id, clock=lambda: now[0])
     book.add(peer, [f"/ip4/10.0.0.1/tcp/1/p2p/{peer}"], observed_ip="10.0.0.1")
-    assert [book.mark_failed(peer) for _ in range(3)] == [False, False, True]
+    # A partition's worth of failures: unreachable, not chosen, but still known.
+    assert [book.mark_failed(peer) for _ in range(5)] == [False] * 5
+    assert peer in book.known() and not book.reachable(peer)
+    # It answers again: reachable, and the count starts over.
+    book.mark_alive(peer)
+    assert book.reachable(peer)
+    # Gone for good: failures spread over FORGET_UNREACHABLE_AFTER_S forget it.
+    assert book.mark_failed(peer) is False
+    now[0] += FORGET_UNREACHABLE_AFTER_S
+    assert book.mark_failed(peer) is False  # only 2 in a row so far
+    assert book.mark_failed(peer) is True
     assert peer not in book and book.sample(5) == []

@@ -49,10 +49,13 @@ from libp2p.peer.id import ID
 from gossip import AdmissionPolicy, GossipNode, NodeKey
 from gossip.admission import Admission
 from gossip.keys import public_key_from_peer_id
+from p2pfl.config import NodeConfig
 from p2pfl.framing import READ_CHUNK_BYTES, encode_uvarint
 from p2pfl.ratelimit import PeerRateLimiter
-from p2pfl.runtime import READ_TIMEOUT_S, UPDATE_PROTOCOL
+from p2pfl.runtime import UPDATE_PROTOCOL
 from p2pfl.transport import Transport
+
+READ_TIMEOUT_S = NodeConfig().deadlines.read  # the daemon's default
 
 SIZES = {"1MB": 262_144, "8MB": 2_097_152}
 BARE_PROTOCOL = "/p2pfl/bench/bare/1.0.0"
