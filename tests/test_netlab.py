@@ -208,9 +208,14 @@ def test_daemons_train_through_a_cut_and_learn_across_it_after_the_heal(tmp_path
                         for s, c in zip(net.statuses(), at_cut, strict=True)),
             "both sides keep training: 3 rounds each during the cut",
         )
+        # Pushes run in the background, so a push across the cut fails after its own
+        # deadline, not within the round that started it: wait for every node's.
+        wait_until(
+            lambda: all(s and sum(s["send_failures"].values()) > sum(c["send_failures"].values())
+                        for s, c in zip(net.statuses(), at_cut, strict=True)),
+            "every node counts failed pushes across the cut",
+        )
         at_heal = net.statuses()
-        assert all(sum(s["send_failures"].values()) > sum(c["send_failures"].values())
-                   for s, c in zip(at_heal, at_cut, strict=True) if s and c)
         lab.heal()
 
         def crossed() -> bool:
