@@ -250,6 +250,8 @@ def run_to_target(options: LabOptions, directory: Path, show: Show | None, title
         "push_failures": failures(final),
         "rejected": dict(sum((Counter(s["updates_rejected"]) for s in alive), Counter())),
         "known_peers_min": min(s["known_peers"] for s in alive),
+        # What became of pushed shares (delivered, refused, refunded, lost, held).
+        "deliveries": dict(sum((Counter(s.get("deliveries", {})) for s in alive), Counter())),
         "weight_total_end": round(weight_total(final), 3),
         "weight_total_start": initial_weight(final),
     }, history
