@@ -248,6 +248,8 @@ class NodeRuntime:
         self.deliveries: DeliveryLedger[Outgoing] = DeliveryLedger()
         # Peers with a push in flight: never two at once on one link.
         self._pushing: set[str] = set()
+        # The weight each push in flight carries, for the status page's mass count.
+        self._pushing_weight: dict[str, float] = {}
         self._push_nursery: trio.Nursery | None = None
         # The whole-model form of the current top-k message, made once per round.
         self._whole: tuple[int, bytearray] | None = None
@@ -358,6 +360,7 @@ class NodeRuntime:
         return {
             "counters": gossip.counters(),
             "weight": gossip.pushsum.weight,
+            "weight_pending": gossip.votes.pending_weight(),
             "sequence": gossip.seq,
             "last_seq": dict(gossip.admission.last_seq),
         }
@@ -398,6 +401,14 @@ class NodeRuntime:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "samples": len(self.shard),
             "weight": view["weight"],
+            # Where the rest of the push-sum mass is: received shares not merged yet,
+            # and shares pushed whose fate is not known (pushing, or held for a receipt).
+            # Summed over all nodes with "weight", it stays at the nodes' starting
+            # total unless shares are lost (docs/PROTOCOL.md §4).
+            "weight_pending": view["weight_pending"],
+            "weight_in_flight": sum(self._pushing_weight.values()) + sum(
+                share.weight for held in self.deliveries.held.values() for share in held
+            ),
             "sequence": view["sequence"],
             "known_peers": len(self.book),
             # Highest sequence accepted from each sender: shows whose updates get through.
@@ -681,6 +692,7 @@ class NodeRuntime:
         assert self._push_nursery is not None
         for peer_id in peers:
             self._pushing.add(peer_id)
+            self._pushing_weight[peer_id] = outgoing.weight
             self._push_nursery.start_soon(self._push_one, outgoing, peer_id)
 
     def _free(self, peers: Iterable[str]) -> list[str]:
@@ -732,6 +744,7 @@ class NodeRuntime:
                 self.pushes_refused[receipt.verdict] += 1
         finally:
             self._pushing.discard(peer_id)
+            self._pushing_weight.pop(peer_id, None)
 
     def _push_failed(self, peer_id: str, error: Exception) -> None:
         assert self.transport is not None

@@ -86,6 +86,7 @@ async def test_a_neighbour_dying_mid_transfer_costs_one_timeout_and_no_weight(
                 await stalled.wait()
             # Mid-transfer: half of the weight travels with the update being sent.
             assert sender.gossip.pushsum.weight == pytest.approx(initial_weight / 2)
+            assert sender.status()["weight_in_flight"] == pytest.approx(initial_weight / 2)
             assert sender.round == 1
             kill_receiver.cancel()
             await wait_until(
@@ -98,6 +99,7 @@ async def test_a_neighbour_dying_mid_transfer_costs_one_timeout_and_no_weight(
             assert sender.send_failures[receiver_key.peer_id] == 1
             assert sender.round == 1
             assert sender.gossip.pushsum.weight == pytest.approx(initial_weight, rel=1e-12)
+            assert sender.status()["weight_in_flight"] == 0.0
 
             # The sender keeps running rounds. The dead neighbour cannot be dialled: it
             # is kept, as unreachable (it may come back), and skipped, so no share is
