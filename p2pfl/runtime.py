@@ -411,6 +411,8 @@ class NodeRuntime:
             ),
             "sequence": view["sequence"],
             "known_peers": len(self.book),
+            # Known peers that could not be dialled lately (kept, redialled by discovery).
+            "peers_unreachable": sum(not self.book.reachable(p) for p in self.book.known()),
             # Highest sequence accepted from each sender: shows whose updates get through.
             "last_seq": {
                 peer_id_from_public_key(sender): seq

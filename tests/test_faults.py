@@ -156,6 +156,7 @@ async def test_a_neighbour_that_comes_back_is_redialled_and_pushed_to_again(
             await wait_until(lambda: hub.round >= rounds_then + 5, 60, "5 rounds while away")
             assert member_key.peer_id in hub.book.known()
             assert hub.updates_sent == sent_while_away
+            assert hub.status()["peers_unreachable"] == 1
 
             # Back at the same address: the hub's discovery redials it, pushes resume.
             await nursery.start(run_member, f"/ip4/127.0.0.1/tcp/{port}", trio.CancelScope())
@@ -163,6 +164,7 @@ async def test_a_neighbour_that_comes_back_is_redialled_and_pushed_to_again(
                 lambda: hub.updates_sent >= sent_while_away + 3, 60, "pushes to resume"
             )
             assert hub.book.reachable(member_key.peer_id)
+            assert hub.status()["peers_unreachable"] == 0
             nursery.cancel_scope.cancel()
 
 
