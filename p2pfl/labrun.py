@@ -145,8 +145,13 @@ def rounds(statuses: Statuses) -> list[int]:
 
 
 def weight_total(statuses: Statuses) -> float:
-    """The push-sum weight the nodes hold (messages in flight hold the rest)."""
-    return sum(s["weight"] for s in statuses if s is not None)
+    """All push-sum mass: what the nodes hold, what waits to be merged, what is in flight."""
+    return sum(s["weight"] + s.get("weight_pending", 0.0) + s.get("weight_in_flight", 0.0)
+               for s in statuses if s is not None)
+
+
+def unreachable(statuses: Statuses) -> int:
+    return sum(s.get("peers_unreachable", 0) for s in statuses if s is not None)
 
 
 def initial_weight(statuses: Statuses) -> float:
@@ -253,6 +258,7 @@ def run_to_target(options: LabOptions, directory: Path, show: Show | None, title
         # What became of pushed shares (delivered, refused, refunded, lost, held).
         "deliveries": dict(sum((Counter(s.get("deliveries", {})) for s in alive), Counter())),
         "weight_total_end": round(weight_total(final), 3),
+        "weight_in_flight_end": round(sum(s.get("weight_in_flight", 0.0) for s in alive), 3),
         "weight_total_start": initial_weight(final),
     }, history
 
@@ -320,9 +326,15 @@ def scenario_partition(options: LabOptions, directory: Path, show: Show | None) 
         lab.partition(sides)
         history.mark("cut")
         at_cut = rounds(before_cut)
-        cut_s = watch.until(lambda s: all(r >= c + options.cut_rounds
-                                         for r, c in zip(rounds(s), at_cut, strict=True)),
-                           options.timeout)
+        most_unreachable = 0
+
+        def cut_over(statuses: Statuses) -> bool:
+            nonlocal most_unreachable
+            most_unreachable = max(most_unreachable, unreachable(statuses))
+            return all(r >= c + options.cut_rounds
+                       for r, c in zip(rounds(statuses), at_cut, strict=True))
+
+        cut_s = watch.until(cut_over, options.timeout)
         at_heal = watch.statuses
         spread_at_heal = watch.distance
         books_at_heal = books_complete(net)
@@ -334,6 +346,7 @@ def scenario_partition(options: LabOptions, directory: Path, show: Show | None) 
             "accuracy": all_reach(accuracy_ref - ACCURACY_SLACK),
             "consensus": lambda s: watch.distance is not None and watch.distance <= spread_ref,
             "books": lambda s: books_complete(net),
+            "reachable": lambda s: unreachable(s) == 0,
         }, options.timeout, since=healed_at)
 
         def seconds(name: str) -> float | None:
@@ -367,6 +380,7 @@ def scenario_partition(options: LabOptions, directory: Path, show: Show | None) 
         "push_failures_during_cut": failures(at_heal) - failures(before_cut),
         "known_peers_min_at_heal": min(s["known_peers"] for s in at_heal if s),
         "books_complete_at_heal": books_at_heal,
+        "peers_unreachable_most_during_cut": most_unreachable,
         "seconds_to_connected_accuracy": seconds("accuracy"),
         "rounds_to_connected_accuracy": rounds_since_heal("accuracy"),
         "seconds_to_connected_consensus": seconds("consensus"),
@@ -374,6 +388,7 @@ def scenario_partition(options: LabOptions, directory: Path, show: Show | None) 
         "spectral_gap": round(gap, 4),
         "rounds_expected_from_gap": expected,
         "seconds_until_books_complete": seconds("books"),
+        "seconds_until_every_peer_reachable": seconds("reachable"),
         "push_failures_after_heal": failures(final) - failures(at_heal),
         "accuracy_min_end": min(accuracies(final)),
         "known_peers_min_end": min(s["known_peers"] for s in final if s),

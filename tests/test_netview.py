@@ -64,9 +64,10 @@ def test_the_gossip_graph_joins_each_node_to_the_neighbours_it_names() -> None:
     assert sorted(graph.edges) == [(0, 1), (1, 2)]
 
 
-def test_weights_held_are_summed_against_the_samples_the_nodes_started_with() -> None:
-    statuses = [status(1, 0.5, weight=2.5), None, status(1, 0.5, weight=0.25, samples=0)]
-    assert weight_total(statuses) == 2.75
+def test_all_push_sum_mass_is_summed_against_the_samples_the_nodes_started_with() -> None:
+    statuses = [status(1, 0.5, weight=2.5, weight_pending=1.0, weight_in_flight=0.5), None,
+                status(1, 0.5, weight=0.25, samples=0, weight_pending=0.0, weight_in_flight=0.0)]
+    assert weight_total(statuses) == 2.5 + 1.0 + 0.5 + 0.25
     assert initial_weight(statuses) == 3.0 + 1.0  # a node with no samples starts at weight 1
 
 
