@@ -60,12 +60,14 @@ class Watch:
     """Polls every host's /status into the live table and the history; waits on conditions."""
 
     def __init__(self, net: LabNetwork, history: History, show: Show | None,
-                 spread: bool = False) -> None:
+                 spread: bool = False, mass: bool = False) -> None:
         self.net = net
         self.history = history
         self.show = show
         self.spread = spread
         """Also read the checkpoints and record the consensus distance at each poll."""
+        self.mass = mass
+        """Also record all push-sum mass over its starting total at each poll."""
         self.statuses: Statuses = []
         self.distance: float | None = None
 
@@ -75,7 +77,12 @@ class Watch:
         if self.spread:
             self.distance = model_spread(self.net)
             if self.distance is not None:
-                self.history.add("consensus distance", self.distance)
+                self.history.add("consensus distance", self.distance, log=True)
+        if self.mass and all(self.statuses):
+            # Read from every node within a few ms, while shares move: a snapshot
+            # can miss or double-count a share or two (see ``mass_window``).
+            self.history.add("push-sum mass / start",
+                             weight_total(self.statuses) / initial_weight(self.statuses))
         if self.show is not None:
             rows = [Row(str(host.index), host.address + ("" if host.nat is None
                                                           else f" (nat{host.nat})"), status)
@@ -150,6 +157,21 @@ def weight_total(statuses: Statuses) -> float:
                for s in statuses if s is not None)
 
 
+def mass_window(history: History, polls: int) -> dict[str, float | None]:
+    """All push-sum mass over its starting total in the last ``polls`` polls: mean and range.
+
+    One poll reads every node in parallel within a few ms while shares move between
+    them, so a single reading is off by a share or two; the mean over many is not.
+    """
+    ratios = [value for _, value in history.series.get("push-sum mass / start", [])[-polls:]]
+    if not ratios:
+        return {"mass_ratio_end_mean": None, "mass_ratio_end_min": None,
+                "mass_ratio_end_max": None}
+    return {"mass_ratio_end_mean": round(statistics.mean(ratios), 4),
+            "mass_ratio_end_min": round(min(ratios), 4),
+            "mass_ratio_end_max": round(max(ratios), 4)}
+
+
 def unreachable(statuses: Statuses) -> int:
     return sum(s.get("peers_unreachable", 0) for s in statuses if s is not None)
 
@@ -221,7 +243,7 @@ def run_to_target(options: LabOptions, directory: Path, show: Show | None, title
         net.start_all()
         history.mark("all up")
         up = history.now()
-        watch = Watch(net, history, show)
+        watch = Watch(net, history, show, mass=True)
         joined = watch.until(every_node_trained, options.timeout, since=up)
         accuracy_at_join = statistics.mean(accuracies(watch.statuses))
         if limit_after_join and joined is not None:
@@ -257,6 +279,7 @@ def run_to_target(options: LabOptions, directory: Path, show: Show | None, title
         "known_peers_min": min(s["known_peers"] for s in alive),
         # What became of pushed shares (delivered, refused, refunded, lost, held).
         "deliveries": dict(sum((Counter(s.get("deliveries", {})) for s in alive), Counter())),
+        **mass_window(history, len(ends)),
         "weight_total_end": round(weight_total(final), 3),
         "weight_in_flight_end": round(sum(s.get("weight_in_flight", 0.0) for s in alive), 3),
         "weight_total_start": initial_weight(final),

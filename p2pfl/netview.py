@@ -106,8 +106,13 @@ class History:
         """An event (a cut, a heal) drawn as a vertical line."""
         self.events.append((round(self.now(), 3), label))
 
-    def add(self, name: str, value: float) -> None:
+    log_scale: set[str] = field(default_factory=set)
+    """Series drawn on a log axis."""
+
+    def add(self, name: str, value: float, log: bool = False) -> None:
         self.series.setdefault(name, []).append((round(self.now(), 3), value))
+        if log:
+            self.log_scale.add(name)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -139,7 +144,8 @@ class History:
             other = ax.twinx()
             for name, points in self.series.items():
                 other.plot(*zip(*points, strict=True), color="grey", linestyle=":", label=name)
-            other.set_yscale("log")
+            if set(self.series) <= self.log_scale:
+                other.set_yscale("log")
             other.set_ylabel(", ".join(self.series))
             other.legend(loc="lower center", fontsize=8)
         ax.legend(loc="lower right", fontsize=8, ncol=2)
