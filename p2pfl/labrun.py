@@ -365,7 +365,22 @@ def scenario_partition(options: LabOptions, directory: Path, show: Show | None) 
         history.mark("heal")
         healed_at = history.now()
         heal_rounds = rounds(at_heal)
+        peer_ids = [node.peer_id for node in net.started()]
+        side_of = {peer_id: (0 if i < half else 1) for i, peer_id in enumerate(peer_ids)}
+
+        def crossed(index: int, status: Status | None) -> bool:
+            """Node ``index`` accepted an update from the other side since the heal."""
+            old = at_heal[index]
+            if status is None or old is None:
+                return False
+            mine = 0 if index < half else 1
+            return any(seq > old["last_seq"].get(sender, -1)
+                       for sender, seq in status["last_seq"].items()
+                       if side_of.get(sender, mine) != mine)
+
         first = watch.first_times({
+            "one crossed": lambda s: any(crossed(i, x) for i, x in enumerate(s)),
+            "all crossed": lambda s: all(crossed(i, x) for i, x in enumerate(s)),
             "accuracy": all_reach(accuracy_ref - ACCURACY_SLACK),
             "consensus": lambda s: watch.distance is not None and watch.distance <= spread_ref,
             "books": lambda s: books_complete(net),
@@ -385,7 +400,6 @@ def scenario_partition(options: LabOptions, directory: Path, show: Show | None) 
 
         watch.hold(options.settle)
         final = watch.statuses
-        peer_ids = [node.peer_id for node in net.started()]
     gap = spectral_gap(metropolis_hastings(gossip_graph(final, peer_ids)))
     expected = None
     if spread_at_heal and spread_at_heal > spread_ref and gap > 0:
@@ -397,6 +411,8 @@ def scenario_partition(options: LabOptions, directory: Path, show: Show | None) 
         "accuracy_connected": round(accuracy_ref, 4),
         "consensus_distance_connected": spread_ref,
         "consensus_distance_at_heal": spread_at_heal,
+        "round_s_before_cut_median": median_or_none(round_seconds(connected[0], connected[-1],
+                                                                  WINDOW_S)),
         "round_s_during_cut_median": median_or_none(round_seconds(before_cut, at_heal,
                                                                   cut_s or options.timeout)),
         "cut_seconds": cut_s,
@@ -404,6 +420,8 @@ def scenario_partition(options: LabOptions, directory: Path, show: Show | None) 
         "known_peers_min_at_heal": min(s["known_peers"] for s in at_heal if s),
         "books_complete_at_heal": books_at_heal,
         "peers_unreachable_most_during_cut": most_unreachable,
+        "seconds_to_first_cross_update": seconds("one crossed"),
+        "seconds_until_every_node_crossed": seconds("all crossed"),
         "seconds_to_connected_accuracy": seconds("accuracy"),
         "rounds_to_connected_accuracy": rounds_since_heal("accuracy"),
         "seconds_to_connected_consensus": seconds("consensus"),
