@@ -191,6 +191,14 @@ def median_or_none(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def mean_or_none(values: Sequence[float]) -> float | None:
+    return statistics.mean(values) if values else None
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def gossip_graph(statuses: Statuses, peer_ids: Sequence[str | None]) -> nx.Graph:
     """The undirected graph of who pushes to whom, from every node's ``neighbors``."""
     index = {peer_id: i for i, peer_id in enumerate(peer_ids) if peer_id}
@@ -245,7 +253,7 @@ def run_to_target(options: LabOptions, directory: Path, show: Show | None, title
         up = history.now()
         watch = Watch(net, history, show, mass=True)
         joined = watch.until(every_node_trained, options.timeout, since=up)
-        accuracy_at_join = statistics.mean(accuracies(watch.statuses))
+        accuracy_at_join = mean_or_none(accuracies(watch.statuses))
         if limit_after_join and joined is not None:
             lab.limit_rate(rate_mbit)
             history.mark(f"{rate_mbit:g} Mbit/s")
@@ -255,28 +263,29 @@ def run_to_target(options: LabOptions, directory: Path, show: Show | None, title
             reached = watch.until(all_reach(options.target), left, since=up)
         rounds_at_target = rounds(watch.statuses)
         ends = watch.hold(max(settle, WINDOW_S))
-        end_window = [s for s in ends[-int(WINDOW_S / POLL_S):]]
         final = watch.statuses
     alive = [s for s in final if s]
-    mean_accuracy = statistics.mean(statistics.mean(accuracies(s)) for s in end_window if s)
+    # Over the last seconds: one poll's accuracy moves by a test sample or two.
+    means = [mean_or_none(accuracies(s)) for s in ends[-int(WINDOW_S / POLL_S):]]
+    mean_accuracy = mean_or_none([m for m in means if m is not None])
     return {
         "seconds_to_first_round": joined,
-        "accuracy_mean_at_first_round": round(accuracy_at_join, 4),
+        "accuracy_mean_at_first_round": rounded(accuracy_at_join),
         "seconds_to_target": reached,
         "training_seconds_to_target": None if reached is None else reached - (joined or 0.0),
         # When the target was not reached: training took longer than this.
         "training_seconds_watched": None if joined is None else round(left, 1),
         "rounds_median_at_target": None if reached is None else statistics.median(
             rounds_at_target),
-        "accuracy_min_end": min(accuracies(final)),
-        "accuracy_mean_end": round(mean_accuracy, 4),
+        "accuracy_min_end": min(accuracies(final), default=None),
+        "accuracy_mean_end": rounded(mean_accuracy),
         "rounds_median_end": statistics.median(rounds(final)),
         "updates_sent": sum(s["updates_sent"] for s in alive),
         "updates_accepted": sum(s["updates_accepted"] for s in alive),
         "bytes_sent_mb": round(sum(s["bytes_sent"] for s in alive) / 1e6, 2),
         "push_failures": failures(final),
         "rejected": dict(sum((Counter(s["updates_rejected"]) for s in alive), Counter())),
-        "known_peers_min": min(s["known_peers"] for s in alive),
+        "known_peers_min": min((s["known_peers"] for s in alive), default=None),
         # What became of pushed shares (delivered, refused, refunded, lost, held).
         "deliveries": dict(sum((Counter(s.get("deliveries", {})) for s in alive), Counter())),
         **mass_window(history, len(ends)),
@@ -284,6 +293,33 @@ def run_to_target(options: LabOptions, directory: Path, show: Show | None, title
         "weight_in_flight_end": round(sum(s.get("weight_in_flight", 0.0) for s in alive), 3),
         "weight_total_start": initial_weight(final),
     }, history
+
+
+def training_ratio(run: dict, reference: dict) -> str:
+    """Training time of ``run`` over ``reference``'s; a bound when one did not reach the target.
+
+    A run that did not reach it trained for longer than it was watched.
+    """
+    value, base = run["training_seconds_to_target"], reference["training_seconds_to_target"]
+    if value is not None and base is not None:
+        return f"{value / base:.2f}"
+    if value is not None and reference["training_seconds_watched"]:
+        return f"< {value / reference['training_seconds_watched']:.2f}"
+    if base is not None and run["training_seconds_watched"]:
+        return f"> {run['training_seconds_watched'] / base:.2f}"
+    return "-"
+
+
+def goal_met(run: dict, reference: dict, limit: float) -> bool:
+    """Training time within ``limit`` x the reference's (strictly below it for limit 1).
+
+    When only ``run`` reached the target, the reference's watched time bounds its own.
+    """
+    value = run["training_seconds_to_target"]
+    base = reference["training_seconds_to_target"] or reference["training_seconds_watched"]
+    if value is None or not base:
+        return False
+    return value / base < limit if limit >= 1.0 else value / base <= limit
 
 
 def scenario_baseline(options: LabOptions, directory: Path, show: Show | None) -> tuple[
@@ -309,8 +345,9 @@ def scenario_loss(options: LabOptions, directory: Path, show: Show | None) -> tu
     for name, run in runs.items():
         result.update({f"{name}_{key}": value for key, value in run.items()
                        if key != "rejected"})
+    reached, reference = lossy["accuracy_mean_end"], clean["accuracy_mean_end"]
     result["lossy_reaches_clean_accuracy"] = (
-        lossy["accuracy_mean_end"] >= clean["accuracy_mean_end"] - ACCURACY_SLACK)
+        None if reached is None or reference is None else reached >= reference - ACCURACY_SLACK)
     return result, histories
 
 

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from p2pfl.labrun import LabOptions, run_to_target
+from p2pfl.labrun import LabOptions, goal_met, run_to_target, training_ratio
 from p2pfl.localnet import LocalNetworkError
 from p2pfl.netlab import LabError, lab_unavailable_reason, terminate_on_sigterm
 
@@ -74,21 +74,6 @@ def seconds(value: float | None) -> str:
     return "not reached" if value is None else f"{value:.1f}"
 
 
-def ratio(run: dict, reference: dict) -> str:
-    """Training time of ``run`` over ``reference``'s; a bound when one did not reach the target.
-
-    A run that did not reach it trained for longer than it was watched.
-    """
-    value, base = run["training_seconds_to_target"], reference["training_seconds_to_target"]
-    if value is not None and base is not None:
-        return f"{value / base:.2f}"
-    if value is not None and reference["training_seconds_watched"]:
-        return f"< {value / reference['training_seconds_watched']:.2f}"
-    if base is not None and run["training_seconds_watched"]:
-        return f"> {run['training_seconds_watched'] / base:.2f}"
-    return "-"
-
-
 def rate_table(rate: float, runs: dict[str, dict], args: argparse.Namespace) -> Table:
     table = Table(title=f"{rate:g} Mbit/s per host, {args.hosts} hosts, target {args.target}")
     for column in ("codec", "MB sent per node", "to target (s)", "training (s)", "rounds",
@@ -100,22 +85,11 @@ def rate_table(rate: float, runs: dict[str, dict], args: argparse.Namespace) -> 
         table.add_row(
             codec, f"{per_node:.1f}", seconds(run["seconds_to_target"]),
             seconds(run["training_seconds_to_target"]), str(run["rounds_median_at_target"] or "-"),
-            ratio(run, raw) if raw else "-",
-            f"{run['accuracy_mean_end']:.3f}", str(run["push_failures"]),
+            training_ratio(run, raw) if raw else "-",
+            "-" if run["accuracy_mean_end"] is None else f"{run['accuracy_mean_end']:.3f}",
+            str(run["push_failures"]),
         )  # fmt: skip
     return table
-
-
-def goal_met(run: dict, reference: dict, limit: float) -> bool:
-    """Training time within ``limit`` x the reference's (strictly below it for limit 1).
-
-    When only ``run`` reached the target, the reference's watched time bounds its own.
-    """
-    value = run["training_seconds_to_target"]
-    base = reference["training_seconds_to_target"] or reference["training_seconds_watched"]
-    if value is None or not base:
-        return False
-    return value / base < limit if limit >= 1.0 else value / base <= limit
 
 
 def goal_lines(results: dict[float, dict[str, dict]]) -> list[str]:
@@ -125,8 +99,9 @@ def goal_lines(results: dict[float, dict[str, dict]]) -> list[str]:
         if codec in runs and reference in runs:
             met = goal_met(runs[codec], runs[reference], limit)
             want = f"<= {limit}x" if limit < 1.0 else "beats"
-            lines.append(f"goal at {rate:g} Mbit/s: {codec} {want} {reference}: "
-                         f"{ratio(runs[codec], runs[reference])} -> {'met' if met else 'NOT met'}")
+            shown = training_ratio(runs[codec], runs[reference])
+            lines.append(f"goal at {rate:g} Mbit/s: {codec} {want} {reference}: {shown} -> "
+                         f"{'met' if met else 'NOT met'}")
     return lines
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from rich.console import Console
 
 from p2pfl.checkpoint import CheckpointStore, NodeState
-from p2pfl.labrun import gossip_graph, initial_weight, weight_total
+from p2pfl.labrun import goal_met, gossip_graph, initial_weight, training_ratio, weight_total
 from p2pfl.localnet import LocalNode
 from p2pfl.netview import History, Row, status_table
 
@@ -87,3 +87,24 @@ def test_a_nodes_saved_model_is_read_from_its_checkpoint_or_the_previous_one(
     assert node.saved_state().estimate.tolist() == [2.0, 2.0, 2.0]
     store.current.unlink()  # between a save's two renames
     assert node.saved_state().estimate.tolist() == [1.0, 1.0, 1.0]
+
+
+def timed(seconds: float | None, watched: float = 200.0) -> dict:
+    return {"training_seconds_to_target": seconds, "training_seconds_watched": watched}
+
+
+def test_time_ratios_are_exact_when_both_reach_the_target_and_bounds_otherwise() -> None:
+    assert training_ratio(timed(30.0), timed(100.0)) == "0.30"
+    assert training_ratio(timed(30.0), timed(None, watched=150.0)) == "< 0.20"
+    assert training_ratio(timed(None, watched=150.0), timed(50.0)) == "> 3.00"
+    assert training_ratio(timed(None), timed(None)) == "-"
+
+
+def test_a_goal_is_met_only_by_a_measured_time_within_its_limit() -> None:
+    assert goal_met(timed(40.0), timed(100.0), 0.4)
+    assert not goal_met(timed(41.0), timed(100.0), 0.4)
+    assert goal_met(timed(99.0), timed(100.0), 1.0)  # "beats": strictly faster
+    assert not goal_met(timed(100.0), timed(100.0), 1.0)
+    # Only the codec reached the target: the reference's watched time bounds its own.
+    assert goal_met(timed(50.0), timed(None, watched=150.0), 0.4)
+    assert not goal_met(timed(None), timed(100.0), 0.4)
