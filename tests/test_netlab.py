@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from gossip.keys import NodeKey
-from p2pfl.labrun import books_complete
+from p2pfl.labwatch import books_complete
 from p2pfl.netlab import (
     PREFIX,
     Lab,

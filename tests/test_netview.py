@@ -10,7 +10,8 @@ import numpy as np
 from rich.console import Console
 
 from p2pfl.checkpoint import CheckpointStore, NodeState
-from p2pfl.labrun import goal_met, gossip_graph, initial_weight, training_ratio, weight_total
+from p2pfl.labrun import goal_met, training_ratio
+from p2pfl.labwatch import gossip_graph, initial_weight, weight_total
 from p2pfl.localnet import LocalNode
 from p2pfl.netview import History, Row, status_table
 
