@@ -96,6 +96,10 @@ class VoteTable:
             if round - vote.round <= self.max_age
         }
 
+    def pending_weight(self) -> float:
+        """The weight of every share not yet folded in; read only (for the status page)."""
+        return sum(vote.pending_weight for vote in self._votes.values())
+
     def take_pending_weight(self) -> float:
         """The weight of every share not yet folded in, marking it folded in."""
         total = 0.0

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gossip.keys import NodeKey
+from p2pfl.checkpoint import CheckpointError, CheckpointStore, NodeState, decode_state
 
 _T = TypeVar("_T")
 
@@ -73,6 +74,21 @@ class LocalNode:
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException):
             # HTTPException: e.g. IncompleteRead from a node exiting mid-answer.
             return None
+
+    def saved_state(self) -> NodeState | None:
+        """The node's last checkpoint (written every round), or None before its first.
+
+        For watching from outside, e.g. the spread of the members' models, at no cost
+        to the daemon. A save moves the current file to ``.prev`` before renaming the
+        new one in, so a read in between finds the previous one.
+        """
+        store = CheckpointStore(self.state_dir)
+        for path in (store.current, store.previous):
+            try:
+                return decode_state(path.read_bytes())
+            except (OSError, CheckpointError):
+                continue
+        return None
 
     @property
     def final_accuracy(self) -> float | None:

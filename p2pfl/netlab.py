@@ -246,6 +246,22 @@ class Lab:
             "rate", f"{self.rate_mbit}mbit", "burst", TBF_BURST, "latency", TBF_LATENCY,
         ])  # fmt: skip
 
+    def limit_rate(self, rate_mbit: float | None) -> None:
+        """Give every host's link this rate from now on (None: unlimited), at both ends.
+
+        For measuring a formed network: the daemons join on fast links, then the
+        links slow down.
+        """
+        self.rate_mbit = rate_mbit
+        for host in self.hosts:
+            outer = self.core if host.nat is None else f"{self.tag}-nat{host.nat}"
+            for namespace, device in ((host.namespace, "eth0"), (outer, f"h{host.index}")):
+                if rate_mbit is None:
+                    _run(["tc", "-n", namespace, "qdisc", "del", "dev", device, "root"],
+                         check=False)
+                else:
+                    self._limit(namespace, device)
+
     def _link(self, inner_ns: str, outer_ns: str, port: str, bridge: str, address: str) -> None:
         """A veth from ``inner_ns`` (named eth0, with ``address``) to ``bridge`` in ``outer_ns``."""
         _run([

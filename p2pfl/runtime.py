@@ -266,6 +266,8 @@ class NodeRuntime:
         self._queued: dict[str, deque[Outgoing]] = {}
         # Top-k pushes that went as the whole public copy (a peer out of step).
         self.whole_copies_sent = 0
+        # The weight each push in flight carries, for the status page's mass count.
+        self._pushing_weight: dict[str, float] = {}
         self._push_nursery: trio.Nursery | None = None
         # The whole-model form of the current top-k message, made once per round.
         self._whole: tuple[int, bytearray] | None = None
@@ -380,6 +382,7 @@ class NodeRuntime:
         return {
             "counters": gossip.counters(),
             "weight": gossip.pushsum.weight,
+            "weight_pending": gossip.votes.pending_weight(),
             "sequence": gossip.seq,
             "last_seq": dict(gossip.admission.last_seq),
         }
@@ -423,8 +426,18 @@ class NodeRuntime:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "samples": len(self.shard),
             "weight": view["weight"],
+            # Where the rest of the push-sum mass is: received shares not merged yet,
+            # and shares pushed whose fate is not known (pushing, or held for a receipt).
+            # Summed over all nodes with "weight", it stays at the nodes' starting
+            # total unless shares are lost (docs/PROTOCOL.md §4).
+            "weight_pending": view["weight_pending"],
+            "weight_in_flight": sum(self._pushing_weight.values())
+            + sum(share.weight for queue in self._queued.values() for share in queue)
+            + sum(share.weight for held in self.deliveries.held.values() for share in held),
             "sequence": view["sequence"],
             "known_peers": len(self.book),
+            # Known peers that could not be dialled lately (kept, redialled by discovery).
+            "peers_unreachable": sum(not self.book.reachable(p) for p in self.book.known()),
             # Highest sequence accepted from each sender: shows whose updates get through.
             "last_seq": {
                 peer_id_from_public_key(sender): seq
@@ -793,49 +806,54 @@ class NodeRuntime:
             self._queued.pop(peer_id, None)
 
     async def _push_one(self, outgoing: Outgoing, peer_id: str) -> None:
-        assert self.transport is not None
-        transport = self.transport
-        message = outgoing.message
-        if outgoing.difference and not self.deliveries.in_step(peer_id, outgoing.seq):
-            message = await self._gossip(self._whole_message, outgoing)
-            self.whole_copies_sent += 1
+        # Its weight is in flight until the receipt (or failure) says where it went.
+        self._pushing_weight[peer_id] = outgoing.weight
         try:
-            await self._connect(peer_id)
-        except TransportError as error:
-            # Not dialled: certainly not delivered. Unreachable until discovery
-            # reaches it again; forgotten only once gone a long while.
-            await self._refund(self.deliveries.not_sent(peer_id, outgoing))
-            self.send_failures[peer_id] += 1
-            if self.book.mark_failed(peer_id):
-                self.deliveries.forget(peer_id)
-                logger.info("forgot neighbour %s: undialable for long", peer_id)
-            logger.debug("push to %s: dial failed: %s", peer_id, error)
-            return
-        try:
-            with self.phases.timing("send"):  # in the background: overlaps the round
-                reply = await transport.request(
-                    peer_id,
-                    UPDATE_PROTOCOL,
-                    message,
-                    self.deadlines.push(len(message)),
-                    MAX_RECEIPT_BYTES,
-                )
-            receipt = Receipt.decode(reply)
-        except (Unanswered, InvalidReceipt) as error:
-            # The peer may have taken it: hold the share until its next receipt.
-            self.deliveries.unanswered(peer_id, outgoing)
-            self._push_failed(peer_id, error)
-            return
-        except TransportError as error:
-            await self._refund(self.deliveries.not_sent(peer_id, outgoing))
-            self._push_failed(peer_id, error)
-            return
-        self.book.mark_alive(peer_id)
-        await self._refund(self.deliveries.answered(peer_id, outgoing, receipt))
-        if receipt.accepted:
-            self.updates_sent += 1
-        else:
-            self.pushes_refused[receipt.verdict] += 1
+            assert self.transport is not None
+            transport = self.transport
+            message = outgoing.message
+            if outgoing.difference and not self.deliveries.in_step(peer_id, outgoing.seq):
+                message = await self._gossip(self._whole_message, outgoing)
+                self.whole_copies_sent += 1
+            try:
+                await self._connect(peer_id)
+            except TransportError as error:
+                # Not dialled: certainly not delivered. Unreachable until discovery
+                # reaches it again; forgotten only once gone a long while.
+                await self._refund(self.deliveries.not_sent(peer_id, outgoing))
+                self.send_failures[peer_id] += 1
+                if self.book.mark_failed(peer_id):
+                    self.deliveries.forget(peer_id)
+                    logger.info("forgot neighbour %s: undialable for long", peer_id)
+                logger.debug("push to %s: dial failed: %s", peer_id, error)
+                return
+            try:
+                with self.phases.timing("send"):  # in the background: overlaps the round
+                    reply = await transport.request(
+                        peer_id,
+                        UPDATE_PROTOCOL,
+                        message,
+                        self.deadlines.push(len(message)),
+                        MAX_RECEIPT_BYTES,
+                    )
+                receipt = Receipt.decode(reply)
+            except (Unanswered, InvalidReceipt) as error:
+                # The peer may have taken it: hold the share until its next receipt.
+                self.deliveries.unanswered(peer_id, outgoing)
+                self._push_failed(peer_id, error)
+                return
+            except TransportError as error:
+                await self._refund(self.deliveries.not_sent(peer_id, outgoing))
+                self._push_failed(peer_id, error)
+                return
+            self.book.mark_alive(peer_id)
+            await self._refund(self.deliveries.answered(peer_id, outgoing, receipt))
+            if receipt.accepted:
+                self.updates_sent += 1
+            else:
+                self.pushes_refused[receipt.verdict] += 1
+        finally:
+            self._pushing_weight.pop(peer_id, None)
 
     def _push_failed(self, peer_id: str, error: Exception) -> None:
         assert self.transport is not None

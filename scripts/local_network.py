@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from p2pfl.localnet import LocalNetwork, LocalNetworkError
+from p2pfl.netview import Row, status_table
 
 console = Console()
 
@@ -74,47 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def render(network: LocalNetwork, statuses: list[dict | None], rounds: int, title: str) -> Table:
-    table = Table(title=title)
-    for column in (
-        "node",
-        "peer id",
-        "round",
-        "accuracy",
-        "neighbours",
-        "accepted",
-        "rejected",
-        "sent MB",
-    ):
-        table.add_column(column, justify="right" if column != "peer id" else "left")
-    for node, status in zip(network.nodes, statuses, strict=True):
-        if node is None:
-            continue
-        if status is None:
-            final = node.final_accuracy
-            table.add_row(
-                str(node.index),
-                (node.peer_id or "")[-10:],
-                "done" if final is not None else "starting",
-                f"{final:.4f}" if final is not None else "-",
-                "",
-                "",
-                "",
-                "",
-            )
-            continue
-        accuracy = status["accuracy"]
-        table.add_row(
-            str(node.index),
-            status["peer_id"][-10:],
-            # A node that finished its rounds keeps gossiping for late starters.
-            "serving" if status.get("state") == "serving" else f"{status['round']}/{rounds}",
-            f"{accuracy:.4f}" if accuracy is not None else "-",
-            str(len(status["neighbours"])),
-            str(status["updates_accepted"]),
-            str(sum(status["updates_rejected"].values())),
-            f"{status['bytes_sent'] / 1e6:.2f}",
-        )
-    return table
+    rows = [
+        Row(str(node.index), (node.peer_id or "")[-10:], status, node.final_accuracy)
+        for node, status in zip(network.nodes, statuses, strict=True)
+        if node is not None
+    ]
+    return status_table(title, rows, rounds)
 
 
 def main(argv: list[str] | None = None) -> int:

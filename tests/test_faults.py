@@ -93,6 +93,7 @@ async def test_a_neighbour_dying_mid_transfer_never_stalls_rounds_or_creates_wei
             await wait_until(lambda: sender.round >= 3, GUARD_S, "rounds during the stall")
             assert sender.send_failures[receiver_key.peer_id] == 0
             assert sender.gossip.pushsum.weight == pytest.approx(initial_weight / 2)
+            assert sender.status()["weight_in_flight"] == pytest.approx(initial_weight / 2)
             kill_receiver.cancel()
             await wait_until(
                 lambda: sender.send_failures[receiver_key.peer_id] >= 1,
@@ -108,6 +109,8 @@ async def test_a_neighbour_dying_mid_transfer_never_stalls_rounds_or_creates_wei
             assert sender.deliveries.counts["refunded"] == 0
             assert sender.deliveries.held_count() == 1
             assert sender.gossip.pushsum.weight == pytest.approx(initial_weight / 2)
+            # Held: still counted in flight, so the mass adds up on the status page.
+            assert sender.status()["weight_in_flight"] == pytest.approx(initial_weight / 2)
 
             # The sender keeps running rounds. The dead neighbour cannot be dialled: it
             # is kept, as unreachable (it may come back), and skipped, so no more
@@ -164,6 +167,7 @@ async def test_a_neighbour_that_comes_back_is_redialled_and_pushed_to_again(
             await wait_until(lambda: hub.round >= rounds_then + 5, GUARD_S, "5 rounds while away")
             assert member_key.peer_id in hub.book.known()
             assert hub.updates_sent == sent_while_away
+            assert hub.status()["peers_unreachable"] == 1
 
             # Back at the same address: the hub's discovery redials it, pushes resume.
             await nursery.start(run_member, f"/ip4/127.0.0.1/tcp/{port}", trio.CancelScope())
@@ -173,6 +177,7 @@ async def test_a_neighbour_that_comes_back_is_redialled_and_pushed_to_again(
             assert hub.book.reachable(member_key.peer_id)
             # Its receipts settled whatever the hub held for it while it was away.
             assert hub.deliveries.held_count() == 0
+            assert hub.status()["peers_unreachable"] == 0
             nursery.cancel_scope.cancel()
 
 

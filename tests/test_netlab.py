@@ -250,6 +250,13 @@ def test_daemons_behind_two_nats_learn_together_through_a_lossy_cut_and_heal(
                         for s, c in zip(net.statuses(), at_cut, strict=True)),
             "both sides keep training: 3 rounds each during the cut",
         )
+        # Pushes run in the background, so a push across the cut fails after its own
+        # deadline, not within the round that started it: wait for every node's.
+        wait_until(
+            lambda: all(s and sum(s["send_failures"].values()) > sum(c["send_failures"].values())
+                        for s, c in zip(net.statuses(), at_cut, strict=True)),
+            "every node counts failed pushes across the cut",
+        )
         at_heal = net.statuses()
         lab.heal()
 
@@ -328,6 +335,24 @@ def test_under_ci_a_lab_test_that_skips_fails(
     result.stdout.fnmatch_lines(["*CI can run the network lab here*: loss and NAT need nftables*"])
 
 
+def test_a_rate_limit_is_set_on_both_ends_of_every_link_and_lifted() -> None:
+    with Lab(2, nats=[[1]] if NO_NFT is None else []) as lab:
+        ends = [(host.namespace, "eth0") for host in lab.hosts] + [(lab.core, "h0")]
+        if NO_NFT is None:
+            ends.append((f"{lab.tag}-nat0", "h1"))
+
+        def qdiscs() -> list[str]:
+            return [subprocess.run(["tc", "-n", namespace, "qdisc", "show", "dev", device],
+                                   capture_output=True, text=True, check=True).stdout
+                    for namespace, device in ends]
+
+        assert not any("tbf" in shown for shown in qdiscs())
+        lab.limit_rate(5.0)
+        assert all("tbf" in shown and "rate 5Mbit" in shown for shown in qdiscs())
+        lab.limit_rate(None)
+        assert not any("tbf" in shown for shown in qdiscs())
+
+
 def test_nat_and_loss_without_nftables_name_the_package(monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no nft on it
@@ -338,15 +363,19 @@ def test_nat_and_loss_without_nftables_name_the_package(monkeypatch: pytest.Monk
 
 @pytest.mark.slow
 def test_the_partition_scenario_script_reports_the_heal(tmp_path: Path) -> None:
-    out = tmp_path / "netlab.json"
     script = Path(__file__).parent.parent / "scripts" / "netlab.py"
     subprocess.run(
         [sys.executable, str(script), "partition", "--hosts", "4", "--cut-rounds", "3",
-         "--settle", "5", "--json", str(out)],
+         "--settle", "5", "--out", str(tmp_path)],
         check=True, capture_output=True, timeout=600,
     )
-    [result] = json.loads(out.read_text())
+    [result] = json.loads((tmp_path / "summary.json").read_text())
     assert result["push_failures_during_cut"] > 0
-    assert result["seconds_to_first_cross_update"] is not None
-    assert result["seconds_until_every_node_crossed"] is not None
+    assert result["consensus_distance_at_heal"] > result["consensus_distance_connected"]
+    assert result["rounds_to_connected_accuracy"] is not None
+    assert result["rounds_to_connected_consensus"] is not None
+    assert result["seconds_until_books_complete"] is not None
     assert result["accuracy_min_end"] >= 0.9
+    record = json.loads((tmp_path / "partition.json").read_text())
+    assert [event["label"] for event in record["runs"][0]["events"]] == ["all up", "cut", "heal"]
+    assert (tmp_path / "partition.png").read_bytes().startswith(b"\x89PNG")

@@ -181,3 +181,18 @@ def test_state_round_trips_and_a_forged_state_is_refused_in_one_line() -> None:
         assert "\n" not in str(error.value)
         after = target.state()
         assert after.seq == before.seq and after.weight == before.weight
+
+
+def test_received_weight_waits_as_pending_until_the_merge_folds_it_in() -> None:
+    receiver, first, second = make(1, 0.0), make(2, 1.0), make(3, 2.0)
+    sent = 0.0
+    for sender in (first, second, first):  # first's second share coalesces with its first
+        outgoing = sender.prepare(1, START)
+        sent += outgoing.weight
+        assert receiver.receive(outgoing.message, START, sender.key.public_key).accepted
+    held = receiver.pushsum.weight
+    assert sent == pytest.approx(5 + 5 + 2.5)  # half of the sender's weight each time
+    assert receiver.votes.pending_weight() == pytest.approx(sent)
+    receiver.merge()
+    assert receiver.votes.pending_weight() == 0.0
+    assert receiver.pushsum.weight == pytest.approx(held + sent)
