@@ -185,16 +185,6 @@ def test_loss_drops_inbound_packets() -> None:
         listener.close()
 
 
-def established(lab: Lab, index: int) -> set[tuple[str, str]]:
-    """(local, peer) of host ``index``'s ESTABLISHED TCP connections to other hosts."""
-    lines = subprocess.run(
-        [*lab.exec_prefix(index), "ss", "-tnH", "state", "established"],
-        capture_output=True, text=True, check=True,
-    ).stdout.splitlines()
-    pairs = {(fields[-2], fields[-1]) for fields in (line.split() for line in lines) if fields}
-    return {pair for pair in pairs if not pair[1].startswith("127.")}
-
-
 def wait_until(check: Callable[[], Any], what: str) -> Any:
     deadline = time.monotonic() + DAEMON_DEADLINE_S
     while time.monotonic() < deadline:
