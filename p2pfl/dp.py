@@ -3,7 +3,7 @@
 Every local round a node trains releases something computed from its data:
 a privatized update when DP is on, the raw update when it is off. Raw rounds
 spend unbounded privacy, so the ledger counts them (``non_private_rounds``
-in the checkpoint's ``optimizer`` dict, next to the DP mechanism's own
+in the checkpoint's ``privacy`` dict, next to the DP mechanism's own
 ``dp_*`` state), and a node refuses to turn DP on over a state that released
 any: no finite epsilon would be true (:func:`refuse_dp_after_raw_rounds`).
 The fix is a fresh ``--state-dir`` (a new model; the old one has leaked).

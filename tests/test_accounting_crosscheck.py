@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -33,10 +34,16 @@ INTEGER_ORDERS = list(range(2, 64))
 
 
 @pytest.fixture(autouse=True)
-def quiet_dp_accounting() -> None:
-    # dp-accounting logs a warning for every fractional order its series drops.
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)
+def quiet_dp_accounting() -> Iterator[None]:
+    # dp-accounting logs a warning for every fractional order its series drops. The
+    # levels are put back afterwards: later tests read warnings through caplog.
+    loggers = [logging.getLogger("absl"), logging.getLogger()]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    yield
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
 
 
 def reference(event: object, steps: int) -> float:
