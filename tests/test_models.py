@@ -109,9 +109,11 @@ async def test_two_runtimes_gossip_a_1m_parameter_cnn(tmp_path: Path) -> None:
     root = write_digit_pngs(tmp_path / "digits", per_class=12)
     task = imagefolder_task(root, seed=0)
     assert task.num_parameters() == 1_070_986
+    # Pushes run in the background: a node that stopped right after its last round
+    # could leave before its peer's 4.3 MB push arrived, so both serve a while (linger).
     first, second = await run_two(
         (task, task), (tmp_path / "a", tmp_path / "b"), ("0/2", "1/2"),
-        rounds=2, round_interval=0.2,
+        rounds=2, round_interval=0.2, linger=10.0,
     )
     for me, other in ((first, second), (second, first)):
         status = me.status()
@@ -123,8 +125,10 @@ async def test_two_runtimes_gossip_a_1m_parameter_cnn(tmp_path: Path) -> None:
         phases = me.status()["phases"]
         last = phases["last_round"]
         assert last["round"] == 2 and last["round_s"] > 0
-        assert last["train_s"] > 0 and last["prepare_s"] > 0 and last["checkpoint_s"] > 0
-        assert 0 < last["overhead_fraction"] < 1
+        # (the last round may be a serving one, with no training: count since start)
+        totals = me.phases.totals
+        assert totals["train"] > 0 and totals["prepare"] > 0 and totals["checkpoint"] > 0
+        assert 0 < last["overhead_fraction"] <= 1  # 1 in a serving round
         # Pushes and admits run in the background, so they are counted when they end.
         assert me.phases.totals["send"] > 0 and me.phases.totals["admit"] > 0
         # The model (4.3 MB) and its copies are resident at least once.
