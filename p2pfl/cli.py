@@ -303,11 +303,12 @@ def run_node(args: argparse.Namespace) -> None:
     import trio
 
     from fltasks import load_task
+    from fltasks.malloc import keep_large_buffers_in_heap
     from p2pfl.checkpoint import CheckpointError
     from p2pfl.host import parse_multiaddr, split_peer_multiaddr
     from p2pfl.runtime import NodeRuntime
     from p2pfl.transport import TransportError
-    from p2pfl.tuning import keep_large_buffers_in_heap, raise_open_file_limit
+    from p2pfl.tuning import raise_open_file_limit
 
     # Nodes share machines with other nodes and with the event loop: one
     # intra-op thread each avoids oversubscribing the cores.

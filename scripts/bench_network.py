@@ -16,10 +16,10 @@ from pathlib import Path
 
 import trio
 
+from fltasks.malloc import keep_large_buffers_in_heap
 from p2pfl.bench.learning import EMPTY_LEARNING, measure_learning, measure_wire_bytes
 from p2pfl.bench.report import report
 from p2pfl.bench.throughput import measure_throughput
-from p2pfl.tuning import keep_large_buffers_in_heap
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -44,8 +44,8 @@ import torch
 
 from fltasks import Task
 from fltasks.dp_defaults import DP_SGD_LR
+from fltasks.malloc import return_large_buffers
 from fltasks.scaling import node_view
-from p2pfl.tuning import return_large_buffers
 from topologies.attacks import ATTACKS, Adversary, choose_byzantine
 from topologies.batched import BatchedTrainer, PaddedShards, make_trainer
 from topologies.compression import (
