@@ -128,7 +128,9 @@ def clip_rows(rows: np.ndarray, clip_norm: float) -> np.ndarray:
         raise ValueError("the update delta holds NaN or inf; local training diverged")
     norms = row_norms(rows)
     over = norms > clip_norm
-    rows[over] *= (clip_norm / norms[over])[:, None]
+    # Divide first, then multiply: the single factor clip_norm / norm would be
+    # subnormal for a huge row and a tiny C (1e-30 / 4.5e288) and lose its digits.
+    rows[over] = rows[over] / norms[over][:, None] * clip_norm
     return rows
 
 
