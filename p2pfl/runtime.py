@@ -32,7 +32,7 @@ import logging
 import math
 import random
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -92,9 +92,6 @@ ATTACK_PUSH_INTERVAL_S = 0.03
 # of milliseconds to seconds, and the loop must keep every stream draining.
 OFFLOAD_MIN_PARAMETERS = 1_000_000
 REJECTION_LOG_INTERVAL_S = 10.0
-# Top-k differences that may wait behind one busy link; past that it skips rounds and
-# gets a whole copy when it is free.
-MAX_QUEUED_DIFFERENCES = 8
 MAX_REJECTION_DETAIL_CHARS = 200
 
 
@@ -262,8 +259,8 @@ class NodeRuntime:
         self.deliveries: DeliveryLedger[Outgoing] = DeliveryLedger()
         # Peers with a push in flight: never two at once on one link.
         self._pushing: set[str] = set()
-        # Top-k differences waiting behind a busy link, per peer (see _free).
-        self._queued: dict[str, deque[Outgoing]] = {}
+        # Top-k rounds that sent nothing because a neighbour's link was busy (see _targets).
+        self.pushes_deferred = 0
         # Top-k pushes that went as the whole public copy (a peer out of step).
         self.whole_copies_sent = 0
         # The weight each push in flight carries, for the status page's mass count.
@@ -432,7 +429,6 @@ class NodeRuntime:
             # total unless shares are lost (docs/PROTOCOL.md §4).
             "weight_pending": view["weight_pending"],
             "weight_in_flight": sum(self._pushing_weight.values())
-            + sum(share.weight for queue in self._queued.values() for share in queue)
             + sum(share.weight for held in self.deliveries.held.values() for share in held),
             "sequence": view["sequence"],
             "known_peers": len(self.book),
@@ -451,6 +447,7 @@ class NodeRuntime:
             "pushes_in_flight": len(self._pushing),
             # top-k: pushes that had to carry the whole public copy (peer out of step)
             "whole_copies_sent": self.whole_copies_sent,
+            "pushes_deferred": self.pushes_deferred,
             "streams_refused": dict(transport.streams_refused) if transport else {},
             # Connections cut before any stream (p2pfl.gating), by reason.
             "connections_refused": dict(transport.connections_refused) if transport else {},
@@ -754,56 +751,46 @@ class NodeRuntime:
     def _push(self, outgoing: Outgoing, peers: list[str]) -> None:
         """Push ``outgoing`` to each of ``peers`` in the background.
 
-        The caller chose the peers (:meth:`_free`) and split the weight for exactly
-        these, so every share is accounted for. A top-k difference to a peer with a
-        push in flight waits its turn behind it.
+        The caller chose the peers (:meth:`_free`, :meth:`_targets`) and split the
+        weight for exactly these, so every share is accounted for.
         """
         assert self._push_nursery is not None
         for peer_id in peers:
             if peer_id in self._pushing:
-                self._queued.setdefault(peer_id, deque()).append(outgoing)
+                # Only an --attack member gets here (its attack loop pushes too); an
+                # honest node's rounds are the only pushers, so its shares are all sent.
                 continue
             self._pushing.add(peer_id)
-            self._push_nursery.start_soon(self._push_in_turn, outgoing, peer_id)
+            self._push_nursery.start_soon(self._push_alone, outgoing, peer_id)
 
     def _free(self, peers: Iterable[str]) -> list[str]:
-        """``peers`` that can take a push now: reachable, and free.
+        """``peers`` that can take a push now: reachable, with no push in flight."""
+        return [p for p in peers if self.book.reachable(p) and p not in self._pushing]
 
-        A whole model supersedes the last, so a link still busy with one skips a
-        round. Top-k differences must all arrive, in order (each is a step of the
-        public copy; a gap costs a whole copy), so a few may queue behind a busy link:
-        with a whole copy in flight on a slow link, skipping made every push after it
-        a whole copy again (measured in the lab at 10 Mbit/s).
+    def _targets(self) -> list[str] | None:
+        """The neighbours this round pushes to, or None when it should push nothing.
+
+        A whole model supersedes the last, so a neighbour whose link is still busy
+        just skips a round. A top-k difference is a step of the public copy that
+        every neighbour holds, so each must reach all of them, in order: a node that
+        sends differences pushes only when every reachable neighbour is free, and
+        otherwise keeps training; its next difference then carries what this round's
+        would have (the copy's residual holds it). Pushing to the free ones only cost
+        every busy one a whole copy (4.5 MB at 1.1M parameters) on its next push:
+        measured in the lab, nearly every push at 10 Mbit/s had become one.
         """
-        queues = is_difference_codec(self.gossip.codec_id) and self.attacker is None
-        return [
-            p
-            for p in peers
-            if self.book.reachable(p)
-            and (
-                p not in self._pushing
-                or (queues and len(self._queued.get(p, ())) < MAX_QUEUED_DIFFERENCES)
-            )
-        ]
+        reachable = [p for p in self.neighbours if self.book.reachable(p)]
+        free = self._free(reachable)
+        if is_difference_codec(self.gossip.codec_id) and len(free) < len(reachable):
+            self.pushes_deferred += 1
+            return None
+        return free
 
-    async def _push_in_turn(self, outgoing: Outgoing, peer_id: str) -> None:
-        """Push ``outgoing``, then whatever queued behind it, one at a time, in order."""
+    async def _push_alone(self, outgoing: Outgoing, peer_id: str) -> None:
         try:
-            next_one: Outgoing | None = outgoing
-            while next_one is not None:
-                await self._push_one(next_one, peer_id)
-                queue = self._queued.get(peer_id)
-                next_one = queue.popleft() if queue else None
-                if next_one is not None and not self.book.reachable(peer_id):
-                    # It could not be dialled: nothing queued can reach it either.
-                    unsent = [next_one, *(queue or ())]
-                    self._queued.pop(peer_id, None)
-                    for share in unsent:
-                        await self._refund(self.deliveries.not_sent(peer_id, share))
-                    next_one = None
+            await self._push_one(outgoing, peer_id)
         finally:
             self._pushing.discard(peer_id)
-            self._queued.pop(peer_id, None)
 
     async def _push_one(self, outgoing: Outgoing, peer_id: str) -> None:
         # Its weight is in flight until the receipt (or failure) says where it went.
@@ -905,11 +892,13 @@ class NodeRuntime:
         evaluate = self.phases.timed("evaluate", self._evaluate)
         self.accuracy = await trio.to_thread.run_sync(evaluate, snapshot)
         self.neighbours = choose_neighbours(self.key.peer_id, self.book.known(), self.config.degree)
-        targets = self._free(self.neighbours)
-        if self.attacker is not None:
+        targets = self._targets()
+        # Nobody to push to: no message to build, no sequence number spent.
+        outgoing: Outgoing | None = None
+        if targets and self.attacker is not None:
             prepare = self.phases.timed("prepare", self.attacker.prepare)
             outgoing = await self._gossip(prepare, time.time())
-        else:
+        elif targets:
             prepare = self.phases.timed("prepare", self.gossip.prepare)
             outgoing = await self._gossip(prepare, len(targets), time.time())
         if not self.serving:
@@ -918,7 +907,8 @@ class NodeRuntime:
         # that peers have already seen.
         with self.phases.timing("checkpoint"):
             await self.checkpoint()
-        self._push(outgoing, targets)
+        if outgoing is not None and targets:
+            self._push(outgoing, targets)
         record = self.phases.end_round(self.round, time.perf_counter() - started)
         logger.info("round %d phases %s", self.round, json.dumps(record))
         logger.info(

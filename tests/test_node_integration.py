@@ -55,18 +55,21 @@ async def test_top_k_peers_stay_in_step_and_whole_copies_stay_rare(
 ) -> None:
     """Receipts tell the sender which peer is in step, so only a peer that missed a
     difference gets the whole copy: on unpaced rounds, whole copies stay a handful.
-    (A busy link queues differences rather than skipping them, p2pfl.runtime._free;
-    on a slow lab link skipping had made nearly every push whole.)"""
+    (A top-k node pushes only when every neighbour's link is free, p2pfl.runtime._targets;
+    on a slow lab link pushing to the free ones had made nearly every push whole.)"""
     first, second = await run_two(
         (digits, digits), (tmp_path / "a", tmp_path / "b"), ("0/2", "1/2"),
         rounds=40, round_interval=0.0, compression="topk:0.01", degree=1,
     )
     for node in (first, second):
         status = node.status()
-        assert status["updates_sent"] >= 20, status["updates_sent"]
+        # Of 40 rounds, those whose push found the link busy were deferred.
+        assert status["updates_sent"] >= 10, status["updates_sent"]
         # The first push is whole (nothing to differ from); a few more for pushes refused
         # while the two views of the membership settle, or in flight at the end.
         assert status["whole_copies_sent"] <= 6, status["whole_copies_sent"]
+        # Unpaced rounds outrun pushes, so some rounds wait for the link to free up.
+        assert status["pushes_deferred"] >= 1, status["pushes_deferred"]
         assert status["deliveries"].get("refused", 0) <= 3
 
 
