@@ -23,6 +23,11 @@ STATUS_READ_S = 5.0
 STREAM_CLEANUP_S = 1.0
 # Closing the libp2p host at shutdown.
 HOST_CLOSE_S = 5.0
+# What a stream's protocol negotiation may wait behind on a connection busy with a
+# large update: one yamux receive window (256 KiB) each way. In the lab at 1 Mbit/s
+# per host (6 streams each), a fixed 5 s failed pushes every few seconds, and so did
+# 5 s plus one 64 KiB frame each way (12 s).
+NEGOTIATION_WAIT_BYTES = 2 * 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,12 @@ class Deadlines:
     def model_fetch(self, parameters: int) -> float:
         """Seconds fetching a joining node's snapshot of ``parameters`` float32 values may take."""
         return frame_deadline(self.dial, 4 * parameters, self.min_link_bytes_per_s)
+
+    @property
+    def stream_open(self) -> float:
+        """Opening a stream on an existing connection: protocol negotiation, one round
+        trip that may queue behind a large update's frame each way."""
+        return frame_deadline(self.dial, NEGOTIATION_WAIT_BYTES, self.min_link_bytes_per_s)
 
     @property
     def peer_exchange(self) -> float:

@@ -22,6 +22,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from multiaddr import Multiaddr
 
 from gossip.keys import NodeKey
+from p2pfl.deadlines import DIAL_S
 from p2pfl.gating import ConnectionGate
 
 # A libp2p log line is cut to this many characters: some of its messages embed whole
@@ -95,10 +96,16 @@ def route_libp2p_logging() -> None:
 
 
 def new_node_host(
-    key: NodeKey, *, negotiate_timeout: float = 5.0, gate: ConnectionGate | None = None
+    key: NodeKey,
+    *,
+    negotiate_timeout: float = DIAL_S,
+    stream_open_timeout: float = DIAL_S,
+    gate: ConnectionGate | None = None,
 ) -> IHost:
     """A libp2p host whose peer id is ``key.peer_id``, speaking Noise + yamux over TCP.
 
+    ``negotiate_timeout`` bounds a dial and a connection's upgrade (Noise, yamux);
+    ``stream_open_timeout`` a stream's protocol negotiation (Deadlines.stream_open).
     ``gate`` decides who may hold a connection (p2pfl.gating); by default everyone,
     within the per-IP limits.
     """
@@ -113,8 +120,8 @@ def new_node_host(
         dial_timeout=negotiate_timeout,
         inbound_upgrade_timeout=negotiate_timeout,
         outbound_upgrade_timeout=negotiate_timeout,
-        inbound_stream_protocol_negotiation_timeout=negotiate_timeout,
-        outbound_stream_protocol_negotiation_timeout=negotiate_timeout,
+        inbound_stream_protocol_negotiation_timeout=stream_open_timeout,
+        outbound_stream_protocol_negotiation_timeout=stream_open_timeout,
     )
     host = new_host(
         key_pair=key_pair,

@@ -93,6 +93,8 @@ ATTACK_PUSH_INTERVAL_S = 0.03
 OFFLOAD_MIN_PARAMETERS = 1_000_000
 REJECTION_LOG_INTERVAL_S = 10.0
 MAX_REJECTION_DETAIL_CHARS = 200
+# Pushes to one peer that fail in a row before its connection is closed and redialled.
+FAILURES_BEFORE_REDIAL = 2
 
 
 def model_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -253,6 +255,8 @@ class NodeRuntime:
         self.deadlines = config.deadlines
         self.updates_sent = 0
         self.send_failures: Counter[str] = Counter()
+        # Failed pushes in a row per peer, since its last answered push (see _push_failed).
+        self._failures_in_a_row: Counter[str] = Counter()
         # Pushes refused by their receiver, by the receipt's reason (their share came back).
         self.pushes_refused: Counter[str] = Counter()
         # Shares whose receipt has not come yet, per peer (gossip/delivery.py).
@@ -834,6 +838,7 @@ class NodeRuntime:
                 self._push_failed(peer_id, error)
                 return
             self.book.mark_alive(peer_id)
+            self._failures_in_a_row.pop(peer_id, None)
             await self._refund(self.deliveries.answered(peer_id, outgoing, receipt))
             if receipt.accepted:
                 self.updates_sent += 1
@@ -845,11 +850,16 @@ class NodeRuntime:
     def _push_failed(self, peer_id: str, error: Exception) -> None:
         assert self.transport is not None
         self.send_failures[peer_id] += 1
+        self._failures_in_a_row[peer_id] += 1
+        logger.debug("push to %s failed: %s", peer_id, error)
         # After a network heals, TCP connections sit ESTABLISHED in retransmission
         # backoff for minutes and every new stream queues behind them: close the
-        # connection so the next push redials.
-        self.transport.nursery.start_soon(self.transport.disconnect, peer_id)
-        logger.debug("push to %s failed: %s", peer_id, error)
+        # connection so the next push redials. Not at the first failure: closing
+        # also cuts the peer's pushes to us on that connection, and on a congested
+        # link one slow stream made every push fail in turn (measured in the lab).
+        if self._failures_in_a_row[peer_id] >= FAILURES_BEFORE_REDIAL:
+            self._failures_in_a_row.pop(peer_id, None)
+            self.transport.nursery.start_soon(self.transport.disconnect, peer_id)
 
     def _whole_message(self, outgoing: Outgoing) -> bytearray:
         """Under the gossip lock: the whole-copy form of this round's top-k message, once."""
@@ -982,6 +992,7 @@ class NodeRuntime:
             allowed_peers=self.members,
             rate_limiter=limiter,
             relay=config.relay == "on",
+            stream_open_timeout=self.deadlines.stream_open,
         ) as transport:
             self.transport = transport
             timeout = config.read_timeout

@@ -36,7 +36,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from gossip.keys import NodeKey
-from p2pfl.deadlines import HOST_CLOSE_S, STREAM_CLEANUP_S
+from p2pfl.deadlines import DIAL_S, HOST_CLOSE_S, STREAM_CLEANUP_S
 from p2pfl.framing import FrameError, encode_uvarint, read_frame, write_frame
 from p2pfl.gating import DEFAULT_MAX_CONNECTIONS_PER_IP, ConnectionGate, InboundGuard
 from p2pfl.host import new_node_host, parse_multiaddr, split_peer_multiaddr
@@ -277,19 +277,21 @@ class Transport:
         guard: InboundGuard | None = None,
         max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
         relay: bool | None = None,
+        stream_open_timeout: float = DIAL_S,
     ) -> AsyncIterator[Transport]:
         """Run a host for ``key`` listening on ``listen_addrs``; closed on exit, always.
 
         ``guard`` replaces the default per-IP handshake limits (tests pass small ones).
         ``relay`` starts circuit relay and DCUtR (p2pfl.relay): True also serves as a
         relay for others, False only dials and accepts relayed connections; None
-        (the default) runs neither.
+        (the default) runs neither. ``stream_open_timeout`` bounds a stream's protocol
+        negotiation (Deadlines.stream_open: longer on slow links).
         """
         addrs = [parse_multiaddr(text) for text in listen_addrs]
         gate = ConnectionGate(
             allowed_peers, guard=guard, max_connections_per_ip=max_connections_per_ip
         )
-        host = new_node_host(key, gate=gate)
+        host = new_node_host(key, gate=gate, stream_open_timeout=stream_open_timeout)
         try:
             async with host.run(addrs):
                 try:

@@ -77,7 +77,7 @@ def seconds(value: float | None) -> str:
 def rate_table(rate: float, runs: dict[str, dict], args: argparse.Namespace) -> Table:
     table = Table(title=f"{rate:g} Mbit/s per host, {args.hosts} hosts, target {args.target}")
     for column in ("codec", "MB sent per node", "to target (s)", "training (s)", "rounds",
-                   "x raw", "accuracy end", "push failures"):
+                   "x raw", "accuracy end", "push failures", "whole copies"):
         table.add_column(column, justify="left" if column == "codec" else "right")
     raw = runs.get("raw")
     for codec, run in runs.items():
@@ -87,7 +87,7 @@ def rate_table(rate: float, runs: dict[str, dict], args: argparse.Namespace) -> 
             seconds(run["training_seconds_to_target"]), str(run["rounds_median_at_target"] or "-"),
             training_ratio(run, raw) if raw else "-",
             "-" if run["accuracy_mean_end"] is None else f"{run['accuracy_mean_end']:.3f}",
-            str(run["push_failures"]),
+            str(run["push_failures"]), str(run["whole_copies_sent"]),
         )  # fmt: skip
     return table
 
