@@ -23,11 +23,12 @@ STATUS_READ_S = 5.0
 STREAM_CLEANUP_S = 1.0
 # Closing the libp2p host at shutdown.
 HOST_CLOSE_S = 5.0
-# What a stream's protocol negotiation may wait behind on a connection busy with a
-# large update: one yamux receive window (256 KiB) each way. In the lab at 1 Mbit/s
-# per host (6 streams each), a fixed 5 s failed pushes every few seconds, and so did
-# 5 s plus one 64 KiB frame each way (12 s).
-NEGOTIATION_WAIT_BYTES = 2 * 256 * 1024
+# What a handshake's few small messages may wait behind on a link busy with large
+# updates: one yamux receive window (256 KiB) each way. In the lab at 1 Mbit/s per
+# host (6 streams each), a fixed 5 s failed stream negotiations every few seconds, and
+# so did 5 s plus one 64 KiB frame each way (12 s); dials failed too, so peers were
+# marked unreachable and missed top-k differences.
+HANDSHAKE_WAIT_BYTES = 2 * 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,12 @@ class Deadlines:
         return frame_deadline(self.dial, 4 * parameters, self.min_link_bytes_per_s)
 
     @property
-    def stream_open(self) -> float:
-        """Opening a stream on an existing connection: protocol negotiation, one round
-        trip that may queue behind a large update's frame each way."""
-        return frame_deadline(self.dial, NEGOTIATION_WAIT_BYTES, self.min_link_bytes_per_s)
+    def handshake(self) -> float:
+        """A dial (TCP, Noise, yamux) or a stream's protocol negotiation: a few small
+        messages, each of which may queue behind large updates on a busy link."""
+        return frame_deadline(self.dial, HANDSHAKE_WAIT_BYTES, self.min_link_bytes_per_s)
 
     @property
     def peer_exchange(self) -> float:
-        """A peer-exchange request and its reply (small: a dial's worth)."""
-        return self.dial
+        """A peer-exchange request and its reply (small: a handshake's worth)."""
+        return self.handshake

@@ -98,14 +98,13 @@ def route_libp2p_logging() -> None:
 def new_node_host(
     key: NodeKey,
     *,
-    negotiate_timeout: float = DIAL_S,
-    stream_open_timeout: float = DIAL_S,
+    handshake_timeout: float = DIAL_S,
     gate: ConnectionGate | None = None,
 ) -> IHost:
     """A libp2p host whose peer id is ``key.peer_id``, speaking Noise + yamux over TCP.
 
-    ``negotiate_timeout`` bounds a dial and a connection's upgrade (Noise, yamux);
-    ``stream_open_timeout`` a stream's protocol negotiation (Deadlines.stream_open).
+    ``handshake_timeout`` bounds a dial, a connection's upgrade (Noise, yamux) and a
+    stream's protocol negotiation (Deadlines.handshake: longer on slow links).
     ``gate`` decides who may hold a connection (p2pfl.gating); by default everyone,
     within the per-IP limits.
     """
@@ -117,11 +116,11 @@ def new_node_host(
     noise = gate.noise(key_pair, create_new_x25519_key_pair().private_key)
     connection_config = ConnectionConfig(
         max_connections_per_peer=1,
-        dial_timeout=negotiate_timeout,
-        inbound_upgrade_timeout=negotiate_timeout,
-        outbound_upgrade_timeout=negotiate_timeout,
-        inbound_stream_protocol_negotiation_timeout=stream_open_timeout,
-        outbound_stream_protocol_negotiation_timeout=stream_open_timeout,
+        dial_timeout=handshake_timeout,
+        inbound_upgrade_timeout=handshake_timeout,
+        outbound_upgrade_timeout=handshake_timeout,
+        inbound_stream_protocol_negotiation_timeout=handshake_timeout,
+        outbound_stream_protocol_negotiation_timeout=handshake_timeout,
     )
     host = new_host(
         key_pair=key_pair,

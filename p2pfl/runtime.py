@@ -607,7 +607,7 @@ class NodeRuntime:
         last: Exception | None = None
         for addr in self.book.addrs(peer_id):
             try:
-                await self.transport.connect(addr, self.deadlines.dial)
+                await self.transport.connect(addr, self.deadlines.handshake)
                 return
             except (TransportError, ValueError) as error:
                 last = error
@@ -619,7 +619,7 @@ class NodeRuntime:
         reached = []
         for addr in self.config.bootstrap:
             try:
-                peer_id = await self.transport.connect(addr, self.deadlines.dial)
+                peer_id = await self.transport.connect(addr, self.deadlines.handshake)
                 if self.members is not None and peer_id not in self.members:
                     logger.warning("bootstrap %s: not in the allowlist; skipped", addr)
                     await self.transport.disconnect(peer_id)
@@ -992,7 +992,7 @@ class NodeRuntime:
             allowed_peers=self.members,
             rate_limiter=limiter,
             relay=config.relay == "on",
-            stream_open_timeout=self.deadlines.stream_open,
+            handshake_timeout=self.deadlines.handshake,
         ) as transport:
             self.transport = transport
             timeout = config.read_timeout

@@ -277,21 +277,21 @@ class Transport:
         guard: InboundGuard | None = None,
         max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
         relay: bool | None = None,
-        stream_open_timeout: float = DIAL_S,
+        handshake_timeout: float = DIAL_S,
     ) -> AsyncIterator[Transport]:
         """Run a host for ``key`` listening on ``listen_addrs``; closed on exit, always.
 
         ``guard`` replaces the default per-IP handshake limits (tests pass small ones).
         ``relay`` starts circuit relay and DCUtR (p2pfl.relay): True also serves as a
         relay for others, False only dials and accepts relayed connections; None
-        (the default) runs neither. ``stream_open_timeout`` bounds a stream's protocol
-        negotiation (Deadlines.stream_open: longer on slow links).
+        (the default) runs neither. ``handshake_timeout`` bounds libp2p's dials, upgrades
+        and stream negotiations (Deadlines.handshake: longer on slow links).
         """
         addrs = [parse_multiaddr(text) for text in listen_addrs]
         gate = ConnectionGate(
             allowed_peers, guard=guard, max_connections_per_ip=max_connections_per_ip
         )
-        host = new_node_host(key, gate=gate, stream_open_timeout=stream_open_timeout)
+        host = new_node_host(key, gate=gate, handshake_timeout=handshake_timeout)
         try:
             async with host.run(addrs):
                 try:
