@@ -903,14 +903,14 @@ class NodeRuntime:
         self.accuracy = await trio.to_thread.run_sync(evaluate, snapshot)
         self.neighbours = choose_neighbours(self.key.peer_id, self.book.known(), self.config.degree)
         targets = self._targets()
-        # Nobody to push to: no message to build, no sequence number spent.
         outgoing: Outgoing | None = None
-        if targets and self.attacker is not None:
-            prepare = self.phases.timed("prepare", self.attacker.prepare)
-            outgoing = await self._gossip(prepare, time.time())
-        elif targets:
-            prepare = self.phases.timed("prepare", self.gossip.prepare)
-            outgoing = await self._gossip(prepare, len(targets), time.time())
+        if targets:  # nobody to push to: no message to build, no sequence number spent
+            if self.attacker is not None:
+                prepare = self.phases.timed("prepare", self.attacker.prepare)
+                outgoing = await self._gossip(prepare, time.time())
+            else:
+                prepare = self.phases.timed("prepare", self.gossip.prepare)
+                outgoing = await self._gossip(prepare, len(targets), time.time())
         if not self.serving:
             self.round += 1
         # Checkpoint before sending: a restart then never reuses a sequence number
