@@ -21,10 +21,8 @@ above the last it accepted, so the next receipt from that peer settles them:
 A push that failed before its frame was wholly written was certainly not
 delivered and is refunded at once (:meth:`DeliveryLedger.not_sent`).
 
-The ledger also says when a top-k sender must send a peer its whole public
-copy instead of a difference: whenever the peer has not confirmed the message
-just before this one (:meth:`DeliveryLedger.in_step`). With receipts, a
-receiver never needs to wait for a periodic resync.
+Receipts also tell a top-k sender which neighbour holds which public copy
+(:meth:`gossip.public_copy.LinkCopies.settled`).
 
 Sans-I/O: it is fed peer names, sequences and receipts, and returns what to
 refund; the caller owns the network and the lock.
@@ -118,11 +116,6 @@ class DeliveryLedger(Generic[S]):
     confirmed: dict[Hashable, int] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
     """delivered, refused, refunded (refused or never sent), lost (given up or untellable)."""
-
-    def in_step(self, peer: Hashable, seq: int) -> bool:
-        """True if ``peer`` confirmed the message just before ``seq`` (top-k may send a
-        difference); False means it must get the whole public copy."""
-        return self.confirmed.get(peer) == seq - 1
 
     def not_sent(self, peer: Hashable, share: S) -> list[S]:
         """The push failed before its frame was wholly written: refund it."""

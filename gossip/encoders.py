@@ -1,16 +1,18 @@
 """What an outgoing update carries, per codec: one small wrapper each, chosen once.
 
 :meth:`gossip.node.GossipNode.prepare` asks its encoder for the tensors to
-sign and for what receivers will fold in, and never branches on the codec
-(as Flower's mods wrap a client, or hivemind's codecs sit behind one
-interface):
+sign and for what receivers will fold in, and never branches on which
+whole-model codec it is (as Flower's mods wrap a client, or hivemind's codecs
+sit behind one interface):
 
 * :class:`RawEncoder`: the estimate itself, exactly;
 * :class:`FeedbackEncoder`: a lossy codec (fp16, int8) with error feedback,
   so what one message rounds away is sent with the next
-  (:mod:`gossip.compression.feedback`);
-* :class:`PublicCopyEncoder`: top-k differences to a public copy, with a
-  whole model every ``sync_every`` messages (:mod:`gossip.public_copy`).
+  (:mod:`gossip.compression.feedback`).
+
+``topk`` has no encoder here: its message differs per neighbour (a difference
+to that link's public copy), so the node builds it per link
+(:class:`gossip.public_copy.LinkCopies`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from gossip.compression import ErrorFeedback, resolve_codec
 from gossip.layout import ModelLayout
-from gossip.public_copy import DEFAULT_SYNC_EVERY, PublicCopySender, is_difference_codec
+from gossip.public_copy import is_difference_codec
 
 Tensors = dict[str, np.ndarray]
 
@@ -79,25 +81,12 @@ class FeedbackEncoder:
             feedback.reset()  # the residual belonged to the model we dropped
 
 
-@dataclass
-class PublicCopyEncoder:
-    codec_id: str
-    sender: PublicCopySender
-
-    def encode(self, estimate: np.ndarray, layout: ModelLayout) -> tuple[str, Tensors, Tensors]:
-        codec_id, sent, copy = self.sender.next_message(estimate, layout)
-        return codec_id, sent, layout.unflatten(copy)
-
-    def reset(self) -> None:
-        self.sender.reset()
-
-
-def encoder_for(codec_id: str, sync_every: int | None = DEFAULT_SYNC_EVERY) -> Encoder:
-    """The encoder of ``codec_id`` (raw, fp16, int8, topk:F); ValueError if unknown."""
+def encoder_for(codec_id: str) -> Encoder:
+    """The encoder of a whole-model codec (raw, fp16, int8); ValueError otherwise."""
     if codec_id == "raw":
         return RawEncoder()
     if resolve_codec(codec_id) is None:
         raise ValueError(f"unknown codec {codec_id!r}")
     if is_difference_codec(codec_id):
-        return PublicCopyEncoder(codec_id, PublicCopySender(codec_id, sync_every))
+        raise ValueError(f"{codec_id!r} sends differences per link (gossip.public_copy)")
     return FeedbackEncoder(codec_id)

@@ -2,7 +2,9 @@
 
 The runtime (the libp2p daemon, or a test) feeds it bytes and the time and
 carries out what it returns: after a local round, :meth:`GossipNode.prepare`
-gives the one signed message to push to ``fanout`` neighbours; each incoming
+splits the weight for ``fanout`` neighbours, and :meth:`GossipNode.addressed`
+gives the signed message for each of them (the same one, except for top-k,
+whose differences are per link); each incoming
 message goes through :meth:`GossipNode.receive` into the vote table
 (:mod:`gossip.votes`); :meth:`GossipNode.merge` folds it into the model by the
 configured rule. :meth:`GossipNode.set_peers` says who may push at all.
@@ -33,7 +35,7 @@ from gossip.encoders import Encoder, encoder_for
 from gossip.errors import InvalidUpdate, Reason
 from gossip.keys import NodeKey
 from gossip.layout import ModelLayout
-from gossip.public_copy import DEFAULT_SYNC_EVERY, PublicCopies, is_difference_codec
+from gossip.public_copy import LinkCopies, PublicCopies, is_difference_codec
 from gossip.pushsum import PushSum, Share
 from gossip.update import Update
 from gossip.votes import DEFAULT_MAX_AGE_ROUNDS, VoteTable
@@ -57,10 +59,12 @@ class Outgoing:
 
     message: bytearray
     seq: int
-    tensors: dict[str, np.ndarray]  # what receivers fold in (for top-k: the public copy)
+    tensors: dict[str, np.ndarray]  # what receivers fold in (for top-k: the link's copy)
     weight: float
-    # A top-k difference: a peer that is not in step gets :meth:`GossipNode.whole` instead.
-    difference: bool = False
+    # Top-k before :meth:`GossipNode.addressed`: no message yet, ``tensors`` the estimate.
+    per_link: bool = False
+    # Top-k: this message carries the link's whole copy afresh (the peer was not in step).
+    resync: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,12 +98,10 @@ class GossipNode:
     # pull us further than that (see merge).
     last_step_norm: float = 0.0
     merges: dict[str, int] = field(default_factory=lambda: {"quorum": 0, "bounded": 0})
-    # Top-k sends differences to a public copy (see gossip/public_copy.py), and its
-    # whole copy every ``sync_every`` messages; None: only when :meth:`whole` is asked
-    # for (the daemon knows from receipts which peer is out of step).
-    sync_every: int | None = DEFAULT_SYNC_EVERY
-    # What each message carries, per codec (gossip/encoders.py); set from codec_id.
+    # What each message carries, per whole-model codec (gossip/encoders.py).
     encoder: Encoder | None = None
+    # Top-k: one public copy per neighbour, kept in step by receipts (gossip/public_copy.py).
+    links: LinkCopies | None = None
     # Receivers' copies of top-k senders' public models.
     public_copies: PublicCopies = field(default_factory=PublicCopies)
 
@@ -107,10 +109,11 @@ class GossipNode:
         if self.quorum < 1:
             raise ValueError(f"the quorum must be at least 1 sender, got {self.quorum}")
         self.quorum = max(self.quorum, self.aggregator.min_senders)
-        if self.encoder is None:
-            self.encoder = encoder_for(self.codec_id, self.sync_every)
         if is_difference_codec(self.codec_id):
+            self.links = LinkCopies(self.codec_id, self.layout)
             self.public_copies.keep_all = True
+        elif self.encoder is None:
+            self.encoder = encoder_for(self.codec_id)
         self.public_copies.layout = self.layout
 
     @classmethod
@@ -206,17 +209,8 @@ class GossipNode:
 
     def snapshot(self, now: float) -> bytearray:
         """The current model, signed, with weight 0: for a joining peer to adopt, not merge."""
-        update = Update(
-            sender=self.key.public_key,
-            seq=self.seq,
-            samples=self.samples,
-            weight=0.0,
-            fingerprint=self.layout.fingerprint,
-            created_at=now,
-            tensors=self.layout.unflatten(self.pushsum.estimate),
-            codec="raw",  # a joining node adopts it whole: never lossy
-        )
-        return codec.encode(update, self.key)
+        # Raw: a joining node adopts it whole, never lossy.
+        return self._sign(self.seq, 0.0, "raw", self.layout.unflatten(self.pushsum.estimate), now)
 
     def read_snapshot(
         self, data: bytes | bytearray | memoryview, expected_sender: bytes
@@ -262,44 +256,64 @@ class GossipNode:
         for start in range(0, len(estimate), ADOPT_BLOCK_VALUES):
             block = np.stack([model[start : start + ADOPT_BLOCK_VALUES] for model in models])
             estimate[start : start + ADOPT_BLOCK_VALUES] = robust.median(block)
-        assert self.encoder is not None
-        self.encoder.reset()
+        self._reset_encoding()
+
+    def _reset_encoding(self) -> None:
+        """Forget what belonged to the model we dropped: feedback memory, link copies."""
+        if self.links is not None:
+            self.links.reset()
+        if self.encoder is not None:
+            self.encoder.reset()
 
     def prepare(self, fanout: int, now: float) -> Outgoing:
-        """Split the weight for ``fanout`` neighbours and sign the one message they all get."""
+        """Split the weight for ``fanout`` neighbours and number this round's message.
+
+        A whole-model codec signs the one message they all get. Top-k signs
+        nothing yet: :meth:`addressed` makes each neighbour's difference when it
+        is pushed, from the estimate as it is now.
+        """
         weight = self.pushsum.split_weight(fanout)
         self.seq += 1
         self.round += 1
+        if self.links is not None:
+            estimate = self.layout.unflatten(self.pushsum.estimate.copy())
+            return Outgoing(bytearray(), self.seq, estimate, weight, per_link=True)
         assert self.encoder is not None
         codec_id, tensors, folded = self.encoder.encode(self.pushsum.estimate, self.layout)
+        message = self._sign(self.seq, weight, codec_id, tensors, now)
+        return Outgoing(message, self.seq, folded, weight)
+
+    def addressed(self, outgoing: Outgoing, peer: bytes, now: float) -> Outgoing:
+        """``outgoing`` as pushed to ``peer`` (its ed25519 key): for top-k the difference
+        to that link's copy, or the copy afresh; any other codec's message as it is.
+
+        The caller reports the push's receipt to :meth:`settled`.
+        """
+        if not outgoing.per_link:
+            return outgoing
+        assert self.links is not None
+        link = self.links.message_for(peer, outgoing.tensors, outgoing.seq)
+        message = self._sign(outgoing.seq, outgoing.weight, link.codec_id, link.tensors, now)
+        return Outgoing(message, outgoing.seq, link.copy, outgoing.weight, resync=link.resync)
+
+    def settled(self, peer: bytes, outgoing: Outgoing, receipt: Receipt | None) -> None:
+        """The push of ``outgoing`` to ``peer`` was answered by ``receipt`` (None: it was
+        not, or it failed): top-k learns which copy that neighbour holds."""
+        if self.links is not None:
+            self.links.settled(peer, outgoing.seq, receipt)
+
+    def _sign(
+        self, seq: int, weight: float, codec_id: str, tensors: dict[str, np.ndarray], now: float
+    ) -> bytearray:
         update = Update(
             sender=self.key.public_key,
-            seq=self.seq,
+            seq=seq,
             samples=self.samples,
             weight=weight,
             fingerprint=self.layout.fingerprint,
             created_at=now,
             tensors=tensors,
             codec=codec_id,
-        )
-        difference = is_difference_codec(codec_id)
-        return Outgoing(codec.encode(update, self.key), self.seq, folded, weight, difference)
-
-    def whole(self, outgoing: Outgoing, now: float) -> bytearray:
-        """``outgoing`` as a whole model (``raw``, same sequence and weight): what a peer
-        that missed a top-k difference gets, so it is back in step at once.
-
-        Receivers fold in the public copy either way, so this is the same share.
-        """
-        update = Update(
-            sender=self.key.public_key,
-            seq=outgoing.seq,
-            samples=self.samples,
-            weight=outgoing.weight,
-            fingerprint=self.layout.fingerprint,
-            created_at=now,
-            tensors=outgoing.tensors,
-            codec="raw",
         )
         return codec.encode(update, self.key)
 
@@ -347,7 +361,7 @@ class GossipNode:
     def _record(self, update: Update) -> bool:
         """Make ``update`` its sender's vote; False if there was nothing to fold in."""
         values = self.layout.flatten(update.tensors, dtype=np.float64)
-        estimate = self.public_copies.model_of(update.sender, update.seq, update.codec, values)
+        estimate = self.public_copies.model_of(update.sender, update.codec, values)
         if estimate is None:
             return False
         if update.sender not in self.votes and len(self.votes) >= self.inbox_limit:

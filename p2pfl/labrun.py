@@ -119,9 +119,8 @@ def run_to_target(options: LabOptions, directory: Path, show: Show | None, title
         "updates_accepted": sum(s["updates_accepted"] for s in alive),
         "bytes_sent_mb": round(sum(s["bytes_sent"] for s in alive) / 1e6, 2),
         "push_failures": failures(final),
-        # Top-k: pushes that went as the whole copy, and rounds that waited for a link.
+        # Top-k: pushes that carried a link's whole copy afresh (int8).
         "whole_copies_sent": sum(s.get("whole_copies_sent", 0) for s in alive),
-        "pushes_deferred": sum(s.get("pushes_deferred", 0) for s in alive),
         "rejected": dict(sum((Counter(s["updates_rejected"]) for s in alive), Counter())),
         "known_peers_min": min((s["known_peers"] for s in alive), default=None),
         # What became of pushed shares (delivered, refused, refunded, lost, held).

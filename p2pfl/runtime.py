@@ -49,7 +49,6 @@ from gossip.delivery import MAX_RECEIPT_BYTES, DeliveryLedger, InvalidReceipt, R
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from gossip.node import GossipState
 from gossip.privacy import GaussianMechanism, RdpAccountant
-from gossip.public_copy import is_difference_codec
 from p2pfl.checkpoint import CheckpointError, CheckpointStore, NodeState
 from p2pfl.config import ConfigError, NodeConfig, load_allowlist, parse_host_port
 from p2pfl.dp import (
@@ -206,8 +205,6 @@ class NodeRuntime:
             aggregator=config.make_aggregator(),
             codec_id=config.compression,
             quorum=config.quorum,
-            # Receipts say which peer missed a top-k difference; only it gets the whole copy.
-            sync_every=None,
             # A fresh state numbers its updates from the clock (microseconds), so a node
             # that lost its state dir is not refused as a replay by peers that saw its
             # old sequence numbers; a checkpoint, when there is one, overrides this.
@@ -263,15 +260,11 @@ class NodeRuntime:
         self.deliveries: DeliveryLedger[Outgoing] = DeliveryLedger()
         # Peers with a push in flight: never two at once on one link.
         self._pushing: set[str] = set()
-        # Top-k rounds that sent nothing because a neighbour's link was busy (see _targets).
-        self.pushes_deferred = 0
-        # Top-k pushes that went as the whole public copy (a peer out of step).
+        # Top-k pushes that carried the link's whole copy afresh (the peer was not in step).
         self.whole_copies_sent = 0
         # The weight each push in flight carries, for the status page's mass count.
         self._pushing_weight: dict[str, float] = {}
         self._push_nursery: trio.Nursery | None = None
-        # The whole-model form of the current top-k message, made once per round.
-        self._whole: tuple[int, bytearray] | None = None
         self.neighbours: list[str] = []
         self.started = time.monotonic()
         self.transport: Transport | None = None
@@ -449,9 +442,8 @@ class NodeRuntime:
             "deliveries": {**self.deliveries.counts, "held": self.deliveries.held_count()},
             "pushes_refused": dict(self.pushes_refused),
             "pushes_in_flight": len(self._pushing),
-            # top-k: pushes that had to carry the whole public copy (peer out of step)
+            # top-k: pushes that carried the link's whole copy afresh (peer not in step)
             "whole_copies_sent": self.whole_copies_sent,
-            "pushes_deferred": self.pushes_deferred,
             "streams_refused": dict(transport.streams_refused) if transport else {},
             # Connections cut before any stream (p2pfl.gating), by reason.
             "connections_refused": dict(transport.connections_refused) if transport else {},
@@ -755,7 +747,7 @@ class NodeRuntime:
     def _push(self, outgoing: Outgoing, peers: list[str]) -> None:
         """Push ``outgoing`` to each of ``peers`` in the background.
 
-        The caller chose the peers (:meth:`_free`, :meth:`_targets`) and split the
+        The caller chose the peers (:meth:`_free`) and split the
         weight for exactly these, so every share is accounted for.
         """
         assert self._push_nursery is not None
@@ -768,27 +760,13 @@ class NodeRuntime:
             self._push_nursery.start_soon(self._push_alone, outgoing, peer_id)
 
     def _free(self, peers: Iterable[str]) -> list[str]:
-        """``peers`` that can take a push now: reachable, with no push in flight."""
-        return [p for p in peers if self.book.reachable(p) and p not in self._pushing]
+        """``peers`` that can take a push now: reachable, with no push in flight.
 
-    def _targets(self) -> list[str] | None:
-        """The neighbours this round pushes to, or None when it should push nothing.
-
-        A whole model supersedes the last, so a neighbour whose link is still busy
-        just skips a round. A top-k difference is a step of the public copy that
-        every neighbour holds, so each must reach all of them, in order: a node that
-        sends differences pushes only when every reachable neighbour is free, and
-        otherwise keeps training; its next difference then carries what this round's
-        would have (the copy's residual holds it). Pushing to the free ones only cost
-        every busy one a whole copy (4.5 MB at 1.1M parameters) on its next push:
-        measured in the lab, nearly every push at 10 Mbit/s had become one.
+        A neighbour whose link is still busy skips a round: a whole model supersedes
+        the last, and a top-k link's residual (gossip/public_copy.py) carries what
+        the skipped difference would have to its next one.
         """
-        reachable = [p for p in self.neighbours if self.book.reachable(p)]
-        free = self._free(reachable)
-        if is_difference_codec(self.gossip.codec_id) and len(free) < len(reachable):
-            self.pushes_deferred += 1
-            return None
-        return free
+        return [p for p in peers if self.book.reachable(p) and p not in self._pushing]
 
     async def _push_alone(self, outgoing: Outgoing, peer_id: str) -> None:
         try:
@@ -802,15 +780,17 @@ class NodeRuntime:
         try:
             assert self.transport is not None
             transport = self.transport
+            peer_key = public_key_from_peer_id(peer_id)
+            addressed = self.phases.timed("prepare", self.gossip.addressed)
+            outgoing = await self._gossip(addressed, outgoing, peer_key, time.time())
+            self.whole_copies_sent += outgoing.resync
             message = outgoing.message
-            if outgoing.difference and not self.deliveries.in_step(peer_id, outgoing.seq):
-                message = await self._gossip(self._whole_message, outgoing)
-                self.whole_copies_sent += 1
             try:
                 await self._connect(peer_id)
             except TransportError as error:
                 # Not dialled: certainly not delivered. Unreachable until discovery
                 # reaches it again; forgotten only once gone a long while.
+                await self._gossip(self.gossip.settled, peer_key, outgoing, None)
                 await self._refund(self.deliveries.not_sent(peer_id, outgoing))
                 self.send_failures[peer_id] += 1
                 if self.book.mark_failed(peer_id):
@@ -830,13 +810,16 @@ class NodeRuntime:
                 receipt = Receipt.decode(reply)
             except (Unanswered, InvalidReceipt) as error:
                 # The peer may have taken it: hold the share until its next receipt.
+                await self._gossip(self.gossip.settled, peer_key, outgoing, None)
                 self.deliveries.unanswered(peer_id, outgoing)
                 self._push_failed(peer_id, error)
                 return
             except TransportError as error:
+                await self._gossip(self.gossip.settled, peer_key, outgoing, None)
                 await self._refund(self.deliveries.not_sent(peer_id, outgoing))
                 self._push_failed(peer_id, error)
                 return
+            await self._gossip(self.gossip.settled, peer_key, outgoing, receipt)
             self.book.mark_alive(peer_id)
             self._failures_in_a_row.pop(peer_id, None)
             await self._refund(self.deliveries.answered(peer_id, outgoing, receipt))
@@ -860,12 +843,6 @@ class NodeRuntime:
         if self._failures_in_a_row[peer_id] >= FAILURES_BEFORE_REDIAL:
             self._failures_in_a_row.pop(peer_id, None)
             self.transport.nursery.start_soon(self.transport.disconnect, peer_id)
-
-    def _whole_message(self, outgoing: Outgoing) -> bytearray:
-        """Under the gossip lock: the whole-copy form of this round's top-k message, once."""
-        if self._whole is None or self._whole[0] != outgoing.seq:
-            self._whole = (outgoing.seq, self.gossip.whole(outgoing, time.time()))
-        return self._whole[1]
 
     async def _refund(self, shares: list[Outgoing]) -> None:
         for share in shares:
@@ -902,7 +879,7 @@ class NodeRuntime:
         evaluate = self.phases.timed("evaluate", self._evaluate)
         self.accuracy = await trio.to_thread.run_sync(evaluate, snapshot)
         self.neighbours = choose_neighbours(self.key.peer_id, self.book.known(), self.config.degree)
-        targets = self._targets()
+        targets = self._free(self.neighbours)
         outgoing: Outgoing | None = None
         if targets:  # nobody to push to: no message to build, no sequence number spent
             if self.attacker is not None:
@@ -917,7 +894,7 @@ class NodeRuntime:
         # that peers have already seen.
         with self.phases.timing("checkpoint"):
             await self.checkpoint()
-        if outgoing is not None and targets:
+        if outgoing is not None:
             self._push(outgoing, targets)
         record = self.phases.end_round(self.round, time.perf_counter() - started)
         logger.info("round %d phases %s", self.round, json.dumps(record))

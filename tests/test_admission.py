@@ -454,7 +454,7 @@ def test_every_reason_has_a_test_in_this_file() -> None:
 
 def test_a_top_k_difference_to_a_copy_we_do_not_hold_is_out_of_step() -> None:
     """Authentic, but a difference with nothing to add it to: refused, so that the
-    sender takes its share back and sends its whole copy next (gossip/delivery.py)."""
+    sender takes its share back and sends its whole copy next (gossip/public_copy.py)."""
     data = message(seq=7, codec="topk:0.5")
     verdict = assert_rejected(receiver(), data, Reason.OUT_OF_STEP, remote_key=SENDER.public_key)
     assert "copy" in verdict.detail

@@ -1,4 +1,4 @@
-"""Top-k between nodes: differences to a public copy, in step or resynchronised by raw messages."""
+"""Top-k between nodes: differences to one public copy per link, kept in step by receipts."""
 
 from __future__ import annotations
 
@@ -7,18 +7,16 @@ import numpy as np
 
 from gossip import GossipNode, NodeKey
 from gossip import codec as wire
+from gossip.delivery import Receipt
+from gossip.node import Outgoing
+from gossip.public_copy import RESYNC_CODEC
 
 NOW = 1_700_000_000.0
-SYNC = 5
 
 
 def node(seed: int, vector: np.ndarray, codec_id: str = "topk:0.1") -> GossipNode:
     return GossipNode.create(
-        NodeKey(bytes([seed]) * 32),
-        {"w": vector.astype(np.float32)},
-        samples=10,
-        codec_id=codec_id,
-        sync_every=SYNC,
+        NodeKey(bytes([seed]) * 32), {"w": vector.astype(np.float32)}, samples=10, codec_id=codec_id
     )
 
 
@@ -27,79 +25,110 @@ def drift(sender: GossipNode, rng: np.random.Generator) -> None:
     sender.pushsum.estimate += rng.standard_normal(sender.estimate.shape) * 0.1
 
 
-def test_an_in_step_receiver_holds_the_senders_copy_bit_for_bit() -> None:
+def push(sender: GossipNode, receiver: GossipNode, outgoing: Outgoing) -> tuple[Outgoing, Receipt]:
+    """One push as the daemon makes it: addressed to the receiver, its receipt settled."""
+    key = receiver.key.public_key
+    addressed = sender.addressed(outgoing, key, NOW)
+    _, receipt = receiver.deliver(addressed.message, NOW, sender.key.public_key)
+    sender.settled(key, addressed, receipt)
+    return addressed, receipt
+
+
+def held_by(receiver: GossipNode, sender: GossipNode) -> np.ndarray:
+    return receiver.public_copies.copies[sender.key.public_key]
+
+
+def test_an_in_step_receiver_holds_the_links_copy_bit_for_bit() -> None:
     rng = np.random.default_rng(0)
-    sender, receiver = node(1, rng.standard_normal(500)), node(2, np.zeros(500))
+    sender = node(1, rng.standard_normal(5000), "topk:0.01")
+    receiver = node(2, np.zeros(5000), "topk:0.01")
     codecs, sizes = [], []
-    for _ in range(3 * SYNC):
+    for _ in range(15):
         drift(sender, rng)
-        outgoing = sender.prepare(1, NOW)
-        codecs.append(wire.decode(outgoing.message).codec)
-        sizes.append(len(outgoing.message))
-        assert receiver.receive(outgoing.message, NOW).accepted
-        held = receiver.public_copies.copies[sender.key.public_key].vector
-        assert np.array_equal(held, sender.encoder.sender.copy)
-        assert np.allclose(held, sender.layout.flatten(outgoing.tensors), rtol=1e-6)
-    assert codecs == (["raw"] + ["topk:0.1"] * (SYNC - 1)) * 3
-    assert max(sizes[1:SYNC]) < sizes[0] / 3
-    assert receiver.public_copies.out_of_step == 0
+        addressed, receipt = push(sender, receiver, sender.prepare(1, NOW))
+        assert receipt.accepted
+        codecs.append(wire.decode(addressed.message).codec)
+        sizes.append(len(addressed.message))
+        held = held_by(receiver, sender)
+        assert np.array_equal(held, sender.layout.flatten(addressed.tensors, dtype=np.float64))
+    # The first carries the copy whole (in int8); then differences only, never a
+    # periodic whole model.
+    assert codecs == [RESYNC_CODEC] + ["topk:0.01"] * 14
+    assert max(sizes[1:]) < sizes[0] / 5
+    assert receiver.public_copies.out_of_step == 0 and sender.counters()["rejected"] == {}
 
 
-def test_a_missed_difference_is_not_folded_in_until_the_next_raw_message() -> None:
+def test_a_lost_message_resyncs_only_that_link_and_the_others_keep_their_differences() -> None:
     rng = np.random.default_rng(1)
+    sender = node(1, rng.standard_normal(300))
+    steady, lossy = node(2, np.zeros(300)), node(3, np.zeros(300))
+    for peer in (steady, lossy):
+        push(sender, peer, sender.prepare(2, NOW))
+    drift(sender, rng)
+    outgoing = sender.prepare(2, NOW)
+    push(sender, steady, outgoing)
+    lost = sender.addressed(outgoing, lossy.key.public_key, NOW)  # the frame never arrives
+    sender.settled(lossy.key.public_key, lost, None)
+    drift(sender, rng)
+    outgoing = sender.prepare(2, NOW)
+    to_steady, receipt = push(sender, steady, outgoing)
+    assert receipt.accepted and not to_steady.resync
+    assert wire.decode(to_steady.message).codec == "topk:0.1"
+    to_lossy, receipt = push(sender, lossy, outgoing)
+    assert receipt.accepted and to_lossy.resync
+    assert wire.decode(to_lossy.message).codec == RESYNC_CODEC
+    # Each link's copy is its own: same sequence, different public copies.
+    assert to_steady.seq == to_lossy.seq
+    assert not np.array_equal(held_by(steady, sender), held_by(lossy, sender))
+    drift(sender, rng)
+    back, receipt = push(sender, lossy, sender.prepare(2, NOW))
+    assert receipt.accepted and not back.resync  # in step again after one resync
+
+
+def test_a_difference_to_a_copy_the_receiver_lost_is_refused_and_the_next_push_resyncs() -> None:
+    rng = np.random.default_rng(4)
     sender, receiver = node(1, rng.standard_normal(300)), node(2, np.zeros(300))
-    receiver.receive(sender.prepare(1, NOW).message, NOW)  # raw: in step
+    push(sender, receiver, sender.prepare(1, NOW))
     receiver.merge()
-    sender.prepare(1, NOW)  # lost on the way
+    receiver.public_copies.copies.clear()  # e.g. the receiver restarted
     before = receiver.estimate.copy()
-    verdict = receiver.receive(sender.prepare(1, NOW).message, NOW)
-    assert not verdict.accepted and verdict.reason.value == "out-of-step"
-    assert receiver.public_copies.out_of_step == 1
+    drift(sender, rng)
+    refused, receipt = push(sender, receiver, sender.prepare(1, NOW))
+    assert not refused.resync and receipt.verdict == "out-of-step"
     assert receiver.counters()["rejected"] == {"out-of-step": 1}
     assert receiver.merge() == 0 and np.array_equal(receiver.estimate, before)
-    for _ in range(SYNC):  # the sender's next raw message puts the receiver back in step
-        receiver.receive(sender.prepare(1, NOW).message, NOW)
-    assert sender.key.public_key in receiver.public_copies.copies
+    sender.refund(refused)
+    drift(sender, rng)
+    resync, receipt = push(sender, receiver, sender.prepare(1, NOW))
+    assert resync.resync and receipt.accepted
     assert receiver.merge() == 1
 
 
-def test_a_peer_out_of_step_gets_the_whole_copy_and_is_in_step_at_once() -> None:
-    """What the daemon does with receipts: no periodic resync, the whole copy on demand."""
-    rng = np.random.default_rng(4)
-    sender = GossipNode.create(
-        NodeKey(bytes([1]) * 32),
-        {"w": rng.standard_normal(300).astype(np.float32)},
-        samples=10,
-        codec_id="topk:0.1",
-        sync_every=None,
-    )
-    receiver = node(2, np.zeros(300))
-    first = sender.prepare(1, NOW)
-    assert wire.decode(first.message).codec == "raw"  # nothing to differ from yet
-    assert receiver.receive(first.message, NOW).accepted
+def test_a_refusal_that_left_the_copy_alone_keeps_the_link_in_step() -> None:
+    """A refusal before the copy is touched (here: not a neighbour for a while) says, in
+    its receipt, that the last accepted message is still the one the copy came from."""
+    rng = np.random.default_rng(5)
+    sender, receiver = node(1, rng.standard_normal(200)), node(2, np.zeros(200))
+    first, _ = push(sender, receiver, sender.prepare(1, NOW))
+    receiver.set_peers(frozenset())
     drift(sender, rng)
-    sender.prepare(1, NOW)  # lost on the way
-    for _ in range(3 * SYNC):  # never a periodic whole model
-        drift(sender, rng)
-        outgoing = sender.prepare(1, NOW)
-        assert wire.decode(outgoing.message).codec == "topk:0.1"
-    whole = sender.whole(outgoing, NOW)
-    assert wire.decode(whole).codec == "raw" and wire.decode(whole).seq == outgoing.seq
-    assert receiver.receive(whole, NOW).accepted
+    refused, receipt = push(sender, receiver, sender.prepare(1, NOW))
+    assert receipt.verdict == "not-neighbour" and receipt.last_seq == first.seq
+    sender.refund(refused)
+    receiver.set_peers(None)
     drift(sender, rng)
-    following = sender.prepare(1, NOW)
-    assert receiver.receive(following.message, NOW).accepted  # the difference applies
-    held = receiver.public_copies.copies[sender.key.public_key].vector
-    assert np.array_equal(held, sender.encoder.sender.copy)
+    following, receipt = push(sender, receiver, sender.prepare(1, NOW))
+    assert not following.resync and receipt.accepted
 
 
-def test_adopting_a_model_makes_the_next_message_raw() -> None:
+def test_adopting_a_model_resyncs_every_link() -> None:
     rng = np.random.default_rng(2)
     sender, other = node(1, rng.standard_normal(100)), node(2, rng.standard_normal(100))
-    sender.prepare(1, NOW)
-    assert wire.decode(sender.prepare(1, NOW).message).codec == "topk:0.1"
+    receiver = node(3, np.zeros(100))
+    push(sender, receiver, sender.prepare(1, NOW))
+    assert not push(sender, receiver, sender.prepare(1, NOW))[0].resync
     sender.adopt([sender.read_snapshot(other.snapshot(NOW), other.key.public_key)])
-    assert wire.decode(sender.prepare(1, NOW).message).codec == "raw"
+    assert push(sender, receiver, sender.prepare(1, NOW))[0].resync
 
 
 def test_top_k_gossip_reaches_consensus_on_a_ring() -> None:
@@ -114,10 +143,10 @@ def test_top_k_gossip_reaches_consensus_on_a_ring() -> None:
 
     start = spread()
     for _ in range(300):
-        messages = [(i, n.prepare(graph.degree[i], NOW).message) for i, n in enumerate(nodes)]
-        for i, message in messages:
+        rounds = [(i, n.prepare(graph.degree[i], NOW)) for i, n in enumerate(nodes)]
+        for i, outgoing in rounds:
             for j in graph.neighbors(i):
-                assert nodes[j].receive(message, NOW).accepted
+                assert push(nodes[i], nodes[j], outgoing)[1].accepted
         for n in nodes:
             n.merge()
     assert spread() < start / 100
