@@ -26,6 +26,8 @@ from gossip.update import Update
 @dataclass(frozen=True)
 class Accepted:
     update: Update
+    # The sender's last accepted sequence before this one, for :meth:`Admission.withdraw`.
+    previous_seq: int | None = None
 
     @property
     def accepted(self) -> bool:
@@ -160,9 +162,22 @@ class Admission:
     def _judge_values(self, update: Update) -> Verdict:
         if not all_finite(update.tensors.values()):
             return self._reject(InvalidUpdate(Reason.NON_FINITE, "a tensor holds NaN or inf"))
+        previous = self.last_seq.get(update.sender)
         self.last_seq[update.sender] = update.seq
         self.accepted += 1
-        return Accepted(update)
+        return Accepted(update, previous)
+
+    def withdraw(self, verdict: Accepted, error: InvalidUpdate) -> Rejected:
+        """Refuse an admitted update after all (what it carries cannot be used), as if it
+        had never been accepted: its sequence is not recorded, so the sender's next
+        receipt does not count it as delivered (docs/PROTOCOL.md §4)."""
+        sender = verdict.update.sender
+        if verdict.previous_seq is None:
+            self.last_seq.pop(sender, None)
+        else:
+            self.last_seq[sender] = verdict.previous_seq
+        self.accepted -= 1
+        return self._reject(error)
 
     def _check_replay(self, sender: bytes, seq: int) -> None:
         last = self.last_seq.get(sender)

@@ -13,7 +13,7 @@ configured rule. :meth:`GossipNode.set_peers` says who may push at all.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +23,6 @@ from gossip.admission import (
     Accepted,
     Admission,
     AdmissionPolicy,
-    Rejected,
     Verdict,
     all_finite,
     check_declared_layout,
@@ -59,9 +58,12 @@ class Outgoing:
 
     message: bytearray
     seq: int
-    tensors: dict[str, np.ndarray]  # what receivers fold in (for top-k: the link's copy)
+    # What a refund folds back: the message's model; for top-k, the estimate at prepare
+    # (receivers fold in their link's copy, which lags it; refunding that copy instead
+    # would pull the sender back towards it round after round).
+    tensors: dict[str, np.ndarray]
     weight: float
-    # Top-k before :meth:`GossipNode.addressed`: no message yet, ``tensors`` the estimate.
+    # Top-k before :meth:`GossipNode.addressed`: no message yet.
     per_link: bool = False
     # Top-k: this message carries the link's whole copy afresh (the peer was not in step).
     resync: bool = False
@@ -294,7 +296,15 @@ class GossipNode:
         assert self.links is not None
         link = self.links.message_for(peer, outgoing.tensors, outgoing.seq)
         message = self._sign(outgoing.seq, outgoing.weight, link.codec_id, link.tensors, now)
-        return Outgoing(message, outgoing.seq, link.copy, outgoing.weight, resync=link.resync)
+        return Outgoing(
+            message, outgoing.seq, outgoing.tensors, outgoing.weight, resync=link.resync
+        )
+
+    def keep_links(self, peers: Iterable[bytes]) -> None:
+        """Top-k: drop the public copies of links to anyone but ``peers`` (the current
+        neighbours), so that copies are bounded by the degree, not by churn."""
+        if self.links is not None:
+            self.links.keep_only(frozenset(peers))
 
     def settled(self, peer: bytes, outgoing: Outgoing, receipt: Receipt | None) -> None:
         """The push of ``outgoing`` to ``peer`` was answered by ``receipt`` (None: it was
@@ -341,12 +351,13 @@ class GossipNode:
     ) -> Verdict:
         """Admit one message; an accepted one becomes its sender's vote until :meth:`merge`."""
         verdict = self.admission.admit(data, now, remote_key)
-        if isinstance(verdict, Accepted) and not self._record(verdict.update):
-            # A top-k difference to a copy we do not hold: nothing to fold in. Refused,
-            # so that the sender takes its share back and sends its whole copy next.
-            self.admission.rejected[Reason.OUT_OF_STEP] += 1
-            self.admission.accepted -= 1
-            return Rejected(Reason.OUT_OF_STEP, "a top-k difference to a copy we do not hold")
+        if isinstance(verdict, Accepted):
+            try:
+                self._record(verdict.update)
+            except InvalidUpdate as error:
+                # A top-k difference with nothing usable to fold in. Refused, so that
+                # the sender takes its share back and resyncs the link's copy next.
+                return self.admission.withdraw(verdict, error)
         return verdict
 
     def deliver(
@@ -358,17 +369,14 @@ class GossipNode:
         verdict = self.receive(data, now, remote_key)
         return verdict, Receipt.of(verdict, last_seq)
 
-    def _record(self, update: Update) -> bool:
-        """Make ``update`` its sender's vote; False if there was nothing to fold in."""
+    def _record(self, update: Update) -> None:
+        """Make ``update`` its sender's vote; InvalidUpdate if it has nothing to fold in."""
         values = self.layout.flatten(update.tensors, dtype=np.float64)
         estimate = self.public_copies.model_of(update.sender, update.codec, values)
-        if estimate is None:
-            return False
         if update.sender not in self.votes and len(self.votes) >= self.inbox_limit:
             self.merge()  # keeps memory bounded however many peers push
             self.votes.forget_merged()
         self.votes.record(update.sender, estimate, update.weight, self.round)
-        return True
 
     def _fold_weight_of(self, share: Share) -> None:
         if self.aggregator.robust:

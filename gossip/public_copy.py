@@ -35,7 +35,7 @@ import numpy as np
 from gossip.compression import TensorCodec, resolve_codec
 from gossip.compression.feedback import round_trip
 from gossip.delivery import Receipt
-from gossip.errors import Reason
+from gossip.errors import InvalidUpdate, Reason
 from gossip.layout import ModelLayout
 
 # A resync carries the whole copy; int8 sends it in a quarter of raw's bytes.
@@ -57,11 +57,10 @@ def in_model_dtypes(layout: ModelLayout, vector: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LinkMessage:
-    """What to sign for one neighbour: the tensors and codec, and the copy it folds in."""
+    """What to sign for one neighbour: the tensors and their codec."""
 
     codec_id: str
     tensors: Tensors  # encoded with codec_id on the wire
-    copy: Tensors  # what the receiver folds in: its copy after this message
     resync: bool  # the whole copy, sent afresh (the neighbour was not in step)
 
 
@@ -73,12 +72,12 @@ class _Link:
 
 @dataclass
 class LinkCopies:
-    """The sender's side: one public copy per neighbour, the ``limit`` most recent."""
+    """The sender's side: one public copy per neighbour (:meth:`keep_only` drops the
+    links to former ones, so copies are bounded by the degree)."""
 
     codec_id: str
     layout: ModelLayout
-    limit: int = DEFAULT_MAX_COPIES
-    links: OrderedDict[bytes, _Link] = field(default_factory=OrderedDict)
+    links: dict[bytes, _Link] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         codec = resolve_codec(self.codec_id)
@@ -98,20 +97,17 @@ class LinkCopies:
         copies are equal bit for bit.
         """
         link = self.links.setdefault(peer, _Link())
-        self.links.move_to_end(peer)
-        while len(self.links) > self.limit:
-            self.links.popitem(last=False)
         layout = self.layout
         if link.confirmed is None:
             sent = {name: round_trip(self.resync_codec, a) for name, a in estimate.items()}
             link.pending = (seq, layout.flatten(sent, dtype=np.float64))
-            return LinkMessage(RESYNC_CODEC, estimate, sent, resync=True)
+            return LinkMessage(RESYNC_CODEC, estimate, resync=True)
         copy = link.confirmed[1]
         difference = layout.unflatten(layout.flatten(estimate, dtype=np.float64) - copy)
         sent = {name: round_trip(self.codec, a) for name, a in difference.items()}
         updated = in_model_dtypes(layout, copy + layout.flatten(sent, dtype=np.float64))
         link.pending = (seq, updated)
-        return LinkMessage(self.codec_id, sent, layout.unflatten(updated), resync=False)
+        return LinkMessage(self.codec_id, sent, resync=False)
 
     def settled(self, peer: bytes, seq: int, receipt: Receipt | None) -> None:
         """What became of message ``seq`` to ``peer`` (``receipt`` None: no answer came).
@@ -137,6 +133,16 @@ class LinkCopies:
         ):
             link.confirmed = confirmed
 
+    def keep_only(self, peers: frozenset[bytes]) -> None:
+        """Forget the links to anyone not in ``peers``; one that comes back is resynced."""
+        for peer in [p for p in self.links if p not in peers]:
+            del self.links[peer]
+
+    def held(self, peer: bytes) -> np.ndarray | None:
+        """The copy ``peer`` is confirmed to hold, or None."""
+        link = self.links.get(peer)
+        return None if link is None or link.confirmed is None else link.confirmed[1]
+
     def reset(self) -> None:
         """Every neighbour gets the whole copy next (after a restart or an adopted model)."""
         self.links.clear()
@@ -159,9 +165,10 @@ class PublicCopies:
     difference_senders: set[bytes] = field(default_factory=set)
     out_of_step: int = 0
 
-    def model_of(self, sender: bytes, codec_id: str, values: np.ndarray) -> np.ndarray | None:
-        """What to fold in for this accepted message, or None for a difference to a copy
-        we do not hold.
+    def model_of(self, sender: bytes, codec_id: str, values: np.ndarray) -> np.ndarray:
+        """What to fold in for this accepted message; InvalidUpdate if there is nothing
+        usable: a difference to a copy we do not hold (``out-of-step``), or one whose
+        sum overflows the model's dtypes (``non-finite``).
 
         Every accepted message from a sender whose copy is kept replaces it, so
         a held copy is always the one from the sender's last accepted message:
@@ -177,10 +184,14 @@ class PublicCopies:
         known = self.copies.get(sender)
         if known is None:
             self.out_of_step += 1
-            return None
+            raise InvalidUpdate(Reason.OUT_OF_STEP, "a top-k difference to a copy we do not hold")
         summed = known + values
         if self.layout is not None:
-            summed = in_model_dtypes(self.layout, summed)
+            with np.errstate(over="ignore"):  # an overflow is refused just below
+                summed = in_model_dtypes(self.layout, summed)
+        if not np.isfinite(summed).all():
+            # Finite values can still sum past float32's range; the copy stays as it was.
+            raise InvalidUpdate(Reason.NON_FINITE, "the difference overflows the public copy")
         self._keep(sender, summed)
         return summed
 

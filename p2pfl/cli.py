@@ -128,8 +128,8 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         "--min-link-mbit",
         type=float,
         metavar="MBIT",
-        help="slowest link a whole update must cross: push and read deadlines grow by the "
-        "update's size at this rate (default 8)",
+        help="link rate push and read deadlines assume for an update's size until a peer's "
+        "link shows less (p2pfl/linkrates.py; default 8)",
     )
     add(
         "--read-timeout",

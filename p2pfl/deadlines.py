@@ -5,8 +5,9 @@ slow or hostile peer costs a bounded time and never a stall. The ones an
 operator may need to change are settings (``--send-timeout``,
 ``--read-timeout``, ``--min-link-mbit``, declared in :class:`p2pfl.config.NodeConfig`);
 the others are fixed here. Deadlines for whole models grow with the message's
-size at the slowest link served (:func:`p2pfl.framing.frame_deadline`): a
-fixed 5 s cut off every 4.5 MB update on a 10 Mbit/s link (measured in the lab).
+size at the peer's link rate (:func:`p2pfl.framing.frame_deadline`,
+:mod:`p2pfl.linkrates`): a fixed 5 s cut off every 4.5 MB update on a
+10 Mbit/s link (measured in the lab).
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ class Deadlines:
     dial: float = DIAL_S
     status_read: float = STATUS_READ_S
 
-    def push(self, message_bytes: int) -> float:
-        """Seconds a push of ``message_bytes`` (and its receipt) may take."""
-        return frame_deadline(self.send, message_bytes, self.min_link_bytes_per_s)
+    def push(self, message_bytes: int, link_bytes_per_s: float | None = None) -> float:
+        """Seconds a push of ``message_bytes`` (and its receipt) may take, at the peer's
+        link rate (p2pfl/linkrates.py; by default the promised ``--min-link-mbit``)."""
+        rate = self.min_link_bytes_per_s if link_bytes_per_s is None else link_bytes_per_s
+        return frame_deadline(self.send, message_bytes, rate)
 
     def model_fetch(self, parameters: int) -> float:
         """Seconds fetching a joining node's snapshot of ``parameters`` float32 values may take."""

@@ -59,6 +59,7 @@ from p2pfl.dp import (
     reseed_from_os_entropy,
 )
 from p2pfl.framing import MAX_UVARINT_BYTES
+from p2pfl.linkrates import LinkRates
 from p2pfl.neighbours import choose_neighbours, in_neighbours
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
 from p2pfl.phases import PhaseClock
@@ -250,6 +251,8 @@ class NodeRuntime:
         self.round = 0
         self.accuracy: float | None = None
         self.deadlines = config.deadlines
+        # What each peer's link has shown it carries: push and read deadlines follow it.
+        self.link_rates = LinkRates(config.min_link_bytes_per_s)
         self.updates_sent = 0
         self.send_failures: Counter[str] = Counter()
         # Failed pushes in a row per peer, since its last answered push (see _push_failed).
@@ -437,6 +440,10 @@ class NodeRuntime:
                 for sender, seq in view["last_seq"].items()
             },
             "send_failures": dict(self.send_failures),
+            # Peers whose links showed less than --min-link-mbit: the Mbit/s deadlines assume.
+            "link_mbit": {
+                peer: round(rate * 8 / 1e6, 3) for peer, rate in self.link_rates.rates.items()
+            },
             # What became of pushed shares: delivered, refused, refunded, lost; and
             # how many wait for a receipt (docs/PROTOCOL.md §4).
             "deliveries": {**self.deliveries.counts, "held": self.deliveries.held_count()},
@@ -798,14 +805,12 @@ class NodeRuntime:
                     logger.info("forgot neighbour %s: undialable for long", peer_id)
                 logger.debug("push to %s: dial failed: %s", peer_id, error)
                 return
+            deadline = self.deadlines.push(len(message), self.link_rates.rate(peer_id))
+            started = trio.current_time()
             try:
                 with self.phases.timing("send"):  # in the background: overlaps the round
                     reply = await transport.request(
-                        peer_id,
-                        UPDATE_PROTOCOL,
-                        message,
-                        self.deadlines.push(len(message)),
-                        MAX_RECEIPT_BYTES,
+                        peer_id, UPDATE_PROTOCOL, message, deadline, MAX_RECEIPT_BYTES
                     )
                 receipt = Receipt.decode(reply)
             except (Unanswered, InvalidReceipt) as error:
@@ -820,6 +825,7 @@ class NodeRuntime:
                 self._push_failed(peer_id, error)
                 return
             await self._gossip(self.gossip.settled, peer_key, outgoing, receipt)
+            self.link_rates.completed(peer_id, len(message), trio.current_time() - started)
             self.book.mark_alive(peer_id)
             self._failures_in_a_row.pop(peer_id, None)
             await self._refund(self.deliveries.answered(peer_id, outgoing, receipt))
@@ -834,6 +840,8 @@ class NodeRuntime:
         assert self.transport is not None
         self.send_failures[peer_id] += 1
         self._failures_in_a_row[peer_id] += 1
+        if getattr(error, "timed_out", False):
+            self.link_rates.timed_out(peer_id)  # slow, not gone: the next push gets longer
         logger.debug("push to %s failed: %s", peer_id, error)
         # After a network heals, TCP connections sit ESTABLISHED in retransmission
         # backoff for minutes and every new stream queues behind them: close the
@@ -879,6 +887,8 @@ class NodeRuntime:
         evaluate = self.phases.timed("evaluate", self._evaluate)
         self.accuracy = await trio.to_thread.run_sync(evaluate, snapshot)
         self.neighbours = choose_neighbours(self.key.peer_id, self.book.known(), self.config.degree)
+        keys = [public_key_from_peer_id(peer_id) for peer_id in self.neighbours]
+        await self._gossip(self.gossip.keep_links, keys)
         targets = self._free(self.neighbours)
         outgoing: Outgoing | None = None
         if targets:  # nobody to push to: no message to build, no sequence number spent
@@ -972,10 +982,9 @@ class NodeRuntime:
             handshake_timeout=self.deadlines.handshake,
         ) as transport:
             self.transport = transport
-            timeout = config.read_timeout
-            rate = config.min_link_bytes_per_s
-            transport.set_handler(UPDATE_PROTOCOL, self._on_update, max_bytes, timeout, rate)
-            transport.set_handler(MODEL_PROTOCOL, self._on_model_request, 0, timeout, rate)
+            timeout, rates = config.read_timeout, self.link_rates
+            transport.set_handler(UPDATE_PROTOCOL, self._on_update, max_bytes, timeout, rates)
+            transport.set_handler(MODEL_PROTOCOL, self._on_model_request, 0, timeout, rates)
             serve_peer_exchange(transport, self.book, read_timeout=timeout)
             self.reachability.serve_relay = config.relay == "on"
             serve_reachability(transport, self.reachability, timeout)

@@ -40,6 +40,7 @@ from p2pfl.deadlines import DIAL_S, HOST_CLOSE_S, STREAM_CLEANUP_S
 from p2pfl.framing import FrameError, encode_uvarint, read_frame, write_frame
 from p2pfl.gating import DEFAULT_MAX_CONNECTIONS_PER_IP, ConnectionGate, InboundGuard
 from p2pfl.host import new_node_host, parse_multiaddr, split_peer_multiaddr
+from p2pfl.linkrates import LinkRates
 from p2pfl.ratelimit import PeerRateLimiter
 from p2pfl.relay import NatTraversal, is_circuit
 
@@ -64,7 +65,14 @@ _T = TypeVar("_T")
 
 
 class TransportError(Exception):
-    """An outbound operation failed; the message is one line naming the peer and the cause."""
+    """An outbound operation failed; the message is one line naming the peer and the cause.
+
+    ``timed_out``: it missed its deadline (a slow link or a dead one), rather than
+    being refused or reset."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class Unanswered(TransportError):
@@ -110,8 +118,8 @@ class _Route:
     handler: Handler
     max_size: int
     read_timeout: float
-    # A frame's deadline grows by its size at this rate (None: fixed; see framing).
-    min_bytes_per_s: float | None = None
+    # A frame's deadline grows by its size at the peer's link rate (None: fixed).
+    rates: LinkRates | None = None
 
 
 def _describe(error: BaseException) -> str:
@@ -533,7 +541,7 @@ class Transport:
             return await self._outbound(peer_id, protocol, timeout, "request", exchange)
         except TransportError as error:
             if written:
-                raise Unanswered(str(error)) from None
+                raise Unanswered(str(error), timed_out=error.timed_out) from None
             raise
 
     async def _outbound(
@@ -555,13 +563,14 @@ class Transport:
                 finished = True
                 return result
             except FrameError as error:
-                raise TransportError(f"{what} failed: {error}") from None
+                timed_out = error.reason == "timeout"
+                raise TransportError(f"{what} failed: {error}", timed_out=timed_out) from None
             except Exception as error:
                 raise TransportError(f"{what} failed: {_describe(error)}") from None
             finally:
                 if stream is not None and not finished:
                     await _reset_quietly(stream)
-        raise TransportError(f"{what} timed out after {timeout:g} s")
+        raise TransportError(f"{what} timed out after {timeout:g} s", timed_out=True)
 
     # -- inbound ------------------------------------------------------------------------
 
@@ -571,15 +580,17 @@ class Transport:
         handler: Handler,
         max_size: int,
         read_timeout: float,
-        min_bytes_per_s: float | None = None,
+        rates: LinkRates | None = None,
     ) -> None:
         """Serve ``protocol``: read one frame (<= max_size, within read_timeout), call handler.
 
-        A non-None reply is written back as one frame within ``read_timeout``.
+        A non-None reply is written back as one frame within ``read_timeout``. With
+        ``rates``, both deadlines grow by the frame's size at the peer's link rate,
+        and what each frame shows updates that rate (p2pfl/linkrates.py).
         """
         if max_size < 0 or not math.isfinite(read_timeout) or read_timeout <= 0:
             raise ValueError("set_handler needs max_size >= 0 and a finite read_timeout > 0")
-        route = _Route(handler, max_size, read_timeout, min_bytes_per_s)
+        route = _Route(handler, max_size, read_timeout, rates)
 
         async def on_stream(stream: INetStream) -> None:
             await self._serve(stream, protocol, route)
@@ -634,20 +645,25 @@ class Transport:
     ) -> None:
         limiter = self.rate_limiter
         source = stream if limiter is None else _MeteredStream(stream, limiter, peer_id)
+        rates = route.rates
+        rate = None if rates is None else rates.rate(peer_id)
+        started = trio.current_time()
         try:
-            payload = await read_frame(
-                source, route.max_size, route.read_timeout, route.min_bytes_per_s
-            )
+            payload = await read_frame(source, route.max_size, route.read_timeout, rate)
         except _RateLimited:
             self.stream_errors["rate-limited"] += 1
             await _reset_quietly(stream)
             return
         except FrameError as error:
+            if rates is not None and error.reason == "timeout":
+                rates.timed_out(peer_id)
             self.frame_errors[error.reason] += 1
             logger.debug("inbound %s frame from %s rejected: %s", protocol, peer_id, error)
             await _reset_quietly(stream)
             return
         self.bytes_received += _frame_size(len(payload))
+        if rates is not None:
+            rates.completed(peer_id, len(payload), trio.current_time() - started)
         try:
             reply = await route.handler(peer_id, payload)
         except Exception as error:
@@ -658,7 +674,7 @@ class Transport:
             return
         if reply is not None:
             try:
-                await write_frame(stream, reply, route.read_timeout, route.min_bytes_per_s)
+                await write_frame(stream, reply, route.read_timeout, rate)
             except Exception as error:
                 self.stream_errors["reply"] += 1
                 logger.debug("reply on %s to %s failed: %s", protocol, peer_id, _describe(error))

@@ -49,8 +49,8 @@ def test_an_in_step_receiver_holds_the_links_copy_bit_for_bit() -> None:
         assert receipt.accepted
         codecs.append(wire.decode(addressed.message).codec)
         sizes.append(len(addressed.message))
-        held = held_by(receiver, sender)
-        assert np.array_equal(held, sender.layout.flatten(addressed.tensors, dtype=np.float64))
+        assert sender.links is not None
+        assert np.array_equal(held_by(receiver, sender), sender.links.held(receiver.key.public_key))
     # The first carries the copy whole (in int8); then differences only, never a
     # periodic whole model.
     assert codecs == [RESYNC_CODEC] + ["topk:0.01"] * 14
@@ -150,3 +150,61 @@ def test_top_k_gossip_reaches_consensus_on_a_ring() -> None:
         for n in nodes:
             n.merge()
     assert spread() < start / 100
+
+
+def test_a_refused_share_comes_back_as_the_senders_model_not_the_links_lagging_copy() -> None:
+    """Refunding the link's copy instead would pull the sender back towards it at every
+    refusal (a neighbour that refuses forever had undone 98% of its training)."""
+    rng = np.random.default_rng(6)
+    sender, receiver = node(1, rng.standard_normal(400), "topk:0.01"), node(2, np.zeros(400))
+    push(sender, receiver, sender.prepare(1, NOW))
+    receiver.set_peers(frozenset())  # from now on it refuses: not a neighbour
+    for _ in range(5):
+        drift(sender, rng)
+        model = sender.estimate.copy()
+        refused, receipt = push(sender, receiver, sender.prepare(1, NOW))
+        assert receipt.verdict == "not-neighbour" and not refused.resync
+        sender.refund(refused)
+        assert np.allclose(sender.estimate, model, rtol=0, atol=1e-6)
+
+
+def test_an_out_of_step_refusal_leaves_the_receivers_sequence_where_it_was() -> None:
+    """Else a lost receipt for it would make the next receipt count it as delivered
+    (its share given up, never refunded)."""
+    rng = np.random.default_rng(7)
+    sender, receiver = node(1, rng.standard_normal(100)), node(2, np.zeros(100))
+    first, _ = push(sender, receiver, sender.prepare(1, NOW))
+    receiver.public_copies.copies.clear()
+    _, receipt = push(sender, receiver, sender.prepare(1, NOW))
+    assert receipt.verdict == "out-of-step"
+    assert receiver.admission.last_seq[sender.key.public_key] == first.seq
+    assert receiver.admission.accepted == 1
+
+
+def test_a_difference_that_overflows_the_copy_is_refused_and_the_copy_kept() -> None:
+    """A member's difference whose every value is finite, but whose sum with the copy is
+    not in float32: nothing to fold in (an honest sender's estimate never gets there)."""
+    big = np.full(100, 3e38)
+    sender, receiver = node(1, big), node(2, np.zeros(100))
+    push(sender, receiver, sender.prepare(1, NOW))
+    before = held_by(receiver, sender).copy()
+    difference = np.zeros(100, dtype=np.float32)
+    difference[:10] = 3e38
+    hostile = sender._sign(sender.seq + 1, 1.0, "topk:0.1", {"w": difference}, NOW)
+    verdict, receipt = receiver.deliver(hostile, NOW, sender.key.public_key)
+    assert receipt.verdict == "non-finite"
+    assert np.array_equal(held_by(receiver, sender), before)
+    assert receiver.merge() == 1 and np.isfinite(receiver.estimate).all()
+
+
+def test_links_to_former_neighbours_are_dropped_and_resynced_if_they_return() -> None:
+    rng = np.random.default_rng(8)
+    sender = node(1, rng.standard_normal(100))
+    kept, dropped = node(2, np.zeros(100)), node(3, np.zeros(100))
+    for peer in (kept, dropped):
+        push(sender, peer, sender.prepare(2, NOW))
+    sender.keep_links([kept.key.public_key])
+    assert sender.links is not None and set(sender.links.links) == {kept.key.public_key}
+    outgoing = sender.prepare(2, NOW)
+    assert not push(sender, kept, outgoing)[0].resync
+    assert push(sender, dropped, outgoing)[0].resync

@@ -25,6 +25,7 @@ from multiaddr import Multiaddr
 from gossip.keys import NodeKey
 from p2pfl.framing import encode_uvarint
 from p2pfl.host import new_node_host, parse_multiaddr, split_peer_multiaddr
+from p2pfl.linkrates import LinkRates
 from p2pfl.peer_exchange import (
     FORGET_UNREACHABLE_AFTER_S,
     MAX_PEERS_PER_REPLY,
@@ -36,7 +37,7 @@ from p2pfl.peer_exchange import (
     exchange_peers,
     serve_peer_exchange,
 )
-from p2pfl.transport import Transport, TransportError
+from p2pfl.transport import Transport, TransportError, Unanswered
 
 PROTOCOL = "/p2pfl/test/1.0.0"
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -128,6 +129,39 @@ async def test_send_delivers_1_kib_and_8_mib_intact() -> None:
             await wait_until(lambda: len(received) == 2)
             assert received == [(a.peer_id, small), (a.peer_id, large)]
             assert b.bytes_received == a.bytes_sent > len(small) + len(large)
+
+
+async def test_a_served_large_frame_measures_the_peers_link() -> None:
+    """With rates, what a frame achieved becomes the peer's rate (here the promise is
+    far above any loopback, so any measure is below it and is kept)."""
+    with trio.fail_after(15):
+        async with transports(2) as [a, b]:
+            received: list[tuple[str, bytes]] = []
+            rates = LinkRates(promised=1e15)
+            b.set_handler(PROTOCOL, collect_into(received), 16 << 20, 10, rates)
+            peer = await a.connect(b.addrs[0], timeout=5)
+            await a.send(peer, PROTOCOL, os.urandom(1024), timeout=5)  # too small to measure
+            await wait_until(lambda: len(received) == 1)
+            assert rates.rates == {}
+            await a.send(peer, PROTOCOL, os.urandom(4 << 20), timeout=10)
+            await wait_until(lambda: len(received) == 2)
+            assert 0 < rates.rate(a.peer_id) < 1e15
+
+
+async def test_a_request_past_its_deadline_says_it_timed_out() -> None:
+    """What makes the daemon halve that peer's rate (a refusal or reset does not)."""
+    with trio.fail_after(15):
+        async with transports(2) as [a, b]:
+
+            async def never_answers(peer_id: str, payload: bytes) -> bytes:
+                await trio.sleep_forever()
+                raise AssertionError
+
+            b.set_handler(PROTOCOL, never_answers, 1024, 10)
+            peer = await a.connect(b.addrs[0], timeout=5)
+            with pytest.raises(Unanswered) as caught:
+                await a.request(peer, PROTOCOL, b"x", 0.5, 64)
+            assert caught.value.timed_out
 
 
 @pytest.mark.slow
