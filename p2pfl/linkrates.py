@@ -5,16 +5,19 @@ A deadline for a large frame is a fixed part plus its size at a rate
 operator promises; a link that turns out slower (measured in the lab: every
 4.5 MB push timed out at 1 Mbit/s with the default 8) must not fail every
 push for good. So each peer's rate starts at the promised one and follows
-what its frames show, TCP-style:
+its frames, TCP-style:
 
-* a large frame that completed sets the rate to half of what it achieved
-  (headroom for the link's other streams), never above the promised rate, so
-  a deadline is never shorter than the operator's promise allows;
 * a frame that timed out halves the rate, so the next one gets twice the
   time, down to ``SLOWEST_FRACTION`` of the promise, which bounds how long a
-  dead or trickling peer can hold a stream.
+  dead or trickling peer can hold a stream;
+* a frame that completed raises the rate to half of what it achieved
+  (headroom for the link's other streams), if that is higher, never above
+  the promise: a deadline is never shorter than the promise allows, and a
+  slow completion (a frame that waited on the peer's lock, or a small one,
+  whose time is mostly latency) never lowers it.
 
-Small frames are not measured: their time is latency, not rate.
+The daemon keeps one instance per direction: our uplink and a peer's
+uplink are different links.
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-# Frames below this measure the round trip, not the rate.
-MEASURE_MIN_BYTES = 256 * 1024
 # Deadlines allow this share of the rate a frame achieved.
 HEADROOM = 0.5
 # A link is never assumed slower than this share of --min-link-mbit.
@@ -54,9 +55,8 @@ class LinkRates:
 
     def completed(self, peer: str, size: int, seconds: float) -> None:
         """A frame of ``size`` bytes to or from ``peer`` took ``seconds``."""
-        if size < MEASURE_MIN_BYTES or seconds <= 0:
-            return
-        self._set(peer, size / seconds * HEADROOM)
+        if peer in self.rates and seconds > 0:
+            self._set(peer, max(self.rates[peer], size / seconds * HEADROOM))
 
     def timed_out(self, peer: str) -> None:
         """A frame to or from ``peer`` missed its deadline: allow it twice the time."""

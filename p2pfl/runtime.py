@@ -251,8 +251,10 @@ class NodeRuntime:
         self.round = 0
         self.accuracy: float | None = None
         self.deadlines = config.deadlines
-        # What each peer's link has shown it carries: push and read deadlines follow it.
-        self.link_rates = LinkRates(config.min_link_bytes_per_s)
+        # What each peer's link has shown it carries, per direction: push deadlines
+        # follow our uplink to it, read deadlines its uplink to us (p2pfl/linkrates.py).
+        self.push_rates = LinkRates(config.min_link_bytes_per_s)
+        self.read_rates = LinkRates(config.min_link_bytes_per_s)
         self.updates_sent = 0
         self.send_failures: Counter[str] = Counter()
         # Failed pushes in a row per peer, since its last answered push (see _push_failed).
@@ -440,9 +442,11 @@ class NodeRuntime:
                 for sender, seq in view["last_seq"].items()
             },
             "send_failures": dict(self.send_failures),
-            # Peers whose links showed less than --min-link-mbit: the Mbit/s deadlines assume.
+            # Peers whose links showed less than --min-link-mbit: the Mbit/s deadlines
+            # assume, for our pushes to them and for their frames to us.
             "link_mbit": {
-                peer: round(rate * 8 / 1e6, 3) for peer, rate in self.link_rates.rates.items()
+                direction: {peer: round(r * 8 / 1e6, 3) for peer, r in rates.rates.items()}
+                for direction, rates in (("push", self.push_rates), ("read", self.read_rates))
             },
             # What became of pushed shares: delivered, refused, refunded, lost; and
             # how many wait for a receipt (docs/PROTOCOL.md §4).
@@ -805,13 +809,14 @@ class NodeRuntime:
                     logger.info("forgot neighbour %s: undialable for long", peer_id)
                 logger.debug("push to %s: dial failed: %s", peer_id, error)
                 return
-            deadline = self.deadlines.push(len(message), self.link_rates.rate(peer_id))
+            deadline = self.deadlines.push(len(message), self.push_rates.rate(peer_id))
             started = trio.current_time()
             try:
                 with self.phases.timing("send"):  # in the background: overlaps the round
                     reply = await transport.request(
                         peer_id, UPDATE_PROTOCOL, message, deadline, MAX_RECEIPT_BYTES
                     )
+                self.push_rates.completed(peer_id, len(message), trio.current_time() - started)
                 receipt = Receipt.decode(reply)
             except (Unanswered, InvalidReceipt) as error:
                 # The peer may have taken it: hold the share until its next receipt.
@@ -825,7 +830,6 @@ class NodeRuntime:
                 self._push_failed(peer_id, error)
                 return
             await self._gossip(self.gossip.settled, peer_key, outgoing, receipt)
-            self.link_rates.completed(peer_id, len(message), trio.current_time() - started)
             self.book.mark_alive(peer_id)
             self._failures_in_a_row.pop(peer_id, None)
             await self._refund(self.deliveries.answered(peer_id, outgoing, receipt))
@@ -841,7 +845,7 @@ class NodeRuntime:
         self.send_failures[peer_id] += 1
         self._failures_in_a_row[peer_id] += 1
         if getattr(error, "timed_out", False):
-            self.link_rates.timed_out(peer_id)  # slow, not gone: the next push gets longer
+            self.push_rates.timed_out(peer_id)  # slow, not gone: the next push gets longer
         logger.debug("push to %s failed: %s", peer_id, error)
         # After a network heals, TCP connections sit ESTABLISHED in retransmission
         # backoff for minutes and every new stream queues behind them: close the
@@ -982,7 +986,7 @@ class NodeRuntime:
             handshake_timeout=self.deadlines.handshake,
         ) as transport:
             self.transport = transport
-            timeout, rates = config.read_timeout, self.link_rates
+            timeout, rates = config.read_timeout, self.read_rates
             transport.set_handler(UPDATE_PROTOCOL, self._on_update, max_bytes, timeout, rates)
             transport.set_handler(MODEL_PROTOCOL, self._on_model_request, 0, timeout, rates)
             serve_peer_exchange(transport, self.book, read_timeout=timeout)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import trio
-from runtimes import LOOPBACK, make_runtime, run_two, wait_until
+from runtimes import GUARD_S, LOOPBACK, make_runtime, run_two, wait_until
 
 from fltasks import Task, load_task
 from gossip import GossipNode, NodeKey
@@ -151,3 +151,34 @@ async def test_a_node_joining_a_running_network_adopts_its_current_model(
             nursery.cancel_scope.cancel()
         fresh = make_runtime(digits, tmp_path / "c", "1/2", rounds=1)
         assert fresh.status()["adopted_from"] is None
+
+
+async def test_a_push_that_times_out_gives_that_peer_twice_the_time_next(
+    digits: Task, tmp_path: Path
+) -> None:
+    """A peer that takes the frame but answers too late: slow, not gone. Its push rate
+    halves (p2pfl/linkrates.py), so its next deadline is longer; other peers' stay."""
+    node = make_runtime(digits, tmp_path, "0/2", send_timeout=0.5)
+    with trio.fail_after(GUARD_S):
+        async with (
+            Transport.open(node.key, [LOOPBACK]) as ours,
+            Transport.open(NodeKey.generate(), [LOOPBACK]) as slow,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def answers_late(peer_id: str, payload: bytes) -> bytes:
+                await trio.sleep_forever()
+                raise AssertionError
+
+            slow.set_handler(UPDATE_PROTOCOL, answers_late, 1 << 26, 60)
+            node.transport = ours
+            node._push_nursery = nursery
+            node.book.add(slow.peer_id, slow.addrs)
+            promised = node.push_rates.rate(slow.peer_id)
+            first = node.deadlines.push(100_000, promised)
+            node._push(node.gossip.prepare(1, time.time()), [slow.peer_id])
+            await wait_until(lambda: node.send_failures[slow.peer_id] == 1, GUARD_S)
+            assert node.push_rates.rate(slow.peer_id) == promised / 2
+            assert node.deadlines.push(100_000, node.push_rates.rate(slow.peer_id)) > first
+            assert node.status()["link_mbit"]["push"] == {slow.peer_id: promised / 2 * 8 / 1e6}
+            nursery.cancel_scope.cancel()
