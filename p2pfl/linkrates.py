@@ -10,11 +10,13 @@ its frames, TCP-style:
 * a frame that timed out halves the rate, so the next one gets twice the
   time, down to ``SLOWEST_FRACTION`` of the promise, which bounds how long a
   dead or trickling peer can hold a stream;
-* a frame that completed raises the rate to half of what it achieved
-  (headroom for the link's other streams), if that is higher, never above
-  the promise: a deadline is never shorter than the promise allows, and a
-  slow completion (a frame that waited on the peer's lock, or a small one,
-  whose time is mostly latency) never lowers it.
+* a frame that completed moves the rate to half of what it achieved
+  (headroom for the link's other streams), never above the promise, so a
+  deadline is never shorter than the promise allows. Only a large frame
+  (``MEASURE_MIN_BYTES``), whose time is mostly its transfer, may lower it,
+  and by half at most, as a timeout would: one slow completion (a frame that
+  waited on the peer's lock) cannot drop it to the floor. A small frame's
+  time is mostly latency; it may only raise the rate.
 
 The daemon keeps one instance per direction: our uplink and a peer's
 uplink are different links.
@@ -25,6 +27,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+# Frames of at least this size are timed mostly by their transfer, not the round trip.
+MEASURE_MIN_BYTES = 256 * 1024
 # Deadlines allow this share of the rate a frame achieved.
 HEADROOM = 0.5
 # A link is never assumed slower than this share of --min-link-mbit.
@@ -55,8 +59,13 @@ class LinkRates:
 
     def completed(self, peer: str, size: int, seconds: float) -> None:
         """A frame of ``size`` bytes to or from ``peer`` took ``seconds``."""
-        if peer in self.rates and seconds > 0:
-            self._set(peer, max(self.rates[peer], size / seconds * HEADROOM))
+        if seconds <= 0:
+            return
+        achieved, current = size / seconds * HEADROOM, self.rate(peer)
+        if size >= MEASURE_MIN_BYTES:
+            self._set(peer, max(achieved, current / 2))
+        elif achieved > current:
+            self._set(peer, achieved)
 
     def timed_out(self, peer: str) -> None:
         """A frame to or from ``peer`` missed its deadline: allow it twice the time."""
