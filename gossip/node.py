@@ -106,6 +106,8 @@ class GossipNode:
     links: LinkCopies | None = None
     # Receivers' copies of top-k senders' public models.
     public_copies: PublicCopies = field(default_factory=PublicCopies)
+    # Top-k: the last per-link message signed, for the links in step that share it.
+    _signed: tuple[object, bytearray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.quorum < 1:
@@ -295,7 +297,10 @@ class GossipNode:
             return outgoing
         assert self.links is not None
         link = self.links.message_for(peer, outgoing.tensors, outgoing.seq)
-        message = self._sign(outgoing.seq, outgoing.weight, link.codec_id, link.tensors, now)
+        if self._signed is None or self._signed[0] is not link:  # links in step share one
+            message = self._sign(outgoing.seq, outgoing.weight, link.codec_id, link.tensors, now)
+            self._signed = (link, message)
+        message = self._signed[1]
         return Outgoing(
             message, outgoing.seq, outgoing.tensors, outgoing.weight, resync=link.resync
         )

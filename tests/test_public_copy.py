@@ -62,8 +62,14 @@ def test_a_lost_message_resyncs_only_that_link_and_the_others_keep_their_differe
     rng = np.random.default_rng(1)
     sender = node(1, rng.standard_normal(300))
     steady, lossy = node(2, np.zeros(300)), node(3, np.zeros(300))
+    first = sender.prepare(2, NOW)
     for peer in (steady, lossy):
-        push(sender, peer, sender.prepare(2, NOW))
+        push(sender, peer, first)
+    drift(sender, rng)
+    in_step = sender.prepare(2, NOW)
+    both = [push(sender, peer, in_step)[0] for peer in (steady, lossy)]
+    # Links in step hold one copy: one top-k, one signed message for both.
+    assert both[0].message is both[1].message and not both[0].resync
     drift(sender, rng)
     outgoing = sender.prepare(2, NOW)
     push(sender, steady, outgoing)
