@@ -312,10 +312,16 @@ class GossipNode:
             self.links.keep_only(frozenset(peers))
 
     def settled(self, peer: bytes, outgoing: Outgoing, receipt: Receipt | None) -> None:
-        """The push of ``outgoing`` to ``peer`` was answered by ``receipt`` (None: it was
-        not, or it failed): top-k learns which copy that neighbour holds."""
+        """The push of ``outgoing`` to ``peer`` went out whole and was answered by
+        ``receipt`` (None: it was not): top-k learns which copy that neighbour holds."""
         if self.links is not None:
             self.links.settled(peer, outgoing.seq, receipt)
+
+    def not_sent(self, peer: bytes, outgoing: Outgoing) -> None:
+        """The push of ``outgoing`` to ``peer`` failed before its frame was wholly
+        written: that neighbour's top-k copy did not change."""
+        if self.links is not None:
+            self.links.not_sent(peer, outgoing.seq)
 
     def _sign(
         self, seq: int, weight: float, codec_id: str, tensors: dict[str, np.ndarray], now: float

@@ -128,7 +128,8 @@ class LinkCopies:
         return LinkMessage(self.codec_id, sent, False), updated
 
     def settled(self, peer: bytes, seq: int, receipt: Receipt | None) -> None:
-        """What became of message ``seq`` to ``peer`` (``receipt`` None: no answer came).
+        """What became of message ``seq`` to ``peer`` once its frame was written
+        (``receipt`` None: no answer came; see :meth:`not_sent` for the rest).
 
         Accepted: the peer's copy is now the one that message made. Refused for
         another reason than ``out-of-step``, with the last message it had
@@ -150,6 +151,14 @@ class LinkCopies:
             and receipt.last_seq == confirmed[0]
         ):
             link.confirmed = confirmed
+
+    def not_sent(self, peer: bytes, seq: int) -> None:
+        """Message ``seq`` to ``peer`` never wholly left (the dial or the write failed): a
+        receiver drops a partial frame, so its copy is still the confirmed one, and
+        the link stays in step without a resync (half the lab's failed pushes)."""
+        link = self.links.get(peer)
+        if link is not None and link.pending is not None and link.pending[0] == seq:
+            link.pending = None
 
     def keep_only(self, peers: frozenset[bytes]) -> None:
         """Forget the links to anyone not in ``peers``; one that comes back is resynced."""

@@ -801,7 +801,7 @@ class NodeRuntime:
             except TransportError as error:
                 # Not dialled: certainly not delivered. Unreachable until discovery
                 # reaches it again; forgotten only once gone a long while.
-                await self._gossip(self.gossip.settled, peer_key, outgoing, None)
+                await self._gossip(self.gossip.not_sent, peer_key, outgoing)
                 await self._refund(self.deliveries.not_sent(peer_id, outgoing))
                 self.send_failures[peer_id] += 1
                 if self.book.mark_failed(peer_id):
@@ -825,7 +825,7 @@ class NodeRuntime:
                 self._push_failed(peer_id, error)
                 return
             except TransportError as error:
-                await self._gossip(self.gossip.settled, peer_key, outgoing, None)
+                await self._gossip(self.gossip.not_sent, peer_key, outgoing)
                 await self._refund(self.deliveries.not_sent(peer_id, outgoing))
                 self._push_failed(peer_id, error)
                 return

@@ -125,7 +125,7 @@ def test_weight_is_conserved_on_a_lossy_link_only_with_receipts(
         fate = rng.choice(fates)
         delivered[key] = False
         if fate == "dial-failed":
-            sender.settled(receiver.key.public_key, outgoing, None)
+            sender.not_sent(receiver.key.public_key, outgoing)
             for share in ledger.not_sent(j, outgoing):
                 refund(i, j, share)
             return

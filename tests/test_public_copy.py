@@ -214,3 +214,20 @@ def test_links_to_former_neighbours_are_dropped_and_resynced_if_they_return() ->
     outgoing = sender.prepare(2, NOW)
     assert not push(sender, kept, outgoing)[0].resync
     assert push(sender, dropped, outgoing)[0].resync
+
+
+def test_a_push_that_never_left_keeps_the_link_in_step() -> None:
+    """The dial or the write failed: the receiver cannot hold a partial frame, so its
+    copy is the confirmed one and the next push is a difference, not a resync."""
+    rng = np.random.default_rng(9)
+    sender, receiver = node(1, rng.standard_normal(200)), node(2, np.zeros(200))
+    push(sender, receiver, sender.prepare(1, NOW))
+    drift(sender, rng)
+    unsent = sender.addressed(sender.prepare(1, NOW), receiver.key.public_key, NOW)
+    sender.not_sent(receiver.key.public_key, unsent)
+    sender.refund(unsent)
+    drift(sender, rng)
+    following, receipt = push(sender, receiver, sender.prepare(1, NOW))
+    assert receipt.accepted and not following.resync
+    assert sender.links is not None
+    assert np.array_equal(held_by(receiver, sender), sender.links.held(receiver.key.public_key))
