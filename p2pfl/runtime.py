@@ -269,8 +269,6 @@ class NodeRuntime:
         self.whole_copies_sent = 0
         # The weight each push in flight carries, for the status page's mass count.
         self._pushing_weight: dict[str, float] = {}
-        # The bytes of each push in flight: they all share our uplink.
-        self._pushing_bytes: dict[str, int] = {}
         self._push_nursery: trio.Nursery | None = None
         self.neighbours: list[str] = []
         self.started = time.monotonic()
@@ -811,8 +809,7 @@ class NodeRuntime:
                     logger.info("forgot neighbour %s: undialable for long", peer_id)
                 logger.debug("push to %s: dial failed: %s", peer_id, error)
                 return
-            self._pushing_bytes[peer_id] = len(message)
-            deadline = self._push_deadline(peer_id, len(message))
+            deadline = self.deadlines.push(len(message), self.push_rates.rate(peer_id))
             started = trio.current_time()
             try:
                 with self.phases.timing("send"):  # in the background: overlaps the round
@@ -842,15 +839,6 @@ class NodeRuntime:
                 self.pushes_refused[receipt.verdict] += 1
         finally:
             self._pushing_weight.pop(peer_id, None)
-            self._pushing_bytes.pop(peer_id, None)
-
-    def _push_deadline(self, peer_id: str, size: int) -> float:
-        """Seconds a push of ``size`` bytes to ``peer_id`` may take. Our pushes share our
-        uplink, so it may wait behind the others in flight: at 1 Mbit/s, top-k
-        differences (88 KB) timed out behind a resync (1.1 MB), and each timeout cost
-        that link another resync."""
-        ahead = sum(n for peer, n in self._pushing_bytes.items() if peer != peer_id)
-        return self.deadlines.push(size + ahead, self.push_rates.rate(peer_id))
 
     def _push_failed(self, peer_id: str, error: Exception) -> None:
         assert self.transport is not None

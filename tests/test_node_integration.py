@@ -182,13 +182,3 @@ async def test_a_push_that_times_out_gives_that_peer_twice_the_time_next(
             assert node.deadlines.push(100_000, node.push_rates.rate(slow.peer_id)) > first
             assert node.status()["link_mbit"]["push"] == {slow.peer_id: promised / 2 * 8 / 1e6}
             nursery.cancel_scope.cancel()
-
-
-def test_a_push_deadline_counts_the_bytes_of_our_other_pushes_in_flight(
-    digits: Task, tmp_path: Path
-) -> None:
-    """They share our uplink: a small difference may wait behind a large resync."""
-    node = make_runtime(digits, tmp_path, "0/2", send_timeout=5.0, min_link_mbit=8.0)
-    alone = node._push_deadline("b", 100_000)
-    node._pushing_bytes.update({"a": 1_000_000, "b": 100_000})
-    assert node._push_deadline("b", 100_000) == pytest.approx(alone + 1.0)  # 1 MB at 1 MB/s
