@@ -80,8 +80,8 @@ class LinkCopies:
     links: dict[bytes, _Link] = field(default_factory=dict)
     # This round's messages by the copy they start from (None: a resync): links in
     # step share one copy object, so they share one top-k and one signature, and a
-    # round costs what one shared copy did (three top-k selections of 1.1M values a
-    # round had made top-k at 10 Mbit/s CPU-bound on the lab's 2 cores).
+    # round costs what one shared copy did, not one selection of 1.1M values per link
+    # (8 daemons share the lab's 2 cores).
     _made: dict[int | None, tuple[object, LinkMessage, np.ndarray]] = field(
         default_factory=dict
     )
