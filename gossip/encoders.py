@@ -39,7 +39,8 @@ class Encoder(Protocol):
         """Forget what belonged to a model the node dropped (adopted another)."""
 
 
-def _own_tensors(estimate: np.ndarray, layout: ModelLayout) -> Tensors:
+def own_tensors(estimate: np.ndarray, layout: ModelLayout) -> Tensors:
+    """``estimate`` as named tensors in the model's dtypes, sharing no memory with it."""
     # One cast of the estimate into the model's dtypes, copied only where the cast
     # was a view: the message must not change when the estimate does.
     return {
@@ -53,7 +54,7 @@ class RawEncoder:
     codec_id: str = "raw"
 
     def encode(self, estimate: np.ndarray, layout: ModelLayout) -> tuple[str, Tensors, Tensors]:
-        tensors = _own_tensors(estimate, layout)
+        tensors = own_tensors(estimate, layout)
         return self.codec_id, tensors, tensors
 
     def reset(self) -> None:
@@ -69,7 +70,7 @@ class FeedbackEncoder:
         tensor_codec = resolve_codec(self.codec_id)
         if tensor_codec is None:
             raise ValueError(f"unknown codec {self.codec_id!r}")
-        tensors = _own_tensors(estimate, layout)
+        tensors = own_tensors(estimate, layout)
         for name in tensors:
             if name not in self.feedback:
                 self.feedback[name] = ErrorFeedback(tensor_codec)

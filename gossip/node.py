@@ -30,7 +30,7 @@ from gossip.admission import (
 )
 from gossip.aggregation import MAX_WEIGHT, Aggregator, PushSumMean, add_weight
 from gossip.delivery import Receipt
-from gossip.encoders import Encoder, encoder_for
+from gossip.encoders import Encoder, encoder_for, own_tensors
 from gossip.errors import InvalidUpdate, Reason
 from gossip.keys import NodeKey
 from gossip.layout import ModelLayout
@@ -280,7 +280,7 @@ class GossipNode:
         self.seq += 1
         self.round += 1
         if self.links is not None:
-            estimate = self.layout.unflatten(self.pushsum.estimate.copy())
+            estimate = own_tensors(self.pushsum.estimate, self.layout)
             return Outgoing(bytearray(), self.seq, estimate, weight, per_link=True)
         assert self.encoder is not None
         codec_id, tensors, folded = self.encoder.encode(self.pushsum.estimate, self.layout)

@@ -85,7 +85,7 @@ class LinkCopies:
     _made: dict[int | None, tuple[object, LinkMessage, np.ndarray]] = field(
         default_factory=dict
     )
-    _made_for: tuple[int, object] | None = None
+    _made_for: object = None  # the estimate (one per prepare) the cache is for
 
     def __post_init__(self) -> None:
         codec = resolve_codec(self.codec_id)
@@ -105,8 +105,8 @@ class LinkCopies:
         copies are equal bit for bit.
         """
         link = self.links.setdefault(peer, _Link())
-        if self._made_for is None or self._made_for[0] != seq or self._made_for[1] is not estimate:
-            self._made, self._made_for = {}, (seq, estimate)
+        if self._made_for is not estimate:
+            self._made, self._made_for = {}, estimate
         base = None if link.confirmed is None else link.confirmed[1]
         key = None if base is None else id(base)
         if key not in self._made:

@@ -45,11 +45,10 @@ class Deadlines:
     dial: float = DIAL_S
     status_read: float = STATUS_READ_S
 
-    def push(self, message_bytes: int, link_bytes_per_s: float | None = None) -> float:
-        """Seconds a push of ``message_bytes`` (and its receipt) may take, at the peer's
-        link rate (p2pfl/linkrates.py; by default the promised ``--min-link-mbit``)."""
-        rate = self.min_link_bytes_per_s if link_bytes_per_s is None else link_bytes_per_s
-        return frame_deadline(self.send, message_bytes, rate)
+    def push(self, message_bytes: int, link_bytes_per_s: float) -> float:
+        """Seconds a push of ``message_bytes`` (and its receipt) may take at the peer's
+        link rate (p2pfl/linkrates.py)."""
+        return frame_deadline(self.send, message_bytes, link_bytes_per_s)
 
     def model_fetch(self, parameters: int) -> float:
         """Seconds fetching a joining node's snapshot of ``parameters`` float32 values may take."""

@@ -801,8 +801,7 @@ class NodeRuntime:
             except TransportError as error:
                 # Not dialled: certainly not delivered. Unreachable until discovery
                 # reaches it again; forgotten only once gone a long while.
-                await self._gossip(self.gossip.not_sent, peer_key, outgoing)
-                await self._refund(self.deliveries.not_sent(peer_id, outgoing))
+                await self._not_sent(peer_id, outgoing)
                 self.send_failures[peer_id] += 1
                 if self.book.mark_failed(peer_id):
                     self.deliveries.forget(peer_id)
@@ -825,8 +824,7 @@ class NodeRuntime:
                 self._push_failed(peer_id, error)
                 return
             except TransportError as error:
-                await self._gossip(self.gossip.not_sent, peer_key, outgoing)
-                await self._refund(self.deliveries.not_sent(peer_id, outgoing))
+                await self._not_sent(peer_id, outgoing)
                 self._push_failed(peer_id, error)
                 return
             await self._gossip(self.gossip.settled, peer_key, outgoing, receipt)
@@ -855,6 +853,11 @@ class NodeRuntime:
         if self._failures_in_a_row[peer_id] >= FAILURES_BEFORE_REDIAL:
             self._failures_in_a_row.pop(peer_id, None)
             self.transport.nursery.start_soon(self.transport.disconnect, peer_id)
+
+    async def _not_sent(self, peer_id: str, outgoing: Outgoing) -> None:
+        """The push failed before its frame was wholly written: the peer holds none of it."""
+        await self._gossip(self.gossip.not_sent, public_key_from_peer_id(peer_id), outgoing)
+        await self._refund(self.deliveries.not_sent(peer_id, outgoing))
 
     async def _refund(self, shares: list[Outgoing]) -> None:
         for share in shares:
