@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gossip import codec
+from gossip.compression import resolve_codec
 from gossip.errors import InvalidUpdate, Reason
 from gossip.layout import TensorSpec, model_fingerprint
 from gossip.update import Update
@@ -138,26 +139,53 @@ class Admission:
         """Judge one message. ``remote_key``: the connection's peer key, if it came directly."""
         try:
             signed = codec.parse(data, self.policy.max_message_bytes)
-            allowlist = self.policy.allowlist
-            if allowlist is not None and signed.sender not in allowlist:
-                raise InvalidUpdate(Reason.UNKNOWN_SENDER, "the sender is not in the allowlist")
-            if self.neighbours is not None and signed.sender not in self.neighbours:
-                raise InvalidUpdate(Reason.NOT_NEIGHBOUR, "the sender is not one of our neighbours")
-            if remote_key is not None and signed.sender != remote_key:
-                raise InvalidUpdate(Reason.SENDER_MISMATCH, "signed by a key other than the peer's")
+            self._check_sender(signed, remote_key)
             codec.check_signature(signed)
-            if signed.header["weight"] > self.policy.max_weight:
-                raise InvalidUpdate(Reason.MALFORMED, "weight above the policy's cap")
-            self._check_replay(signed.sender, signed.seq)
-            self._check_fresh(signed.header["created_at"], now)
-            if signed.header["fingerprint"] != self.policy.fingerprint:
-                raise InvalidUpdate(Reason.WRONG_MODEL, WRONG_MODEL_DETAIL)
-            check_declared_layout(signed, self.policy.fingerprint, self.policy.task_spec_hash)
+            self._check_header(signed, now)
             update = codec.decode_tensors(signed)
             check_layout(update, self.policy.fingerprint, self.policy.task_spec_hash)
         except InvalidUpdate as error:
             return self._reject(error)
         return self._judge_values(update)
+
+    def screen(
+        self, offer: bytes | bytearray | memoryview, now: float, remote_key: bytes | None = None
+    ) -> codec.SignedHeader | Rejected:
+        """Judge a message by its offer (prefix and header) before any payload byte is
+        sent: every check of :meth:`admit` that the header decides. The signature, the
+        tensors and the values are judged once the payloads come (:meth:`admit`).
+
+        A refusal here is the one a sender may take its share back on: it never sent
+        what it would give (docs/PROTOCOL.md §4)."""
+        try:
+            signed = codec.parse_offer(offer, self.policy.max_message_bytes)
+            self._check_sender(signed, remote_key)
+            self._check_header(signed, now)
+        except InvalidUpdate as error:
+            return self._reject(error)
+        return signed
+
+    def _check_sender(self, signed: codec.SignedHeader, remote_key: bytes | None) -> None:
+        allowlist = self.policy.allowlist
+        if allowlist is not None and signed.sender not in allowlist:
+            raise InvalidUpdate(Reason.UNKNOWN_SENDER, "the sender is not in the allowlist")
+        if self.neighbours is not None and signed.sender not in self.neighbours:
+            raise InvalidUpdate(Reason.NOT_NEIGHBOUR, "the sender is not one of our neighbours")
+        if remote_key is not None and signed.sender != remote_key:
+            raise InvalidUpdate(Reason.SENDER_MISMATCH, "signed by a key other than the peer's")
+
+    def _check_header(self, signed: codec.SignedHeader, now: float) -> None:
+        """The checks after the signature that need nothing but the header."""
+        if signed.header["weight"] > self.policy.max_weight:
+            raise InvalidUpdate(Reason.MALFORMED, "weight above the policy's cap")
+        self._check_replay(signed.sender, signed.seq)
+        self._check_fresh(signed.header["created_at"], now)
+        if signed.header["fingerprint"] != self.policy.fingerprint:
+            raise InvalidUpdate(Reason.WRONG_MODEL, WRONG_MODEL_DETAIL)
+        check_declared_layout(signed, self.policy.fingerprint, self.policy.task_spec_hash)
+        if resolve_codec(signed.header["codec"]) is None:
+            codec_id = signed.header["codec"]
+            raise InvalidUpdate(Reason.UNKNOWN_CODEC, f"codec {codec_id!r} is not known here")
 
     def _judge_values(self, update: Update) -> Verdict:
         if not all_finite(update.tensors.values()):

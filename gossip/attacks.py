@@ -32,6 +32,12 @@ from gossip.node import GossipNode, Outgoing
 from gossip.update import Update
 
 ATTACKS = ("sign-flip", "scale", "noise", "alie")
+# A member that pushes honestly but keeps every update it is sent and answers each
+# with a refusal (``replay``): under a rule that refunds refusals, it would create
+# weight at every push (docs/PROTOCOL.md §4). A daemon-only attack: it is about
+# receipts, which the simulator does not have.
+RECEIPT_LIE = "lie-receipts"
+DAEMON_ATTACKS = (*ATTACKS, RECEIPT_LIE)
 DEFAULT_SCALE = {"sign-flip": 1.0, "scale": 10.0, "noise": 1.0}
 
 

@@ -57,6 +57,8 @@ _SIGNATURE_AT = len(MAGIC) + 1
 _HEADER_LENGTH_AT = _SIGNATURE_AT + SIGNATURE_BYTES
 _HEADER_AT = _HEADER_LENGTH_AT + 4
 PREFIX_BYTES = _HEADER_AT
+# The largest offer (prefix and header: see offer_length).
+MAX_OFFER_BYTES = PREFIX_BYTES + MAX_HEADER_BYTES
 
 HEADER_FIELDS = frozenset(
     {"sender", "seq", "samples", "weight", "fingerprint", "created_at", "codec", "tensors"}
@@ -83,6 +85,11 @@ class SignedHeader:
     @property
     def seq(self) -> int:
         return self.header["seq"]
+
+    @property
+    def payload_bytes(self) -> int:
+        """The payloads' total size, as the header declares it."""
+        return sum(entry["size"] for entry in self.header["tensors"])
 
 
 # Below this many bytes, hashing on one thread beats starting more.
@@ -209,10 +216,32 @@ def _check_header(header: Any) -> None:
             raise _malformed(f"tensor {name!r}: size must be an unsigned integer")
 
 
+def offer_length(message: bytes | bytearray | memoryview) -> int:
+    """How many leading bytes of an encoded ``message`` are its offer: the prefix and
+    the signed header, everything a receiver needs to judge it before the payloads
+    (``/p2pfl/update/1.2.0`` sends them first; docs/PROTOCOL.md)."""
+    (header_length,) = struct.unpack_from("<I", message, _HEADER_LENGTH_AT)
+    return _HEADER_AT + header_length
+
+
+def parse_offer(
+    offer: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> SignedHeader:
+    """:func:`parse` for a message's offer alone (prefix and header, no payload byte):
+    the same checks, with the payloads' size taken from the header."""
+    return _parse(offer, max_size, with_payloads=False)
+
+
 def parse(
     data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_MESSAGE_BYTES
 ) -> SignedHeader:
     """Check the size cap and the header's schema; verify nothing yet, decode no tensor."""
+    return _parse(data, max_size, with_payloads=True)
+
+
+def _parse(
+    data: bytes | bytearray | memoryview, max_size: int, with_payloads: bool
+) -> SignedHeader:
     view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
     if len(view) > max_size:
         raise InvalidUpdate(Reason.OVERSIZE, f"{len(view)} bytes exceeds the {max_size}-byte cap")
@@ -251,7 +280,13 @@ def parse(
     _check_header(header)
     payloads = view[_HEADER_AT + header_length :]
     declared = sum(entry["size"] for entry in header["tensors"])
-    if declared != len(payloads):
+    if not with_payloads:
+        if len(payloads):
+            raise _malformed(f"an offer ends with its header; {len(payloads)} bytes follow it")
+        total = _HEADER_AT + header_length + declared
+        if total > max_size:
+            raise InvalidUpdate(Reason.OVERSIZE, f"{total} bytes exceeds the {max_size}-byte cap")
+    elif declared != len(payloads):
         raise _malformed(f"payloads hold {len(payloads)} bytes, the header declares {declared}")
     return SignedHeader(
         header=header,

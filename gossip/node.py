@@ -23,13 +23,14 @@ from gossip.admission import (
     Accepted,
     Admission,
     AdmissionPolicy,
+    Rejected,
     Verdict,
     all_finite,
     check_declared_layout,
     check_layout,
 )
 from gossip.aggregation import MAX_WEIGHT, Aggregator, PushSumMean, add_weight
-from gossip.delivery import Receipt
+from gossip.delivery import READY, Receipt
 from gossip.encoders import Encoder, encoder_for, own_tensors
 from gossip.errors import InvalidUpdate, Reason
 from gossip.keys import NodeKey
@@ -370,6 +371,23 @@ class GossipNode:
                 # the sender takes its share back and resyncs the link's copy next.
                 return self.admission.withdraw(verdict, error)
         return verdict
+
+    def screen(
+        self, offer: bytes | bytearray | memoryview, now: float, remote_key: bytes
+    ) -> tuple[Receipt, int]:
+        """Judge a pushed message by its offer (prefix and header) before its payloads
+        come: the receipt (``ready``, or the refusal the sender may refund), and how many
+        payload bytes to read next (0 when refused). See :meth:`Admission.screen`."""
+        last_seq = self.admission.last_seq.get(remote_key)
+        verdict = self.admission.screen(offer, now, remote_key)
+        if isinstance(verdict, Rejected):
+            return Receipt(verdict.reason.value, last_seq or 0), 0
+        try:
+            self.public_copies.check_in_step(verdict.sender, verdict.header["codec"])
+        except InvalidUpdate as error:
+            self.admission.rejected[error.reason] += 1
+            return Receipt(error.reason.value, last_seq or 0), 0
+        return Receipt(READY, last_seq or 0), verdict.payload_bytes
 
     def deliver(
         self, data: bytes | bytearray | memoryview, now: float, remote_key: bytes

@@ -193,6 +193,15 @@ class PublicCopies:
     difference_senders: set[bytes] = field(default_factory=set)
     out_of_step: int = 0
 
+    def check_in_step(self, sender: bytes, codec_id: str) -> None:
+        """Raise InvalidUpdate(out-of-step) if a message of ``codec_id`` from ``sender``
+        would be a difference to a copy we do not hold: judged from the offer, before
+        the sender sends (and gives) anything."""
+        if is_difference_codec(codec_id) and sender not in self.copies:
+            self.difference_senders.add(sender)
+            self.out_of_step += 1
+            raise InvalidUpdate(Reason.OUT_OF_STEP, "a top-k difference to a copy we do not hold")
+
     def model_of(self, sender: bytes, codec_id: str, values: np.ndarray) -> np.ndarray:
         """What to fold in for this accepted message; InvalidUpdate if there is nothing
         usable: a difference to a copy we do not hold (``out-of-step``), or one whose

@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from gossip.attacks import DAEMON_ATTACKS
 from gossip.keys import KeyFileError, NodeKey
 from p2pfl.config import ConfigError, NodeConfig, build_config, load_config_file, parse_host_port
 
@@ -170,9 +171,10 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--attack",
-        choices=["sign-flip", "scale", "noise", "alie"],
+        choices=DAEMON_ATTACKS,
         help="EXPERIMENTS ONLY: act as a Byzantine member that pushes this attack as fast as "
-        "it may (scripts/bench_byzantine.py)",
+        "it may, or (lie-receipts) keeps every update it is sent and answers it with a "
+        "refusal (scripts/bench_byzantine.py)",
     )
     add(
         "--dp",

@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 
 from fltasks.settings_file import SettingsFileError, read_toml_table, typed_value
 from gossip.aggregation import AGGREGATORS, Aggregator, aggregator_by_name
-from gossip.attacks import ATTACKS
+from gossip.attacks import DAEMON_ATTACKS
 from gossip.compression import resolve_codec
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from gossip.node import DEFAULT_QUORUM
@@ -166,8 +166,9 @@ class NodeConfig:
             raise ConfigError(f"--linger {self.linger}: must be seconds >= 0")
         if self.quorum < 1:
             raise ConfigError(f"--quorum {self.quorum}: must be at least 1 neighbour")
-        if self.attack is not None and self.attack not in ATTACKS:
-            raise ConfigError(f"--attack {self.attack!r}: choose one of {', '.join(ATTACKS)}")
+        if self.attack is not None and self.attack not in DAEMON_ATTACKS:
+            choices = ", ".join(DAEMON_ATTACKS)
+            raise ConfigError(f"--attack {self.attack!r}: choose one of {choices}")
         if not (math.isfinite(self.read_timeout) and self.read_timeout > 0):
             raise ConfigError(f"--read-timeout {self.read_timeout}: must be seconds > 0")
         if not (math.isfinite(self.peer_mb_per_min) and self.peer_mb_per_min > 0):

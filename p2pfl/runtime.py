@@ -44,7 +44,8 @@ from fltasks import Task, partition
 from fltasks.dp_defaults import DP_SGD_CLIP, DP_SGD_LR, DP_SGD_NOISE
 from fltasks.scaling import node_view
 from gossip import AdmissionPolicy, GossipNode, InvalidUpdate, NodeKey, Outgoing, Reason
-from gossip.attacks import Attacker
+from gossip.attacks import RECEIPT_LIE, Attacker
+from gossip.codec import MAX_OFFER_BYTES, offer_length
 from gossip.delivery import MAX_RECEIPT_BYTES, DeliveryLedger, InvalidReceipt, Receipt
 from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from gossip.node import GossipState
@@ -76,8 +77,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# 1.1.0: every update is answered with a receipt (docs/PROTOCOL.md).
-UPDATE_PROTOCOL = "/p2pfl/update/1.1.0"
+# 1.2.0: an update is offered (prefix and header) before its payloads are sent, and
+# a share is refunded only on a refusal of the offer (gossip/delivery.py).
+UPDATE_PROTOCOL = "/p2pfl/update/1.2.0"
 MODEL_PROTOCOL = "/p2pfl/model/1.0.0"
 DISCOVERY_INTERVAL_S = 2.0
 DISCOVERY_FANOUT = 3
@@ -212,7 +214,9 @@ class NodeRuntime:
             seq=time.time_ns() // 1000,
         )
         self.attacker = (
-            Attacker.create(self.gossip, config.attack) if config.attack is not None else None
+            Attacker.create(self.gossip, config.attack)
+            if config.attack not in (None, RECEIPT_LIE)
+            else None
         )
         non_float = [s.name for s in self.gossip.layout.specs if not s.dtype.startswith("float")]
         if config.compression != "raw" and non_float:
@@ -259,9 +263,10 @@ class NodeRuntime:
         self.send_failures: Counter[str] = Counter()
         # Failed pushes in a row per peer, since its last answered push (see _push_failed).
         self._failures_in_a_row: Counter[str] = Counter()
-        # Pushes refused by their receiver, by the receipt's reason (their share came back).
+        # Pushes refused by their receiver, by the receipt's reason (refused at the
+        # offer: the share came back; after the payloads: it did not).
         self.pushes_refused: Counter[str] = Counter()
-        # Shares whose receipt has not come yet, per peer (gossip/delivery.py).
+        # What became of each pushed share (gossip/delivery.py).
         self.deliveries: DeliveryLedger[Outgoing] = DeliveryLedger()
         # Peers with a push in flight: never two at once on one link.
         self._pushing: set[str] = set()
@@ -426,12 +431,11 @@ class NodeRuntime:
             "samples": len(self.shard),
             "weight": view["weight"],
             # Where the rest of the push-sum mass is: received shares not merged yet,
-            # and shares pushed whose fate is not known (pushing, or held for a receipt).
+            # and shares being pushed (until refunded or given; gossip/delivery.py).
             # Summed over all nodes with "weight", it stays at the nodes' starting
             # total unless shares are lost (docs/PROTOCOL.md §4).
             "weight_pending": view["weight_pending"],
-            "weight_in_flight": sum(self._pushing_weight.values())
-            + sum(share.weight for held in self.deliveries.held.values() for share in held),
+            "weight_in_flight": sum(self._pushing_weight.values()),
             "sequence": view["sequence"],
             "known_peers": len(self.book),
             # Known peers that could not be dialled lately (kept, redialled by discovery).
@@ -448,9 +452,10 @@ class NodeRuntime:
                 direction: {peer: round(r * 8 / 1e6, 3) for peer, r in rates.rates.items()}
                 for direction, rates in (("push", self.push_rates), ("read", self.read_rates))
             },
-            # What became of pushed shares: delivered, refused, refunded, lost; and
-            # how many wait for a receipt (docs/PROTOCOL.md §4).
-            "deliveries": {**self.deliveries.counts, "held": self.deliveries.held_count()},
+            # What became of pushed shares: delivered, refunded, disputed, unanswered
+            # (docs/PROTOCOL.md §4); and per peer, refusals after the payloads.
+            "deliveries": dict(self.deliveries.counts),
+            "disputed_by": dict(self.deliveries.disputes),
             "pushes_refused": dict(self.pushes_refused),
             "pushes_in_flight": len(self._pushing),
             # top-k: pushes that carried the link's whole copy afresh (peer not in step)
@@ -567,20 +572,34 @@ class NodeRuntime:
                 continue  # not an ed25519 id: it could not sign an update anyway
         await self._gossip(self.gossip.set_peers, frozenset(allowed))
 
-    async def _on_update(self, peer_id: str, payload: bytes) -> bytes:
-        """Admit one pushed update; the reply is its receipt (gossip/delivery.py)."""
+    async def _on_offer(self, peer_id: str, offer: bytes) -> tuple[bytes, int | None]:
+        """Judge a pushed update by its offer; the answer, and the payload bytes to read
+        (None: refused, and the pusher takes its share back; gossip/delivery.py)."""
         try:
             sender_key = public_key_from_peer_id(peer_id)
         except ValueError:
             # Not an ed25519 identity (e.g. secp256k1): it cannot sign updates for us.
             self.refused_updates["unsupported-key"] += 1
             self._log_rejection(peer_id, "unsupported-key", "its peer id is not an ed25519 key")
-            return Receipt("unsupported-key", 0).encode()
+            return Receipt("unsupported-key", 0).encode(), None
         await self._refresh_peers()
+        receipt, payload_bytes = await self._gossip(
+            self.gossip.screen, offer, time.time(), sender_key
+        )
+        if not receipt.ready:
+            self._log_rejection(peer_id, receipt.verdict, "refused at the offer")
+            return receipt.encode(), None
+        return receipt.encode(), payload_bytes
+
+    async def _on_update(self, peer_id: str, payload: bytes) -> bytes:
+        """Admit one pushed update (its offer and payloads); the reply is its receipt."""
+        sender_key = public_key_from_peer_id(peer_id)  # ed25519: its offer was screened
         deliver = self.phases.timed("admit", self.gossip.deliver)
         verdict, receipt = await self._gossip(deliver, payload, time.time(), sender_key)
         if verdict.accepted:
             self.book.mark_alive(peer_id)
+            if self.config.attack == RECEIPT_LIE:  # experiments only: keep it, deny it
+                return Receipt(Reason.REPLAY.value, receipt.last_seq).encode()
         else:
             self._log_rejection(peer_id, verdict.reason.value, verdict.detail)
         return receipt.encode()
@@ -678,7 +697,6 @@ class NodeRuntime:
                 await self._connect(peer_id)
             except TransportError:
                 if self.book.mark_failed(peer_id):
-                    self.deliveries.forget(peer_id)
                     logger.info("forgot %s: undialable for long", peer_id)
                 return
             self.book.mark_alive(peer_id)
@@ -804,21 +822,32 @@ class NodeRuntime:
                 await self._not_sent(peer_id, outgoing)
                 self.send_failures[peer_id] += 1
                 if self.book.mark_failed(peer_id):
-                    self.deliveries.forget(peer_id)
                     logger.info("forgot neighbour %s: undialable for long", peer_id)
                 logger.debug("push to %s: dial failed: %s", peer_id, error)
                 return
             deadline = self.deadlines.push(len(message), self.push_rates.rate(peer_id))
+            split = offer_length(message)
+            view = memoryview(message)
             started = trio.current_time()
             try:
                 with self.phases.timing("send"):  # in the background: overlaps the round
-                    reply = await transport.request(
-                        peer_id, UPDATE_PROTOCOL, message, deadline, MAX_RECEIPT_BYTES
+                    first, reply = await transport.offer(
+                        peer_id, UPDATE_PROTOCOL, view[:split], view[split:], deadline,
+                        MAX_RECEIPT_BYTES, lambda answer: Receipt.decode(answer).ready,
                     )
+                if reply is None:
+                    # Refused at the offer: it holds nothing of the share.
+                    refusal = Receipt.decode(first)
+                    self.book.mark_alive(peer_id)
+                    self._failures_in_a_row.pop(peer_id, None)
+                    self.pushes_refused[refusal.verdict] += 1
+                    await self._gossip(self.gossip.not_sent, peer_key, outgoing)
+                    await self._refund(self.deliveries.refused_at_offer(peer_id, outgoing, refusal))
+                    return
                 self.push_rates.completed(peer_id, len(message), trio.current_time() - started)
                 receipt = Receipt.decode(reply)
             except (Unanswered, InvalidReceipt) as error:
-                # The peer may have taken it: hold the share until its next receipt.
+                # The payloads went out whole: the share is given (gossip/delivery.py).
                 await self._gossip(self.gossip.settled, peer_key, outgoing, None)
                 self.deliveries.unanswered(peer_id, outgoing)
                 self._push_failed(peer_id, error)
@@ -830,11 +859,13 @@ class NodeRuntime:
             await self._gossip(self.gossip.settled, peer_key, outgoing, receipt)
             self.book.mark_alive(peer_id)
             self._failures_in_a_row.pop(peer_id, None)
-            await self._refund(self.deliveries.answered(peer_id, outgoing, receipt))
+            self.deliveries.answered(peer_id, outgoing, receipt)
             if receipt.accepted:
                 self.updates_sent += 1
             else:
                 self.pushes_refused[receipt.verdict] += 1
+                logger.info("%s refused our update after its payloads (%s): the share "
+                            "stays given", peer_id, receipt.verdict)
         finally:
             self._pushing_weight.pop(peer_id, None)
 
@@ -990,7 +1021,10 @@ class NodeRuntime:
         ) as transport:
             self.transport = transport
             timeout, rates = config.read_timeout, self.read_rates
-            transport.set_handler(UPDATE_PROTOCOL, self._on_update, max_bytes, timeout, rates)
+            transport.set_handler(
+                UPDATE_PROTOCOL, self._on_update, max_bytes, timeout, rates,
+                screen=self._on_offer, max_offer_size=min(MAX_OFFER_BYTES, max_bytes),
+            )
             transport.set_handler(MODEL_PROTOCOL, self._on_model_request, 0, timeout, rates)
             serve_peer_exchange(transport, self.book, read_timeout=timeout)
             self.reachability.serve_relay = config.relay == "on"

@@ -113,6 +113,11 @@ class _MeteredStream:
             self._limiter.charge(self._peer_id, got - n, trio.current_time())
 
 
+# Judges the first frame of a two-step exchange: the reply to write, and how many bytes
+# the second frame must hold (None: refused, the exchange ends with that reply).
+Screen = Callable[[str, bytes], Awaitable[tuple[bytes, int | None]]]
+
+
 @dataclass(frozen=True)
 class _Route:
     handler: Handler
@@ -120,6 +125,9 @@ class _Route:
     read_timeout: float
     # A frame's deadline grows by its size at the peer's link rate (None: fixed).
     rates: LinkRates | None = None
+    # Two steps (an offer, then its body), or None for one frame and its reply.
+    screen: Screen | None = None
+    max_offer_size: int = 0
 
 
 def _describe(error: BaseException) -> str:
@@ -544,6 +552,51 @@ class Transport:
                 raise Unanswered(str(error), timed_out=error.timed_out) from None
             raise
 
+    async def offer(
+        self,
+        peer_id: str,
+        protocol: str,
+        offer: bytes | memoryview,
+        body: bytes | memoryview,
+        timeout: float,
+        max_size: int,
+        go_on: Callable[[bytes], bool],
+    ) -> tuple[bytes, bytes | None]:
+        """Write ``offer``, read the reply; only if ``go_on(reply)`` write ``body`` and
+        read the final reply. Returns (the reply to the offer, the final reply or None).
+
+        The body is never written unless the peer said to go on, so a peer that
+        refused the offer certainly holds none of it. Raises :class:`Unanswered` if
+        it failed once the whole body was written (the peer may have it),
+        :class:`TransportError` if it failed before (``go_on`` raising included).
+        """
+        written = False
+
+        async def exchange(stream: INetStream) -> tuple[bytes, bytes | None]:
+            nonlocal written
+            await write_frame(stream, offer, timeout)
+            self.bytes_sent += _frame_size(len(offer))
+            first = await read_frame(stream, max_size, timeout)
+            self.bytes_received += _frame_size(len(first))
+            if not go_on(first):
+                await _close_quietly(stream)
+                return first, None
+            await write_frame(stream, body, timeout)
+            written = True
+            self.bytes_sent += _frame_size(len(body))
+            await stream.close_write()  # not close: the reply has yet to be read
+            reply = await read_frame(stream, max_size, timeout)
+            self.bytes_received += _frame_size(len(reply))
+            await _close_quietly(stream)
+            return first, reply
+
+        try:
+            return await self._outbound(peer_id, protocol, timeout, "offer", exchange)
+        except TransportError as error:
+            if written:
+                raise Unanswered(str(error), timed_out=error.timed_out) from None
+            raise
+
     async def _outbound(
         self,
         peer_id: str,
@@ -581,16 +634,23 @@ class Transport:
         max_size: int,
         read_timeout: float,
         rates: LinkRates | None = None,
+        screen: Screen | None = None,
+        max_offer_size: int = 0,
     ) -> None:
         """Serve ``protocol``: read one frame (<= max_size, within read_timeout), call handler.
 
         A non-None reply is written back as one frame within ``read_timeout``. With
         ``rates``, both deadlines grow by the frame's size at the peer's link rate,
         and what each frame shows updates that rate (p2pfl/linkrates.py).
+
+        With ``screen``, an exchange has two steps (the peer's :meth:`offer`): the first
+        frame (<= max_offer_size) goes to ``screen``, whose reply is written back; if it
+        names a body size, the body is read (exactly that size, <= max_size) and the
+        handler is called with the offer and the body joined.
         """
         if max_size < 0 or not math.isfinite(read_timeout) or read_timeout <= 0:
             raise ValueError("set_handler needs max_size >= 0 and a finite read_timeout > 0")
-        route = _Route(handler, max_size, read_timeout, rates)
+        route = _Route(handler, max_size, read_timeout, rates, screen, max_offer_size)
 
         async def on_stream(stream: INetStream) -> None:
             await self._serve(stream, protocol, route)
@@ -647,9 +707,21 @@ class Transport:
         source = stream if limiter is None else _MeteredStream(stream, limiter, peer_id)
         rates = route.rates
         rate = None if rates is None else rates.rate(peer_id)
-        started = trio.current_time()
+        offer = b""
+        max_size = route.max_size
         try:
-            payload = await read_frame(source, route.max_size, route.read_timeout, rate)
+            if route.screen is not None:
+                offer = await read_frame(source, route.max_offer_size, route.read_timeout)
+                self.bytes_received += _frame_size(len(offer))
+                answer, body_size = await route.screen(peer_id, offer)
+                await write_frame(stream, answer, route.read_timeout, rate)
+                self.bytes_sent += _frame_size(len(answer))
+                if body_size is None:
+                    await _close_quietly(stream)
+                    return
+                max_size = min(body_size, route.max_size)
+            started = trio.current_time()
+            payload = await read_frame(source, max_size, route.read_timeout, rate)
         except _RateLimited:
             self.stream_errors["rate-limited"] += 1
             await _reset_quietly(stream)
@@ -664,6 +736,8 @@ class Transport:
         self.bytes_received += _frame_size(len(payload))
         if rates is not None:
             rates.completed(peer_id, len(payload), trio.current_time() - started)
+        if offer:
+            payload = offer + payload
         try:
             reply = await route.handler(peer_id, payload)
         except Exception as error:

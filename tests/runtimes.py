@@ -10,9 +10,11 @@ import trio
 
 from fltasks import Task
 from gossip import NodeKey
+from gossip.codec import PREFIX_BYTES, offer_length
+from gossip.delivery import MAX_RECEIPT_BYTES, Receipt
 from p2pfl.config import NodeConfig
-from p2pfl.runtime import NodeRuntime
-from p2pfl.transport import TransportError
+from p2pfl.runtime import UPDATE_PROTOCOL, NodeRuntime
+from p2pfl.transport import Transport, TransportError
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -88,3 +90,26 @@ async def wait_until(
             await trio.sleep(0.02)
         return
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+async def push_update(
+    transport: Transport, peer_id: str, message: bytes | bytearray, timeout: float
+) -> Receipt | None:
+    """Push one update as the node does (``/p2pfl/update/1.2.0``: the offer, then, if the
+    receiver is ready, the payloads); the receiver's last answer. Bytes too short to
+    hold an offer go as one frame, as a hostile peer would send them (no answer)."""
+    if len(message) < PREFIX_BYTES or offer_length(message) > len(message):
+        await transport.send(peer_id, UPDATE_PROTOCOL, bytes(message), timeout)
+        return None
+    split = offer_length(message)
+    view = memoryview(message)
+    first, reply = await transport.offer(
+        peer_id,
+        UPDATE_PROTOCOL,
+        view[:split],
+        view[split:],
+        timeout,
+        MAX_RECEIPT_BYTES,
+        lambda answer: Receipt.decode(answer).ready,
+    )
+    return Receipt.decode(first if reply is None else reply)

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import trio
 from attackers import UNREACHED, UPGRADED, open_silent_tcp, open_throwaway_noise
-from runtimes import wait_until
+from runtimes import push_update, wait_until
 from test_hostile_peer import running_daemon, signed
 
 from fltasks import load_task
 from gossip.keys import NodeKey
 from p2pfl.gating import InboundGuard
 from p2pfl.peer_exchange import PeerBook, exchange_peers, serve_peer_exchange
-from p2pfl.runtime import UPDATE_PROTOCOL, model_arrays
+from p2pfl.runtime import model_arrays
 from p2pfl.transport import Transport, TransportError
 
 PROTOCOL = "/p2pfl/test/1.0.0"
@@ -96,7 +96,7 @@ async def test_400_outsider_connections_then_a_member_joins_and_its_update_is_ac
             serve_peer_exchange(sender, book)
             await exchange_peers(sender, node.peer_id, book, TIMEOUT_S)
             model = model_arrays(digits.make_model())
-            await sender.send(node.peer_id, UPDATE_PROTOCOL, signed(member, model, 1), TIMEOUT_S)
+            await push_update(sender, node.peer_id, signed(member, model, 1), TIMEOUT_S)
             await wait_until(lambda: daemon.gossip.admission.accepted == 1)
         assert node.is_protected(member.peer_id)
 

@@ -17,7 +17,7 @@ import pytest
 import trio
 from libp2p.crypto.secp256k1 import create_new_key_pair as create_secp256k1_key_pair
 from libp2p.peer.id import ID
-from runtimes import wait_until
+from runtimes import push_update, wait_until
 from test_hostile_peer import LOOPBACK, rejected, running_daemon
 
 from fltasks import Task, load_task
@@ -25,7 +25,7 @@ from gossip import NodeKey
 from gossip.codec import FORMAT_VERSION, MAGIC, MAX_HEADER_BYTES, PREFIX_BYTES, parse
 from gossip.errors import InvalidUpdate, Reason
 from p2pfl.ratelimit import LogThrottle
-from p2pfl.runtime import MAX_REJECTION_DETAIL_CHARS, UPDATE_PROTOCOL
+from p2pfl.runtime import MAX_REJECTION_DETAIL_CHARS
 from p2pfl.transport import Transport
 
 MIB = 1 << 20
@@ -90,7 +90,7 @@ async def test_a_flood_of_hostile_headers_is_all_counted_in_one_short_log_line(
         ):
             await attacker.connect(node.transport.addrs[0], timeout=5)
             for _ in range(FLOOD):
-                await attacker.send(node.key.peer_id, UPDATE_PROTOCOL, payload, timeout=5)
+                await push_update(attacker, node.key.peer_id, payload, 5)
             await wait_until(lambda: rejected(node)["malformed"] == FLOOD)
     lines = [
         record.getMessage()
@@ -108,5 +108,5 @@ async def test_an_update_from_a_non_ed25519_peer_is_counted_as_unsupported_key(
     # should one still deliver an update, it is refused and counted, not a handler error.
     secp_peer = str(ID.from_pubkey(create_secp256k1_key_pair().public_key))
     async with running_daemon(digits, tmp_path / "node", []) as (node, _):
-        await node._on_update(secp_peer, b"anything")
+        await node._on_offer(secp_peer, b"anything")
         assert rejected(node)["unsupported-key"] == 1

@@ -24,7 +24,7 @@ import torch
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
-from runtimes import wait_until
+from runtimes import push_update, wait_until
 
 from fltasks import Task, load_task
 from gossip import NodeKey, Update, encode
@@ -193,7 +193,7 @@ async def test_hostile_peer_is_refused_counted_and_harmless(digits: Task, tmp_pa
                 counted[reason] += 1
 
             async def send(payload: bytes) -> None:
-                await attacker.send(peer, UPDATE_PROTOCOL, payload, timeout=5)
+                await push_update(attacker, peer, payload, 5)
 
             async def truncated() -> None:
                 stream = await raw_stream(attacker, node)
@@ -370,7 +370,7 @@ async def test_a_flooding_member_does_not_starve_an_honest_one(
                     nursery.start_soon(flood)
                 await wait_until(lambda: rejected(node)["rate-limited"] > 0)
                 for seq in (1, 2, 3):
-                    await honest.send(peer, UPDATE_PROTOCOL, signed(honest_key, model, seq), 30)
+                    await push_update(honest, peer, signed(honest_key, model, seq), 30)
                     await wait_until(lambda s=seq: node.gossip.admission.accepted == s, 60)
                     # Served while the flood is still pushing, not after it: by order, not
                     # by a number of seconds.

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 import trio
-from runtimes import GUARD_S, LOOPBACK, make_runtime, run_two, wait_until
+from runtimes import GUARD_S, LOOPBACK, make_runtime, push_update, run_two, wait_until
 
 from fltasks import Task, load_task
 from gossip import GossipNode, NodeKey
+from gossip.delivery import READY, Receipt
 from p2pfl.runtime import UPDATE_PROTOCOL, model_arrays
 from p2pfl.transport import Transport
 
@@ -106,7 +107,7 @@ async def test_a_tampered_update_is_rejected_and_counted(digits: Task, tmp_path:
                 # can be the reason for a refusal.
                 node.book.add(attacker_key.peer_id, sender.addrs)
                 await sender.connect(node.transport.addrs[0], timeout=5)
-                await sender.send(node.key.peer_id, UPDATE_PROTOCOL, bytes(tampered), timeout=5)
+                await push_update(sender, node.key.peer_id, tampered, 5)
                 await wait_until(lambda: node.status()["updates_rejected"] != {})
                 status = node.status()
                 assert status["updates_rejected"] == {"bad-signature": 1}
@@ -116,7 +117,7 @@ async def test_a_tampered_update_is_rejected_and_counted(digits: Task, tmp_path:
 
                 # The same bytes untampered, from the same key: accepted. So it was the
                 # flipped bit that was refused, not the sender.
-                await sender.send(node.key.peer_id, UPDATE_PROTOCOL, message, timeout=5)
+                await push_update(sender, node.key.peer_id, message, 5)
                 await wait_until(lambda: node.status()["updates_accepted"] == 1)
                 status = node.status()
                 assert status["updates_rejected"] == {"bad-signature": 1}
@@ -170,7 +171,12 @@ async def test_a_push_that_times_out_gives_that_peer_twice_the_time_next(
                 await trio.sleep_forever()
                 raise AssertionError
 
-            slow.set_handler(UPDATE_PROTOCOL, answers_late, 1 << 26, 60)
+            async def ready(peer_id: str, offer: bytes) -> tuple[bytes, int | None]:
+                return Receipt(READY, 0).encode(), 1 << 26
+
+            slow.set_handler(
+                UPDATE_PROTOCOL, answers_late, 1 << 26, 60, screen=ready, max_offer_size=1 << 20
+            )
             node.transport = ours
             node._push_nursery = nursery
             node.book.add(slow.peer_id, slow.addrs)
