@@ -29,7 +29,7 @@ from gossip.keys import NodeKey
 from p2pfl.gating import DEFAULT_MAX_HANDSHAKING_TOTAL, LIBP2P_INBOUND_SLOTS
 from p2pfl.peer_exchange import PeerBook, exchange_peers, serve_peer_exchange
 from p2pfl.runtime import UPDATE_PROTOCOL, model_arrays
-from p2pfl.transport import Transport, TransportError
+from p2pfl.transport import DIALS_PER_ADDRESS_PER_MIN, Transport, TransportError
 
 ATTACK_IPS = 200
 CONNECTIONS_PER_IP = 2
@@ -171,3 +171,22 @@ async def test_idle_noise_strangers_from_many_ips_are_cut_first_on_an_open_node(
                 await wait_until(lambda: received.count(neighbour.peer_id) == 1)
             assert refused["stranger-cut"] == cut_before
             assert refused["strangers-full"] == 0
+
+
+async def test_a_persistent_dial_backs_off_but_never_stops_at_the_address_budget() -> None:
+    """A member keeps redialling its bootstrap past DIALS_PER_ADDRESS_PER_MIN: each
+    dial here is refused after Noise, and the fourth one still reaches the node."""
+    dialer = NodeKey.generate()
+    async with Transport.open(
+        NodeKey.generate(), allowed_peers=frozenset({NodeKey.generate().peer_id})
+    ) as node, Transport.open(dialer) as member:
+        refused = node.connections_refused
+        with trio.fail_after(60):
+            while refused["not-member"] < DIALS_PER_ADDRESS_PER_MIN + 1:
+                try:
+                    await member.connect(node.addrs[0], TIMEOUT_S, persistent=True)
+                except TransportError:
+                    await trio.sleep(0.05)
+        # Dials between two tries were held back by the backoff, not dialled.
+        assert member.dials_deferred >= 1
+        assert refused["not-member"] == DIALS_PER_ADDRESS_PER_MIN + 1
