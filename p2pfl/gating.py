@@ -4,18 +4,22 @@ Three gates, each at the earliest point where what it needs is known:
 
 1. Before any byte of Noise, only the remote IP is known. :class:`InboundGuard` wraps
    the swarm's inbound-connection handler: a token bucket per IP limits handshakes
-   per second, and a cap per IP bounds handshakes in progress. At the cap the *oldest*
-   handshake of that IP is cut, if it has been pending for a second, rather than the
-   newcomer: a Noise handshake takes milliseconds, so an old pending one is a peer
-   holding the door shut (raw TCP that never speaks), and a member sharing the IP
-   (every daemon on loopback) still gets in.
+   per second, and a cap per IP bounds handshakes in progress. At the cap a silent
+   socket, else the *oldest* handshake of that IP if pending for a second, is cut
+   rather than the newcomer: a Noise handshake takes milliseconds, so an old pending
+   one is a peer holding the door shut (raw TCP that never speaks), and a member
+   sharing the IP (every daemon on loopback) still gets in. Across all IPs, a socket
+   waits for its first byte *before* libp2p's handler (so without one of its 250
+   inbound slots), at most 1 s and at most 128 at once (oldest cut); only sockets
+   that speak take a slot, at most 32 at once.
 2. Right after the Noise handshake the peer id is authenticated. :class:`GatedNoise`
    closes the connection of a peer outside the allowlist, or whose key is not
    ed25519, there, per connection, before a muxer or any stream (so identify and
    ping never answer it).
 3. When the connection is registered, :class:`GatedResourceManager` (libp2p's
    ``ResourceManager``, whose admission hook the swarm calls with the peer id and IP)
-   caps connections per IP for unprotected peers. Members are in libp2p's allowlist
+   caps connections per IP for unprotected peers, and strangers' connections in all
+   (the idlest stranger is cut for a newcomer). Members are in libp2p's allowlist
    and tag store: they bypass the limits and are never pruned.
 
 Every refusal is counted in one ``Counter`` by reason, shown by the node's status.
