@@ -8,10 +8,14 @@ stops as soon as the test has what it checks.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pytest
 import trio
 from attackers import (
     CUT,
@@ -27,6 +31,7 @@ from test_hostile_peer import running_daemon, signed
 from fltasks import load_task
 from gossip.keys import NodeKey
 from p2pfl.gating import DEFAULT_MAX_HANDSHAKING_TOTAL, LIBP2P_INBOUND_SLOTS
+from p2pfl.localnet import LocalNetwork
 from p2pfl.peer_exchange import PeerBook, exchange_peers, serve_peer_exchange
 from p2pfl.runtime import UPDATE_PROTOCOL, model_arrays
 from p2pfl.transport import DIALS_PER_ADDRESS_PER_MIN, Transport, TransportError
@@ -40,6 +45,8 @@ MAX_OPENS = 200
 MEMBER_DEADLINE_S = 30.0
 TIMEOUT_S = 5.0
 PROTOCOL = "/p2pfl/test/1.0.0"
+# The daemon test's attack runs at most this long (it is killed once the test is done).
+DAEMON_ATTACK_S = 180.0
 
 
 async def test_200_ips_of_silent_tcp_cannot_lock_a_member_out_of_an_allow_node(
@@ -190,3 +197,50 @@ async def test_a_persistent_dial_backs_off_but_never_stops_at_the_address_budget
         # Dials between two tries were held back by the backoff, not dialled.
         assert member.dials_deferred >= 1
         assert refused["not-member"] == DIALS_PER_ADDRESS_PER_MIN + 1
+
+
+@pytest.mark.slow
+def test_daemons_a_member_gets_in_while_200_ips_hold_silent_tcp(tmp_path: Path) -> None:
+    """Real `p2pfl node` daemons as subprocesses: an `--allow` node under the attack of
+    another process, and a listed member bootstrapping from it."""
+    keys = [NodeKey.generate() for _ in range(2)]
+    for index, key in enumerate(keys):
+        (tmp_path / f"node-{index}").mkdir()
+        key.save(tmp_path / f"node-{index}" / "node.key")
+    allow = tmp_path / "allow.txt"
+    allow.write_text("".join(f"{key.peer_id}\n" for key in keys))
+    extra = ("--allow", str(allow), "--round-interval", "0.2", "--min-neighbours", "1")
+    with LocalNetwork(tmp_path, 2, rounds=None, extra_args=extra) as network:
+        node = network.start(0)
+        network.wait_ready(node)
+        attack = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "silent_flood.py"), node.listen[0],
+             str(ATTACK_IPS), str(CONNECTIONS_PER_IP), str(DAEMON_ATTACK_S)],
+            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent,
+        )
+        try:
+            def attacked() -> bool:
+                refused = (node.status() or {}).get("connections_refused", {})
+                return refused.get("silent", 0) + refused.get("silent-evicted", 0) >= (
+                    ATTACK_IPS * CONNECTIONS_PER_IP
+                )
+
+            assert network.wait_for(attacked, 120), "the attack never got going"
+            member = network.start(1, bootstrap=node.listen[0])
+            network.wait_ready(member)
+            started = time.monotonic()
+            accepted = network.wait_for(
+                lambda: (node.status() or {}).get("updates_accepted", 0) >= 1,
+                MEMBER_DEADLINE_S,
+            )
+            took = time.monotonic() - started
+            status = node.status() or {}
+            assert attack.poll() is None, "the attack ended before the member was accepted"
+        finally:
+            attack.kill()
+            attack.wait()
+        print(
+            f"\nmember's update accepted {took:.1f} s after it was up; "
+            f"node refused: {status.get('connections_refused')}"
+        )
+        assert accepted, f"no update accepted within {MEMBER_DEADLINE_S:g} s"
