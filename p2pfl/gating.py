@@ -4,18 +4,22 @@ Three gates, each at the earliest point where what it needs is known:
 
 1. Before any byte of Noise, only the remote IP is known. :class:`InboundGuard` wraps
    the swarm's inbound-connection handler: a token bucket per IP limits handshakes
-   per second, and a cap per IP bounds handshakes in progress. At the cap the *oldest*
-   handshake of that IP is cut, if it has been pending for a second, rather than the
-   newcomer: a Noise handshake takes milliseconds, so an old pending one is a peer
-   holding the door shut (raw TCP that never speaks), and a member sharing the IP
-   (every daemon on loopback) still gets in.
+   per second, and a cap per IP bounds handshakes in progress. At the cap a silent
+   socket, else the *oldest* handshake of that IP if pending for a second, is cut
+   rather than the newcomer: a Noise handshake takes milliseconds, so an old pending
+   one is a peer holding the door shut (raw TCP that never speaks), and a member
+   sharing the IP (every daemon on loopback) still gets in. Across all IPs, a socket
+   waits for its first byte *before* libp2p's handler (so without one of its 250
+   inbound slots), at most 1 s and at most 128 at once (oldest cut); only sockets
+   that speak take a slot, at most 32 at once.
 2. Right after the Noise handshake the peer id is authenticated. :class:`GatedNoise`
    closes the connection of a peer outside the allowlist, or whose key is not
    ed25519, there, per connection, before a muxer or any stream (so identify and
    ping never answer it).
 3. When the connection is registered, :class:`GatedResourceManager` (libp2p's
    ``ResourceManager``, whose admission hook the swarm calls with the peer id and IP)
-   caps connections per IP for unprotected peers. Members are in libp2p's allowlist
+   caps connections per IP for unprotected peers, and strangers' connections in all
+   (the idlest stranger is cut for a newcomer). Members are in libp2p's allowlist
    and tag store: they bypass the limits and are never pruned.
 
 Every refusal is counted in one ``Counter`` by reason, shown by the node's status.
@@ -57,12 +61,42 @@ DEFAULT_EVICTABLE_AFTER_S = 1.0
 # Established connections per IP of peers that are not protected (with --allow there
 # are none: outsiders are cut after Noise). Protected peers do not count.
 DEFAULT_MAX_CONNECTIONS_PER_IP = 64
+
+# --- Budgets across all IPs (issue 20): py-libp2p's inbound limiter holds
+# max_connections - min_connections = 250 slots, shared by every IP and taken before
+# Noise, so 200 IPs of silent sockets could hold all of them. The budgets below keep
+# strangers to SILENT (no slot) + HANDSHAKING + STRANGERS = 32 + 128 = 160 of the 250
+# slots, so at least 90 stay free for members and protected peers at all times.
+LIBP2P_INBOUND_SLOTS = 250
+# Accepted sockets that have not sent a byte yet, across all IPs. They wait here,
+# before the swarm's handler, so they hold no libp2p inbound slot, only a file
+# descriptor. At the cap the OLDEST silent socket is cut and the newcomer waits: a
+# dialer speaks multistream-select the moment TCP is up, so an honest newcomer leaves
+# this stage within milliseconds, long before 128 later arrivals could push it out.
+DEFAULT_MAX_SILENT_TOTAL = 128
+# A socket that has sent nothing this long is cut ("silent"): honest dialers write
+# their first bytes immediately; libp2p's own upgrade timeout (5 s) is far too long.
+DEFAULT_FIRST_BYTE_S = 1.0
+# Handshakes in progress that have spoken (they hold a libp2p inbound slot), across
+# all IPs. At the cap the oldest one is cut if older than the eviction age, otherwise
+# the newcomer is refused ("handshake-full").
+DEFAULT_MAX_HANDSHAKING_TOTAL = 32
+# Established inbound connections of strangers: peers neither protected (members,
+# relays, first-hand neighbours) nor known first-hand. Strangers are a budget of their
+# own so that they can never fill the inbound slots members need.
+DEFAULT_MAX_STRANGERS = 128
+# A stranger that did send useful frames (peer exchange, an update) but none for this
+# long ranks with the idle ones for cutting: a joiner keeps talking while it joins.
+DEFAULT_STRANGER_QUIET_S = 30.0
 CLOSE_TIMEOUT_S = 1.0
 MEMBER_TAG = "p2pfl-member"
 
 Refusals = Counter[str]
-"""Refused connections by reason: handshake-rate, handshake-busy, handshake-evicted,
-handshake-failed, unsupported-key, not-member, ip-connections, resource-limit."""
+"""Refused or cut connections by reason: handshake-rate, handshake-busy (per-IP cap),
+handshake-full (global cap), handshake-evicted, handshake-failed, silent (no byte
+within the first-byte deadline), silent-evicted (pushed out by a newcomer),
+unsupported-key, not-member, ip-connections, strangers-full (no idle stranger to cut),
+stranger-cut (an idle stranger cut for a newcomer), resource-limit."""
 
 
 class GatedNoise(NoiseTransport):
@@ -109,10 +143,14 @@ class GatedNoise(NoiseTransport):
 
 @dataclass(eq=False)
 class _Handshake:
+    """One inbound connection, from its accept until it closes."""
+
     ip: str
     started: float
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    evicted: bool = False
+    spoke: bool = False
+    cut: str | None = None
+    """Why the guard cut it while pending (counted when its handler ends)."""
     established: bool = False
     refusal: str | None = None
 
@@ -140,13 +178,25 @@ def refuse(refused: Refusals, reason: str) -> None:
 
 
 class InboundGuard:
-    """Per-IP handshake rate and concurrency, around the swarm's inbound handler.
+    """Handshake budgets per IP and across all IPs, around the swarm's inbound handler.
+
+    An accepted socket first waits, outside libp2p, for its first byte (at most
+    ``first_byte_s``; at most ``max_silent_total`` such sockets, oldest cut first).
+    Only a socket that speaks enters the swarm's handler and takes one of its inbound
+    slots, within ``max_handshaking_total`` handshakes in progress. Per IP, a token
+    bucket limits handshakes per second and at most ``max_pending_per_ip`` sockets
+    are pending (silent or speaking); at that cap a silent one is cut first.
 
     It also ends the handler when its connection closes. py-libp2p 0.8.1 keeps each
     inbound handler (and the swarm's inbound slot it holds, 250 by default) alive
     until the swarm stops, so without this a node refuses every inbound connection
     after 250 peers have come and gone (measured: 20 connect-disconnect cycles left
     20 slots taken and 0 connections).
+
+    libp2p's own ConnectionGate (allow/deny lists by address) does not fit here: an
+    attacker's addresses are not known in advance and members share addresses with
+    strangers (every daemon on one machine is 127.0.0.1); its ResourceManager only
+    refuses newcomers at a total, so silent sockets would keep the door shut.
     """
 
     def __init__(
@@ -157,21 +207,43 @@ class InboundGuard:
         handshake_burst: float = DEFAULT_HANDSHAKE_BURST,
         max_pending_per_ip: int = DEFAULT_MAX_PENDING_PER_IP,
         evictable_after: float = DEFAULT_EVICTABLE_AFTER_S,
+        max_silent_total: int = DEFAULT_MAX_SILENT_TOTAL,
+        first_byte_s: float = DEFAULT_FIRST_BYTE_S,
+        max_handshaking_total: int = DEFAULT_MAX_HANDSHAKING_TOTAL,
     ) -> None:
-        if max_pending_per_ip < 1:
-            raise ValueError("max_pending_per_ip must be at least 1")
+        if min(max_pending_per_ip, max_silent_total, max_handshaking_total) < 1:
+            raise ValueError("the pending handshake caps must be at least 1")
         self.refused = refused
         self.max_pending_per_ip = max_pending_per_ip
         self.evictable_after = evictable_after
+        self.max_silent_total = max_silent_total
+        self.first_byte_s = first_byte_s
+        self.max_handshaking_total = max_handshaking_total
         self._rate = PeerRateLimiter(handshakes_per_ip_per_s, handshake_burst)
         self._pending: dict[str, list[_Handshake]] = {}
+        # Insertion-ordered, oldest first, across all IPs.
+        self._silent: dict[_Handshake, None] = {}
+        self._speaking: dict[_Handshake, None] = {}
 
     def handshakes_available(self, ip: str) -> float:
         """Handshakes ``ip`` may start right now (its token bucket)."""
         return self._rate.available(ip, trio.current_time())
 
-    def pending(self, ip: str) -> int:
+    def pending(self, ip: str | None = None) -> int:
+        """Pending handshakes of ``ip`` (of all IPs when None)."""
+        if ip is None:
+            return len(self._silent) + len(self._speaking)
         return len(self._pending.get(ip, ()))
+
+    @property
+    def silent(self) -> int:
+        """Accepted sockets waiting for their first byte (they hold no libp2p slot)."""
+        return len(self._silent)
+
+    @property
+    def handshaking(self) -> int:
+        """Handshakes that spoke and hold a libp2p inbound slot."""
+        return len(self._speaking)
 
     def install(self, swarm: Any) -> None:
         """Route the swarm's inbound connections through this guard (once)."""
@@ -191,6 +263,37 @@ class InboundGuard:
             handshake.established = True
             self._forget(handshake)
 
+    def _cut(self, handshake: _Handshake, reason: str) -> None:
+        handshake.cut = reason
+        self._forget(handshake)
+        handshake.scope.cancel()
+
+    def _admit_per_ip(self, ip: str, now: float) -> bool:
+        """Room in ``ip``'s pending queue, cutting a silent or a stale one if need be."""
+        queue = self._pending.setdefault(ip, [])
+        if len(queue) < self.max_pending_per_ip:
+            return True
+        silent = next((h for h in queue if not h.spoke), None)
+        if silent is not None:
+            self._cut(silent, "silent-evicted")
+            return True
+        if now - queue[0].started >= self.evictable_after:
+            self._cut(queue[0], "handshake-evicted")
+            return True
+        return False
+
+    def _admit_speaking(self, handshake: _Handshake, now: float) -> bool:
+        """Move a socket that spoke into the handshakes holding a libp2p slot."""
+        self._silent.pop(handshake, None)
+        if len(self._speaking) >= self.max_handshaking_total:
+            oldest = next(iter(self._speaking))
+            if now - oldest.started < self.evictable_after:
+                return False
+            self._cut(oldest, "handshake-evicted")
+        handshake.spoke = True
+        self._speaking[handshake] = None
+        return True
+
     async def _handle(self, original: InboundHandler, connection: Any, maddr: Any) -> None:
         ip = _remote_ip(connection)
         now = trio.current_time()
@@ -198,18 +301,16 @@ class InboundGuard:
             self.refused["handshake-rate"] += 1
             await _close_quietly(connection)
             return
-        queue = self._pending.setdefault(ip, [])
-        if len(queue) >= self.max_pending_per_ip:
-            if now - queue[0].started < self.evictable_after:
-                self.refused["handshake-busy"] += 1
-                await _close_quietly(connection)
-                return
-            oldest = queue.pop(0)
-            oldest.evicted = True
-            oldest.scope.cancel()
+        if not self._admit_per_ip(ip, now):
+            self.refused["handshake-busy"] += 1
+            await _close_quietly(connection)
+            return
+        if len(self._silent) >= self.max_silent_total:
+            self._cut(next(iter(self._silent)), "silent-evicted")
         self._rate.charge(ip, 1, now)
         handshake = _Handshake(ip, now)
-        queue.append(handshake)
+        self._pending.setdefault(ip, []).append(handshake)
+        self._silent[handshake] = None
         closed = trio.Event()
         close = connection.close
 
@@ -223,6 +324,12 @@ class InboundGuard:
         token = _CURRENT_HANDSHAKE.set(handshake)
         try:
             with handshake.scope:
+                if not await self._first_byte(connection):
+                    handshake.cut = "silent"
+                    return
+                if not self._admit_speaking(handshake, trio.current_time()):
+                    handshake.cut = "handshake-full"
+                    return
                 async with trio.open_nursery() as nursery:
 
                     async def serve() -> None:
@@ -237,15 +344,27 @@ class InboundGuard:
             self._forget(handshake)
             if handshake.refusal is not None:
                 self.refused[handshake.refusal] += 1
-            elif handshake.evicted:
-                self.refused["handshake-evicted"] += 1
+            elif handshake.cut is not None and not handshake.established:
+                self.refused[handshake.cut] += 1
             elif not handshake.established:
                 # The peer hung up, stalled past the upgrade timeout or spoke garbage.
                 self.refused["handshake-failed"] += 1
             if not closed.is_set():
                 await _close_quietly(connection)
 
+    async def _first_byte(self, connection: Any) -> bool:
+        """Wait until the socket is readable (a byte, or its end), without reading it."""
+        sock = getattr(getattr(connection, "stream", None), "socket", None)
+        if sock is None:
+            return True  # not a plain TCP socket: libp2p's upgrade timeout bounds it
+        with trio.move_on_after(self.first_byte_s):
+            await trio.lowlevel.wait_readable(sock)
+            return True
+        return False
+
     def _forget(self, handshake: _Handshake) -> None:
+        self._silent.pop(handshake, None)
+        self._speaking.pop(handshake, None)
         queue = self._pending.get(handshake.ip)
         if queue is None:
             return
@@ -262,14 +381,33 @@ class _NoScope:
         pass
 
 
+@dataclass(eq=False)
+class _Stranger:
+    """An established inbound connection of a peer that is neither protected nor known."""
+
+    peer: str
+    connection: _Handshake
+    last_active: float
+    useful: bool = False
+
+
 class GatedResourceManager(ResourceManager):
-    """libp2p's resource manager with a per-IP cap for unprotected peers.
+    """libp2p's resource manager with a per-IP cap for unprotected peers and a budget of
+    established connections for strangers.
 
     Protected peers (members, and whom the node protects with :meth:`protect`) are in
     libp2p's allowlist, so they bypass its limits, and are re-protected in libp2p's
     tag store at every admission (the tag store forgets a protection when the peer's
     last connection closes), so its pruner never closes them. Admitting a connection
     ends its handshake phase in the :class:`InboundGuard`.
+
+    Strangers (inbound, not protected, not ``known``) hold at most ``max_strangers``
+    connections. At the cap a newcomer takes the place of the stranger that has sent
+    nothing useful for longest (never useful first, oldest first); when every stranger
+    is in use the newcomer is refused. libp2p's ``ConnectionPruner`` does not fit: it
+    acts only above ``max_connections`` (300), after the 250 inbound slots are gone,
+    and ranks by tags and stream counts, which an idle attacker's connections share
+    with a member's between rounds.
     """
 
     def __init__(
@@ -279,6 +417,9 @@ class GatedResourceManager(ResourceManager):
         *,
         members: frozenset[str] | None = None,
         max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
+        max_strangers: int = DEFAULT_MAX_STRANGERS,
+        stranger_quiet_s: float = DEFAULT_STRANGER_QUIET_S,
+        known: Callable[[str], bool] | None = None,
     ) -> None:
         # No circuit breaker or "graceful degradation": both can shut out everyone,
         # members included, for a minute after a burst of refusals.
@@ -294,6 +435,11 @@ class GatedResourceManager(ResourceManager):
         """Established connections of unprotected peers, by IP."""
         self._protected: dict[str, set[str]] = {}
         self._swarm: Any = None
+        self.max_strangers = max_strangers
+        self.stranger_quiet_s = stranger_quiet_s
+        self.known: Callable[[str], bool] = known or (lambda peer: False)
+        """Peers that are no strangers without protection (first-hand known peers)."""
+        self._strangers: dict[_Handshake, _Stranger] = {}
         for member in members or ():
             self.protect(member, MEMBER_TAG)
 
@@ -319,6 +465,43 @@ class GatedResourceManager(ResourceManager):
     def is_protected(self, peer_id: str) -> bool:
         return peer_id in self._protected
 
+    @property
+    def strangers(self) -> int:
+        """Established inbound connections of strangers now."""
+        return len(self._strangers)
+
+    def note_activity(self, peer_id: str) -> None:
+        """``peer_id`` sent something useful (a frame its handler took): not idle."""
+        now = trio.current_time()
+        for stranger in self._strangers.values():
+            if stranger.peer == peer_id:
+                stranger.useful = True
+                stranger.last_active = now
+
+    def _is_stranger(self, peer_id: str) -> bool:
+        return not self.is_protected(peer_id) and not self.known(peer_id)
+
+    def _make_room_for_a_stranger(self) -> bool:
+        """Cut the idlest stranger if the budget is full; False if none may be cut."""
+        for connection, stranger in list(self._strangers.items()):
+            if not self._is_stranger(stranger.peer):
+                del self._strangers[connection]  # became protected or known meanwhile
+        if len(self._strangers) < self.max_strangers:
+            return True
+        now = trio.current_time()
+        idle = [
+            s for s in self._strangers.values()
+            if not s.useful or now - s.last_active >= self.stranger_quiet_s
+        ]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda s: (s.useful, s.last_active))
+        del self._strangers[victim.connection]
+        self.refused["stranger-cut"] += 1
+        logger.debug("cut the idle stranger %s for a newcomer", victim.peer)
+        victim.connection.scope.cancel()
+        return True
+
     def _mark_in_swarm(self, peer_id: str) -> None:
         if self._swarm is not None:
             for tag in self._protected.get(peer_id, ()):
@@ -335,12 +518,34 @@ class GatedResourceManager(ResourceManager):
         if counted and self.per_ip[endpoint_ip] >= self.max_connections_per_ip:
             refuse(self.refused, "ip-connections")
             return None
+        connection = _CURRENT_HANDSHAKE.get()
+        # Only an inbound connection still in its handshake is a stranger's: tasks
+        # started from an established connection inherit its context variable.
+        stranger = (
+            direction == "inbound"
+            and connection is not None
+            and not connection.established
+            and self._is_stranger(peer)
+        )
+        if stranger and not self._make_room_for_a_stranger():
+            refuse(self.refused, "strangers-full")
+            return None
         scope = super().open_connection(peer_id, endpoint_ip=endpoint_ip, direction=direction)
         if scope is None:
             refuse(self.refused, "resource-limit")
             return None
         self.guard.established()
         self._mark_in_swarm(peer)
+        if stranger:
+            assert connection is not None
+            self._strangers[connection] = _Stranger(peer, connection, trio.current_time())
+            release_stranger = scope.close
+
+            def close_and_forget() -> None:
+                self._strangers.pop(connection, None)
+                release_stranger()
+
+            scope.close = close_and_forget
         if counted:
             assert endpoint_ip is not None
             ip = endpoint_ip
@@ -367,6 +572,8 @@ class ConnectionGate:
         *,
         guard: InboundGuard | None = None,
         max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
+        max_strangers: int = DEFAULT_MAX_STRANGERS,
+        known: Callable[[str], bool] | None = None,
     ) -> None:
         self.members = members
         self.guard = guard if guard is not None else InboundGuard(Counter())
@@ -376,6 +583,8 @@ class ConnectionGate:
             self.guard,
             members=members,
             max_connections_per_ip=max_connections_per_ip,
+            max_strangers=max_strangers,
+            known=known,
         )
 
     def noise(self, key_pair: Any, noise_privkey: Any) -> NoiseTransport:

@@ -227,6 +227,11 @@ class PeerBook:
         entry = self._entries.get(peer_id)
         return entry is not None and entry.first_hand and entry.unreachable_since is None
 
+    def is_first_hand(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is known first-hand (a neighbour candidate)."""
+        entry = self._entries.get(peer_id)
+        return entry is not None and entry.first_hand
+
     def known(self) -> list[str]:
         """Peers known first-hand, sorted: the only ones chosen as neighbours."""
         return sorted(pid for pid, entry in self._entries.items() if entry.first_hand)

@@ -641,7 +641,10 @@ class NodeRuntime:
         reached = []
         for addr in self.config.bootstrap:
             try:
-                peer_id = await self.transport.connect(addr, self.deadlines.handshake)
+                # Persistent: backoff, never the per-address budget (issue 20).
+                peer_id = await self.transport.connect(
+                    addr, self.deadlines.handshake, persistent=True
+                )
                 if self.members is not None and peer_id not in self.members:
                     logger.warning("bootstrap %s: not in the allowlist; skipped", addr)
                     await self.transport.disconnect(peer_id)
@@ -1018,6 +1021,7 @@ class NodeRuntime:
             rate_limiter=limiter,
             relay=config.relay == "on",
             handshake_timeout=self.deadlines.handshake,
+            known_peers=self.book.is_first_hand,
         ) as transport:
             self.transport = transport
             timeout, rates = config.read_timeout, self.read_rates

@@ -55,6 +55,15 @@ DEFAULT_MAX_INBOUND_STREAMS = 64
 # Dials per network address (without /p2p) and minute, whoever names it: peer exchange
 # may name many fake ids at one address, and must not make us hammer it.
 DIALS_PER_ADDRESS_PER_MIN = 3
+# Peers the node must keep reaching (bootstrap peers, members, protected and first-hand
+# known peers) are not held to that budget, which would stop a member for 20 s after 3
+# dials refused by a contested node (issue 20): they are redialled with exponential
+# backoff instead, from DIAL_BACKOFF_MIN_S doubling to DIAL_BACKOFF_MAX_S, never
+# giving up. At most DIAL_BACKOFF_MAX_S apart, a member whose node is contested still
+# tries several times within its callers' waits (30 s); at least 0.5 s apart, a
+# persistent peer costs the other side at most 2 handshakes a second.
+DIAL_BACKOFF_MIN_S = 0.5
+DIAL_BACKOFF_MAX_S = 8.0
 # Relay addresses we reached peers at, remembered for this many peers (oldest out).
 MAX_REMEMBERED_CIRCUITS = 1024
 
@@ -116,6 +125,14 @@ class _MeteredStream:
 # Judges the first frame of a two-step exchange: the reply to write, and how many bytes
 # the second frame must hold (None: refused, the exchange ends with that reply).
 Screen = Callable[[str, bytes], Awaitable[tuple[bytes, int | None]]]
+
+
+@dataclass
+class _Backoff:
+    """When a persistent peer may be dialled next, and the wait after the next failure."""
+
+    next_dial: float
+    delay: float
 
 
 @dataclass(frozen=True)
@@ -274,7 +291,9 @@ class Transport:
             DIALS_PER_ADDRESS_PER_MIN / 60.0, DIALS_PER_ADDRESS_PER_MIN
         )
         self.dials_deferred = 0
-        """Dials not made because their address was over its per-minute budget."""
+        """Dials not made because their address was over its per-minute budget, or a
+        persistent peer was still in its backoff."""
+        self._backoff: dict[str, _Backoff] = {}
         self.nat: NatTraversal | None = None
         """Circuit relay and DCUtR (p2pfl.relay), once the node starts them."""
         self._reached_through_relay: dict[str, str] = {}
@@ -294,6 +313,7 @@ class Transport:
         max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
         relay: bool | None = None,
         handshake_timeout: float = DIAL_S,
+        known_peers: Callable[[str], bool] | None = None,
     ) -> AsyncIterator[Transport]:
         """Run a host for ``key`` listening on ``listen_addrs``; closed on exit, always.
 
@@ -302,10 +322,15 @@ class Transport:
         relay for others, False only dials and accepts relayed connections; None
         (the default) runs neither. ``handshake_timeout`` bounds libp2p's dials, upgrades
         and stream negotiations (Deadlines.handshake: longer on slow links).
+        ``known_peers`` tells peers known first-hand (neighbour candidates): they are no
+        strangers to the gate's stranger budget, and are redialled with backoff.
         """
         addrs = [parse_multiaddr(text) for text in listen_addrs]
         gate = ConnectionGate(
-            allowed_peers, guard=guard, max_connections_per_ip=max_connections_per_ip
+            allowed_peers,
+            guard=guard,
+            max_connections_per_ip=max_connections_per_ip,
+            known=known_peers,
         )
         host = new_node_host(key, gate=gate, handshake_timeout=handshake_timeout)
         try:
@@ -438,8 +463,24 @@ class Transport:
             known.add(self._reached_through_relay[peer_id])
         return sorted(known)
 
-    async def connect(self, multiaddr: str, timeout: float) -> str:
-        """Dial ``/ip4/.../tcp/N/p2p/<id>``; return the peer id. ValueError for a bad address."""
+    def persistent(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is redialled with backoff rather than under the per-address
+        budget: a member, a protected peer or one known first-hand."""
+        gate = self._gate
+        if gate is None:
+            return False
+        return (
+            gate.manager.is_protected(peer_id)
+            or (gate.members is not None and peer_id in gate.members)
+            or gate.manager.known(peer_id)
+        )
+
+    async def connect(self, multiaddr: str, timeout: float, *, persistent: bool = False) -> str:
+        """Dial ``/ip4/.../tcp/N/p2p/<id>``; return the peer id. ValueError for a bad address.
+
+        ``persistent`` (or a peer :meth:`persistent` names, such as a member): the dial is
+        held to an exponential backoff per peer instead of the per-address budget, so
+        the node keeps trying its bootstrap peers and members and never gives up."""
         peer_id, addr = split_peer_multiaddr(multiaddr)
         if peer_id == self.peer_id:
             raise ValueError(f"{multiaddr} is this node's own address")
@@ -452,12 +493,26 @@ class Transport:
         if peer_id in self.connected_peers():
             return peer_id
         now = trio.current_time()
-        if not self._dial_budget.allows(str(addr), 1, now):
+        backoff = None
+        if persistent or self.persistent(peer_id):
+            # Per address of the peer: its other addresses are still worth a try.
+            key = f"{addr}/p2p/{peer_id}"
+            backoff = self._backoff.setdefault(key, _Backoff(now, DIAL_BACKOFF_MIN_S))
+            if now < backoff.next_dial:
+                self.dials_deferred += 1
+                raise TransportError(
+                    f"not dialing {addr}: backing off for {backoff.next_dial - now:.1f} s"
+                )
+            # Set before the dial, so concurrent callers do not dial it twice.
+            backoff.next_dial = now + backoff.delay
+            backoff.delay = min(DIAL_BACKOFF_MAX_S, backoff.delay * 2)
+        elif not self._dial_budget.allows(str(addr), 1, now):
             self.dials_deferred += 1
             raise TransportError(
                 f"not dialing {addr}: dialled {DIALS_PER_ADDRESS_PER_MIN} times in the last minute"
             )
-        self._dial_budget.charge(str(addr), 1, now)
+        else:
+            self._dial_budget.charge(str(addr), 1, now)
         # libp2p refuses for 60 s to redial a peer whose dials all failed ("negative
         # cache"); a connect within our per-address budget must get through, e.g. to
         # a restarted peer.
@@ -473,6 +528,8 @@ class Transport:
                 await self._host.connect(info)
             except Exception as error:
                 raise TransportError(f"cannot connect to {multiaddr}: {_describe(error)}") from None
+            if backoff is not None:
+                self._backoff.pop(key, None)  # reached: the next failure starts over
             return peer_id
         raise TransportError(f"connecting to {multiaddr} timed out after {timeout:g} s")
 
@@ -746,6 +803,9 @@ class Transport:
             logger.warning("handler for %s from %s raised %s", protocol, peer_id, _describe(error))
             await _reset_quietly(stream)
             return
+        if self._gate is not None:
+            # A frame its handler took: the peer is not an idle stranger.
+            self._gate.manager.note_activity(peer_id)
         if reply is not None:
             try:
                 await write_frame(stream, reply, route.read_timeout, rate)

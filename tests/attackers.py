@@ -14,6 +14,8 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.secp256k1 import create_new_key_pair as create_secp256k1_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.io.trio import TrioTCPStream
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -79,3 +81,84 @@ async def _close(connection: object) -> None:
             await connection.close()  # type: ignore[attr-defined]
         except Exception:
             pass
+
+
+# Source addresses of a many-IP attack: Linux routes all of 127/8 to loopback, so a
+# socket bound to 127.0.0.N reaches a node on 127.0.0.1 from a distinct IP.
+def loopback_ips(count: int, first: int = 2) -> list[str]:
+    if not (1 <= first and first + count - 1 <= 254):
+        raise ValueError("the attack's addresses must stay within 127.0.0.1-254")
+    return [f"127.0.0.{n}" for n in range(first, first + count)]
+
+
+# The attack of issue 20: each cut connection is re-opened this long after the cut.
+REOPEN_AFTER_S = 0.2
+
+
+async def hold_silent_tcp(
+    target: str,
+    source_ip: str,
+    stop: trio.Event,
+    cuts: list[int],
+    *,
+    max_opens: int,
+    reopen_after: float = REOPEN_AFTER_S,
+) -> None:
+    """Keep one silent TCP connection from ``source_ip`` open on ``target``: when the
+    target cuts it, open another ``reopen_after`` later. Bounded: stops at ``stop`` or
+    after ``max_opens`` connections; ``cuts[0]`` counts the cuts seen."""
+    _, addr = split_peer_multiaddr(target)
+    host = addr.value_for_protocol("ip4")
+    port = int(addr.value_for_protocol("tcp"))
+    for _ in range(max_opens):
+        if stop.is_set():
+            return
+        try:
+            with trio.move_on_after(STEP_TIMEOUT_S):
+                stream = await trio.open_tcp_stream(host, port, local_address=source_ip)
+        except OSError:
+            stream = None
+        if stream is not None:
+            async with stream:
+                async with trio.open_nursery() as nursery:
+
+                    async def stop_holding() -> None:
+                        await stop.wait()
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(stop_holding)
+                    try:
+                        while await stream.receive_some(1024):
+                            pass
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                    if not stop.is_set():
+                        cuts[0] += 1
+                    nursery.cancel_scope.cancel()
+        await trio.sleep(reopen_after)
+
+
+async def open_throwaway_noise_from(target: str, source_ip: str, stack: AsyncExitStack) -> str:
+    """:func:`open_throwaway_noise` from ``source_ip`` (a raw TCP socket bound there)."""
+    peer_id, addr = split_peer_multiaddr(target)
+    host = addr.value_for_protocol("ip4")
+    port = int(addr.value_for_protocol("tcp"))
+    key_pair = create_new_key_pair()
+    noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+    upgrader = TransportUpgrader(
+        {TProtocol(NOISE_PROTOCOL_ID): noise}, {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
+    )
+    with trio.move_on_after(STEP_TIMEOUT_S):
+        try:
+            stream = await trio.open_tcp_stream(host, port, local_address=source_ip)
+        except OSError:
+            return UNREACHED
+        raw = RawConnection(TrioTCPStream(stream), True)
+        stack.push_async_callback(_close, raw)
+        try:
+            secured = await upgrader.upgrade_security(raw, True, ID.from_base58(peer_id))
+            await upgrader.upgrade_connection(secured, ID.from_base58(peer_id))
+        except Exception:
+            return CUT
+        return UPGRADED
+    return UNREACHED

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 from attackers import UNREACHED, UPGRADED, open_silent_tcp, open_throwaway_noise
-from runtimes import push_update, wait_until
+from runtimes import GUARD_S, push_update, wait_until
 from test_hostile_peer import running_daemon, signed
 
 from fltasks import load_task
@@ -102,18 +102,32 @@ async def test_400_outsider_connections_then_a_member_joins_and_its_update_is_ac
 
 
 async def test_silent_tcp_connections_cannot_hold_the_door_shut() -> None:
+    """A newcomer pushes out a silent socket at once: no waiting for any age."""
     member = NodeKey.generate()
     refusals: Counter[str] = Counter()
-    guard = InboundGuard(refusals, max_pending_per_ip=4, evictable_after=0.2)
+    # The first-byte deadline is out of reach: only eviction can let the member in.
+    guard = InboundGuard(refusals, max_pending_per_ip=4, first_byte_s=GUARD_S)
     async with gated_node(frozenset({member.peer_id}), guard=guard) as (node, received):
         async with AsyncExitStack() as held:
             for _ in range(4):
                 await open_silent_tcp(node.addrs[0], held)
             await wait_until(lambda: guard.pending("127.0.0.1") == 4)
-            await trio.sleep(0.2)
             await deliver(member, node, received)
-            assert refusals["handshake-evicted"] >= 1
+            assert refusals["silent-evicted"] >= 1
+            assert refusals["silent"] == 0
             assert guard.pending("127.0.0.1") <= 4
+            # The silent sockets never held one of libp2p's inbound slots.
+            assert node.host.get_network()._inbound_limiter.borrowed_tokens <= 1
+
+
+async def test_a_silent_socket_is_cut_at_the_first_byte_deadline() -> None:
+    refusals: Counter[str] = Counter()
+    guard = InboundGuard(refusals, first_byte_s=0.5)
+    async with gated_node(None, guard=guard) as (node, _):
+        async with AsyncExitStack() as held:
+            await open_silent_tcp(node.addrs[0], held)
+            await wait_until(lambda: refusals["silent"] == 1)
+            assert guard.pending() == 0
 
 
 async def test_a_non_member_host_gets_no_connection_so_no_identify_or_ping() -> None:
