@@ -88,8 +88,9 @@ class RelayGuard(Protocol):
         """Admit a circuit (counted until :meth:`close_circuit`) or name the refusal."""
         ...
 
-    def carry(self, grant: CircuitGrant, nbytes: int, now: float) -> str | None:
-        """Charge ``nbytes`` relayed on ``grant``; a reason means cut the circuit."""
+    def carry(self, grant: CircuitGrant, nbytes: int, now: float) -> tuple[int, str | None]:
+        """Of ``nbytes`` read on ``grant``, how many to forward (they are charged), and
+        a reason to cut the circuit after them (None: it goes on)."""
         ...
 
     def close_circuit(self, grant: CircuitGrant, reason: str | None) -> None:
@@ -310,12 +311,13 @@ class GuardedRelayProtocol(CircuitV2Protocol):
                     data = await src.read(MAX_READ_LEN)
                     if not data:
                         break
-                    reason = self.guard.carry(grant, len(data), trio.current_time())
+                    allowed, reason = self.guard.carry(grant, len(data), trio.current_time())
+                    if allowed > 0:
+                        with trio.fail_after(self.write_timeout):
+                            await dst.write(data[:allowed])
                     if reason is not None:
                         cut.append(reason)
                         break
-                    with trio.fail_after(self.write_timeout):
-                        await dst.write(data)
             except Exception:  # EOF, reset, or a write that timed out: the circuit ends
                 pass
             done.cancel()

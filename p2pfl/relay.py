@@ -31,6 +31,7 @@ issue 20) in p2pfl.libp2p_compat, the one module that touches libp2p's internals
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
@@ -266,23 +267,25 @@ class RelayPolicy:
         self.circuits_opened += 1
         return circuit
 
-    def carry(self, grant: CircuitGrant, nbytes: int, now: float) -> str | None:
-        """Charge a chunk of ``nbytes`` to the circuit and to both ends' budgets."""
+    def carry(self, grant: CircuitGrant, nbytes: int, now: float) -> tuple[int, str | None]:
+        """Of a chunk of ``nbytes``, how many the circuit may forward (charged to it and
+        to both ends' budgets), and why it is cut after them (None: it goes on)."""
         assert isinstance(grant, Circuit)
-        if grant.carried + nbytes > grant.max_bytes:
-            return "circuit-bytes"
+        allowed, reason = nbytes, None
+        if grant.carried + allowed > grant.max_bytes:
+            allowed, reason = grant.max_bytes - grant.carried, "circuit-bytes"
         limiter = self.rate_limiter
         if limiter is not None:
-            if not (
-                limiter.allows(grant.source, nbytes, now)
-                and limiter.allows(grant.destination, nbytes, now)
-            ):
-                return "rate-limited"
-            limiter.charge(grant.source, nbytes, now)
-            limiter.charge(grant.destination, nbytes, now)
-        grant.carried += nbytes
-        self.bytes_relayed += nbytes
-        return None
+            budget = min(
+                limiter.available(grant.source, now), limiter.available(grant.destination, now)
+            )
+            if budget < allowed:
+                allowed, reason = max(0, math.floor(budget)), "rate-limited"
+            limiter.charge(grant.source, allowed, now)
+            limiter.charge(grant.destination, allowed, now)
+        grant.carried += allowed
+        self.bytes_relayed += allowed
+        return allowed, reason
 
     def close_circuit(self, grant: CircuitGrant, reason: str | None) -> None:
         assert isinstance(grant, Circuit)
