@@ -202,6 +202,16 @@ async def test_strangers_move_at_most_the_stranger_limit_through_an_open_node() 
             assert view["cut"] == {"circuit-bytes": 1} and view["circuits_open"] == 0
 
 
+async def test_a_stranger_circuit_is_cut_at_its_time_limit() -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with nodes(3) as (relay, dialer, natted):
+            policy(relay).bounds = replace(policy(relay).bounds, stranger_circuit_seconds=1.0)
+            await dialer.connect(await reserve(relay, natted), 5.0)
+            assert len(policy(relay).circuits) == 1
+            await settle(lambda: policy(relay).circuits == [], steps=2000)
+            assert policy(relay).cut == {"circuit-seconds": 1}
+
+
 async def test_members_relay_model_sized_payloads_charged_to_both_budgets() -> None:
     budget = PeerRateLimiter(1.0, 64 * MIB)  # 1 byte/s refill: what is spent stays spent
     with trio.fail_after(DEADLINE_S):
