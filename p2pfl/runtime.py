@@ -411,6 +411,8 @@ class NodeRuntime:
             # Each address's kind (public, nated, firewalled, relayed), our relays, and
             # the peers we reach through a relay (p2pfl/reachability.py).
             "reachability": reachability_view(transport, self.reachability),
+            # Our relay service: what it granted, carried, refused and cut, by reason.
+            "relay": transport.nat.policy.view() if transport and transport.nat else None,
             "round": self.round,
             "neighbours": list(self.neighbours),
             "accuracy": self.accuracy,
@@ -571,6 +573,11 @@ class NodeRuntime:
             except ValueError:
                 continue  # not an ed25519 id: it could not sign an update anyway
         await self._gossip(self.gossip.set_peers, frozenset(allowed))
+
+    def _gossips_with(self) -> set[str]:
+        """The peers we gossip with, either way: members for our relay (p2pfl/relay.py)."""
+        known = self.book.known()
+        return {*self.neighbours, *in_neighbours(self.key.peer_id, known, self.config.degree)}
 
     async def _on_offer(self, peer_id: str, offer: bytes) -> tuple[bytes, int | None]:
         """Judge a pushed update by its offer; the answer, and the payload bytes to read
@@ -1024,6 +1031,8 @@ class NodeRuntime:
             known_peers=self.book.is_first_hand,
         ) as transport:
             self.transport = transport
+            if transport.nat is not None:
+                transport.nat.policy.members = self._gossips_with
             timeout, rates = config.read_timeout, self.read_rates
             transport.set_handler(
                 UPDATE_PROTOCOL, self._on_update, max_bytes, timeout, rates,

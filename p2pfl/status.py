@@ -108,6 +108,7 @@ class _StatusCollector(Collector):
             "p2pfl_uptime_seconds", "Seconds since the node started.", value=status["uptime_s"]
         )
         yield from _phase_metrics(status.get("phases"))
+        yield from _relay_metrics(status.get("relay"))
 
 
 def _phase_metrics(phases: dict[str, Any] | None) -> Iterator[Metric]:
@@ -134,6 +135,32 @@ def _phase_metrics(phases: dict[str, Any] | None) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "p2pfl_round_seconds", "Wall-clock seconds of the last round.", value=last["round_s"]
         )
+
+
+def _relay_metrics(relay: dict[str, Any] | None) -> Iterator[Metric]:
+    """Our relay service (p2pfl.relay.RelayPolicy.view): bytes carried, circuits open,
+    and every refusal and cut by reason."""
+    if not relay:
+        return
+    yield CounterMetricFamily(
+        "p2pfl_relay_bytes", "Bytes relayed for others, both directions.",
+        value=relay["bytes_relayed"],
+    )
+    yield GaugeMetricFamily(
+        "p2pfl_relay_circuits_open", "Circuits open through this relay.",
+        value=relay["circuits_open"],
+    )
+    yield _by_label(
+        CounterMetricFamily("p2pfl_relay_refused",
+                            "Relay reservations and circuits refused, by reason.",
+                            labels=["reason"]),
+        relay["refused"],
+    )
+    yield _by_label(
+        CounterMetricFamily("p2pfl_relay_cut", "Relayed circuits cut by the relay, by reason.",
+                            labels=["reason"]),
+        relay["cut"],
+    )
 
 
 def render_metrics(status: dict[str, Any]) -> str:

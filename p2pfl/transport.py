@@ -320,10 +320,12 @@ class Transport:
         ``guard`` replaces the default per-IP handshake limits (tests pass small ones).
         ``relay`` starts circuit relay and DCUtR (p2pfl.relay): True also serves as a
         relay for others, False only dials and accepts relayed connections; None
-        (the default) runs neither. ``handshake_timeout`` bounds libp2p's dials, upgrades
-        and stream negotiations (Deadlines.handshake: longer on slow links).
-        ``known_peers`` tells peers known first-hand (neighbour candidates): they are no
-        strangers to the gate's stranger budget, and are redialled with backoff.
+        (the default) runs neither. The relay serves ``allowed_peers`` only (when set)
+        and charges what it relays to ``rate_limiter``'s budgets. ``handshake_timeout``
+        bounds libp2p's dials, upgrades and stream negotiations (Deadlines.handshake:
+        longer on slow links). ``known_peers`` tells peers known first-hand (neighbour
+        candidates): they are no strangers to the gate's stranger budget, and are
+        redialled with backoff.
         """
         addrs = [parse_multiaddr(text) for text in listen_addrs]
         gate = ConnectionGate(
@@ -349,7 +351,12 @@ class Transport:
                     async with AsyncExitStack() as stack:
                         nat = None
                         if relay is not None:
-                            nat = NatTraversal(host, serve_relay=relay)
+                            nat = NatTraversal(
+                                host,
+                                serve_relay=relay,
+                                allowed=allowed_peers,
+                                rate_limiter=rate_limiter,
+                            )
                             await stack.enter_async_context(nat.running())
                         nursery = await stack.enter_async_context(trio.open_nursery())
                         transport = cls(

@@ -66,18 +66,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(nat_ports: str, args: argparse.Namespace, wait_for_direct: bool) -> dict[str, Any]:
     size = int(args.mib * 1024 * 1024)
+    relay_key, sender_key, receiver_key = (NodeKey.generate() for _ in range(3))
+    # The relay carries model-sized traffic between members only (p2pfl/relay.py):
+    # strangers get 128 KiB per circuit.
+    members = frozenset(key.peer_id for key in (relay_key, sender_key, receiver_key))
     with Lab(3, nats=[[1], [2]], nat_ports=nat_ports) as lab:
 
         async def relay(stop: trio.Event, addrs: list[str]) -> None:
-            async with Transport.open(NodeKey.generate(), [lab.hosts[0].listen], relay=True) as t:
+            listen = [lab.hosts[0].listen]
+            async with Transport.open(relay_key, listen, relay=True, allowed_peers=members) as t:
                 addrs.extend(t.addrs)
                 await stop.wait()
 
         with serving_in(lab, 0, relay) as relay_addrs:
 
             async def receiver(stop: trio.Event, addrs: list[str]) -> None:
-                key = NodeKey.generate()
-                async with Transport.open(key, [lab.hosts[2].listen], relay=False) as t:
+                async with Transport.open(receiver_key, [lab.hosts[2].listen], relay=False) as t:
 
                     async def drop(peer_id: str, payload: bytes) -> None:
                         return None
@@ -90,15 +94,23 @@ def measure(nat_ports: str, args: argparse.Namespace, wait_for_direct: bool) -> 
 
             with serving_in(lab, 2, receiver) as circuit:
                 return lab.run(
-                    1, lambda: trio.run(sender, lab, circuit[0], size, args, wait_for_direct)
+                    1,
+                    lambda: trio.run(
+                        sender, lab, circuit[0], size, args, wait_for_direct, sender_key
+                    ),
                 )
 
 
 async def sender(
-    lab: Lab, circuit: str, size: int, args: argparse.Namespace, wait_for_direct: bool
+    lab: Lab,
+    circuit: str,
+    size: int,
+    args: argparse.Namespace,
+    wait_for_direct: bool,
+    key: NodeKey,
 ) -> dict[str, Any]:
     payload = b"\x5a" * size
-    async with Transport.open(NodeKey.generate(), [lab.hosts[1].listen], relay=False) as t:
+    async with Transport.open(key, [lab.hosts[1].listen], relay=False) as t:
         with trio.fail_after(SETUP_TIMEOUT_S):
             peer = await t.connect(circuit, 5.0)
         connected = trio.current_time()

@@ -49,6 +49,8 @@ async def test_two_runtimes_exchange_signed_updates(
         assert other.key.peer_id in status["last_seq"]
         assert status["updates_rejected"] == {}
         assert status["compression"] == compression
+        # Each is the other's neighbour: a member for its relay, not a stranger.
+        assert other.key.peer_id in me._gossips_with()
 
 
 async def test_top_k_peers_stay_in_step_and_whole_copies_stay_rare(
@@ -112,6 +114,10 @@ async def test_a_tampered_update_is_rejected_and_counted(digits: Task, tmp_path:
                 status = node.status()
                 assert status["updates_rejected"] == {"bad-signature": 1}
                 assert status["updates_accepted"] == 0
+                # Its relay serves the peers it gossips with as members (p2pfl/relay.py).
+                assert status["relay"]["refused"] == {} and status["relay"]["bytes_relayed"] == 0
+                assert node.transport.nat is not None
+                assert attacker_key.peer_id in node.transport.nat.policy.member_set()
                 assert len(node.gossip.votes) == 0
                 np.testing.assert_array_equal(node.gossip.estimate, estimate_before)
 
