@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gossip.aggregation import AGGREGATORS
-from gossip.attacks import ATTACKS
+from gossip.attacks import DAEMON_ATTACKS as ATTACKS
 from p2pfl.localnet import LocalNetwork, LocalNetworkError
 
 console = Console()
