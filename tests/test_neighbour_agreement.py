@@ -176,3 +176,46 @@ def test_open_network_ranks_the_first_hand_view_and_allowlist_ranks_the_list() -
     own = ids[0]
     assert ranked_membership(own, None, ids[1:4]) == tuple(sorted(ids[:4]))
     assert ranked_membership(own, frozenset(ids), ids[1:2]) == tuple(sorted(ids))
+
+
+def _doc_in_candidates(own: str, members: list[str], k: int) -> set[str]:
+    """docs/PROTOCOL.md §4.1 written out afresh, without p2pfl.neighbours: what an
+    independent implementer would compute."""
+    import blake3
+
+    def position(p: str) -> int:
+        return int.from_bytes(blake3.blake3(p.encode()).digest()[:8], "big")
+
+    ranked = sorted(set(members) | {own}, key=lambda p: (position(p), p))
+    n, rank = len(ranked), ranked.index(own)
+    long_count = 0 if k < 2 else max(1, k // 4)
+    spares = max(1, k // 2)
+    if n - 1 <= k + spares:
+        return set(ranked) - {own}
+    alternation = [o for step in range(1, n) for o in (step % n, -step % n)]
+    near: list[int] = []
+    for o in alternation:
+        if len(near) < k - long_count and o != 0 and o not in near:
+            near.append(o)
+    h = (len(near) + 1) // 2
+    seed = int.from_bytes(blake3.blake3("\n".join(ranked).encode()).digest()[:8], "big")
+    pool = list(range(h + 1, n - h))
+    offsets = near + random.Random(seed).sample(pool, min(long_count, len(pool)))
+    for o in alternation:
+        if len(offsets) < k + spares and o != 0 and o not in offsets:
+            offsets.append(o)
+    return {ranked[(rank - o) % n] for o in offsets}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.integers(min_value=1, max_value=60),
+    degree=st.integers(min_value=1, max_value=10),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_the_protocol_document_predicts_the_in_candidates(
+    size: int, degree: int, seed: int
+) -> None:
+    ids = peer_ids(size, seed)
+    for own in ids:
+        assert set(in_candidates(own, ids, degree)) == _doc_in_candidates(own, ids, degree)
