@@ -9,6 +9,14 @@ refused as ``not-neighbour`` and its merges fell from quorum to bounded steps
 (8 daemons, degree 4: 40/0 quorum/bounded became 4/36, accuracy 0.871 to 0.729).
 Ranked over the allow file, the victim's in-neighbours are the peers that push
 to it, whoever hides.
+
+Measured here (2 shared cores, digits, the slow test's 8 daemons, 30 rounds,
+victim's quorum/bounded merges, not-neighbour refusals, final accuracy):
+ranked over first-hand views, clean 38/1, 0, 0.949; attacked 2/37, 32 refused,
+0.949. Ranked over the allow file, clean 34/5, 0, 0.949; attacked 34/4, 0
+refused, 0.951. The 6-daemon default test: first-hand views refused 4 honest
+pushes; over the allow file 22-24 quorum / 0-3 bounded, none refused. (On this
+task the consensus after the linger hides the starved quorum in accuracy.)
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import pytest
 from attackers import allow_args, seeded_keys
 
 from p2pfl.localnet import LocalNetwork
-from p2pfl.neighbours import in_neighbours
+from p2pfl.neighbours import choose_neighbours, in_neighbours
 
 VICTIM = 1  # never node 0: everyone bootstraps from it
 # Guards against a hang, not claims about speed (as in test_daemon_e2e.py).
@@ -38,10 +46,22 @@ class Outcome:
 
 
 def hider_for(peer_ids: list[str], degree: int) -> int:
-    """An in-neighbour of the victim (by the shared rule) other than node 0: the one
-    whose silence costs the victim a vote, and whose absence shifted its ranks."""
-    chosen = in_neighbours(peer_ids[VICTIM], peer_ids, degree)
-    return next(peer_ids.index(p) for p in chosen if peer_ids.index(p) != 0)
+    """The member (not node 0) whose hiding hurt the victim most when links were
+    ranked over first-hand views: fewest honest pushers the victim still accepted,
+    then most refused. An attacker picks its position the same way."""
+    victim = peer_ids[VICTIM]
+
+    def damage(hider: int) -> tuple[int, int]:
+        seen_by_victim = [p for i, p in enumerate(peer_ids) if i != hider]
+        accepted = set(in_neighbours(victim, seen_by_victim, degree))
+        choosers = {
+            p
+            for i, p in enumerate(peer_ids)
+            if i not in (hider, VICTIM) and victim in choose_neighbours(p, peer_ids, degree)
+        }
+        return len(choosers & accepted), -len(choosers - accepted)
+
+    return min((i for i in range(1, len(peer_ids)) if i != VICTIM), key=damage)
 
 
 def run_network(
