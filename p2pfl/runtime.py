@@ -16,9 +16,11 @@ until discovery reaches it again; being slow forgets nobody. Rounds are paced
 gossiping without training for ``--linger`` seconds, so members that started
 later are not left to train alone.
 
-Updates are admitted for merging only from the peers that gossip to this node
-(its in-neighbours, :func:`p2pfl.neighbours.in_neighbours`, at most ``degree``);
-anyone else's is refused as ``not-neighbour``.
+Updates are admitted for merging only from the peers that may gossip to this
+node (:func:`p2pfl.neighbours.in_candidates`: its in-neighbours and the spares
+that stand in for down links); anyone else's is refused as ``not-neighbour``.
+With an allowlist, links are ranked over the allowlist, never over what this
+node happens to see, so one member hiding from us cannot move our neighbours.
 
 With an allowlist (``--allow``) the node talks to members only: the transport
 refuses every inbound stream of anyone else before reading it, and the peer book
@@ -61,7 +63,7 @@ from p2pfl.dp import (
 )
 from p2pfl.framing import MAX_UVARINT_BYTES
 from p2pfl.linkrates import LinkRates
-from p2pfl.neighbours import choose_neighbours, in_neighbours
+from p2pfl.neighbours import choose_live, effective_quorum, in_candidates, ranked_membership
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
 from p2pfl.phases import PhaseClock
 from p2pfl.ratelimit import MIB, LogThrottle, PeerRateLimiter
@@ -283,7 +285,10 @@ class NodeRuntime:
         # Snapshots a joining node could not use, by reason (shown in /status).
         self.join_refused: Counter[str] = Counter()
         self.serving = False  # finished its rounds; gossiping without training
-        self._peer_view: tuple[str, ...] | None = None
+        # What _refresh_peers last told the gossip core: (ranked members, quorum).
+        self._peer_view: tuple[tuple[str, ...], int] | None = None
+        # The configured quorum (at least the rule's minimum); see _refresh_peers.
+        self._quorum = self.gossip.quorum
         # Every call into the gossip core holds this lock, one at a time, so that a
         # call running in a worker thread never races another (see _gossip).
         self._gossip_lock = trio.Lock()
@@ -560,24 +565,41 @@ class NodeRuntime:
 
     # -- inbound --------------------------------------------------------------------------
 
+    def _ranked(self) -> tuple[str, ...]:
+        """What links are ranked over: the allowlist if any, else our first-hand peers."""
+        return ranked_membership(self.key.peer_id, self.members, self.book.known())
+
     async def _refresh_peers(self) -> None:
-        """Tell the gossip core whom it may hear from, when the known membership changed."""
-        known = tuple(self.book.known())
-        if known == self._peer_view:
+        """Tell the gossip core whom it may hear from, and its quorum, when either changed.
+
+        Senders come from the ranked membership alone (never from who is up), so
+        every member that may push to us is accepted. The quorum counts only the
+        in-neighbours we can reach (neighbours.effective_quorum): a listed member
+        that is down must not hold every merge below it.
+        """
+        members = self._ranked()
+        degree, own = self.config.degree, self.key.peer_id
+        floor = self.gossip.aggregator.min_senders
+        quorum = effective_quorum(self._quorum, floor, own, members, degree, self.book.reachable)
+        if (members, quorum) == self._peer_view:
             return
-        self._peer_view = known
+        self._peer_view = (members, quorum)
         allowed = set()
-        for peer_id in in_neighbours(self.key.peer_id, known, self.config.degree):
+        for peer_id in in_candidates(own, members, degree):
             try:
                 allowed.add(public_key_from_peer_id(peer_id))
             except ValueError:
                 continue  # not an ed25519 id: it could not sign an update anyway
-        await self._gossip(self.gossip.set_peers, frozenset(allowed))
+        await self._gossip(self._set_peers, frozenset(allowed), quorum)
+
+    def _set_peers(self, senders: frozenset[bytes], quorum: int) -> None:
+        self.gossip.set_peers(senders)
+        self.gossip.quorum = quorum
 
     def _gossips_with(self) -> set[str]:
         """The peers we gossip with, either way: members for our relay (p2pfl/relay.py)."""
-        known = self.book.known()
-        return {*self.neighbours, *in_neighbours(self.key.peer_id, known, self.config.degree)}
+        senders = in_candidates(self.key.peer_id, self._ranked(), self.config.degree)
+        return {*self.neighbours, *senders}
 
     async def _on_offer(self, peer_id: str, offer: bytes) -> tuple[bytes, int | None]:
         """Judge a pushed update by its offer; the answer, and the payload bytes to read
@@ -934,7 +956,9 @@ class NodeRuntime:
         snapshot = await self._gossip(self._estimate)
         evaluate = self.phases.timed("evaluate", self._evaluate)
         self.accuracy = await trio.to_thread.run_sync(evaluate, snapshot)
-        self.neighbours = choose_neighbours(self.key.peer_id, self.book.known(), self.config.degree)
+        # Our links by the shared rule; a spare stands in for each we cannot reach.
+        ranked, degree = self._ranked(), self.config.degree
+        self.neighbours = choose_live(self.key.peer_id, ranked, degree, self.book.reachable)
         keys = [public_key_from_peer_id(peer_id) for peer_id in self.neighbours]
         await self._gossip(self.gossip.keep_links, keys)
         targets = self._free(self.neighbours)

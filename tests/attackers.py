@@ -1,4 +1,5 @@
-"""Attack tools for tests: cheap connections from throwaway keys, and raw TCP that never speaks.
+"""Attack tools for tests: cheap connections from throwaway keys, raw TCP that never speaks,
+and allow files for a member that hides from one victim.
 
 They use libp2p's own TCP transport and upgrader, exactly what a dialing host does,
 but one fresh identity per connection and no host around it, so hundreds of
@@ -7,7 +8,9 @@ connections cost the attacker no more than their handshakes.
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -25,6 +28,7 @@ from libp2p.transport.tcp.tcp import TCP
 from libp2p.transport.upgrader import TransportUpgrader
 from multiaddr import Multiaddr
 
+from gossip.keys import NodeKey
 from p2pfl.host import split_peer_multiaddr
 
 # The attacker's patience per step, not a bound under test: on a loaded machine 400
@@ -162,3 +166,42 @@ async def open_throwaway_noise_from(target: str, source_ip: str, stack: AsyncExi
             return CUT
         return UPGRADED
     return UNREACHED
+
+
+# -- a member that hides from one victim (issue 20, part 5) ------------------------------
+#
+# Not hostile code at all: a stock daemon whose allow file lists every member but the
+# victim. Its connection gate closes the victim's connections right after Noise, its
+# peer book never records the victim, and it never dials or pushes to it; to everyone
+# else it is a normal member. Ranked over first-hand views, that split the others' view
+# of the ring from the victim's and starved the victim's quorum.
+
+
+def seeded_keys(directory: Path, count: int, tag: str) -> list[str]:
+    """Write ``node-<i>/node.key`` for a LocalNetwork in ``directory``, from ``tag``:
+    the same tag gives the same keys, so a clean and an attacked run can be compared.
+    Returns the peer ids."""
+    peer_ids = []
+    for index in range(count):
+        key = NodeKey(hashlib.sha256(f"{tag}-{index}".encode()).digest())
+        node_dir = directory / f"node-{index}"
+        node_dir.mkdir(parents=True, exist_ok=True)
+        key.save(node_dir / "node.key")
+        peer_ids.append(key.peer_id)
+    return peer_ids
+
+
+def allow_args(
+    directory: Path, peer_ids: list[str], hider: int | None = None, victim: int | None = None
+) -> dict[int, tuple[str, ...]]:
+    """LocalNetwork ``node_args``: ``--allow`` with every member for each node, except
+    that ``hider``'s file leaves out ``victim`` (with ``hider`` None, a clean run)."""
+    everyone = directory / "allow.txt"
+    everyone.write_text("".join(f"{peer_id}\n" for peer_id in peer_ids))
+    args = {index: ("--allow", str(everyone)) for index in range(len(peer_ids))}
+    if hider is not None and victim is not None:
+        hiding = directory / "allow-hider.txt"
+        listed = [p for i, p in enumerate(peer_ids) if i != victim]
+        hiding.write_text("".join(f"{peer_id}\n" for peer_id in listed))
+        args[hider] = ("--allow", str(hiding))
+    return args
