@@ -40,6 +40,7 @@ from p2pfl.deadlines import DIAL_S, HOST_CLOSE_S, STREAM_CLEANUP_S
 from p2pfl.framing import FrameError, encode_uvarint, read_frame, write_frame
 from p2pfl.gating import DEFAULT_MAX_CONNECTIONS_PER_IP, ConnectionGate, InboundGuard
 from p2pfl.host import new_node_host, parse_multiaddr, split_peer_multiaddr
+from p2pfl.libp2p_compat import relay_under
 from p2pfl.linkrates import LinkRates
 from p2pfl.ratelimit import PeerRateLimiter
 from p2pfl.relay import NatTraversal, is_circuit
@@ -217,29 +218,6 @@ def _kernel_refusal(addr: Multiaddr) -> str | None:
                 if error.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
                     return os.strerror(error.errno)
         return None
-    return None
-
-
-def _relay_under(connection: object) -> str | None:
-    """The peer at the far end of the relay stream a relayed connection runs over.
-
-    libp2p tags an inbound relayed connection with our own id in the relay's place,
-    so the relay is read from the stream itself: Yamux -> secure session -> Noise
-    -> raw connection -> the relay's stream (a bounded walk over those layers).
-    """
-    layer: object | None = getattr(connection, "muxed_conn", None)
-    for _ in range(6):
-        if layer is None:
-            return None
-        stream = getattr(layer, "stream", None)
-        peer = getattr(getattr(stream, "muxed_conn", None), "peer_id", None)
-        if peer is not None:
-            return str(peer)
-        layer = next(
-            (getattr(layer, name) for name in ("_wrapped", "conn", "secured_conn")
-             if getattr(layer, name, None) is not None),
-            None,
-        )  # fmt: skip
     return None
 
 
@@ -422,7 +400,7 @@ class Transport:
                 addrs = []
             if not any(is_circuit(addr) for addr in addrs):
                 return None
-            relay = _relay_under(connection)
+            relay = relay_under(connection)
             if relay is not None:
                 relays.append(relay)
         return relays[0] if relays else None
@@ -523,9 +501,7 @@ class Transport:
         # libp2p refuses for 60 s to redial a peer whose dials all failed ("negative
         # cache"); a connect within our per-address budget must get through, e.g. to
         # a restarted peer.
-        unblock = getattr(self._host.get_network(), "unblock_peer", None)
-        if unblock is not None:
-            unblock(remote)
+        self._host.get_network().unblock_peer(remote)
         # libp2p dials only ONE address per transport kind (the first TCP one in the
         # peerstore), so a stale address of a restarted peer would shadow the one
         # given here for minutes: forget the old ones, dial exactly this one.
