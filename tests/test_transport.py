@@ -141,7 +141,7 @@ async def test_served_frames_measure_the_peers_link() -> None:
             rates = LinkRates(promised=2e6)
             b.set_handler(PROTOCOL, collect_into(received), 16 << 20, 0.5, rates)
             peer = await a.connect(b.addrs[0], timeout=5)
-            stream = await a._host.new_stream(ID.from_base58(peer), [TProtocol(PROTOCOL)])
+            stream = await a.host.new_stream(ID.from_base58(peer), [TProtocol(PROTOCOL)])
             await stream.write(encode_uvarint(1 << 20) + b"x")  # then nothing more
             await wait_until(lambda: b.frame_errors["timeout"] == 1)
             assert rates.rate(a.peer_id) == 1e6
