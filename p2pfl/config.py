@@ -283,7 +283,13 @@ def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -
 
 
 def load_allowlist(path: str | Path) -> frozenset[bytes]:
-    """Peer ids, one per line (``#`` comments allowed), as ed25519 public keys."""
+    """Peer ids, one per line (``#`` comments allowed), as ed25519 public keys.
+
+    Keys, because gossip/'s admission is keyed by the signer's public key. The network
+    layers (p2pfl.transport, p2pfl.gating, p2pfl.relay) take peer-id strings
+    (p2pfl.gating.Members); the runtime converts this set to those once, with
+    ``gossip.keys.peer_id_from_public_key``, right after loading it.
+    """
     source = Path(path)
     try:
         lines = source.read_text(encoding="utf-8").splitlines()

@@ -1,5 +1,15 @@
 """The one module that reaches into py-libp2p's private internals; pinned to 0.8.1.
 
+Everything else in p2pfl uses libp2p's public API only (tests/test_libp2p_compat.py
+greps p2pfl/ to keep it so). What this module does beyond the public API:
+
+* the relay's HOP handlers are replaced (:class:`GuardedRelayProtocol`, below);
+* the client transport forgets a relay's reservation (:func:`forget_client_reservation`);
+* the swarm's inbound connections run through the connection gate first
+  (:func:`route_inbound_connections`), and the gate learns when libp2p closes an
+  accepted socket (:class:`InboundSocket`);
+* a relayed connection names the relay it runs over (:func:`relay_under`).
+
 py-libp2p's circuit relay v2 (``libp2p.relay.circuit_v2``) has two holes a relay of
 ours must not have (issue 20; /work/shared/notes/libp2p-0.8.1.md):
 
@@ -23,11 +33,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import trio
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, INetConn, INetStream, INetworkService
+from libp2p.io.abc import ReadWriteCloser
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, StopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
@@ -336,3 +347,101 @@ def forget_client_reservation(transport: CircuitV2Transport, relay: ID) -> None:
     its connection is gone, and libp2p has no public way to forget one."""
     transport._reservations.pop(relay, None)
     transport._reservation_proofs.pop(relay, None)
+
+
+# -- the swarm's inbound connections (p2pfl.gating.InboundGuard) --------------------------
+
+InboundHandler = Callable[[ReadWriteCloser, Multiaddr], Awaitable[None]]
+"""libp2p's handler of one accepted socket: (the socket, the listen address)."""
+InboundRoute = Callable[[InboundHandler, ReadWriteCloser, Multiaddr], Awaitable[None]]
+"""Ours: gets libp2p's handler, to call (or not) with the socket it was given."""
+
+
+def route_inbound_connections(swarm: INetworkService, route: InboundRoute) -> None:
+    """Run every socket ``swarm`` accepts through ``route(libp2p's handler, socket,
+    listen address)``, before libp2p's handler takes one of its inbound slots.
+
+    py-libp2p 0.8.1 has no public hook there: its ConnectionGate filters by address
+    only and its ResourceManager is asked after the slot is taken. The listener's
+    closure (``Swarm.listen``) looks ``_handle_inbound_connection`` up on the swarm at
+    every connection, so an instance attribute takes effect for all listeners. Once
+    per swarm.
+    """
+    original: InboundHandler = swarm._handle_inbound_connection  # type: ignore[attr-defined]
+
+    async def routed(connection: ReadWriteCloser, maddr: Multiaddr) -> None:
+        await route(original, connection, maddr)
+
+    swarm._handle_inbound_connection = routed  # type: ignore[attr-defined]
+
+
+class InboundSocket(ReadWriteCloser):
+    """An accepted socket as libp2p's inbound handler gets it from the gate: the same
+    socket, and :attr:`closed` is set once libp2p (or the gate) closes it.
+
+    py-libp2p 0.8.1 keeps each inbound handler, and the inbound slot it holds, alive
+    until the swarm stops (``Swarm._do_handle_inbound_connection`` waits on the
+    swarm's end), so the gate ends the handler itself when the socket is closed. The
+    upgraded connection closes its socket through this object (``RawConnection.close``
+    closes ``RawConnection.stream``), so no libp2p method needs rebinding.
+    """
+
+    def __init__(self, inner: ReadWriteCloser) -> None:
+        self.inner = inner
+        self.closed = trio.Event()
+
+    async def read(self, n: int | None = None) -> bytes:
+        return await self.inner.read(n)
+
+    async def write(self, data: bytes) -> None:
+        await self.inner.write(data)
+
+    async def close(self) -> None:
+        try:
+            await self.inner.close()
+        finally:
+            self.closed.set()
+
+    def get_remote_address(self) -> tuple[str, int] | None:
+        return self.inner.get_remote_address()
+
+    async def wait_readable(self, timeout: float) -> bool:
+        """Whether the socket has a byte (or its end) within ``timeout``; nothing is
+        read. True at once for a connection that is not a plain TCP socket (libp2p's
+        upgrade timeout bounds those)."""
+        # TrioTCPStream.stream is the trio SocketStream; .socket its socket.
+        stream = getattr(self.inner, "stream", None)
+        sock = getattr(stream, "socket", None)
+        if sock is None:
+            return True
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(sock)
+            return True
+        return False
+
+
+# -- relayed connections ------------------------------------------------------------------
+
+
+def relay_under(connection: INetConn) -> str | None:
+    """The peer at the far end of the relay stream a relayed connection runs over.
+
+    libp2p tags an inbound relayed connection with our own id in the relay's place,
+    so the relay is read from the stream itself: Yamux (``secured_conn``) -> secure
+    session (``conn``) -> ``TrackedRawConnection`` (``_wrapped``) -> raw connection
+    (``stream``) -> the relay's stream (``muxed_conn.peer_id``); a bounded walk.
+    """
+    layer: object | None = getattr(connection, "muxed_conn", None)
+    for _ in range(6):
+        if layer is None:
+            return None
+        stream = getattr(layer, "stream", None)
+        peer = getattr(getattr(stream, "muxed_conn", None), "peer_id", None)
+        if peer is not None:
+            return str(peer)
+        layer = next(
+            (getattr(layer, name) for name in ("_wrapped", "conn", "secured_conn")
+             if getattr(layer, name, None) is not None),
+            None,
+        )  # fmt: skip
+    return None

@@ -469,8 +469,7 @@ async def discovery_round(transport: Transport, book: PeerBook, fanout: int, tim
     async def with_peer(peer_id: str, addrs: list[str]) -> None:
         nonlocal learnt
         try:
-            if peer_id not in transport.connected_peers():
-                await _connect_any(transport, addrs, timeout)
+            await transport.dial_any(peer_id, addrs, timeout)
             new = await exchange_peers(transport, peer_id, book, timeout)
             # Not `learnt += await ...`: that reads `learnt` before the await, and the
             # concurrent exchanges would overwrite each other's counts.
@@ -486,15 +485,3 @@ async def discovery_round(transport: Transport, book: PeerBook, fanout: int, tim
             nursery.start_soon(with_peer, peer_id, addrs)
     return learnt
 
-
-async def _connect_any(transport: Transport, addrs: list[str], timeout: float) -> None:
-    last_error: TransportError | None = None
-    for addr in addrs:
-        try:
-            await transport.connect(addr, timeout)
-            return
-        except ValueError:
-            continue
-        except TransportError as error:
-            last_error = error
-    raise last_error or TransportError("no dialable address known")

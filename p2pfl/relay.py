@@ -50,6 +50,7 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from p2pfl.gating import Members
 from p2pfl.host import split_peer_multiaddr
 from p2pfl.libp2p_compat import CircuitGrant, GuardedRelayProtocol, forget_client_reservation
 from p2pfl.ratelimit import PeerRateLimiter
@@ -173,7 +174,7 @@ class RelayPolicy:
     def __init__(
         self,
         *,
-        allowed: frozenset[str] | None = None,
+        allowed: Members | None = None,
         rate_limiter: PeerRateLimiter | None = None,
         members: Callable[[], Collection[str]] | None = None,
         bounds: RelayBounds | None = None,
@@ -320,7 +321,7 @@ class NatTraversal:
         host: IHost,
         *,
         serve_relay: bool,
-        allowed: frozenset[str] | None = None,
+        allowed: Members | None = None,
         rate_limiter: PeerRateLimiter | None = None,
     ) -> None:
         self.host = host

@@ -144,7 +144,7 @@ def assert_same_state(before: tuple[Any, ...], after: tuple[Any, ...]) -> None:
 def streams_being_served(node: NodeRuntime, peer_id: str) -> int:
     """Inbound streams from ``peer_id`` whose handler has not returned yet."""
     assert node.transport is not None
-    return node.transport._inbound_open[peer_id]  # no public view of this count exists
+    return node.transport.inbound_streams(peer_id)
 
 
 def rejected(node: NodeRuntime) -> Counter[str]:

@@ -141,7 +141,7 @@ async def test_served_frames_measure_the_peers_link() -> None:
             rates = LinkRates(promised=2e6)
             b.set_handler(PROTOCOL, collect_into(received), 16 << 20, 0.5, rates)
             peer = await a.connect(b.addrs[0], timeout=5)
-            stream = await a._host.new_stream(ID.from_base58(peer), [TProtocol(PROTOCOL)])
+            stream = await a.host.new_stream(ID.from_base58(peer), [TProtocol(PROTOCOL)])
             await stream.write(encode_uvarint(1 << 20) + b"x")  # then nothing more
             await wait_until(lambda: b.frame_errors["timeout"] == 1)
             assert rates.rate(a.peer_id) == 1e6
@@ -463,3 +463,20 @@ def test_peer_book_keeps_an_unreachable_peer_until_it_has_been_gone_a_while() ->
     assert book.mark_failed(peer) is False  # only 2 in a row so far
     assert book.mark_failed(peer) is True
     assert peer not in book and book.sample(5) == []
+
+
+async def test_dial_any_skips_unparsable_addresses_and_reaches_the_peer() -> None:
+    with trio.fail_after(30):
+        async with transports(2) as [a, b]:
+            await a.dial_any(b.peer_id, ["not a multiaddr", b.addrs[0]], 5.0)
+            assert b.peer_id in a.connected_peers()
+
+
+async def test_dial_any_names_the_last_failure_or_that_none_was_dialable() -> None:
+    with trio.fail_after(30):
+        async with transports(1) as [a]:
+            peer = NodeKey.generate().peer_id
+            with pytest.raises(TransportError, match="no dialable address known"):
+                await a.dial_any(peer, ["not a multiaddr"], 1.0)
+            with pytest.raises(TransportError, match="cannot connect"):
+                await a.dial_any(peer, [f"/ip4/127.0.0.1/tcp/1/p2p/{peer}"], 2.0)
