@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 from fltasks import load_task, partition
 from gossip.compression import resolve_codec
 from gossip.compression.feedback import round_trip
-from topologies.compression import BatchedCodec
+from topologies.compression import BatchedCodec, int8_round_trip
 from topologies.graphs import small_world
 from topologies.network import NetworkConditions, message_bytes
 from topologies.simulator import Simulation, SimulationConfig
@@ -110,7 +110,6 @@ def test_topk_refuses_an_unreliable_network():
 def test_batched_int8_equals_the_codec_on_a_subnormal_block() -> None:
     from gossip.compression import Int8Codec
     from gossip.compression.feedback import round_trip as codec_round_trip
-    from topologies.compression import int8_round_trip
 
     rows = np.array([[3.78e-43, -1.0e-44, 0.0], [1.0, -2.0, 0.5]], dtype=np.float32)
     batched = int8_round_trip(torch.from_numpy(rows)).numpy()
@@ -153,6 +152,24 @@ def test_batched_int8_equals_the_codec_over_the_full_float_range(rows: np.ndarra
     batched = BatchedCodec(resolve_codec("int8"), [rows.shape[1]])
     got = batched.round_trip(torch.from_numpy(rows)).numpy()
     assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, _codec_rows("int8", rows))
+
+
+_FLOAT64_BEYOND_FLOAT32 = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([float(np.finfo(np.float64).max), -1e300, 5e-324, -0.0]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.tuples(st.integers(1, 3), st.integers(1, 600)).flatmap(
+        lambda shape: hnp.arrays(np.float64, shape, elements=_FLOAT64_BEYOND_FLOAT32)
+    )
+)
+def test_batched_int8_equals_the_codec_for_float64_beyond_float32s_range(rows: np.ndarray) -> None:
+    """float64 values past float32's max are clipped to it first, in both forms."""
+    got = int8_round_trip(torch.from_numpy(rows)).numpy()
     np.testing.assert_array_equal(got, _codec_rows("int8", rows))
 
 
