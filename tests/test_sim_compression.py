@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fltasks import load_task, partition
-from gossip.compression import resolve_codec
+from gossip.compression import ErrorFeedback, resolve_codec
 from gossip.compression.feedback import round_trip
-from topologies.compression import BatchedCodec, int8_round_trip
+from topologies.compression import BatchedCodec, Compressor, int8_round_trip
 from topologies.graphs import small_world
 from topologies.network import NetworkConditions, message_bytes
 from topologies.simulator import Simulation, SimulationConfig
@@ -204,3 +204,47 @@ def test_batched_codecs_refuse_non_finite_values_as_the_codec_does(codec_id: str
         _codec_rows(codec_id, row)
     with pytest.raises(ValueError, match="NaN or infinite"):
         BatchedCodec(resolve_codec(codec_id), [3]).round_trip(torch.from_numpy(row))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.one_of(_rows(np.float32), _rows(np.float64)),
+    codec_id=st.sampled_from(["int8", "fp16"]),
+    messages=st.integers(1, 4),
+    data=st.data(),
+)
+def test_batched_error_feedback_is_gossips_for_every_row(
+    rows: np.ndarray, codec_id: str, messages: int, data: st.DataObject
+) -> None:
+    """The simulator's Compressor and one ErrorFeedback per row (the daemon's) send the same
+    and keep the same float64 memory, message after message, over the full float range;
+    rows outside ``feedback`` (attackers) send plainly and keep no memory."""
+    codec = resolve_codec(codec_id)
+    n, size = rows.shape
+    feedback = data.draw(hnp.arrays(np.bool_, n), label="feedback")
+    senders = torch.ones(n, dtype=torch.bool)
+    compressor = Compressor(BatchedCodec(codec, [size]), torch.from_numpy(rows))
+    per_row = [ErrorFeedback(codec) for _ in range(n)]
+    for message in range(messages):
+        targets = rows if message % 2 == 0 else -rows
+        try:
+            with np.errstate(over="ignore"):
+                expected = np.stack(
+                    [
+                        per_row[i].compress(targets[i]) if feedback[i] else round_trip(codec, row)
+                        for i, row in enumerate(targets)
+                    ]
+                )
+        except ValueError:  # a sum past float32's max casts to inf: both refuse it
+            with pytest.raises(ValueError, match="NaN or infinite"), np.errstate(over="ignore"):
+                compressor.encode(torch.from_numpy(targets), senders, torch.from_numpy(feedback))
+            return
+        with np.errstate(over="ignore"):
+            got = compressor.encode(
+                torch.from_numpy(targets), senders, torch.from_numpy(feedback)
+            ).numpy()
+        np.testing.assert_array_equal(got, expected)
+        assert compressor.memory is not None and compressor.memory.dtype == torch.float64
+        for i in range(n):
+            memory = per_row[i].memory if feedback[i] else np.zeros(size)
+            np.testing.assert_array_equal(compressor.memory[i].numpy(), memory)

@@ -71,6 +71,7 @@ import torch
 from gossip.compression import Fp16Codec, Int8Codec, RawCodec, TensorCodec, TopKCodec
 from gossip.compression import resolve_codec as gossip_resolve_codec
 from gossip.compression.base import FLOAT32_MAX
+from gossip.compression.feedback import feedback_step
 from gossip.compression.fp16 import HALF_MAX
 from gossip.compression.int8 import dequantize_rows, quantize_rows
 from gossip.compression.topk import top_mask_rows
@@ -177,7 +178,9 @@ class Compressor:
         self.codec = codec
         self.step = float(step)
         self.public = start.clone() if codec.sparse else None
-        self.memory = None if codec.sparse else torch.zeros_like(start)
+        # Error-feedback residuals, float64 as in the daemon (gossip's feedback_step):
+        # None until the first message, then [n, P].
+        self.memory: torch.Tensor | None = None
 
     @property
     def uses_public_copies(self) -> bool:
@@ -192,9 +195,12 @@ class Compressor:
             residual = targets.index_select(0, rows) - self.public.index_select(0, rows)
             self.public.index_add_(0, rows, self.codec.round_trip(residual))
             return self.public
-        assert self.memory is not None
         use = senders if feedback is None else senders & feedback
-        wanted = targets + self.memory * use.unsqueeze(1).to(targets.dtype)
-        sent = self.codec.round_trip(wanted)
-        self.memory[use] = (wanted - sent)[use]
-        return sent
+        sent, memory = feedback_step(
+            targets.detach().cpu().numpy(),
+            None if self.memory is None else self.memory.numpy(),
+            lambda rows: self.codec.round_trip(torch.from_numpy(rows)).numpy(),
+            use.cpu().numpy(),
+        )
+        self.memory = torch.from_numpy(memory)
+        return torch.from_numpy(sent).to(targets.device)
