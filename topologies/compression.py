@@ -27,7 +27,9 @@ What is sent, by codec:
   (:meth:`gossip.node.GossipNode.prepare` encodes the share's estimate), with
   the residual memory of :class:`gossip.compression.ErrorFeedback` (EF-SGD,
   Karimireddy et al., ICML 2019): a node sends ``Q(z + e)`` and keeps
-  ``e <- z + e - Q(z + e)``. Receivers fold in the decoded estimate with the
+  ``e <- z + e - Q(z + e)``, in float64 as the daemon does; the rule is
+  gossip's own :func:`gossip.compression.feedback.feedback_step`, called on
+  every row at once. Receivers fold in the decoded estimate with the
   sender's weight share; the sender keeps its own share of its exact ``z``.
 * ``topk`` sends differences to a public copy, CHOCO-gossip style (Koloskova,
   Stich and Jaggi, "Decentralized Stochastic Optimization and Gossip
