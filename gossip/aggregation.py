@@ -159,7 +159,7 @@ class ClippedGossip(RobustRule):
     def aggregate(self, own: np.ndarray, others: np.ndarray) -> np.ndarray:
         # One neighbour at a time (``others`` may be a list of rows): no [k, P]
         # temporaries, which at 11M parameters are hundreds of MB each.
-        return robust.clipped_step_streamed(own, others, self.tau, self.beta)
+        return robust.clipped_step(own, others, self.tau, self.beta)
 
 
 AGGREGATORS: dict[str, type] = {

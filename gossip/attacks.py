@@ -11,8 +11,20 @@ nodes), with ``s`` the scale:
 * ``scale``: ``s * z`` (default ``s = 10``);
 * ``noise``: ``z + N(0, s^2)`` per coordinate (default ``s = 1``);
 * ``alie`` (Baruch et al., NeurIPS 2019): ``mean - s * std``, coordinate-wise
-  over the neighbours' estimates the attacker has received (its vote
-  table), with the paper's ``z_max`` as the default ``s``.
+  (population std) over the estimates the attacker sees, with the paper's
+  ``z_max`` as the default ``s``.
+
+One definition, :func:`attack_vectors`, serves both; what differs, on
+purpose, is what an ALIE attacker sees:
+
+* here, in a daemon: the fresh votes it has received (its vote table), which
+  are a round or so old and may include other attackers' vectors. A real
+  process sees only what is sent to it; an omniscient attacker would need a
+  side channel to every honest neighbour, which our daemons do not model.
+* in the simulator (:mod:`topologies.attacks`): the current estimates of its
+  honest neighbours, as in the paper (omniscient, colluding attackers). It
+  costs nothing in-process and is the worst case, which is what a simulated
+  robustness claim should be measured against.
 
 Unlike an honest node it claims its whole sample count as weight on every
 message (a weight is only a claim), and it does not split or refund weight:
@@ -47,6 +59,49 @@ def alie_z_max(nodes: int, byzantine: int) -> float:
     return NormalDist().inv_cdf((nodes - supporters) / nodes)
 
 
+def attack_vectors(
+    attack: str,
+    own: np.ndarray,
+    scale: float,
+    rng: np.random.Generator,
+    seen: np.ndarray | None = None,
+    present: np.ndarray | None = None,
+) -> np.ndarray:
+    """What each of n Byzantine nodes sends in place of its row of ``own`` ([n, P]).
+
+    The one definition of the attacks, batched: :func:`attack_vector` is this on
+    one node (the daemon's :class:`Attacker`), and the simulator
+    (:class:`topologies.attacks.Adversary`) calls it on all its attackers at
+    once. ``noise`` draws ``N(0, 1)`` in ``own``'s dtype from ``rng``, row after
+    row. ``alie`` reads ``seen`` ([n, m, P]: the estimates each attacker sees,
+    padded) and ``present`` ([n, m], which are real; all when None): what an
+    attacker sees is the caller's to say (see the module text); one that sees
+    nothing sends its own row.
+    """
+    own = np.asarray(own)
+    if attack == "sign-flip":
+        return -scale * own
+    if attack == "scale":
+        return scale * own
+    if attack == "noise":
+        return own + scale * rng.standard_normal(own.shape, dtype=own.dtype)
+    if attack == "alie":
+        if seen is None or seen.shape[1] == 0:
+            return own.copy()
+        mask = (
+            np.ones(seen.shape[:2], dtype=bool) if present is None else np.asarray(present, bool)
+        )
+        counts = mask.sum(axis=1)[:, None]
+        divisor = np.maximum(counts, 1).astype(seen.dtype)
+        real = mask[:, :, None]
+        with np.errstate(over="ignore", invalid="ignore"):  # huge rows: inf, dropped later
+            mean = np.where(real, seen, 0).sum(axis=1) / divisor
+            spread = np.where(real, seen - mean[:, None, :], 0)
+            std = np.sqrt((spread * spread).sum(axis=1) / divisor)
+            return np.where(counts > 0, mean - scale * std, own)
+    raise ValueError(f"unknown attack {attack!r}; choose one of: {', '.join(ATTACKS)}")
+
+
 def attack_vector(
     attack: str,
     own: np.ndarray,
@@ -54,18 +109,11 @@ def attack_vector(
     scale: float,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """What a Byzantine node sends in place of ``own``; ``seen``: its neighbours' rows."""
-    if attack == "sign-flip":
-        return -scale * own
-    if attack == "scale":
-        return scale * own
-    if attack == "noise":
-        return own + scale * rng.standard_normal(own.shape)
-    if attack == "alie":
-        if seen is None or len(seen) == 0:
-            return own.copy()
-        return seen.mean(axis=0) - scale * seen.std(axis=0)
-    raise ValueError(f"unknown attack {attack!r}; choose one of: {', '.join(ATTACKS)}")
+    """What one Byzantine node sends in place of ``own`` ([P]); ``seen``: the [m, P] rows it
+    sees (:func:`attack_vectors` on one node)."""
+    own = np.asarray(own)
+    batch = None if seen is None else np.asarray(seen)[None]
+    return attack_vectors(attack, own[None], scale, rng, batch)[0]
 
 
 @dataclass

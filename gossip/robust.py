@@ -3,10 +3,12 @@
 Each function takes the set a node aggregates, its own estimate and what it
 received, stacked as rows, and returns one vector. They hold no state and
 know nothing of push-sum. Each rule is written once, batched over many nodes'
-sets at a time (the ``*_sets`` functions: a padded [n, m, P] stack with a
-mask of who is present); the one-set functions the per-node aggregators in
-:mod:`gossip.aggregation` call are those applied to a single set, and the
-simulator (:mod:`topologies.robust`) calls the batched ones on its rows.
+sets at a time (trimmed mean and median: the ``*_sets`` functions, a padded
+[n, m, P] stack with a mask of who is present; the clipped step: one function
+that takes one node or n nodes); the one-set functions the per-node
+aggregators in :mod:`gossip.aggregation` call are those applied to a single
+set, and the simulator (:mod:`topologies.robust`) calls the batched ones on
+its rows.
 
 What the rules can and cannot do (see SECURITY.md): each assumes that the
 honest members form a majority of the set a node aggregates, i.e. of its
@@ -23,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# Each default fraction is declared here and only here: gossip's rules, the
+# simulator's settings and their help texts all read these names.
 DEFAULT_TRIM_FRACTION = 0.2
 # ClippedGossip clips, it does not discard: clipping an honest neighbour only
 # shortens its pull, so it can afford to treat more of the set as suspect. On
@@ -59,7 +63,7 @@ def trim_count(members: int, beta: float = DEFAULT_TRIM_FRACTION) -> int:
     return min(count, (members - 1) // 2)
 
 
-def farthest_count(received: int, beta: float = DEFAULT_TRIM_FRACTION) -> int:
+def farthest_count(received: int, beta: float = DEFAULT_CLIP_FRACTION) -> int:
     """How many of ``received`` vectors the adaptive radius clips: ``max(1, floor(beta k))``,
     capped at ``k - 1`` (with one neighbour there is nothing to compare)."""
     return max(0, min(max(1, math.floor(_check_fraction(beta) * received)), received - 1))
@@ -101,115 +105,87 @@ def median_sets(members: np.ndarray, present: np.ndarray) -> np.ndarray:
     return np.where((sizes % 2 == 0)[:, None], midpoint, high)
 
 
-def clipped_step_sets(
-    own: np.ndarray,
-    others: np.ndarray,
-    valid: np.ndarray,
-    tau: float | None = None,
-    beta: float = DEFAULT_TRIM_FRACTION,
-) -> np.ndarray:
-    """:func:`clipped_step` for each node: own [n, P], received [n, k, P] with mask [n, k].
-
-    ``tau`` fixed, or None for each node's :func:`adaptive_tau`. A node that
-    received nothing keeps its estimate.
-    """
-    own = np.asarray(own)
-    others = np.asarray(others)
-    valid = np.asarray(valid, dtype=bool)
-    if tau is not None and not tau >= 0:
-        raise ValueError(f"the clipping radius must be >= 0, got {tau}")
-    if others.shape[1] == 0:
-        return own.copy()
-    with np.errstate(over="ignore", invalid="ignore"):
-        differences = others - own[:, None, :]
-        distances = _row_norms(differences)
-    received = valid.sum(axis=1)
-    radius: float | np.ndarray
-    if tau is None:
-        ordered = np.sort(np.where(valid, distances, np.inf), axis=1)
-        farthest = np.array([farthest_count(int(k), beta) for k in received], dtype=np.int64)
-        rank = np.maximum(received - 1 - farthest, 0)
-        radius = np.take_along_axis(ordered, rank[:, None], axis=1)
-    else:
-        radius = tau
-    # Scaled in place: at 11M parameters each [n, k, P] temporary is hundreds of MB.
-    step = _clip_in_place(differences, distances, radius, valid).sum(axis=1)
-    step /= (received + 1)[:, None].astype(own.dtype)
-    step += own
-    return step
-
-
-def clipped_step_streamed(
-    own: np.ndarray,
-    others: Sequence[np.ndarray],
-    tau: float | None = None,
-    beta: float = DEFAULT_TRIM_FRACTION,
-) -> np.ndarray:
-    """:func:`clipped_step_sets` for one node, one received vector at a time.
-
-    ``tau`` fixed, or None for :func:`adaptive_tau`'s radius. The same
-    arithmetic in the same order, so the same result, but two [P] temporaries
-    where the stacked form holds [k, P] ones: for a node merging three
-    ResNet-18 votes, 180 MB instead of 625 MB.
-    """
-    own = np.asarray(own)
-    rows = [np.asarray(row) for row in others]
-    if tau is not None and not tau >= 0:
-        raise ValueError(f"the clipping radius must be >= 0, got {tau}")
-    if not rows:
-        return own.copy()
-    with np.errstate(over="ignore", invalid="ignore"):
-        distances = np.array([_row_norms(row - own) for row in rows])
-    if tau is None:
-        rank = max(len(rows) - 1 - farthest_count(len(rows), beta), 0)
-        radius = np.sort(distances)[rank]
-    else:
-        radius = tau
-    step = np.zeros_like(own)
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        for row, norm in zip(rows, distances, strict=True):
-            if not np.isfinite(norm):
-                continue  # overflowed: an infinitely far neighbour, clipped to nothing
-            difference = row - own
-            if norm > radius:
-                difference *= own.dtype.type(radius / norm)
-            step += difference
-    step /= own.dtype.type(len(rows) + 1)
-    step += own
-    return step
-
-
 def _row_norms(vectors: np.ndarray) -> np.ndarray:
-    """``np.linalg.norm(vectors, axis=-1)`` without its [..., P] temporary of squares."""
+    """The L2 norm over the last axis, without ``np.linalg.norm``'s [..., P] temporary of squares.
+
+    The one norm of this module. A row whose squares overflow gets inf: the
+    clipped step reads that as an infinitely far neighbour.
+    """
     return np.sqrt(np.einsum("...i,...i->...", vectors, vectors))
 
 
-def _clip_in_place(
-    vectors: np.ndarray, norms: np.ndarray, radius: float | np.ndarray, valid: np.ndarray
+def _distances(own: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
+    """``||z_j - z||`` for each of the k received rows, one [..., P] temporary at a time."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.stack([_row_norms(np.asarray(row) - own) for row in others])
+
+
+def _adaptive_radius(distances: np.ndarray, present: np.ndarray, beta: float) -> np.ndarray:
+    """:func:`adaptive_tau` of each node from its distances [k, ...] and mask [k, ...]."""
+    received = present.sum(axis=0)
+    farthest = np.array(
+        [farthest_count(int(count), beta) for count in received.reshape(-1)], dtype=np.int64
+    ).reshape(received.shape)
+    rank = np.maximum(received - 1 - farthest, 0)
+    ordered = np.sort(np.where(present, distances, np.inf), axis=0)
+    return np.take_along_axis(ordered, rank[None], axis=0)[0]
+
+
+def clipped_step(
+    own: np.ndarray,
+    others: Sequence[np.ndarray] | np.ndarray,
+    tau: float | None = None,
+    beta: float = DEFAULT_CLIP_FRACTION,
+    present: np.ndarray | None = None,
 ) -> np.ndarray:
-    """:func:`_clipped`, overwriting ``vectors`` (a temporary of the caller's)."""
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        scale = np.where(norms > radius, radius / norms, 1.0)
-    keep = valid & np.isfinite(norms)
-    if not keep.all():
-        vectors[~keep] = 0
-    vectors *= np.where(keep, scale, 1.0)[:, :, None].astype(vectors.dtype)
-    return vectors
+    """One self-centred clipping step: ``z + (1/m) sum_j clip(z_j - z, tau)``.
 
+    ClippedGossip (He, Karimireddy and Jaggi, "Byzantine-Robust Decentralized
+    Learning via ClippedGossip", arXiv:2202.01545, later revised as "... via
+    Self-Centered Clipping"). The mean runs over the ``m = k + 1`` members of
+    the set, the node itself included with a zero difference: uniform mixing
+    weights ``1/m``, as in the paper's gossip matrix with a self loop. Without
+    clipping it is the plain average of the set; leaving the node out would
+    make two nodes swap values forever on a bipartite graph. No neighbour can
+    move the node by more than ``tau / m``. ``tau`` fixed, or None for
+    :func:`adaptive_tau`'s radius with ``beta``.
 
-def _clipped(
-    vectors: np.ndarray, norms: np.ndarray, radius: float | np.ndarray, valid: np.ndarray
-) -> np.ndarray:
-    """Each valid row of [n, k, P] scaled to norm at most ``radius``; others zero.
-
-    A row whose norm overflowed to inf counts as an infinitely far neighbour
-    and is clipped to nothing (scaling it would give inf * 0 = NaN).
+    The one clipped step, for one node and for many: ``own`` is [P] and
+    ``others`` its k received rows (a list of [P], or [k, P]); or ``own`` is
+    [n, P] for n nodes, ``others`` k rows of [n, P] (a [k, n, P] stack, the
+    j-th received vector of every node) and ``present`` [k, n] says which
+    are real. It walks the k received rows one at a time, so its temporaries
+    are [..., P], never [k, ..., P]: for a node merging three ResNet-18
+    votes, 180 MB instead of 625 MB. A row whose distance overflowed to inf
+    is an infinitely far neighbour, clipped to nothing (scaling it would give
+    inf * 0 = NaN). A node that received nothing keeps its estimate.
     """
+    own = np.asarray(own)
+    if tau is not None and not tau >= 0:
+        raise ValueError(f"the clipping radius must be >= 0, got {tau}")
+    if len(others) == 0:
+        return own.copy()
+    distances = _distances(own, others)
+    mask = (
+        np.ones(distances.shape, dtype=bool) if present is None else np.asarray(present, dtype=bool)
+    )
+    if mask.shape != distances.shape:
+        raise ValueError(f"expected a mask of shape {distances.shape}, got {mask.shape}")
+    radius = _adaptive_radius(distances, mask, beta) if tau is None else tau
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        scale = np.where(norms > radius, radius / norms, 1.0)
-        clipped = vectors * scale[:, :, None]
-    keep = valid & np.isfinite(norms)
-    return np.where(keep[:, :, None], clipped, vectors.dtype.type(0))
+        # radius / distance in the estimates' dtype (a fixed tau is a weak Python float).
+        scales = np.where(distances > radius, radius / distances, 1.0).astype(own.dtype)
+        keep = mask & np.isfinite(distances)
+        step = np.zeros_like(own)
+        for row, scale, kept in zip(others, scales, keep, strict=True):
+            if not kept.any():
+                continue
+            difference = np.asarray(row) - own
+            difference *= scale[..., None]
+            np.add(step, difference, out=step, where=kept[..., None])
+    step /= np.asarray(mask.sum(axis=0) + 1)[..., None].astype(own.dtype)
+    step += own
+    return step
 
 
 def trimmed_mean(stack: np.ndarray, beta: float = DEFAULT_TRIM_FRACTION) -> np.ndarray:
@@ -236,7 +212,7 @@ def median(stack: np.ndarray) -> np.ndarray:
     return median_sets(stack[None], np.ones((1, len(stack)), dtype=bool))[0]
 
 
-def adaptive_tau(own: np.ndarray, others: np.ndarray, beta: float = DEFAULT_TRIM_FRACTION) -> float:
+def adaptive_tau(own: np.ndarray, others: np.ndarray, beta: float = DEFAULT_CLIP_FRACTION) -> float:
     """The clipping radius that clips the ``b`` farthest of the ``k`` received vectors.
 
     ``b = max(1, floor(beta * k))`` (capped at ``k - 1``, :func:`farthest_count`)
@@ -251,32 +227,5 @@ def adaptive_tau(own: np.ndarray, others: np.ndarray, beta: float = DEFAULT_TRIM
     them are Byzantine; more than ``b`` can enlarge it. With one neighbour
     there is nothing to compare, and nothing is clipped.
     """
-    others = _as_stack(others)
-    with np.errstate(over="ignore", invalid="ignore"):
-        distances = np.sort(_row_norms(others - own))
-    received = len(distances)
-    return float(distances[received - 1 - farthest_count(received, beta)])
-
-
-def clip(vectors: np.ndarray, tau: float) -> np.ndarray:
-    """Scale each row of ``vectors`` to norm at most ``tau`` (rows so long they overflow -> 0)."""
-    vectors = _as_stack(vectors)
-    with np.errstate(over="ignore"):
-        norms = np.linalg.norm(vectors, axis=1)
-    valid = np.ones((1, len(vectors)), dtype=bool)
-    return _clipped(vectors[None], norms[None], tau, valid)[0]
-
-
-def clipped_step(own: np.ndarray, others: np.ndarray, tau: float) -> np.ndarray:
-    """One self-centred clipping step: ``z + (1/m) sum_j clip(z_j - z, tau)`` ([P], [k, P] -> [P]).
-
-    ClippedGossip (He, Karimireddy and Jaggi, "Byzantine-Robust Decentralized
-    Learning via ClippedGossip", arXiv:2202.01545, later revised as "... via
-    Self-Centered Clipping"). The mean runs over the ``m = k + 1`` members of the set, the
-    node itself included with a zero difference: uniform mixing weights
-    ``1/m``, as in the paper's gossip matrix with a self loop. Without
-    clipping it is the plain average of the set; leaving the node out would
-    make two nodes swap values forever on a bipartite graph. No neighbour can
-    move the node by more than ``tau / m``.
-    """
-    return clipped_step_streamed(own, _as_stack(others), tau)
+    distances = _distances(own, _as_stack(others))
+    return float(_adaptive_radius(distances, np.ones(distances.shape, dtype=bool), beta))

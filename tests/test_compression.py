@@ -3,6 +3,7 @@ error feedback, and the whole signed-update path with a compressed payload."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 
@@ -462,3 +463,36 @@ def _int8_payload(array: np.ndarray) -> bytearray:
     payload = bytearray(codec.payload_size(array))
     codec.encode_into(array, memoryview(payload))
     return payload
+
+
+def _wire_pinned_arrays() -> list[np.ndarray]:
+    """Seeded tensors over every float dtype and block boundary, edges included."""
+    rng = np.random.default_rng(21)
+    f32 = np.finfo(np.float32)
+    edges = np.array(
+        [0.0, -0.0, f32.smallest_subnormal, -f32.smallest_subnormal, 1e-40, f32.tiny]
+        + [1.0, -1.0, 3e38, f32.max, -f32.max, 1e-44, -3e-45]
+    )
+    arrays = []
+    for dtype in (np.float16, np.float32, np.float64):
+        for size in (1, 3, 255, 256, 257, 600, 1000):
+            normal = rng.standard_normal(size) * 10.0 ** rng.integers(-40, 38, size)
+            mixed = np.where(rng.random(size) < 0.3, rng.choice(edges, size), normal)
+            with np.errstate(over="ignore"):
+                array = mixed.astype(dtype)
+            array[~np.isfinite(array)] = 0
+            arrays.append(array)
+    arrays.append(np.full(300, np.finfo(np.float64).max))  # beyond float32: clipped first
+    arrays.append(np.zeros((4, 70), dtype=np.float32))
+    arrays.append(np.full(256, -0.0, dtype=np.float32))  # scale +0.0, as |x| gives
+    return arrays
+
+
+def test_int8_wire_bytes_are_pinned() -> None:
+    """The daemon's int8 bytes, hashed as the codec wrote them before issue 21 made its
+    rule the simulator's too: any change to the encoding fails here."""
+    digest = hashlib.sha256()
+    with np.errstate(over="ignore"):  # float16 tensors: the float32 clip bounds overflow
+        for array in _wire_pinned_arrays():
+            digest.update(_int8_payload(array))
+    assert digest.hexdigest() == "45691b275162c1d576f57ea7d3d877ae86dba1afe83025cdb41b3fef3f87026f"

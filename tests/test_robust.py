@@ -8,6 +8,9 @@ import networkx as nx
 import numpy as np
 import pytest
 from consensus_sim import START, build_network, synchronous_round
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from gossip import PushSum, Share, robust
 from gossip.aggregation import (
@@ -194,8 +197,9 @@ def test_a_sender_pushing_many_updates_between_merges_gets_one_vote() -> None:
     from gossip import GossipNode, NodeKey
 
     model = {"w": np.zeros(4, dtype=np.float32)}
-    node = GossipNode.create(NodeKey(bytes(32)), model, samples=10,
-                             aggregator=aggregator_by_name("median"))
+    node = GossipNode.create(
+        NodeKey(bytes(32)), model, samples=10, aggregator=aggregator_by_name("median")
+    )
     honest = [GossipNode.create(NodeKey(bytes([i]) * 32), model, samples=10) for i in (1, 2)]
     attacker = GossipNode.create(NodeKey(bytes([9]) * 32), model, samples=10)
     attacker.set_model({"w": np.full(4, 1000.0, dtype=np.float32)})
@@ -209,18 +213,59 @@ def test_a_sender_pushing_many_updates_between_merges_gets_one_vote() -> None:
     assert np.allclose(node.estimate, 0.0)
 
 
-@pytest.mark.parametrize("tau", [None, 0.5])
-def test_the_streamed_clipped_step_is_the_stacked_one_bit_for_bit(tau: float | None) -> None:
+def _full_range(dtype: type) -> st.SearchStrategy[float]:
+    """Every finite value of ``dtype``: extremes, subnormals, signed zeros."""
+    info = np.finfo(dtype)
+    width = 32 if dtype is np.float32 else 64
+    return st.one_of(
+        st.floats(width=width, allow_nan=False, allow_infinity=False),
+        st.sampled_from(
+            [
+                0.0,
+                -0.0,
+                float(info.smallest_subnormal),
+                -float(info.smallest_subnormal),
+                float(info.max),
+                -float(info.max),
+                float(info.tiny),
+                1.0,
+            ]
+        ),
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.sampled_from([np.float32, np.float64]).flatmap(
+        lambda dtype: st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 6)).flatmap(
+            lambda shape: st.tuples(
+                hnp.arrays(dtype, (shape[0], shape[2]), elements=_full_range(dtype)),
+                hnp.arrays(dtype, (shape[1], shape[0], shape[2]), elements=_full_range(dtype)),
+                hnp.arrays(np.bool_, shape[1::-1]),
+            )
+        )
+    ),
+    tau=st.sampled_from([None, 0.0, 0.5, 1e30]),
+    beta=st.sampled_from([robust.DEFAULT_CLIP_FRACTION, robust.DEFAULT_TRIM_FRACTION]),
+)
+def test_the_clipped_step_of_n_nodes_is_each_nodes_step_bit_for_bit(data, tau, beta) -> None:
+    """The one clipped step, batched over nodes (the simulator's) and for one node (the
+    daemon's, from a list of votes), agree bit for bit over the whole float range."""
+    own, others, present = data
+    with np.errstate(all="ignore"):
+        batched = robust.clipped_step(own, others, tau, beta, present)
+        for node in range(len(own)):
+            votes = [others[j, node] for j in range(len(others)) if present[j, node]]
+            one = robust.clipped_step(own[node], votes, tau, beta)
+            assert np.array_equal(batched[node], one, equal_nan=True), node
+
+
+def test_a_list_of_votes_and_their_stack_give_the_same_step() -> None:
     rng = np.random.default_rng(3)
-    for trial in range(60):
-        k, size = int(rng.integers(1, 6)), int(rng.integers(1, 100))
-        own = rng.standard_normal(size) * 3
-        others = own + rng.standard_normal((k, size)) * rng.uniform(0.01, 5, size=(k, 1))
-        if trial % 5 == 0:
-            others[0, :2] = 1e308  # its norm overflows: clipped to nothing
-        if trial % 7 == 0:
-            others[-1] = own  # at distance 0
-        valid = np.ones((1, k), dtype=bool)
-        stacked = robust.clipped_step_sets(own[None], others[None], valid, tau, 0.45)[0]
-        streamed = robust.clipped_step_streamed(own, list(others), tau, 0.45)
-        assert np.array_equal(stacked, streamed)
+    own = rng.standard_normal(100) * 3
+    others = own + rng.standard_normal((4, 100))
+    others[0, :2] = 1e308  # its norm overflows: clipped to nothing
+    others[-1] = own  # at distance 0
+    stacked = robust.clipped_step(own, others)
+    assert np.array_equal(stacked, robust.clipped_step(own, list(others)))
+    assert np.isfinite(stacked).all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -12,10 +14,11 @@ from hypothesis.extra import numpy as hnp
 from fltasks import load_task, partition
 from gossip import robust
 from gossip.aggregation import aggregator_by_name
+from gossip.attacks import ATTACKS, attack_vector
 from gossip.privacy import GaussianMechanism, clip_to_norm, row_norms
 from gossip.pushsum import PushSum
 from topologies import robust as batched
-from topologies.attacks import alie_z_max, choose_byzantine
+from topologies.attacks import Adversary, alie_z_max, choose_byzantine
 from topologies.graphs import small_world
 from topologies.network import DELIVERED, REFUNDED, NetworkConditions, NetworkModel
 from topologies.privacy import DELTA, BatchedGaussianMechanism
@@ -292,3 +295,55 @@ def test_twenty_percent_churn_per_round_still_learns():
     assert all(m.online == 13 for m in history)
     assert history[-1].accuracy_mean > history[0].accuracy_mean + 0.3
     assert history[-1].accuracy_min > 0.6
+
+
+def _finite(dtype: type) -> st.SearchStrategy[float]:
+    """Every finite value of ``dtype``: extremes, subnormals, signed zeros."""
+    info = np.finfo(dtype)
+    return st.one_of(
+        st.floats(width=np.dtype(dtype).itemsize * 8, allow_nan=False, allow_infinity=False),
+        st.sampled_from(
+            [0.0, -0.0, float(info.smallest_subnormal), float(info.max), -float(info.max), 1.0]
+        ),
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    attack=st.sampled_from(ATTACKS),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    scale=st.sampled_from([None, 0.5, 3.0]),
+)
+def test_the_simulators_attack_vectors_are_gossips_attacker_by_attacker(
+    data: st.DataObject, attack: str, dtype: type, scale: float | None
+) -> None:
+    """Adversary (batched, torch in and out) and gossip's attack_vector (the daemon's, one
+    node) send the same vectors over the full float range, noise draws included, when the
+    daemon's attacker is given what the simulator's sees: its honest neighbours' rows."""
+    n = data.draw(st.integers(2, 7), label="n")
+    size = data.draw(st.integers(1, 6), label="size")
+    estimates = data.draw(hnp.arrays(dtype, (n, size), elements=_finite(dtype)), label="z")
+    byzantine = data.draw(
+        # Fewer than floor(n/2 + 1): ALIE's default z_max is defined only for those.
+        hnp.arrays(np.bool_, n).filter(lambda mask: 0 < mask.sum() < n // 2 + 1),
+        label="byzantine",
+    )
+    neighbours = [
+        np.array(
+            sorted(data.draw(st.sets(st.integers(0, n - 1).filter(lambda j, i=i: j != i)))),
+            dtype=np.int64,
+        )
+        for i in range(n)
+    ]
+    adversary = Adversary(byzantine, attack, scale, neighbours, seed=5)
+    rng = copy.deepcopy(adversary.rng)
+    with np.errstate(all="ignore"):
+        got = adversary.vectors(torch.from_numpy(estimates)).numpy()
+        expected = []
+        for b in np.flatnonzero(byzantine):
+            honest = neighbours[b][~byzantine[neighbours[b]]]
+            seen = estimates[honest] if len(honest) else None
+            expected.append(attack_vector(attack, estimates[b], seen, adversary.scale, rng))
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, np.stack(expected))

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fltasks import load_task, partition
-from gossip.compression import resolve_codec
+from gossip.compression import ErrorFeedback, resolve_codec
 from gossip.compression.feedback import round_trip
-from topologies.compression import BatchedCodec
+from topologies.compression import BatchedCodec, Compressor, int8_round_trip
 from topologies.graphs import small_world
 from topologies.network import NetworkConditions, message_bytes
 from topologies.simulator import Simulation, SimulationConfig
@@ -110,7 +110,6 @@ def test_topk_refuses_an_unreliable_network():
 def test_batched_int8_equals_the_codec_on_a_subnormal_block() -> None:
     from gossip.compression import Int8Codec
     from gossip.compression.feedback import round_trip as codec_round_trip
-    from topologies.compression import int8_round_trip
 
     rows = np.array([[3.78e-43, -1.0e-44, 0.0], [1.0, -2.0, 0.5]], dtype=np.float32)
     batched = int8_round_trip(torch.from_numpy(rows)).numpy()
@@ -156,6 +155,24 @@ def test_batched_int8_equals_the_codec_over_the_full_float_range(rows: np.ndarra
     np.testing.assert_array_equal(got, _codec_rows("int8", rows))
 
 
+_FLOAT64_BEYOND_FLOAT32 = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([float(np.finfo(np.float64).max), -1e300, 5e-324, -0.0]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.tuples(st.integers(1, 3), st.integers(1, 600)).flatmap(
+        lambda shape: hnp.arrays(np.float64, shape, elements=_FLOAT64_BEYOND_FLOAT32)
+    )
+)
+def test_batched_int8_equals_the_codec_for_float64_beyond_float32s_range(rows: np.ndarray) -> None:
+    """float64 values past float32's max are clipped to it first, in both forms."""
+    got = int8_round_trip(torch.from_numpy(rows)).numpy()
+    np.testing.assert_array_equal(got, _codec_rows("int8", rows))
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     rows=st.one_of(_rows(np.float32), _rows(np.float64)),
@@ -187,3 +204,47 @@ def test_batched_codecs_refuse_non_finite_values_as_the_codec_does(codec_id: str
         _codec_rows(codec_id, row)
     with pytest.raises(ValueError, match="NaN or infinite"):
         BatchedCodec(resolve_codec(codec_id), [3]).round_trip(torch.from_numpy(row))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.one_of(_rows(np.float32), _rows(np.float64)),
+    codec_id=st.sampled_from(["int8", "fp16"]),
+    messages=st.integers(1, 4),
+    data=st.data(),
+)
+def test_batched_error_feedback_is_gossips_for_every_row(
+    rows: np.ndarray, codec_id: str, messages: int, data: st.DataObject
+) -> None:
+    """The simulator's Compressor and one ErrorFeedback per row (the daemon's) send the same
+    and keep the same float64 memory, message after message, over the full float range;
+    rows outside ``feedback`` (attackers) send plainly and keep no memory."""
+    codec = resolve_codec(codec_id)
+    n, size = rows.shape
+    feedback = data.draw(hnp.arrays(np.bool_, n), label="feedback")
+    senders = torch.ones(n, dtype=torch.bool)
+    compressor = Compressor(BatchedCodec(codec, [size]), torch.from_numpy(rows))
+    per_row = [ErrorFeedback(codec) for _ in range(n)]
+    for message in range(messages):
+        targets = rows if message % 2 == 0 else -rows
+        try:
+            with np.errstate(over="ignore"):
+                expected = np.stack(
+                    [
+                        per_row[i].compress(targets[i]) if feedback[i] else round_trip(codec, row)
+                        for i, row in enumerate(targets)
+                    ]
+                )
+        except ValueError:  # a sum past float32's max casts to inf: both refuse it
+            with pytest.raises(ValueError, match="NaN or infinite"), np.errstate(over="ignore"):
+                compressor.encode(torch.from_numpy(targets), senders, torch.from_numpy(feedback))
+            return
+        with np.errstate(over="ignore"):
+            got = compressor.encode(
+                torch.from_numpy(targets), senders, torch.from_numpy(feedback)
+            ).numpy()
+        np.testing.assert_array_equal(got, expected)
+        assert compressor.memory is not None and compressor.memory.dtype == torch.float64
+        for i in range(n):
+            memory = per_row[i].memory if feedback[i] else np.zeros(size)
+            np.testing.assert_array_equal(compressor.memory[i].numpy(), memory)

@@ -14,10 +14,13 @@ are drawn uniformly with the run's seed. Attacks, with ``s`` the
 * ``alie``, "A Little Is Enough" (Baruch, Baruch and Goldberg, NeurIPS 2019):
   ``mean - s * std``, coordinate-wise over the current estimates of the
   attacker's honest neighbours, which it is assumed to see (omniscient,
-  colluding attackers, as in the paper). The default ``s`` is the paper's
-  ``z_max = Phi^-1((n - q) / n)`` with ``q = floor(n/2 + 1) - f`` for ``n``
-  nodes of which ``f`` are Byzantine (:func:`alie_z_max`). An attacker with no
-  honest neighbour sends its own estimate.
+  colluding attackers, as in the paper). This is the worst case, and free
+  in-process, so it is what the simulator measures; a daemon's attacker
+  (:mod:`gossip.attacks`, same formula) can only read the votes it received.
+  The default ``s`` is the paper's ``z_max = Phi^-1((n - q) / n)`` with
+  ``q = floor(n/2 + 1) - f`` for ``n`` nodes of which ``f`` are Byzantine
+  (:func:`alie_z_max`). An attacker with no honest neighbour sends its own
+  estimate.
 
 A non-finite attack vector (a scale attack that overflowed) would be rejected
 by every receiver's admission (``gossip.admission.all_finite``): the simulator
@@ -31,9 +34,9 @@ import math
 import numpy as np
 import torch
 
-# One source for the attacks' names, default scales and ALIE's z_max: the daemon's
-# --attack members (gossip/attacks.py) use the same definitions.
-from gossip.attacks import ATTACKS, DEFAULT_SCALE, alie_z_max
+# One source for the attacks' names, default scales, ALIE's z_max and the vectors
+# themselves: the daemon's --attack members (gossip/attacks.py) use the same.
+from gossip.attacks import ATTACKS, DEFAULT_SCALE, alie_z_max, attack_vectors
 
 __all__ = ["ATTACKS", "DEFAULT_SCALE", "Adversary", "alie_z_max", "choose_byzantine"]
 
@@ -75,29 +78,30 @@ class Adversary:
         )
         self.rows = torch.from_numpy(np.flatnonzero(self.byzantine))
         honest = ~self.byzantine
-        # For ALIE: each attacker's honest neighbours.
-        self._honest_neighbours = [
-            torch.from_numpy(neighbours[b][honest[neighbours[b]]])
-            for b in np.flatnonzero(self.byzantine)
-        ]
-        self._generator = torch.Generator().manual_seed(seed + 0x6E6F)
+        # For ALIE: each attacker's honest neighbours, padded into one [F, m] index
+        # with a mask, so that gossip's batched rule reads them in one gather.
+        seen = [neighbours[b][honest[neighbours[b]]] for b in np.flatnonzero(self.byzantine)]
+        width = max((len(ids) for ids in seen), default=0)
+        self._seen = np.zeros((len(seen), width), dtype=np.int64)
+        self._seen_present = np.zeros((len(seen), width), dtype=bool)
+        for row, ids in enumerate(seen):
+            self._seen[row, : len(ids)] = ids
+            self._seen_present[row, : len(ids)] = True
+        # The noise attack's draws; public so that a test can replay them.
+        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6E6F]))
 
     def vectors(self, estimates: torch.Tensor) -> torch.Tensor:
-        """The attack vectors [F, P] the Byzantine rows send this round."""
-        own = estimates.index_select(0, self.rows)
-        if self.attack == "sign-flip":
-            return -self.scale * own
-        if self.attack == "scale":
-            return self.scale * own
-        if self.attack == "noise":
-            noise = torch.randn(own.shape, generator=self._generator, dtype=own.dtype)
-            return own + self.scale * noise
-        out = own.clone()
-        for row, honest in enumerate(self._honest_neighbours):
-            if len(honest):
-                seen = estimates.index_select(0, honest)
-                out[row] = seen.mean(dim=0) - self.scale * seen.std(dim=0, correction=0)
-        return out
+        """The attack vectors [F, P] the Byzantine rows send this round.
+
+        gossip's definition (:func:`gossip.attacks.attack_vectors`) on the
+        attackers' rows; an ALIE attacker sees its honest neighbours' current
+        estimates (the module text says why).
+        """
+        rows = estimates.detach().cpu().numpy()
+        own = rows[self.rows.numpy()]
+        seen = rows[self._seen] if self.attack == "alie" else None
+        sent = attack_vectors(self.attack, own, self.scale, self.rng, seen, self._seen_present)
+        return torch.from_numpy(sent).to(estimates.device)
 
     def apply(self, estimates: torch.Tensor) -> torch.Tensor:
         """What every node sends: ``estimates`` with the Byzantine rows replaced (a copy)."""

@@ -8,12 +8,14 @@ column block of the stacked [n, P] tensor) and give exactly what the codec's
 
 * ``fp16``: clip to +-65504, round to half precision and back;
 * ``int8``: blocks of 256 values, scale ``max|x| / 127`` in float32,
-  ``round(x / scale) * scale``;
+  ``round(x / scale) * scale``: the codec's own batched functions, called on
+  the rows;
 * ``topk:F``: the ``codec.kept(size)`` largest magnitudes of each tensor kept
   (as float32), the rest zero, ties to the first by position, as the codec.
 
-The rules themselves (int8's scales, top-k's selection) are the codec's
-functions, called on the whole [n, size] block, so the two cannot drift.
+The rules themselves (int8's quantisation, top-k's selection, the constants
+they use) are the codec's functions and names, called on the whole [n, size]
+block, so the two cannot drift.
 
 The bytes a node sends per message are those of one real encoded update with
 that codec (:func:`topologies.network.message_bytes`), exact because every
@@ -25,7 +27,9 @@ What is sent, by codec:
   (:meth:`gossip.node.GossipNode.prepare` encodes the share's estimate), with
   the residual memory of :class:`gossip.compression.ErrorFeedback` (EF-SGD,
   Karimireddy et al., ICML 2019): a node sends ``Q(z + e)`` and keeps
-  ``e <- z + e - Q(z + e)``. Receivers fold in the decoded estimate with the
+  ``e <- z + e - Q(z + e)``, in float64 as the daemon does; the rule is
+  gossip's own :func:`gossip.compression.feedback.feedback_step`, called on
+  every row at once. Receivers fold in the decoded estimate with the
   sender's weight share; the sender keeps its own share of its exact ``z``.
 * ``topk`` sends differences to a public copy, CHOCO-gossip style (Koloskova,
   Stich and Jaggi, "Decentralized Stochastic Optimization and Gossip
@@ -64,18 +68,16 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gossip.compression import Fp16Codec, Int8Codec, RawCodec, TensorCodec, TopKCodec
 from gossip.compression import resolve_codec as gossip_resolve_codec
+from gossip.compression.base import FLOAT32_MAX
+from gossip.compression.feedback import feedback_step
 from gossip.compression.fp16 import HALF_MAX
-from gossip.compression.int8 import BLOCK, block_scales
+from gossip.compression.int8 import dequantize_rows, quantize_rows
 from gossip.compression.topk import top_mask_rows
 
-_LEVELS = 127.0
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 DEFAULT_CHOCO_STEP = 1.0
 DEFAULT_COMPENSATION = 0.0
 
@@ -99,24 +101,15 @@ def fp16_round_trip(block: torch.Tensor) -> torch.Tensor:
 def int8_round_trip(block: torch.Tensor) -> torch.Tensor:
     """:class:`gossip.compression.Int8Codec` encode then decode, for every row of [n, size].
 
-    The scales come from the codec's own rule (:func:`gossip.compression.int8.block_scales`);
-    what is left here is the division, rounding and product, batched.
+    A thin wrapper: the scales, rounding and product are the codec's own batched
+    functions (:func:`gossip.compression.int8.quantize_rows` and
+    :func:`~gossip.compression.int8.dequantize_rows`), run on the rows as numpy
+    (a view of a CPU tensor, no copy), so the simulator cannot drift from the wire.
     """
-    n, size = block.shape
-    values = (
-        block if block.dtype == torch.float32 else block.clamp(-_FLOAT32_MAX, _FLOAT32_MAX).float()
-    )
-    blocks = -(-size // BLOCK)
-    padded = F.pad(values, (0, blocks * BLOCK - size)).view(n, blocks, BLOCK)
-    peak = padded.abs().amax(dim=2)
-    if not torch.isfinite(peak).all():
-        raise ValueError("codec 'int8' cannot encode NaN or infinite values")
-    scales = torch.from_numpy(block_scales(peak.cpu().numpy())).to(peak.device)
-    divisors = torch.where(scales > 0, scales, 1.0)
-    quantized = torch.round(padded / divisors.unsqueeze(2)).clamp(-_LEVELS, _LEVELS)
-    work = torch.float64 if block.dtype == torch.float64 else torch.float32
-    decoded = quantized.to(work) * scales.to(work).unsqueeze(2)
-    return decoded.view(n, -1)[:, :size].to(block.dtype)
+    values = block.detach().cpu().numpy()
+    scales, quantized = quantize_rows(values)
+    decoded = dequantize_rows(scales, quantized, values.dtype)
+    return torch.from_numpy(decoded).to(block.device)
 
 
 def topk_round_trip(block: torch.Tensor, kept: int) -> torch.Tensor:
@@ -133,7 +126,7 @@ def topk_round_trip(block: torch.Tensor, kept: int) -> torch.Tensor:
     mask = torch.from_numpy(top_mask_rows(magnitude.cpu().numpy(), kept)).to(block.device)
     values = block
     if values.dtype != torch.float32:
-        values = values.clamp(-_FLOAT32_MAX, _FLOAT32_MAX).float().to(block.dtype)
+        values = values.clamp(-FLOAT32_MAX, FLOAT32_MAX).float().to(block.dtype)
     return torch.where(mask, values, torch.zeros((), dtype=block.dtype))
 
 
@@ -187,7 +180,9 @@ class Compressor:
         self.codec = codec
         self.step = float(step)
         self.public = start.clone() if codec.sparse else None
-        self.memory = None if codec.sparse else torch.zeros_like(start)
+        # Error-feedback residuals, float64 as in the daemon (gossip's feedback_step):
+        # None until the first message, then [n, P].
+        self.memory: torch.Tensor | None = None
 
     @property
     def uses_public_copies(self) -> bool:
@@ -202,9 +197,12 @@ class Compressor:
             residual = targets.index_select(0, rows) - self.public.index_select(0, rows)
             self.public.index_add_(0, rows, self.codec.round_trip(residual))
             return self.public
-        assert self.memory is not None
         use = senders if feedback is None else senders & feedback
-        wanted = targets + self.memory * use.unsqueeze(1).to(targets.dtype)
-        sent = self.codec.round_trip(wanted)
-        self.memory[use] = (wanted - sent)[use]
-        return sent
+        sent, memory = feedback_step(
+            targets.detach().cpu().numpy(),
+            None if self.memory is None else self.memory.numpy(),
+            lambda rows: self.codec.round_trip(torch.from_numpy(rows)).numpy(),
+            use.cpu().numpy(),
+        )
+        self.memory = torch.from_numpy(memory)
+        return torch.from_numpy(sent).to(targets.device)

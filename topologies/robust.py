@@ -95,10 +95,16 @@ def clipped_step(
     others: torch.Tensor,
     valid: torch.Tensor,
     tau: float | None = None,
-    beta: float = robust.DEFAULT_TRIM_FRACTION,
+    beta: float = robust.DEFAULT_CLIP_FRACTION,
 ) -> torch.Tensor:
-    """:func:`gossip.robust.clipped_step`, ``tau`` fixed or :func:`gossip.robust.adaptive_tau`."""
-    stepped = robust.clipped_step_sets(_numpy(own), _numpy(others), _numpy(valid), tau, beta)
+    """:func:`gossip.robust.clipped_step` for every node, ``tau`` fixed or adaptive.
+
+    gossip's step walks the neighbour axis first ([k, n, P], mask [k, n]):
+    swapping the axes of the simulator's [n, k, P] is a view, not a copy.
+    """
+    stepped = robust.clipped_step(
+        _numpy(own), _numpy(others).swapaxes(0, 1), tau, beta, _numpy(valid).T
+    )
     return torch.from_numpy(stepped)
 
 

@@ -31,6 +31,7 @@ import torch
 from fltasks.dp_defaults import DP_SGD_CLIP, DP_SGD_NOISE
 from fltasks.settings_file import SettingsFileError, read_toml_table, type_words, typed_value
 from gossip.aggregation import AGGREGATORS
+from gossip.robust import DEFAULT_CLIP_FRACTION, DEFAULT_TRIM_FRACTION
 from topologies.attacks import ATTACKS
 from topologies.graphs import TOPOLOGIES
 from topologies.network import NetworkConditions
@@ -152,7 +153,8 @@ class ExperimentConfig:
     trim_fraction: float | None = setting(
         "hostile peers",
         "trimmed-mean: fraction trimmed from each end; clipped: fraction of received "
-        "estimates clipped; in (0, 0.5) (default gossip's 0.2)",
+        "estimates clipped; in (0, 0.5) (default gossip's: trimmed-mean "
+        f"{DEFAULT_TRIM_FRACTION}, clipped {DEFAULT_CLIP_FRACTION})",
         _SIM.trim_fraction,
         metavar="BETA",
     )

@@ -107,7 +107,8 @@ class SimulationConfig:
     seed: int = 0
     dtype: torch.dtype = torch.float32  # of the stacked estimates and the mixing product
     aggregator: str = "mean"  # or a robust rule of gossip.aggregation
-    trim_fraction: float | None = None  # beta of trimmed-mean and clipped (gossip's default)
+    # beta of trimmed-mean and clipped; None: each rule's own default (gossip.robust)
+    trim_fraction: float | None = None
     clip_radius: float | None = None  # fixed tau of clipped; None: adaptive
     byzantine: int = 0
     attack: str = "sign-flip"

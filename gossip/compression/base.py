@@ -32,6 +32,9 @@ class TensorCodec(ABC):
         """The tensor a payload stands for; ValueError if the payload does not fit."""
 
 
+# Lossy codecs carry float32 values: larger float64 values are clipped to this first.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 CodecFactory = Callable[[str], "TensorCodec | None"]
 
 _CODECS: dict[str, TensorCodec] = {}

@@ -30,6 +30,8 @@ that dtype is fed back too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from gossip.compression.base import TensorCodec
@@ -40,6 +42,43 @@ def round_trip(codec: TensorCodec, array: np.ndarray) -> np.ndarray:
     payload = bytearray(codec.payload_size(array))
     codec.encode_into(array, memoryview(payload))
     return codec.decode(memoryview(payload), array.dtype, array.shape)
+
+
+def feedback_step(
+    vector: np.ndarray,
+    memory: np.ndarray | None,
+    round_trip: Callable[[np.ndarray], np.ndarray],
+    rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One message under error feedback: ``(what is transmitted, the new memory)``.
+
+    The one definition of the rule, for one tensor (:class:`ErrorFeedback`, the
+    daemon's) and for every node's row at once (the simulator's
+    :class:`topologies.compression.Compressor`). ``vector`` is what to convey, in
+    the dtype the wire carries; ``memory`` the float64 residual of the same
+    shape, or None before the first message (then nothing is added, not even a
+    zero, which would turn a -0.0 into +0.0 on the wire); ``round_trip`` what a
+    receiver decodes for an array. Sent: ``round_trip(vector + memory)`` cast to
+    ``vector``'s dtype; memory: the float64 sum minus that, so the cast's
+    rounding is fed back too. ``rows`` (bool [n], for [n, P] vectors): only
+    these rows add and update memory (the simulator's honest senders); the
+    others send their vector as it is and keep their memory.
+    """
+    wanted = np.asarray(vector, dtype=np.float64)
+    if memory is not None:
+        if memory.shape != wanted.shape:
+            raise ValueError(
+                f"error feedback holds a residual of shape {memory.shape}, "
+                f"got a tensor of shape {wanted.shape}; use one ErrorFeedback per tensor"
+            )
+        with_memory = wanted + memory
+        wanted = with_memory if rows is None else np.where(rows[:, None], with_memory, wanted)
+    transmitted = round_trip(wanted.astype(vector.dtype))
+    residual = wanted - transmitted
+    if rows is not None:
+        kept = np.zeros_like(residual) if memory is None else memory
+        residual = np.where(rows[:, None], residual, kept)
+    return transmitted, residual
 
 
 class ErrorFeedback:
@@ -56,16 +95,10 @@ class ErrorFeedback:
         residual memory, in ``vector``'s dtype and shape; the memory becomes
         the part of that sum the message did not carry.
         """
-        wanted = np.asarray(vector, dtype=np.float64)
-        if self.memory is not None:
-            if self.memory.shape != wanted.shape:
-                raise ValueError(
-                    f"error feedback holds a residual of shape {self.memory.shape}, "
-                    f"got a tensor of shape {wanted.shape}; use one ErrorFeedback per tensor"
-                )
-            wanted = wanted + self.memory
-        transmitted = round_trip(self.codec, wanted.astype(vector.dtype))
-        self.memory = wanted - transmitted
+        codec = self.codec
+        transmitted, self.memory = feedback_step(
+            vector, self.memory, lambda array: round_trip(codec, array)
+        )
         return transmitted
 
     def reset(self) -> None:

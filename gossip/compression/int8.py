@@ -25,30 +25,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from gossip.compression.base import TensorCodec, element_count, register, require_float
+from gossip.compression.base import (
+    FLOAT32_MAX,
+    TensorCodec,
+    element_count,
+    register,
+    require_float,
+)
 
 BLOCK = 256
-_LEVELS = 127
+LEVELS = 127
 _SCALE = np.dtype("<f4")
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _SMALLEST_SUBNORMAL = np.float32(np.finfo(np.float32).smallest_subnormal)
 
 
 def _block_count(count: int) -> int:
     return -(-count // BLOCK)
-
-
-def _per_block(values: np.ndarray, per_block: np.ndarray, op: np.ufunc, out: np.ndarray) -> None:
-    """``out = op(values, per_block[block of each value])``, without a Python loop."""
-    whole = values.size // BLOCK * BLOCK
-    blocks = whole // BLOCK
-    op(
-        values[:whole].reshape(blocks, BLOCK),
-        per_block[:blocks, None],
-        out=out[:whole].reshape(blocks, BLOCK),
-    )
-    if whole < values.size:
-        op(values[whole:], per_block[blocks], out=out[whole:])
 
 
 def block_scales(peak: np.ndarray) -> np.ndarray:
@@ -58,17 +50,67 @@ def block_scales(peak: np.ndarray) -> np.ndarray:
     (the simulator's batched round trip calls it too).
     """
     peak = np.asarray(peak, dtype=np.float32)
-    scales = peak / np.float32(_LEVELS)
+    scales = peak / np.float32(LEVELS)
     scales[(scales == 0) & (peak > 0)] = _SMALLEST_SUBNORMAL
     # For subnormal peaks, peak / 127 rounds to a scale far below the quotient, so
     # |x| / scale could pass 127.5 and lose the error bound: step those scales up.
     # (Only those: normal scales stay as they are, which keeps re-encoding exact.)
-    low = peak.astype(np.float64) > (_LEVELS + 0.5) * scales.astype(np.float64)
+    low = peak.astype(np.float64) > (LEVELS + 0.5) * scales.astype(np.float64)
     scales[low] = np.nextafter(scales[low], np.float32(np.inf))
     # Near float32's limit, 127 * scale could round past it and decode as inf.
-    overflowing = scales.astype(np.float64) * _LEVELS > _FLOAT32_MAX
+    overflowing = scales.astype(np.float64) * LEVELS > FLOAT32_MAX
     scales[overflowing] = np.nextafter(scales[overflowing], np.float32(0))
     return scales
+
+
+def quantize_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of ``values`` ([n, size], float) as the codec sends it: (scales, quantized).
+
+    ``scales`` is float32 [n, ceil(size / 256)] (:func:`block_scales`), ``quantized``
+    int8 [n, size], ``round(x / scale)`` (ties to even) within +-127. The one
+    definition of the encoding: :class:`Int8Codec` writes its one row as bytes, and
+    the simulator (:mod:`topologies.compression`) calls it on every node's row.
+    ValueError for NaN or infinite values.
+    """
+    values = np.asarray(values)
+    rows, count = values.shape
+    blocks = _block_count(count)
+    if count == 0:
+        return np.zeros((rows, 0), dtype=_SCALE), np.zeros((rows, 0), dtype=np.int8)
+    if values.dtype != np.float32:
+        values = np.clip(values, -FLOAT32_MAX, FLOAT32_MAX)
+    # Padded to whole blocks with zeros, which change no block's peak: then every
+    # block is a row of one reshaped view and no value needs a Python loop.
+    work = np.zeros((rows, blocks * BLOCK), dtype=np.float32)
+    work[:, :count] = values
+    grouped = work.reshape(rows, blocks, BLOCK)
+    # max|x| from max and min, sparing a temporary of |x|; NaN propagates. abs():
+    # an all -0.0 block must get the scale +0.0, as |x| gives.
+    peak = np.abs(np.maximum(grouped.max(axis=2), -grouped.min(axis=2)))
+    if not np.isfinite(peak).all():
+        raise ValueError("codec 'int8' cannot encode NaN or infinite values")
+    scales = block_scales(peak)
+    divisors = np.where(scales > 0, scales, np.float32(1))  # a zero block stays zero
+    np.divide(grouped, divisors[:, :, None], out=grouped)
+    np.rint(grouped, out=grouped)
+    np.clip(grouped, -LEVELS, LEVELS, out=grouped)  # never wrap around in the int8 cast
+    return scales, work[:, :count].astype(np.int8)
+
+
+def dequantize_rows(scales: np.ndarray, quantized: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """What a receiver reads for each row: ``q * scale`` as ``dtype`` ([n, size]).
+
+    The product is taken in float32 for float16/float32 tensors, float64 for
+    float64, then cast; the codec's decode and the simulator both call this.
+    """
+    rows, count = quantized.shape
+    blocks = _block_count(count)
+    work_dtype = np.float64 if np.dtype(dtype).itemsize > 4 else np.float32
+    values = np.zeros((rows, blocks * BLOCK), dtype=work_dtype)
+    values[:, :count] = quantized
+    grouped = values.reshape(rows, blocks, BLOCK)
+    grouped *= np.asarray(scales).astype(work_dtype, copy=False)[:, :, None]
+    return values[:, :count].astype(dtype, copy=False)
 
 
 class Int8Codec(TensorCodec):
@@ -79,25 +121,10 @@ class Int8Codec(TensorCodec):
 
     def encode_into(self, array: np.ndarray, out: memoryview) -> None:
         require_float(self.id, array)
-        count = array.size
-        blocks = _block_count(count)
-        if count == 0:
-            return
-        values = array.reshape(-1)
-        if values.dtype != np.float32:
-            values = np.clip(values, -_FLOAT32_MAX, _FLOAT32_MAX).astype(np.float32)
-        work = np.abs(values)
-        peak = np.maximum.reduceat(work, np.arange(0, count, BLOCK))  # NaN propagates
-        if not np.isfinite(peak).all():
-            raise ValueError("codec 'int8' cannot encode NaN or infinite values")
-        scales = block_scales(peak)
-        divisors = np.where(scales > 0, scales, np.float32(1))  # a zero block stays zero
-        _per_block(values, divisors, np.divide, work)
-        np.rint(work, out=work)
-        np.clip(work, -_LEVELS, _LEVELS, out=work)  # never wrap around in the int8 cast
-        np.frombuffer(out, dtype=_SCALE, count=blocks)[:] = scales
-        quantized = np.frombuffer(out, dtype=np.int8, offset=blocks * _SCALE.itemsize)
-        np.copyto(quantized, work, casting="unsafe")
+        blocks = _block_count(array.size)
+        scales, quantized = quantize_rows(array.reshape(1, -1))
+        np.frombuffer(out, dtype=_SCALE, count=blocks)[:] = scales[0]
+        np.frombuffer(out, dtype=np.int8, offset=blocks * _SCALE.itemsize)[:] = quantized[0]
 
     def decode(self, payload: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         if dtype.kind != "f":
@@ -113,11 +140,7 @@ class Int8Codec(TensorCodec):
         if not (np.isfinite(scales).all() and (scales >= 0).all()):
             raise ValueError("int8 payload has a negative, NaN or infinite scale")
         quantized = np.frombuffer(payload, dtype=np.int8, offset=blocks * _SCALE.itemsize)
-        # Multiply in float32 for float16/float32 tensors, float64 for float64.
-        work_dtype = np.float64 if dtype.itemsize > 4 else np.float32
-        values = quantized.astype(work_dtype)
-        _per_block(values, scales.astype(work_dtype, copy=False), np.multiply, values)
-        return values.astype(dtype, copy=False).reshape(shape)
+        return dequantize_rows(scales[None], quantized[None], dtype)[0].reshape(shape)
 
 
 register(Int8Codec())

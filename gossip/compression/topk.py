@@ -27,6 +27,7 @@ import re
 import numpy as np
 
 from gossip.compression.base import (
+    FLOAT32_MAX,
     TensorCodec,
     element_count,
     register_family,
@@ -37,7 +38,6 @@ FAMILY = "topk"
 _INDEX = np.dtype("<u4")
 _VALUE = np.dtype("<f4")
 _MAX_COUNT = 2**32 - 1
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _FRACTION_TEXT = re.compile(r"(?:0|1)?(?:\.[0-9]{1,17})?")
 # Above this many values, find a threshold on a sample before selecting exactly.
 _SAMPLED_SELECTION_FROM = 1 << 16
@@ -140,7 +140,7 @@ class TopKCodec(TensorCodec):
         np.frombuffer(out, dtype=_INDEX, count=k, offset=_INDEX.itemsize)[:] = indices
         kept = values[indices]
         if kept.dtype != np.float32:
-            kept = np.clip(kept, -_FLOAT32_MAX, _FLOAT32_MAX)
+            kept = np.clip(kept, -FLOAT32_MAX, FLOAT32_MAX)
         offset = _INDEX.itemsize * (1 + k)
         np.frombuffer(out, dtype=_VALUE, count=k, offset=offset)[:] = kept
 
