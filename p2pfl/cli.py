@@ -389,23 +389,37 @@ def run_status(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(status, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
+    rows = [(field.replace("_", " "), _status_value(value)) for field, value in status.items()]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # rich comes with the lab extra; a node's operator may lack it
+        width = max(len(name) for name, _ in rows)
+        print(f"p2pfl node {status['peer_id']}")
+        for name, value in rows:
+            first, *rest = value.splitlines() or ["-"]
+            print(f"{name:<{width}}  {first}")
+            for line in rest:
+                print(f"{'':<{width}}  {line}")
+        return
     table = Table(title=f"p2pfl node {status['peer_id']}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    for field, value in status.items():
-        if value is None:
-            value = "-"
-        elif isinstance(value, dict):
-            value = "\n".join(f"{k}: {v}" for k, v in value.items()) or "-"
-        elif isinstance(value, list):
-            value = "\n".join(map(str, value)) or "-"
-        elif isinstance(value, float):
-            value = f"{value:.4f}"
-        table.add_row(field.replace("_", " "), str(value))
+    for name, value in rows:
+        table.add_row(name, value)
     Console().print(table)
+
+
+def _status_value(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return "\n".join(f"{k}: {v}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return "\n".join(map(str, value)) or "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Time to target accuracy per codec and link rate, on real daemons in the network lab.
 
-8 hosts (network namespaces, p2pfl/netlab.py), every link limited to 1, 10 and
+8 hosts (network namespaces, p2pfl/lab/netlab.py), every link limited to 1, 10 and
 100 Mbit/s (tbf, both directions), a 1.1M-parameter MLP on digits
 (``--model mlp:1024,1024``, 4.5 MB raw), and the codecs raw, fp16, int8 and
 topk:0.01. For each rate and codec, a fresh lab runs until every node reaches
@@ -37,9 +37,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from p2pfl.labrun import LabOptions, goal_met, run_to_target, training_ratio
-from p2pfl.localnet import LocalNetworkError
-from p2pfl.netlab import LabError, lab_unavailable_reason, terminate_on_sigterm
+from p2pfl.lab.labrun import LabOptions, goal_met, run_to_target, training_ratio
+from p2pfl.lab.localnet import LocalNetworkError
+from p2pfl.lab.netlab import LabError, lab_unavailable_reason, terminate_on_sigterm
 
 console = Console()
 CODECS = ("raw", "fp16", "int8", "topk:0.01")

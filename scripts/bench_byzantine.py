@@ -28,7 +28,7 @@ from rich.table import Table
 
 from gossip.aggregation import AGGREGATORS
 from gossip.attacks import DAEMON_ATTACKS as ATTACKS
-from p2pfl.localnet import LocalNetwork, LocalNetworkError
+from p2pfl.lab.localnet import LocalNetwork, LocalNetworkError
 
 console = Console()
 

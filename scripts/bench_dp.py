@@ -1,6 +1,6 @@
 """Accuracy against epsilon of both DP modes on real daemons over loopback.
 
-Starts ``--nodes`` real daemons (``p2pfl.localnet.LocalNetwork``) once
+Starts ``--nodes`` real daemons (``p2pfl.lab.localnet.LocalNetwork``) once
 without DP and once per DP setting, lets them train ``--rounds`` rounds and
 linger, and prints one table row each: the mode, C and sigma, the largest
 epsilon any node reported in /status (delta 1e-5), and the mean and minimum
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from p2pfl.localnet import LocalNetwork, LocalNetworkError
+from p2pfl.lab.localnet import LocalNetwork, LocalNetworkError
 
 # (row label, mode, C, sigma, the daemon flags)
 Row = tuple[str, str, str, str, list[str]]

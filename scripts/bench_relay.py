@@ -1,6 +1,6 @@
 """Throughput between two members behind two NATs: through a relay, then hole-punched.
 
-In the network lab (p2pfl/netlab.py): host 0 is public and relays, hosts 1 and 2
+In the network lab (p2pfl/lab/netlab.py): host 0 is public and relays, hosts 1 and 2
 sit behind NATs of their own. Host 2 reserves a slot on host 0; host 1 dials host
 2's relay address and sends ``--frames`` frames of ``--mib`` MiB on p2pfl's
 transport (Noise, yamux), timing them. Twice: behind port-randomising NATs, where
@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from gossip.keys import NodeKey
-from p2pfl.netlab import Lab, lab_unavailable_reason, nft_missing_reason, serving_in
+from p2pfl.lab.netlab import Lab, lab_unavailable_reason, nft_missing_reason, serving_in
 from p2pfl.transport import Transport
 
 PROTOCOL = "/p2pfl/bench/1.0.0"

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from p2pfl.localnet import LocalNetwork, LocalNetworkError
-from p2pfl.netview import Row, status_table
+from p2pfl.lab.localnet import LocalNetwork, LocalNetworkError
+from p2pfl.lab.netview import Row, status_table
 
 console = Console()
 

@@ -1,7 +1,7 @@
 """Run real daemons on separate hosts in a network lab and measure what the network does.
 
-Each host is a network namespace with its own IP (p2pfl/netlab.py); one daemon runs
-per host (``ip netns exec ... python -m p2pfl.cli node``). Scenarios (p2pfl/labrun.py):
+Each host is a network namespace with its own IP (p2pfl/lab/netlab.py); one daemon runs
+per host (``ip netns exec ... python -m p2pfl.cli node``). Scenarios (p2pfl/lab/labrun.py):
 
 - ``baseline``: H hosts on one bridge; time until every node reaches the target.
 - ``partition``: a 4|4 cut for 10 rounds, then the heal: rounds and seconds until
@@ -35,9 +35,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from p2pfl.labrun import NEEDS_NFT, SCENARIOS, LabOptions
-from p2pfl.localnet import LocalNetworkError
-from p2pfl.netlab import LabError, lab_unavailable_reason, nft_missing_reason, terminate_on_sigterm
+from p2pfl.lab.labrun import NEEDS_NFT, SCENARIOS, LabOptions
+from p2pfl.lab.localnet import LocalNetworkError
+from p2pfl.lab.netlab import (
+    LabError,
+    lab_unavailable_reason,
+    nft_missing_reason,
+    terminate_on_sigterm,
+)
 
 console = Console()
 

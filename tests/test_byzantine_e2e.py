@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from p2pfl.localnet import LocalNetwork
+from p2pfl.lab.localnet import LocalNetwork
 
 ATTACKER = 3
 # Guards against a hang, not claims about speed (as in test_daemon_e2e.py).

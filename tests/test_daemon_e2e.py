@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from p2pfl.checkpoint import FILE_NAME, CheckpointError, decode_state
-from p2pfl.localnet import LocalNetwork, LocalNode
+from p2pfl.lab.localnet import LocalNetwork, LocalNode
 
 # Rounds every node does before any is stopped (see the test).
 ROUNDS = 80

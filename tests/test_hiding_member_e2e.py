@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from attackers import allow_args, seeded_keys
 
-from p2pfl.localnet import LocalNetwork
+from p2pfl.lab.localnet import LocalNetwork
 from p2pfl.neighbours import choose_neighbours, in_neighbours
 
 VICTIM = 1  # never node 0: everyone bootstraps from it

@@ -31,7 +31,7 @@ from test_hostile_peer import running_daemon, signed
 from fltasks import load_task
 from gossip.keys import NodeKey
 from p2pfl.gating import DEFAULT_MAX_HANDSHAKING_TOTAL, LIBP2P_INBOUND_SLOTS
-from p2pfl.localnet import LocalNetwork
+from p2pfl.lab.localnet import LocalNetwork
 from p2pfl.peer_exchange import PeerBook, exchange_peers, serve_peer_exchange
 from p2pfl.runtime import model_arrays
 from p2pfl.transport import DIALS_PER_ADDRESS_PER_MIN, Transport, TransportError

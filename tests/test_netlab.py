@@ -23,7 +23,7 @@ from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from gossip.keys import NodeKey
-from p2pfl.netlab import (
+from p2pfl.lab.netlab import (
     PREFIX,
     Lab,
     LabError,

@@ -10,10 +10,10 @@ import numpy as np
 from rich.console import Console
 
 from p2pfl.checkpoint import CheckpointStore, NodeState
-from p2pfl.labrun import goal_met, training_ratio
-from p2pfl.labwatch import gossip_graph, initial_weight, weight_total
-from p2pfl.localnet import LocalNode
-from p2pfl.netview import History, Row, status_table
+from p2pfl.lab.labrun import goal_met, training_ratio
+from p2pfl.lab.labwatch import gossip_graph, initial_weight, weight_total
+from p2pfl.lab.localnet import LocalNode
+from p2pfl.lab.netview import History, Row, status_table
 
 
 def status(round_: int, accuracy: float | None, weight: float = 2.0, **more: object) -> dict:

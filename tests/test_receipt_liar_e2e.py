@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from p2pfl.localnet import LocalNetwork
+from p2pfl.lab.localnet import LocalNetwork
 
 LIAR = 3
 NODES = 5

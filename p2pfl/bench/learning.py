@@ -1,6 +1,6 @@
 """Benchmark part (a): how fast real daemons learn; and part (c): bytes on the wire per codec.
 
-Part (a), learning speed. ``p2pfl.localnet.LocalNetwork`` starts ``--nodes`` real
+Part (a), learning speed. ``p2pfl.lab.localnet.LocalNetwork`` starts ``--nodes`` real
 daemons (``python -m p2pfl.cli node``, one process each) on 127.0.0.1: the digits
 task, non-IID shards (``--partition``, default ``dirichlet:0.5``), degree 3,
 ``--local-epochs`` per round (default: LocalNetwork's, as ``make demo`` runs), and
@@ -41,7 +41,7 @@ from typing import Any
 
 from rich.console import Console
 
-from p2pfl.localnet import LocalNetwork, LocalNetworkError
+from p2pfl.lab.localnet import LocalNetwork, LocalNetworkError
 
 console = Console()
 

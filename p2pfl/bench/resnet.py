@@ -9,7 +9,7 @@ own folder, as a member has its own data: ``images_per_node / 0.75`` images,
 of which it holds out a stratified quarter for validation (evaluated every
 round) and trains on the rest (``--shard 0/1``).
 
-``nodes`` real daemons (``p2pfl.localnet.LocalNetwork``: one ``python -m
+``nodes`` real daemons (``p2pfl.lab.localnet.LocalNetwork``: one ``python -m
 p2pfl.cli node`` process each, loopback, degree 3) run ``--model resnet18``
 (11,181,642 parameters, 44.7 MB raw updates) for ``rounds`` rounds of 1 local
 epoch, unpaced, with a per-peer byte budget that one 44.7 MB update a round
@@ -39,7 +39,7 @@ from typing import Any
 
 from fltasks.datasets import TEST_FRACTION
 from fltasks.demo_data import write_digit_images
-from p2pfl.localnet import LocalNetwork
+from p2pfl.lab.localnet import LocalNetwork
 
 GOSSIP_PHASES = ("merge", "prepare", "send", "admit")
 ROUND_LINE = re.compile(r"round (\d+) phases (\{.*\})")

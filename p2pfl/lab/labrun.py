@@ -1,8 +1,8 @@
 """Scenarios of the network lab, measured on real daemons (scripts/netlab.py, bench_bandwidth.py).
 
-Each scenario builds a :class:`~p2pfl.netlab.Lab`, runs one daemon per host, watches
-them (:mod:`p2pfl.labwatch`), and returns its measurements as a flat dict with the
-:class:`~p2pfl.netview.History` of each run. Nothing here asserts: the numbers go to
+Each scenario builds a :class:`~p2pfl.lab.netlab.Lab`, runs one daemon per host, watches
+them (:mod:`p2pfl.lab.labwatch`), and returns its measurements as a flat dict with the
+:class:`~p2pfl.lab.netview.History` of each run. Nothing here asserts: the numbers go to
 the README; the tests assert on behaviour. The spectral gap's expectation comes from
 ``topologies.mixing`` (one source with the simulator).
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from p2pfl.labwatch import (
+from p2pfl.lab.labwatch import (
     ACCURACY_SLACK,
     POLL_S,
     WINDOW_S,
@@ -39,8 +39,8 @@ from p2pfl.labwatch import (
     unreachable,
     weight_total,
 )
-from p2pfl.netlab import Lab, LabNetwork
-from p2pfl.netview import History, Status
+from p2pfl.lab.netlab import Lab, LabNetwork
+from p2pfl.lab.netview import History, Status
 from topologies.mixing import metropolis_hastings, rounds_to_consensus, spectral_gap
 
 
@@ -192,7 +192,7 @@ def scenario_slow(options: LabOptions, directory: Path, show: Show | None) -> tu
         Status, list[History]]:
     title = f"slow: {options.hosts} hosts at {options.rate_mbit:g} Mbit/s"
     result, history = run_to_target(options, directory, show, title, rate_mbit=options.rate_mbit,
-                                    extra=("--task", "p2pfl.netlab:wide_digits"))
+                                    extra=("--task", "p2pfl.lab.netlab:wide_digits"))
     return {"scenario": "slow", "hosts": options.hosts, "rate_mbit": options.rate_mbit,
             **result}, [history]
 

@@ -1,9 +1,9 @@
 """Watching a lab's daemons: polls of every /status, waits, and what is measured.
 
 :class:`Watch` polls every host into the live table and the
-:class:`~p2pfl.netview.History`; the functions below turn statuses into numbers.
+:class:`~p2pfl.lab.netview.History`; the functions below turn statuses into numbers.
 The models' spread is read from the checkpoints the daemons write every round
-(:meth:`~p2pfl.localnet.LocalNode.saved_state`), so measuring it costs the daemons
+(:meth:`~p2pfl.lab.localnet.LocalNode.saved_state`), so measuring it costs the daemons
 nothing, and computed by the simulator's own ``consensus_distance`` (one source).
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from p2pfl.netlab import LISTEN_PORT, LabNetwork
-from p2pfl.netview import History, Row, Status, status_table
+from p2pfl.lab.netlab import LISTEN_PORT, LabNetwork
+from p2pfl.lab.netview import History, Row, Status, status_table
 from topologies.stacked_pushsum import consensus_distance
 
 POLL_S = 0.5

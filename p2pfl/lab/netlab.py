@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from p2pfl.localnet import LocalNetwork, LocalNode
+from p2pfl.lab.localnet import LocalNetwork, LocalNode
 
 PREFIX = "p2lab"
 LAB_NET = "10.77"
@@ -514,7 +514,7 @@ class LabNetwork(LocalNetwork):
 def wide_digits(seed: int = 0) -> Any:
     """The digits task with an MLP 64-1024-1024-10 (1.1M parameters, 4.5 MB raw).
 
-    For the lab's slow-link scenario: ``--task p2pfl.netlab:wide_digits``.
+    For the lab's slow-link scenario: ``--task p2pfl.lab.netlab:wide_digits``.
     """
     from dataclasses import replace
 
