@@ -21,6 +21,7 @@ from runtimes import GUARD_S, LOOPBACK, make_runtime, push_update, run_two, wait
 from fltasks import Task, load_task
 from gossip import GossipNode, NodeKey
 from gossip.delivery import READY, Receipt
+from p2pfl.peer_exchange import PeerBook, serve_peer_exchange
 from p2pfl.runtime import UPDATE_PROTOCOL, model_arrays
 from p2pfl.transport import Transport
 
@@ -199,3 +200,46 @@ async def test_a_push_that_times_out_gives_that_peer_twice_the_time_next(
             assert node.config.deadlines.push(100_000, slower) > first
             assert node.status()["link_mbit"]["push"] == {slow.peer_id: promised / 2 * 8 / 1e6}
             nursery.cancel_scope.cancel()
+
+
+async def test_the_mass_count_holds_while_a_round_checkpoints_before_pushing(
+    digits: Task, tmp_path: Path
+) -> None:
+    """The weight split off for a push is in flight from the split on: a poll of /status
+    while the checkpoint is written (after the split, before the push starts) sees
+    ``weight + weight_pending + weight_in_flight`` whole, and each refund (the peer
+    refuses every offer) brings it back to ``weight``."""
+    node = make_runtime(
+        digits, tmp_path, "0/1", rounds=None, round_interval=0.2, min_neighbours=0
+    )
+    total = node.gossip.pushsum.weight
+    polls: list[dict[str, float]] = []
+    write_checkpoint = node.rounds.checkpoint
+
+    async def polled_checkpoint() -> None:
+        status = node.status()
+        polls.append({k: status[k] for k in ("weight", "weight_pending", "weight_in_flight")})
+        await write_checkpoint()
+
+    async def refuse(peer_id: str, offer: bytes) -> tuple[bytes, int | None]:
+        return Receipt("not-neighbour", 0).encode(), None
+
+    async def never(peer_id: str, payload: bytes) -> bytes:
+        raise AssertionError("a refused offer's payloads are never sent")
+
+    node.rounds.checkpoint = polled_checkpoint
+    with trio.fail_after(GUARD_S):
+        async with Transport.open(NodeKey.generate(), [LOOPBACK]) as refuser:
+            refuser.set_handler(UPDATE_PROTOCOL, never, 1 << 20, 60, screen=refuse)
+            serve_peer_exchange(refuser, PeerBook(refuser.peer_id), read_timeout=5)
+            node.policy.book.add(refuser.peer_id, refuser.addrs)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(node.run)
+                await wait_until(lambda: node.policy.deliveries.counts["refunded"] >= 2)
+                # Between pushes (the next is split at the next round): all of it is ours.
+                await wait_until(lambda: node.status()["weight_in_flight"] == 0)
+                assert node.status()["weight"] == pytest.approx(total)
+                nursery.cancel_scope.cancel()
+    assert max(poll["weight_in_flight"] for poll in polls) > 0  # the premise: a share split
+    for poll in polls:
+        assert sum(poll.values()) == pytest.approx(total)
