@@ -187,17 +187,18 @@ class PeerBook:
         entry.claimed = tuple(dict.fromkeys([*addrs, *entry.claimed]))[:MAX_ADDRS_PER_PEER]
         return is_new
 
-    def mark_alive(self, peer_id: str) -> None:
-        """The peer itself just proved it is alive (over an authenticated connection)."""
+    def mark_alive(self, peer_id: str, now: float | None = None) -> None:
+        """The peer itself just proved it is alive (over an authenticated connection);
+        ``now`` defaults to the book's clock (the peer policy passes its own)."""
         entry = self._entries.get(peer_id)
         if entry is not None:
             entry.failures = 0
             entry.unreachable_since = None
             entry.first_hand = True
             entry.source = None
-            entry.last_seen = self._clock()
+            entry.last_seen = self._clock() if now is None else now
 
-    def mark_failed(self, peer_id: str) -> bool:
+    def mark_failed(self, peer_id: str, now: float | None = None) -> bool:
         """Count a failed dial or exchange; True if the peer was forgotten because of it.
 
         A second-hand entry is forgotten at its first failure: it was never shown to
@@ -209,7 +210,7 @@ class PeerBook:
         entry = self._entries.get(peer_id)
         if entry is None:
             return False
-        now = self._clock()
+        now = self._clock() if now is None else now
         entry.failures += 1
         if entry.unreachable_since is None:
             entry.unreachable_since = now
@@ -458,12 +459,20 @@ async def exchange_peers(transport: Transport, peer_id: str, book: PeerBook, tim
     )
 
 
-async def discovery_round(transport: Transport, book: PeerBook, fanout: int, timeout: float) -> int:
+async def discovery_round(
+    transport: Transport,
+    book: PeerBook,
+    fanout: int,
+    timeout: float,
+    failed: Callable[[str], bool] | None = None,
+) -> int:
     """Exchange peers with up to ``fanout`` random known peers concurrently.
 
-    A peer that cannot be reached is marked failed, and forgotten after a few failures
-    in a row. Returns how many new peers the round learnt.
+    A peer that cannot be reached is reported to ``failed`` (default: the book's
+    ``mark_failed``; the daemon passes its peer policy, which owns forgetting), and
+    forgotten after a few failures in a row. Returns how many new peers the round learnt.
     """
+    mark_failed = failed if failed is not None else book.mark_failed
     learnt = 0
 
     async def with_peer(peer_id: str, addrs: list[str]) -> None:
@@ -475,7 +484,7 @@ async def discovery_round(transport: Transport, book: PeerBook, fanout: int, tim
             # concurrent exchanges would overwrite each other's counts.
             learnt += new
         except TransportError as error:
-            forgotten = book.mark_failed(peer_id)
+            forgotten = mark_failed(peer_id)
             logger.debug(
                 "peer exchange with %s failed (forgotten=%s): %s", peer_id, forgotten, error
             )

@@ -85,7 +85,7 @@ async def measure(task: Task, rounds: int, offload: bool) -> tuple[float, float,
         # Bootstraps from the first node's address once it is known (set below).
         second = runtime(task, root / "b", "1/2", rounds)
         for node in (first, second):
-            node.offload = offload
+            node.core.offload = offload
         async with trio.open_nursery() as nursery:
 
             async def watchdog() -> None:
@@ -97,7 +97,8 @@ async def measure(task: Task, rounds: int, offload: bool) -> tuple[float, float,
 
             await nursery.start(first.run)
             assert first.transport is not None
-            second.config = replace(second.config, bootstrap=(first.transport.addrs[0],))
+            bootstrap = (first.transport.addrs[0],)
+            second.membership.config = replace(second.membership.config, bootstrap=bootstrap)
             nursery.start_soon(watchdog)
             started = time.monotonic()
             async with trio.open_nursery() as pair:

@@ -54,10 +54,11 @@ async def test_dp_sgd_rounds_learn_and_spend_opacus_epsilon_across_a_restart(
     with trio.fail_after(120):
         node = make_runtime(digits, tmp_path / "node", "0/8", key, rounds=2, **SAMPLE)
         assert node.status()["epsilon"] == 0.0 and node.status()["dp"] == "sample"
-        trainer = node.dp_sgd
+        trainer = node.budget.dp_sgd
         assert trainer is not None
         rate, per_round = trainer.sample_rate, trainer.steps_per_epoch
-        assert (rate, per_round) == (32 / len(node.shard), int(len(node.shard) / 32))
+        samples = len(node.training.shard)
+        assert (rate, per_round) == (32 / samples, int(samples / 32))
         await node.run()
         after_two = node.status()["epsilon"]
         assert after_two == pytest.approx(opacus_epsilon(1.0, rate, 2 * per_round), rel=1e-9)
@@ -83,25 +84,26 @@ def test_a_dp_sgd_node_announces_weight_one_not_its_record_count(
     node = make_runtime(digits, tmp_path / "sample", "0/8", **SAMPLE)
     assert node.gossip.pushsum.weight == 1.0
     plain = make_runtime(digits, tmp_path / "plain", "0/8", min_neighbours=0)
-    assert plain.gossip.pushsum.weight == float(len(plain.shard))
+    assert plain.gossip.pushsum.weight == float(len(plain.training.shard))
 
 
 async def test_the_target_epsilon_stops_training_but_not_merging(
     digits: Task, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     node = make_runtime(digits, tmp_path / "node", "0/8", rounds=4, **SAMPLE)
-    assert node.dp_sgd is not None
-    rate, per_round = node.dp_sgd.sample_rate, node.dp_sgd.steps_per_epoch
+    assert node.budget.dp_sgd is not None
+    rate, per_round = node.budget.dp_sgd.sample_rate, node.budget.dp_sgd.steps_per_epoch
     # A target between the epsilon of 2 and of 3 rounds: exactly 2 rounds may train.
     two, three = (opacus_epsilon(1.0, rate, k * per_round) for k in (2, 3))
     target = (two + three) / 2
     node = make_runtime(
         digits, tmp_path / "node2", "0/8", rounds=4, dp_target_epsilon=target, **SAMPLE
     )
-    with caplog.at_level(logging.WARNING, logger="p2pfl.runtime"), trio.fail_after(120):
+    with caplog.at_level(logging.WARNING, logger="p2pfl.privacy_budget"), trio.fail_after(120):
         await node.run()
     status = node.status()
-    assert node.dp_sgd is not None and node.dp_sgd.history() == [(1.0, rate, 2 * per_round)]
+    trainer = node.budget.dp_sgd
+    assert trainer is not None and trainer.history() == [(1.0, rate, 2 * per_round)]
     assert status["epsilon"] == pytest.approx(two) and status["epsilon"] <= target
     assert status["dp_exhausted"] is True and status["round"] == 4
     assert "p2pfl_dp_exhausted 1" in render_metrics(status)
@@ -116,16 +118,16 @@ def test_node_mode_steps_compose_into_the_dp_sgd_accountant(
     node = make_runtime(digits, state, "0/8", **SAMPLE)
     store = CheckpointStore(state)
     node_mode = {"dp_steps": 3, "dp_noise": 4.0, "non_private_rounds": 0}
-    store.save(replace(node._state(), round=3, privacy=node_mode))
+    store.save(replace(node.saved_state(), round=3, privacy=node_mode))
     node.store.unlock()
     resumed = make_runtime(digits, state, "0/8", **SAMPLE)
-    assert resumed.dp_sgd is not None
-    assert resumed.dp_sgd.history() == [(2.0, 1.0, 3)]
+    assert resumed.budget.dp_sgd is not None
+    assert resumed.budget.dp_sgd.history() == [(2.0, 1.0, 3)]
     assert resumed.status()["epsilon"] == pytest.approx(epsilon_of([(2.0, 1.0, 3)], DELTA))
     # And back: node mode refuses a state that spent budget under DP-SGD.
     resumed.store.unlock()
     sampled = {"dp_history": [[1.0, 0.2, 5]], "non_private_rounds": 0}
-    store.save(replace(node._state(), privacy=sampled))
+    store.save(replace(node.saved_state(), privacy=sampled))
     with pytest.raises(ConfigError, match="spent its budget under --dp sample"):
         make_runtime(digits, state, "0/8", dp_clip=1.0, dp_noise=1.0, min_neighbours=0)
 
@@ -178,7 +180,7 @@ def test_dp_sample_alone_takes_the_declared_defaults(digits: Task, tmp_path: Pat
     from fltasks.dp_defaults import DP_SGD_CLIP, DP_SGD_LR, DP_SGD_NOISE
 
     node = make_runtime(digits, tmp_path, "0/8", dp="sample", min_neighbours=0)
-    trainer = node.dp_sgd
+    trainer = node.budget.dp_sgd
     assert trainer is not None
     assert (trainer.noise_multiplier, trainer.clip_norm) == (DP_SGD_NOISE, DP_SGD_CLIP)
     expected_batch = trainer.optimizer.expected_batch_size
@@ -197,7 +199,7 @@ def test_a_target_and_rounds_choose_the_noise_that_spends_the_target(
     from p2pfl.runtime import NodeRuntime
 
     node = NodeRuntime(config, NodeKey.generate(), digits, announce=lines.append)
-    trainer = node.dp_sgd
+    trainer = node.budget.dp_sgd
     assert trainer is not None
     spent = trainer.epsilon_after(40 * trainer.steps_per_epoch, DELTA)
     assert 7.9 <= spent <= 8.0  # opacus's search stops within 0.01 below the target
@@ -265,7 +267,7 @@ async def test_the_target_epsilon_also_bounds_node_mode(digits: Task, tmp_path: 
     )
     with trio.fail_after(60):
         await node.run()
-    assert node.privacy is not None and node.privacy.accountant.steps == 1
+    assert node.budget.privacy is not None and node.budget.privacy.accountant.steps == 1
     status = node.status()
     assert status["epsilon"] == pytest.approx(one) and status["dp_exhausted"] is True
     assert status["state"] == "serving"  # its rounds are done; dp-exhausted before that

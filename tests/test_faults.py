@@ -96,12 +96,12 @@ async def test_a_neighbour_dying_mid_transfer_never_stalls_rounds_or_creates_wei
             # Rounds do not wait for the stuck push, and split nothing off for a
             # neighbour that is still receiving the last one.
             await wait_until(lambda: sender.round >= 3, GUARD_S, "rounds during the stall")
-            assert sender.send_failures[receiver_key.peer_id] == 0
+            assert sender.policy.send_failures[receiver_key.peer_id] == 0
             assert sender.gossip.pushsum.weight == pytest.approx(initial_weight / 2)
             assert sender.status()["weight_in_flight"] == pytest.approx(initial_weight / 2)
             kill_receiver.cancel()
             await wait_until(
-                lambda: sender.send_failures[receiver_key.peer_id] >= 1,
+                lambda: sender.policy.send_failures[receiver_key.peer_id] >= 1,
                 GUARD_S,  # against a hang; the push itself is bounded by send_timeout
                 "the push to the dead neighbour to fail",
             )
@@ -109,9 +109,9 @@ async def test_a_neighbour_dying_mid_transfer_never_stalls_rounds_or_creates_wei
             # buffers it at the receiver whether or not the handler reads), so the
             # receiver might have taken it: the share is given, not refunded
             # (docs/PROTOCOL.md §4). Weight is never created; here it is lost.
-            assert sender.send_failures[receiver_key.peer_id] == 1
-            assert sender.deliveries.counts["refunded"] == 0
-            assert sender.deliveries.counts["unanswered"] == 1
+            assert sender.policy.send_failures[receiver_key.peer_id] == 1
+            assert sender.policy.deliveries.counts["refunded"] == 0
+            assert sender.policy.deliveries.counts["unanswered"] == 1
             assert sender.gossip.pushsum.weight == pytest.approx(initial_weight / 2)
             assert sender.status()["weight_in_flight"] == 0
 
@@ -119,11 +119,11 @@ async def test_a_neighbour_dying_mid_transfer_never_stalls_rounds_or_creates_wei
             # is kept, as unreachable (it may come back), and skipped, so no more
             # shares are split off for it.
             await wait_until(lambda: sender.round >= 8, GUARD_S, "the sender at round 8")
-            assert sender.updates_sent == 0
-            assert receiver_key.peer_id in sender.book.known()
-            assert not sender.book.reachable(receiver_key.peer_id)
+            assert sender.policy.updates_sent == 0
+            assert receiver_key.peer_id in sender.policy.book.known()
+            assert not sender.policy.book.reachable(receiver_key.peer_id)
             # Not among this round's live neighbours: no share is split off for it.
-            assert receiver_key.peer_id not in sender.neighbours
+            assert receiver_key.peer_id not in sender.membership.neighbours
             assert sender.gossip.pushsum.weight == pytest.approx(initial_weight / 2)
             nursery.cancel_scope.cancel()
 
@@ -160,25 +160,29 @@ async def test_a_neighbour_that_comes_back_is_redialled_and_pushed_to_again(
             assert member.transport is not None
             address = member.transport.addrs[0]
             port = address.split("/tcp/")[1].split("/")[0]
-            await wait_until(lambda: hub.updates_sent >= 3, GUARD_S, "the hub to reach the member")
+            await wait_until(
+                lambda: hub.policy.updates_sent >= 3, GUARD_S, "the hub to reach the member"
+            )
 
             away.cancel()  # the member goes down
             await wait_until(
-                lambda: not hub.book.reachable(member_key.peer_id), GUARD_S, "a failed dial"
+                lambda: not hub.policy.book.reachable(member_key.peer_id), GUARD_S, "a failed dial"
             )
-            sent_while_away = hub.updates_sent
+            sent_while_away = hub.policy.updates_sent
             rounds_then = hub.round
-            await wait_until(lambda: hub.round >= rounds_then + 5, GUARD_S, "5 rounds while away")
-            assert member_key.peer_id in hub.book.known()
-            assert hub.updates_sent == sent_while_away
+            await wait_until(
+                lambda: hub.round >= rounds_then + 5, GUARD_S, "5 rounds while away"
+            )
+            assert member_key.peer_id in hub.policy.book.known()
+            assert hub.policy.updates_sent == sent_while_away
             assert hub.status()["peers_unreachable"] == 1
 
             # Back at the same address: the hub's discovery redials it, pushes resume.
             await nursery.start(run_member, f"/ip4/127.0.0.1/tcp/{port}", trio.CancelScope())
             await wait_until(
-                lambda: hub.updates_sent >= sent_while_away + 3, GUARD_S, "pushes to resume"
+                lambda: hub.policy.updates_sent >= sent_while_away + 3, GUARD_S, "pushes to resume"
             )
-            assert hub.book.reachable(member_key.peer_id)
+            assert hub.policy.book.reachable(member_key.peer_id)
             assert hub.status()["peers_unreachable"] == 0
             nursery.cancel_scope.cancel()
 
@@ -242,7 +246,8 @@ async def test_a_partitioned_network_converges_again_after_it_heals(
             halves = [{n.key.peer_id for n in nodes[:HALF]}, {n.key.peer_id for n in nodes[HALF:]}]
             for side, members in enumerate(halves):
                 for node in nodes[side * HALF : (side + 1) * HALF]:
-                    assert set(node.book.known()) <= members, "the halves met before the heal"
+                    known = set(node.policy.book.known())
+                    assert known <= members, "the halves met before the heal"
             split_gap = half_gap(nodes)
 
             # Heal: one node of the second half dials one of the first and swaps peers;
@@ -255,19 +260,21 @@ async def test_a_partitioned_network_converges_again_after_it_heals(
                 assert bridge.transport is not None and contact.transport is not None
                 await bridge.transport.connect(contact.transport.addrs[0], timeout=GUARD_S)
                 await exchange_peers(
-                    bridge.transport, contact.key.peer_id, bridge.book, timeout=GUARD_S
+                    bridge.transport, contact.key.peer_id, bridge.policy.book, timeout=GUARD_S
                 )
 
             await with_retries(heal, what="the heal")
             everyone = {n.key.peer_id for n in nodes}
             await wait_until(
-                lambda: all(set(n.book.known()) | {n.key.peer_id} == everyone for n in nodes),
+                lambda: all({*n.policy.book.known(), n.key.peer_id} == everyone for n in nodes),
                 GUARD_S,
                 "every node to know all the others",
             )
             healed_at = [node.round for node in nodes]
             await wait_until(
-                lambda: all(n.round >= r + 15 for n, r in zip(nodes, healed_at, strict=True)),
+                lambda: all(
+                    n.round >= r + 15 for n, r in zip(nodes, healed_at, strict=True)
+                ),
                 GUARD_S,
                 "15 more rounds on every node",
             )
@@ -305,9 +312,9 @@ async def test_dp_is_applied_reported_and_its_budget_survives_a_restart(
         again = make_runtime(
             digits, tmp_path / "node", "0/1", key, **{**settings, "dp_noise": 8.0, "rounds": 4}
         )
-        assert again.privacy is not None and again.privacy.accountant.steps == 12
+        assert again.budget.privacy is not None and again.budget.privacy.accountant.steps == 12
         await again.run()
-        assert again.privacy.accountant.steps == 13
+        assert again.budget.privacy.accountant.steps == 13
 
         # Without DP, status says so, and the saved budget is kept for later.
         plain = make_runtime(digits, tmp_path / "node", "0/1", key, rounds=5, min_neighbours=0)
@@ -348,11 +355,11 @@ async def test_a_diverged_round_under_dp_releases_noise_and_is_accounted(
     settings = {"dp_clip": 1.0, "dp_noise": 4.0, "rounds": 2, "min_neighbours": 0}
     with trio.fail_after(4 * GUARD_S):
         node = make_runtime(diverging, tmp_path / "node", "0/1", **settings)
-        trained = node._train(node.gossip.estimate.copy())
+        trained = node.training.train(node.gossip.estimate.copy())
         assert not np.isfinite(trained).all()  # the premise: training does diverge
         initial = node.gossip.estimate.copy()
         await node.run()
-    assert node.privacy is not None and node.privacy.accountant.steps == 2
+    assert node.budget.privacy is not None and node.budget.privacy.accountant.steps == 2
     moved = node.gossip.estimate - initial
     # Zero change plus noise of std sigma*C = 4 per coordinate: about 4*sqrt(2) each.
     assert np.isfinite(moved).all()
@@ -365,7 +372,7 @@ def test_training_batches_are_secret_under_dp_and_reproducible_without(
     def first_order(**settings: Any) -> list[int]:
         node = make_runtime(digits, tmp_path / str(len(list(tmp_path.iterdir()))), "0/1",
                             seed=7, **settings)
-        return torch.randperm(50, generator=node.generator).tolist()
+        return torch.randperm(50, generator=node.training.generator).tolist()
 
     assert first_order() == first_order()
     dp = {"dp_clip": 1.0, "dp_noise": 1.0}

@@ -79,7 +79,7 @@ def digits() -> Task:
 async def test_a_flood_of_hostile_headers_is_all_counted_in_one_short_log_line(
     digits: Task, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="p2pfl.runtime")
+    caplog.set_level(logging.INFO, logger="p2pfl.receiving")
     member = NodeKey.generate()
     # Small enough that 30 of them fit the member's byte budget: all reach admission.
     payload = message_with_header(map_of_unknown_keys(2_000))
@@ -108,5 +108,5 @@ async def test_an_update_from_a_non_ed25519_peer_is_counted_as_unsupported_key(
     # should one still deliver an update, it is refused and counted, not a handler error.
     secp_peer = str(ID.from_pubkey(create_secp256k1_key_pair().public_key))
     async with running_daemon(digits, tmp_path / "node", []) as (node, _):
-        await node._on_offer(secp_peer, b"anything")
+        await node.inbound.on_offer(secp_peer, b"anything")
         assert rejected(node)["unsupported-key"] == 1

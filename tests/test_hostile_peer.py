@@ -96,7 +96,7 @@ async def join_as_member(member: Transport, node: NodeRuntime) -> None:
     book = PeerBook(member.peer_id)
     serve_peer_exchange(member, book)
     await exchange_peers(member, node.key.peer_id, book, timeout=5)
-    await wait_until(lambda: member.peer_id in node.book)
+    await wait_until(lambda: member.peer_id in node.policy.book)
 
 
 def signed(
@@ -302,7 +302,7 @@ async def test_outsider_gets_neither_model_nor_peers_nor_a_place_in_the_book(
             assert reply
             snapshot = await member.request(peer, MODEL_PROTOCOL, b"", timeout=5, max_size=4 << 20)
             assert len(snapshot) > 8
-            assert node.book.known() == [member_key.peer_id]
+            assert node.policy.book.known() == [member_key.peer_id]
 
             # The outsider's connection is closed right after Noise proves its key:
             # no stream of any protocol, identify and ping included, ever opens.
@@ -320,9 +320,9 @@ async def test_outsider_gets_neither_model_nor_peers_nor_a_place_in_the_book(
             assert status["updates_rejected"] == {}
             # Never in the book, so never dialed nor chosen as a neighbour, even when a
             # member vouches for it.
-            assert outsider_key.peer_id not in node.book
-            assert not node.book.add(outsider_key.peer_id, outsider.addrs, first_hand=False)
-            assert node.book.known() == [member_key.peer_id]
+            assert outsider_key.peer_id not in node.policy.book
+            assert not node.policy.book.add(outsider_key.peer_id, outsider.addrs, first_hand=False)
+            assert node.policy.book.known() == [member_key.peer_id]
 
 
 async def test_a_flooding_member_does_not_starve_an_honest_one(

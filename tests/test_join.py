@@ -113,7 +113,7 @@ async def test_a_joiner_adopts_the_median_of_members_not_a_hostile_bootstraps_mo
                 round_interval=1.0,
             )
             await nursery.start(joiner.run)
-            await wait_until(lambda: joiner.adopted_from is not None, 60, "the adoption")
+            await wait_until(lambda: joiner.joining.adopted_from is not None, 60, "the adoption")
             adopted = joiner.status()["adopted_from"]
             peers = {source["peer_id"] for source in adopted["peers"]}
             assert adopted["rule"] == "median"
@@ -122,7 +122,7 @@ async def test_a_joiner_adopts_the_median_of_members_not_a_hostile_bootstraps_mo
             # cannot move the median outside the honest values.
             model = joiner.gossip.estimate.copy()
             assert np.abs(model).max() < POISON / 10
-            assert joiner._evaluate(model) > 0.8
+            assert joiner.training.evaluate(model) > 0.8
             nursery.cancel_scope.cancel()
 
 
@@ -148,9 +148,9 @@ async def test_an_absurd_snapshot_is_refused_counted_and_the_node_keeps_its_own_
             )
             initial = joiner.gossip.estimate.copy()
             await nursery.start(joiner.run)
-            await wait_until(lambda: joiner.join_refused, 30, "the refusal")
+            await wait_until(lambda: joiner.joining.join_refused, 30, "the refusal")
             assert joiner.status()["join_refused"] == {reason: 1}
-            assert joiner.adopted_from is None
+            assert joiner.joining.adopted_from is None
             np.testing.assert_array_equal(joiner.gossip.estimate, initial)
             # It runs on: a crash in run() would have ended the nursery with an error.
             assert joiner.transport is not None
@@ -172,12 +172,13 @@ async def test_a_peer_whose_id_is_not_ed25519_is_counted_not_fatal(
             )
             # Learnt second-hand, as from a peer-exchange reply: such a peer cannot sign
             # an update, and asking it for a model must not crash the join.
-            joiner.book.add(secp_peer, [f"/ip4/127.0.0.1/tcp/9/p2p/{secp_peer}"])
+            joiner.policy.book.add(secp_peer, [f"/ip4/127.0.0.1/tcp/9/p2p/{secp_peer}"])
             await nursery.start(joiner.run)
-            await wait_until(lambda: joiner.adopted_from is not None, 60, "the adoption")
+            await wait_until(lambda: joiner.joining.adopted_from is not None, 60, "the adoption")
             assert joiner.status()["join_refused"].get("not-ed25519") == 1
             # It went on to the member it could ask (the others trained alone, unknown).
-            assert [p["peer_id"] for p in joiner.adopted_from["peers"]] == [first.key.peer_id]
+            adopted = joiner.joining.adopted_from
+            assert [p["peer_id"] for p in adopted["peers"]] == [first.key.peer_id]
             nursery.cancel_scope.cancel()
 
 

@@ -21,6 +21,7 @@ from runtimes import GUARD_S, LOOPBACK, make_runtime, push_update, run_two, wait
 from fltasks import Task, load_task
 from gossip import GossipNode, NodeKey
 from gossip.delivery import READY, Receipt
+from p2pfl.peer_exchange import PeerBook, serve_peer_exchange
 from p2pfl.runtime import UPDATE_PROTOCOL, model_arrays
 from p2pfl.transport import Transport
 
@@ -50,7 +51,7 @@ async def test_two_runtimes_exchange_signed_updates(
         assert status["updates_rejected"] == {}
         assert status["compression"] == compression
         # Each is the other's neighbour: a member for its relay, not a stranger.
-        assert other.key.peer_id in me._gossips_with()
+        assert other.key.peer_id in me.membership.gossips_with()
 
 
 async def test_top_k_peers_stay_in_step_and_whole_copies_stay_rare(
@@ -82,12 +83,13 @@ def test_a_busy_neighbour_skips_the_round_whatever_the_codec(
     node = make_runtime(digits, tmp_path, "0/2", compression=compression)
     keys = {name: NodeKey.generate().peer_id for name in ("a", "b")}
     for peer_id in keys.values():
-        node.book.add(peer_id, ["/ip4/127.0.0.1/tcp/1"])
-    node.neighbours = list(keys.values())
-    node._pushing.add(keys["a"])  # a push to a is still in flight
-    assert node._free(node.neighbours) == [keys["b"]]
-    node._pushing.clear()
-    assert sorted(node._free(node.neighbours)) == sorted(keys.values())
+        node.policy.book.add(peer_id, ["/ip4/127.0.0.1/tcp/1"])
+    neighbours = list(keys.values())
+    share = node.gossip.prepare(1, time.time())
+    node.policy.start_pushes(share, [keys["a"]])  # a push to a is still in flight
+    assert node.policy.free(neighbours) == [keys["b"]]
+    node.policy.push_ended(keys["a"])
+    assert sorted(node.policy.free(neighbours)) == sorted(keys.values())
 
 
 async def test_a_tampered_update_is_rejected_and_counted(digits: Task, tmp_path: Path) -> None:
@@ -107,7 +109,7 @@ async def test_a_tampered_update_is_rejected_and_counted(digits: Task, tmp_path:
             async with Transport.open(attacker_key, [LOOPBACK]) as sender:
                 # A member the node knows, so one of its neighbours: only the bit flip
                 # can be the reason for a refusal.
-                node.book.add(attacker_key.peer_id, sender.addrs)
+                node.policy.book.add(attacker_key.peer_id, sender.addrs)
                 await sender.connect(node.transport.addrs[0], timeout=5)
                 await push_update(sender, node.key.peer_id, tampered, 5)
                 await wait_until(lambda: node.status()["updates_rejected"] != {})
@@ -149,7 +151,9 @@ async def test_a_node_joining_a_running_network_adopts_its_current_model(
             )
             await nursery.start(joiner.run)
             # It joins, then adopts before its first round (bounded by fail_after).
-            await wait_until(lambda: joiner.adopted_from is not None or joiner.round > 0)
+            await wait_until(
+                lambda: joiner.joining.adopted_from is not None or joiner.round > 0
+            )
             adopted = joiner.status()["adopted_from"]
             assert adopted is not None
             assert adopted["rule"] == "median"
@@ -183,14 +187,59 @@ async def test_a_push_that_times_out_gives_that_peer_twice_the_time_next(
             slow.set_handler(
                 UPDATE_PROTOCOL, answers_late, 1 << 26, 60, screen=ready, max_offer_size=1 << 20
             )
-            node.transport = ours
-            node._push_nursery = nursery
-            node.book.add(slow.peer_id, slow.addrs)
-            promised = node.push_rates.rate(slow.peer_id)
-            first = node.deadlines.push(100_000, promised)
-            node._push(node.gossip.prepare(1, time.time()), [slow.peer_id])
-            await wait_until(lambda: node.send_failures[slow.peer_id] == 1, GUARD_S)
-            assert node.push_rates.rate(slow.peer_id) == promised / 2
-            assert node.deadlines.push(100_000, node.push_rates.rate(slow.peer_id)) > first
+            node.membership.transport = ours
+            node.pusher.nursery = nursery
+            node.policy.book.add(slow.peer_id, slow.addrs)
+            promised = node.policy.push_rates.rate(slow.peer_id)
+            first = node.config.deadlines.push(100_000, promised)
+            outgoing = node.gossip.prepare(1, time.time())
+            node.pusher.push(node.policy.start_pushes(outgoing, [slow.peer_id]))
+            await wait_until(lambda: node.policy.send_failures[slow.peer_id] == 1, GUARD_S)
+            assert node.policy.push_rates.rate(slow.peer_id) == promised / 2
+            slower = node.policy.push_rates.rate(slow.peer_id)
+            assert node.config.deadlines.push(100_000, slower) > first
             assert node.status()["link_mbit"]["push"] == {slow.peer_id: promised / 2 * 8 / 1e6}
             nursery.cancel_scope.cancel()
+
+
+async def test_the_mass_count_holds_while_a_round_checkpoints_before_pushing(
+    digits: Task, tmp_path: Path
+) -> None:
+    """The weight split off for a push is in flight from the split on: a poll of /status
+    while the checkpoint is written (after the split, before the push starts) sees
+    ``weight + weight_pending + weight_in_flight`` whole, and each refund (the peer
+    refuses every offer) brings it back to ``weight``."""
+    node = make_runtime(
+        digits, tmp_path, "0/1", rounds=None, round_interval=0.2, min_neighbours=0
+    )
+    total = node.gossip.pushsum.weight
+    polls: list[dict[str, float]] = []
+    write_checkpoint = node.rounds.checkpoint
+
+    async def polled_checkpoint() -> None:
+        status = node.status()
+        polls.append({k: status[k] for k in ("weight", "weight_pending", "weight_in_flight")})
+        await write_checkpoint()
+
+    async def refuse(peer_id: str, offer: bytes) -> tuple[bytes, int | None]:
+        return Receipt("not-neighbour", 0).encode(), None
+
+    async def never(peer_id: str, payload: bytes) -> bytes:
+        raise AssertionError("a refused offer's payloads are never sent")
+
+    node.rounds.checkpoint = polled_checkpoint
+    with trio.fail_after(GUARD_S):
+        async with Transport.open(NodeKey.generate(), [LOOPBACK]) as refuser:
+            refuser.set_handler(UPDATE_PROTOCOL, never, 1 << 20, 60, screen=refuse)
+            serve_peer_exchange(refuser, PeerBook(refuser.peer_id), read_timeout=5)
+            node.policy.book.add(refuser.peer_id, refuser.addrs)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(node.run)
+                await wait_until(lambda: node.policy.deliveries.counts["refunded"] >= 2)
+                # Between pushes (the next is split at the next round): all of it is ours.
+                await wait_until(lambda: node.status()["weight_in_flight"] == 0)
+                assert node.status()["weight"] == pytest.approx(total)
+                nursery.cancel_scope.cancel()
+    assert max(poll["weight_in_flight"] for poll in polls) > 0  # the premise: a share split
+    for poll in polls:
+        assert sum(poll.values()) == pytest.approx(total)

@@ -169,8 +169,8 @@ async def test_a_daemon_fed_fakes_keeps_its_honest_neighbours_and_reflects_nothi
             await wait_until(lambda: transport.dials_deferred >= 3, 60, "dials held back")
             assert 1 <= accepted[0] <= DIALS_PER_ADDRESS_PER_MIN
             honest = {h1.peer_id, h2.peer_id}
-            assert honest <= set(daemon.book.known())
-            own, known = daemon.key.peer_id, daemon.book.known()
+            assert honest <= set(daemon.policy.book.known())
+            own, known = daemon.key.peer_id, daemon.policy.book.known()
             chosen = choose_neighbours(own, known, daemon.config.degree)
             assert honest <= set(chosen)
             assert daemon.status()["known_peers"] == 3

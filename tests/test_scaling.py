@@ -110,8 +110,8 @@ def test_the_daemon_and_the_simulator_give_a_node_the_same_features(
     )
     simulation = Simulation.for_task(digits, ring(4), shards, config)
     assert simulation.task is not None
-    assert torch.equal(node.x, simulation.task.x_train[torch.from_numpy(shards[2])])
-    assert torch.equal(node.task.x_test, simulation.task.x_test)
+    assert torch.equal(node.training.x, simulation.task.x_train[torch.from_numpy(shards[2])])
+    assert torch.equal(node.training.task.x_test, simulation.task.x_test)
 
 
 def test_raw_features_must_have_the_labels_rows(digits: Task) -> None:

@@ -1,0 +1,7 @@
+"""The daemon's own libp2p protocols (peer exchange and reachability name theirs)."""
+
+# 1.2.0: an update is offered (prefix and header) before its payloads are sent, and
+# a share is refunded only on a refusal of the offer (gossip/delivery.py).
+UPDATE_PROTOCOL = "/p2pfl/update/1.2.0"
+# A joining node asks members for a signed snapshot of their model.
+MODEL_PROTOCOL = "/p2pfl/model/1.0.0"

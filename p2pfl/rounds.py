@@ -1,0 +1,165 @@
+"""The round: train (unless serving), merge the votes once, evaluate, push, checkpoint.
+
+There is no barrier anywhere. Each local round trains in a worker thread (so
+libp2p streams keep draining: yamux fails a sender whose receiver stops
+reading for 5 s), merges its neighbours' votes once (gossip/votes.py: one vote
+per neighbour, a quorum for robust rules), checkpoints, and starts one push of
+a signed update to each free neighbour in the background. Rounds are paced
+(``--round-interval``), and a node that has finished its ``--rounds`` keeps
+gossiping without training for ``--linger`` seconds, so members that started
+later are not left to train alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import trio
+
+from gossip.attacks import Attacker
+from gossip.keys import public_key_from_peer_id
+from p2pfl.config import NodeConfig
+from p2pfl.gossip_access import GuardedGossip
+from p2pfl.membership import Membership
+from p2pfl.peer_policy import PeerPolicy, Push
+from p2pfl.phases import PhaseClock
+from p2pfl.privacy_budget import PrivacyBudget
+from p2pfl.pusher import Pusher
+from p2pfl.training import LocalTraining
+
+logger = logging.getLogger(__name__)
+
+# An --attack member pushes this often, whatever its rounds do (bounded by the
+# receivers' per-peer rate limit).
+ATTACK_PUSH_INTERVAL_S = 0.03
+
+
+class RoundLoop:
+    """This node's rounds: how many are done, the last accuracy, training or serving."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        core: GuardedGossip,
+        training: LocalTraining,
+        budget: PrivacyBudget,
+        membership: Membership,
+        pusher: Pusher,
+        phases: PhaseClock,
+        checkpoint: Callable[[], Awaitable[None]],
+        attacker: Attacker | None = None,
+    ) -> None:
+        self.config = config
+        self.core = core
+        self.training = training
+        self.budget = budget
+        self.membership = membership
+        self.pusher = pusher
+        self.policy: PeerPolicy[Any] = pusher.policy
+        self.phases = phases
+        self.checkpoint = checkpoint
+        self.attacker = attacker
+        self.round = 0
+        self.accuracy: float | None = None
+        self.serving = False  # finished its rounds; gossiping without training
+
+    def state_name(self) -> str:
+        """training; serving: finished its rounds, still gossiping (--linger);
+        dp-exhausted: --dp-target-epsilon reached, merging and serving only."""
+        if self.serving:
+            return "serving"
+        return "dp-exhausted" if self.budget.exhausted else "training"
+
+    def _estimate(self) -> np.ndarray:
+        return self.core.node.estimate.copy()
+
+    async def evaluate_current(self) -> None:
+        """Report the current model's accuracy (a restored one's, before its first round)."""
+        snapshot = await self.core.call(self._estimate)
+        evaluate = self.phases.timed("evaluate", self.training.evaluate)
+        self.accuracy = await trio.to_thread.run_sync(evaluate, snapshot)
+
+    async def one_round(self) -> None:
+        """Train (unless serving), merge the votes once, evaluate, push, checkpoint."""
+        started = time.perf_counter()
+        node = self.core.node
+        if not self.serving and self.budget.allows_a_round():
+            await self._train_step()
+        await self.membership.refresh_peers()
+        await self.core.call(self.phases.timed("merge", node.merge))
+        await self.evaluate_current()
+        neighbours = self.membership.choose_neighbours()
+        keys = [public_key_from_peer_id(peer_id) for peer_id in neighbours]
+        await self.core.call(node.keep_links, keys)
+        targets = self.policy.free(neighbours)
+        pushes: list[Push[Any]] = []
+        if targets:  # nobody to push to: no message to build, no sequence number spent
+            if self.attacker is not None:
+                prepare = self.phases.timed("prepare", self.attacker.prepare)
+                outgoing = await self.core.call(prepare, time.time())
+            else:
+                prepare = self.phases.timed("prepare", node.prepare)
+                outgoing = await self.core.call(prepare, len(targets), time.time())
+            # In the same step as the split (no await between): the weight split off
+            # is in flight from here, so /status's mass count never dips while the
+            # checkpoint below is written.
+            pushes = self.policy.start_pushes(outgoing, targets)
+        if not self.serving:
+            self.round += 1
+        # Checkpoint before sending: a restart then never reuses a sequence number
+        # that peers have already seen.
+        with self.phases.timing("checkpoint"):
+            await self.checkpoint()
+        self.pusher.push(pushes)
+        record = self.phases.end_round(self.round, time.perf_counter() - started)
+        logger.info("round %d phases %s", self.round, json.dumps(record))
+        logger.info(
+            "round %d accuracy %.4f neighbours %d%s",
+            self.round,
+            self.accuracy,
+            len(neighbours),
+            " (serving)" if self.serving else "",
+        )
+
+    async def _train_step(self) -> None:
+        before = await self.core.call(self._estimate)
+        train = self.phases.timed("train", self.training.train)
+        after = await trio.to_thread.run_sync(train, before, self.budget.dp_sgd)
+        after = self.budget.release(before, after, self.round + 1)
+        await self.core.call(self.core.node.apply_local_step, before, after)
+
+    async def _paced(self, started: float) -> None:
+        await trio.sleep(max(0.0, self.config.round_interval - (time.monotonic() - started)))
+
+    async def run(self) -> None:
+        """Wait for peers, run ``--rounds`` rounds, then serve for ``--linger`` seconds."""
+        await self.membership.wait_for_peers()
+        while self.config.rounds is None or self.round < self.config.rounds:
+            started = time.monotonic()
+            await self.one_round()
+            await self._paced(started)
+        # Finished: stay a member for a while, merging and pushing but not training,
+        # so that late starters are not left alone (and still learn from us).
+        self.serving = True
+        if self.config.linger > 0:
+            logger.info("finished %d rounds; serving for %g s", self.round, self.config.linger)
+        with trio.move_on_after(self.config.linger):
+            while True:
+                started = time.monotonic()
+                await self.one_round()
+                await self._paced(started)
+
+    async def attack_loop(self) -> None:
+        """An --attack member pushes its attack to every peer it knows, as fast as allowed."""
+        assert self.attacker is not None
+        while True:
+            peers = self.policy.free(self.policy.book.known())
+            if peers:
+                outgoing = await self.core.call(self.attacker.prepare, time.time())
+                self.pusher.push(self.policy.start_pushes(outgoing, peers))
+            await trio.sleep(ATTACK_PUSH_INTERVAL_S)

@@ -1,0 +1,114 @@
+"""The /status dict: a pure view of a running node's parts (served by p2pfl/status.py).
+
+Its keys are documented in docs/PROTOCOL.md (status endpoints); tests, the
+benchmarks and the lab read them, so a key is never renamed here alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from gossip.keys import peer_id_from_public_key
+from p2pfl.protocols import UPDATE_PROTOCOL
+from p2pfl.reachability import status_view as reachability_view
+
+if TYPE_CHECKING:
+    from p2pfl.runtime import NodeRuntime
+
+
+def node_status(node: NodeRuntime) -> dict[str, Any]:
+    """What a node reports: its round, links, pushes, rejections, mass and privacy."""
+    transport = node.membership.transport
+    view = node.core.view
+    counters = view["counters"]
+    policy = node.policy
+    rejected: Counter[str] = Counter(counters["rejected"])
+    rejected.update(node.inbound.refused_updates)
+    if transport is not None:
+        rejected.update(transport.frame_errors)
+        for reason in ("busy", "rate-limited"):
+            if transport.stream_errors.get(reason):
+                rejected[reason] += transport.stream_errors[reason]
+        # A non-member's update stream is refused unread: its sender is unknown.
+        if transport.streams_refused.get(UPDATE_PROTOCOL):
+            rejected["unknown-sender"] += transport.streams_refused[UPDATE_PROTOCOL]
+    config, rounds, budget = node.config, node.rounds, node.budget
+    return {
+        "peer_id": node.key.peer_id,
+        "addrs": transport.addrs if transport else [],
+        # Each address's kind (public, nated, firewalled, relayed), our relays, and
+        # the peers we reach through a relay (p2pfl/reachability.py).
+        "reachability": reachability_view(transport, node.membership.reachability),
+        # Our relay service: what it granted, carried, refused and cut, by reason.
+        "relay": transport.nat.policy.view() if transport and transport.nat else None,
+        "round": rounds.round,
+        "neighbours": list(node.membership.neighbours),
+        "accuracy": rounds.accuracy,
+        "updates_sent": policy.updates_sent,
+        "updates_accepted": counters["accepted"],
+        # training, then serving: finished its rounds, still gossiping (--linger);
+        # dp-exhausted: --dp-target-epsilon reached, merging and serving only
+        "state": rounds.state_name(),
+        # Fresh neighbour votes, robust merges with a quorum or bounded below one,
+        # and pushes that arrived before the sender's previous one was merged.
+        "votes": counters["votes"],
+        "merges": counters["merges"],
+        "coalesced": counters["coalesced"],
+        "updates_rejected": dict(rejected),
+        "bytes_sent": transport.bytes_sent if transport else 0,
+        "bytes_received": transport.bytes_received if transport else 0,
+        "uptime_s": round(time.monotonic() - node.started, 3),
+        "samples": node.training.samples,
+        "weight": view["weight"],
+        # Where the rest of the push-sum mass is: received shares not merged yet,
+        # and shares being pushed (from the split until refunded or given;
+        # gossip/delivery.py). On every poll, weight + weight_pending +
+        # weight_in_flight is this node's part of the mass; summed over all nodes it
+        # stays at their starting total unless shares are lost (docs/PROTOCOL.md §4).
+        "weight_pending": view["weight_pending"],
+        "weight_in_flight": policy.weight_in_flight,
+        "sequence": view["sequence"],
+        "known_peers": len(policy.book),
+        # Known peers that could not be dialled lately (kept, redialled by discovery).
+        "peers_unreachable": policy.unreachable_count(),
+        # Highest sequence accepted from each sender: shows whose updates get through.
+        "last_seq": {
+            peer_id_from_public_key(sender): seq for sender, seq in view["last_seq"].items()
+        },
+        "send_failures": dict(policy.send_failures),
+        # Peers whose links showed less than --min-link-mbit: the Mbit/s deadlines
+        # assume, for our pushes to them and for their frames to us.
+        "link_mbit": {
+            direction: {peer: round(r * 8 / 1e6, 3) for peer, r in rates.rates.items()}
+            for direction, rates in (("push", policy.push_rates), ("read", policy.read_rates))
+        },
+        # What became of pushed shares: delivered, refunded, disputed, unanswered
+        # (docs/PROTOCOL.md §4); and per peer, refusals after the payloads.
+        "deliveries": dict(policy.deliveries.counts),
+        "disputed_by": dict(policy.deliveries.disputes),
+        "pushes_refused": dict(policy.pushes_refused),
+        "pushes_in_flight": len(policy.in_flight),
+        # top-k: pushes that carried the link's whole copy afresh (peer not in step)
+        "whole_copies_sent": policy.whole_copies_sent,
+        "streams_refused": dict(transport.streams_refused) if transport else {},
+        # Connections cut before any stream (p2pfl.gating), by reason.
+        "connections_refused": dict(transport.connections_refused) if transport else {},
+        # Checkpoint writes that failed, by errno name (the node kept running).
+        "checkpoint_failures": dict(node.store.failures),
+        "aggregator": node.gossip.aggregator.name,
+        "compression": node.gossip.codec_id,
+        # The members whose median model this node started from when it joined.
+        "adopted_from": node.joining.adopted_from,
+        "join_refused": dict(node.joining.join_refused),
+        "attack": config.attack,
+        "dp": config.dp_mode,
+        "epsilon": budget.epsilon,
+        "delta": config.dp_delta if config.dp_enabled else None,
+        "dp_target_epsilon": config.dp_target_epsilon,
+        "dp_exhausted": budget.exhausted,
+        "task": node.training.task.name,
+        # The last round's seconds per phase, peak RSS, the loop's worst stall.
+        "phases": node.phases.status(),
+    }
