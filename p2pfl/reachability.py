@@ -164,9 +164,9 @@ def decode_request(data: bytes) -> list[int] | None:
     if not isinstance(message, dict) or set(message) != {"ports"}:
         return None
     ports = message["ports"]
-    if not isinstance(ports, list) or not all(
-        isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports
-    ):
+    if not isinstance(ports, list) or not 1 <= len(ports) <= MAX_PORTS:
+        return None  # the spec's 1-4 ports: an empty request asks nothing worth a dial
+    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports):
         return None
     return ports
 

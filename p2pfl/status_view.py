@@ -93,6 +93,8 @@ def node_status(node: NodeRuntime) -> dict[str, Any]:
         # top-k: pushes that carried the link's whole copy afresh (peer not in step)
         "whole_copies_sent": policy.whole_copies_sent,
         "streams_refused": dict(transport.streams_refused) if transport else {},
+        # Streams reset or closed unanswered, by reason (busy, rate-limited, reach-malformed, ...).
+        "stream_errors": dict(transport.stream_errors) if transport else {},
         # Connections cut before any stream (p2pfl.gating), by reason.
         "connections_refused": dict(transport.connections_refused) if transport else {},
         # Checkpoint writes that failed, by errno name (the node kept running).

@@ -39,7 +39,8 @@ from rich.table import Table
 
 from p2pfl.lab.labrun import LabOptions, goal_met, run_to_target, training_ratio
 from p2pfl.lab.localnet import LocalNetworkError
-from p2pfl.lab.netlab import LabError, lab_unavailable_reason, terminate_on_sigterm
+from p2pfl.lab.namespaces import LabError, lab_unavailable_reason
+from p2pfl.lab.netlab import terminate_on_sigterm
 
 console = Console()
 CODECS = ("raw", "fp16", "int8", "topk:0.01")

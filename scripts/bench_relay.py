@@ -23,7 +23,8 @@ from typing import Any
 import trio
 
 from gossip.keys import NodeKey
-from p2pfl.lab.netlab import Lab, lab_unavailable_reason, nft_missing_reason, serving_in
+from p2pfl.lab.namespaces import lab_unavailable_reason, nft_missing_reason
+from p2pfl.lab.netlab import Lab, serving_in
 from p2pfl.transport import Transport
 
 PROTOCOL = "/p2pfl/bench/1.0.0"

@@ -37,12 +37,8 @@ from rich.table import Table
 
 from p2pfl.lab.labrun import NEEDS_NFT, SCENARIOS, LabOptions
 from p2pfl.lab.localnet import LocalNetworkError
-from p2pfl.lab.netlab import (
-    LabError,
-    lab_unavailable_reason,
-    nft_missing_reason,
-    terminate_on_sigterm,
-)
+from p2pfl.lab.namespaces import LabError, lab_unavailable_reason, nft_missing_reason
+from p2pfl.lab.netlab import terminate_on_sigterm
 
 console = Console()
 

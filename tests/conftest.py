@@ -31,7 +31,7 @@ _lab_reason: list[str | None] = []
 
 def _lab_unavailable() -> str | None:
     if not _lab_reason:
-        from p2pfl.lab.netlab import lab_unavailable_reason
+        from p2pfl.lab.namespaces import lab_unavailable_reason
 
         _lab_reason.append(lab_unavailable_reason())
     return _lab_reason[0]

@@ -23,16 +23,14 @@ from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from gossip.keys import NodeKey
-from p2pfl.lab.netlab import (
+from p2pfl.lab.namespaces import (
     PREFIX,
-    Lab,
     LabError,
-    LabNetwork,
     lab_namespaces,
     lab_unavailable_reason,
     nft_missing_reason,
-    serving_in,
 )
+from p2pfl.lab.netlab import Lab, LabNetwork, serving_in
 from p2pfl.relay import circuit_relay
 from p2pfl.transport import Transport, TransportError
 

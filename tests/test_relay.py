@@ -19,6 +19,7 @@ from p2pfl.reachability import (
     FIREWALLED,
     NATED,
     PUBLIC,
+    REACH_PROTOCOL,
     RELAYED,
     UNKNOWN,
     Answer,
@@ -180,7 +181,8 @@ def test_addresses_are_classified_from_what_peers_see() -> None:
 @pytest.mark.parametrize(
     "payload",
     [b"", b"\xc1", b"\x81\xa5ports\xa1x", b"\x81\xa5ports\x91\xcd\xff\xff\xff",
-     b"\x82\xa5ports\x90\xa1x\x90", b"\x81\xa5ports\x95\x01\x02\x03\x04\x05"],
+     b"\x82\xa5ports\x90\xa1x\x90", b"\x81\xa5ports\x95\x01\x02\x03\x04\x05",
+     b"\x81\xa5ports\x90"],  # the last: no port at all (the spec asks for 1-4)
 )
 def test_malformed_reach_requests_are_refused(payload: bytes) -> None:
     assert decode_request(payload) is None
@@ -211,6 +213,17 @@ async def test_a_peer_dials_back_the_ip_it_sees_on_a_fresh_connection() -> None:
     assert reply.seen == "127.0.0.1"
     assert reply.open_ports == frozenset({port})
     assert reply.public and reply.relay
+
+
+async def test_a_malformed_reach_request_gets_no_answer_and_is_counted() -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with hosts(None, None) as (server, client):
+            serve_reachability(server, Reachability(kinds={"x": PUBLIC}, serve_relay=True), 5.0)
+            await client.connect(server.addrs[0], 5.0)
+            for payload in (encode_request([]), b"\xc1"):
+                with pytest.raises(TransportError):
+                    await client.request(server.peer_id, REACH_PROTOCOL, payload, 5.0, 1024)
+    assert server.stream_errors["reach-malformed"] == 2
 
 
 async def test_over_a_relay_a_peer_sees_nothing_and_dials_nothing() -> None:

@@ -24,12 +24,9 @@ context manager; SIGKILL leaves them for the next run).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -38,8 +35,17 @@ from functools import partial
 from typing import Any, TypeVar
 
 from p2pfl.lab.localnet import LocalNetwork, LocalNode
+from p2pfl.lab.namespaces import (
+    PREFIX,
+    LabError,
+    cleanup_leftovers,
+    delete_namespace,
+    lab_namespaces,
+    nft_missing_reason,
+    run_command,
+    run_in_netns,
+)
 
-PREFIX = "p2lab"
 LAB_NET = "10.77"
 LISTEN_PORT = 4001
 # Hosts are .10 upward in their /24; NAT routers take .200 upward on the core bridge.
@@ -51,108 +57,12 @@ TBF_LATENCY = "50ms"
 # A new veth gets its carrier from the kernel's link watcher about 1 s after it is up;
 # packets sent before that are lost, so a lab is ready only when every link is up.
 CARRIER_TIMEOUT_S = 10.0
-NFT_INSTALL_HINT = "apt-get install -y nftables"
 NAT_PORTS = ("keep", "random")
-_CLONE_NEWNET = 0x40000000
 
 _T = TypeVar("_T")
 
 
-class LabError(Exception):
-    """A lab command failed; the message names the command and the kernel's answer."""
 
-
-def _run(args: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(args), capture_output=True, text=True)
-    if check and result.returncode != 0:
-        answer = (result.stderr or result.stdout).strip().splitlines()
-        raise LabError(f"`{' '.join(args)}` failed: {answer[0] if answer else result.returncode}")
-    return result
-
-
-def lab_unavailable_reason() -> str | None:
-    """Why this machine cannot build a lab (one line), or None if it can."""
-    if os.geteuid() != 0:
-        return "the network lab needs root (network namespaces)"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"the network lab needs `{tool}` (iproute2: apt-get install -y iproute2)"
-    probe = f"{PREFIX}-{os.getpid()}-probe"
-    result = _run(["ip", "netns", "add", probe], check=False)
-    if result.returncode != 0:
-        return f"cannot create a network namespace: {result.stderr.strip()}"
-    _run(["ip", "netns", "del", probe], check=False)
-    return None
-
-
-def nft_missing_reason() -> str | None:
-    """Why loss and NAT cannot be built here (one line), or None if nftables is present."""
-    if shutil.which("nft") is None:
-        return f"loss and NAT need nftables: {NFT_INSTALL_HINT}"
-    return None
-
-
-def lab_namespaces() -> list[str]:
-    """Every namespace carrying the lab prefix, of any run."""
-    names = _run(["ip", "netns", "list"]).stdout.split()
-    return [name for name in names if name.startswith(f"{PREFIX}-")]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _delete_namespace(name: str) -> None:
-    # A namespace lives on while a process is in it: stop the lab's daemons first.
-    pids = _run(["ip", "netns", "pids", name], check=False).stdout.split()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
-    _run(["ip", "netns", "del", name], check=False)
-
-
-def cleanup_leftovers() -> list[str]:
-    """Delete namespaces of earlier labs whose process is gone; return their names."""
-    removed = []
-    for name in lab_namespaces():
-        owner = name.split("-")[1]
-        if owner.isdigit() and not _pid_alive(int(owner)):
-            _delete_namespace(name)
-            removed.append(name)
-    return removed
-
-
-def run_in_netns(namespace: str, function: Callable[[], _T]) -> _T:
-    """Call ``function`` in a thread that has entered ``namespace``; sockets it opens live there.
-
-    setns(2) changes only the calling thread's namespace, so a short-lived thread
-    keeps the rest of the process where it was. (os.setns arrives in Python 3.12.)
-    """
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            with open(f"/run/netns/{namespace}", "rb") as handle:
-                if libc.setns(handle.fileno(), _CLONE_NEWNET) != 0:
-                    error = ctypes.get_errno()
-                    raise OSError(error, f"setns into {namespace}: {os.strerror(error)}")
-            outcome["value"] = function()
-        except BaseException as error:  # handed to the caller's thread below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, name=f"netns-{namespace}")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 @dataclass(frozen=True)
@@ -232,16 +142,16 @@ class Lab:
     # -- building -------------------------------------------------------------------------
 
     def _ip(self, namespace: str, *args: str) -> None:
-        _run(["ip", "-n", namespace, *args])
+        run_command(["ip", "-n", namespace, *args])
 
     def _add_namespace(self, name: str) -> None:
-        _run(["ip", "netns", "add", name])
+        run_command(["ip", "netns", "add", name])
         self._ip(name, "link", "set", "lo", "up")
 
     def _limit(self, namespace: str, device: str) -> None:
         if self.rate_mbit is None:
             return
-        _run([
+        run_command([
             "tc", "-n", namespace, "qdisc", "replace", "dev", device, "root", "tbf",
             "rate", f"{self.rate_mbit}mbit", "burst", TBF_BURST, "latency", TBF_LATENCY,
         ])  # fmt: skip
@@ -257,14 +167,14 @@ class Lab:
             outer = self.core if host.nat is None else f"{self.tag}-nat{host.nat}"
             for namespace, device in ((host.namespace, "eth0"), (outer, f"h{host.index}")):
                 if rate_mbit is None:
-                    _run(["tc", "-n", namespace, "qdisc", "del", "dev", device, "root"],
+                    run_command(["tc", "-n", namespace, "qdisc", "del", "dev", device, "root"],
                          check=False)
                 else:
                     self._limit(namespace, device)
 
     def _link(self, inner_ns: str, outer_ns: str, port: str, bridge: str, address: str) -> None:
         """A veth from ``inner_ns`` (named eth0, with ``address``) to ``bridge`` in ``outer_ns``."""
-        _run([
+        run_command([
             "ip", "link", "add", "eth0", "netns", inner_ns, "type", "veth",
             "peer", "name", port, "netns", outer_ns,
         ])  # fmt: skip
@@ -278,7 +188,7 @@ class Lab:
 
     def _nft(self, namespace: str, *commands: str) -> None:
         for command in commands:
-            _run(["ip", "netns", "exec", namespace, "nft", command])
+            run_command(["ip", "netns", "exec", namespace, "nft", command])
 
     def _build(self) -> None:
         self._add_namespace(self.core)
@@ -289,7 +199,7 @@ class Lab:
             self._add_bridge(router, "lan", f"{LAB_NET}.{k + 1}.1/24")
             # The router's uplink is a plain interface, not a bridge port, so its
             # "wan" veth joins the core bridge like a host's.
-            _run([
+            run_command([
                 "ip", "link", "add", "wan", "netns", router, "type", "veth",
                 "peer", "name", f"nat{k}", "netns", self.core,
             ])  # fmt: skip
@@ -297,7 +207,7 @@ class Lab:
             self._ip(router, "link", "set", "wan", "up")
             self._ip(self.core, "link", "set", f"nat{k}", "master", "br0", "up")
             self._port_bridge[f"nat{k}"] = "br0"
-            _run(["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            run_command(["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
             self._nft(
                 router,
                 f"add table ip {PREFIX}",
@@ -342,7 +252,8 @@ class Lab:
         deadline = time.monotonic() + CARRIER_TIMEOUT_S
         for namespace in self.namespaces():
             while True:
-                links = json.loads(_run(["ip", "-n", namespace, "-j", "link", "show"]).stdout)
+                shown = run_command(["ip", "-n", namespace, "-j", "link", "show"])
+                links = json.loads(shown.stdout)
                 down = [link["ifname"] for link in links if link.get("operstate") == "DOWN"]
                 if not down:
                     break
@@ -406,7 +317,7 @@ class Lab:
 
     def tcp_connections(self, index: int) -> str:
         """``ss -tni`` on host ``index``: TCP states, rto and backoff of every connection."""
-        return _run([*self.exec_prefix(index), "ss", "-tni"]).stdout
+        return run_command([*self.exec_prefix(index), "ss", "-tni"]).stdout
 
     def namespaces(self) -> list[str]:
         return [name for name in lab_namespaces() if name.startswith(f"{self.tag}-")]
@@ -414,7 +325,7 @@ class Lab:
     def teardown(self) -> None:
         """Delete every namespace of this lab (with its links, qdiscs, tables and processes)."""
         for name in self.namespaces():
-            _delete_namespace(name)
+            delete_namespace(name)
 
 
 @contextlib.contextmanager
