@@ -107,6 +107,10 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="serve and gossip with only these peer ids (one per line); others are refused",
     )
+    add("--network", metavar="GENESIS", help="a network without a server: its genesis file "
+        "(`p2pfl network create`); members are who hold k members' signatures")
+    add("--cert", metavar="FILE", help="with --network: this node's certificate "
+        "(`p2pfl member sign`); a founder needs none")
     add("--degree", type=int, help="gossip neighbours per node (default 4)")
     add("--rounds", type=int, help="stop after this many local rounds (default: run until stopped)")
     add("--local-epochs", type=int, help="epochs over the local shard per round (default 1)")
@@ -257,6 +261,8 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "state_dir",
             "status_addr",
             "allow",
+            "network",
+            "cert",
             "degree",
             "rounds",
             "local_epochs",
@@ -347,8 +353,13 @@ def run_node(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                with trio.open_signal_receiver(
+                    signal.SIGINT, signal.SIGTERM, signal.SIGHUP
+                ) as signals:
                     async for received in signals:
+                        if received == signal.SIGHUP:
+                            runtime.reload()  # --allow and the membership inbox, no restart
+                            continue
                         logger.info(
                             "received %s: checkpointing and stopping", signal.Signals(received).name
                         )
