@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,7 +56,11 @@ class AdmissionPolicy:
     max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
     max_age_s: float = 600.0
     max_clock_skew_s: float = 60.0
-    allowlist: frozenset[bytes] | None = None
+    # Who is a member (public keys). Any Container: the daemon passes a live view that
+    # changes as members join or are revoked (p2pfl/member_source.py).
+    allowlist: Container[bytes] | None = None
+    # Revoked keys: refused as ``revoked`` before the allowlist is consulted.
+    revoked: Container[bytes] | None = None
     # Push-sum weights are sample counts split into shares; no honest share comes
     # near this, and a huge one would drive the receiver's weight to infinity.
     max_weight: float = 1e12
@@ -166,6 +170,8 @@ class Admission:
         return signed
 
     def _check_sender(self, signed: codec.SignedHeader, remote_key: bytes | None) -> None:
+        if self.policy.revoked is not None and signed.sender in self.policy.revoked:
+            raise InvalidUpdate(Reason.REVOKED, "the sender's key is revoked")
         allowlist = self.policy.allowlist
         if allowlist is not None and signed.sender not in allowlist:
             raise InvalidUpdate(Reason.UNKNOWN_SENDER, "the sender is not in the allowlist")

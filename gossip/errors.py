@@ -23,6 +23,8 @@ class Reason(StrEnum):
     # A top-k difference to a public copy the receiver does not hold (it missed the
     # message before): admitted as authentic, but nothing to fold in.
     OUT_OF_STEP = "out-of-step"
+    # The sender's key is revoked in the network's revocation log (gossip/membership.py).
+    REVOKED = "revoked"
 
 
 class InvalidUpdate(Exception):

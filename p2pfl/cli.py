@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 from gossip.attacks import DAEMON_ATTACKS
 from gossip.keys import KeyFileError, NodeKey
+from p2pfl import member_cli
 from p2pfl.config import ConfigError, NodeConfig, build_config, load_config_file, parse_host_port
 
 logger = logging.getLogger("p2pfl")
@@ -106,6 +107,10 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="serve and gossip with only these peer ids (one per line); others are refused",
     )
+    add("--network", metavar="GENESIS", help="a network without a server: its genesis file "
+        "(`p2pfl network create`); members are who hold k members' signatures")
+    add("--cert", metavar="FILE", help="with --network: this node's certificate "
+        "(`p2pfl member sign`); a founder needs none")
     add("--degree", type=int, help="gossip neighbours per node (default 4)")
     add("--rounds", type=int, help="stop after this many local rounds (default: run until stopped)")
     add("--local-epochs", type=int, help="epochs over the local shard per round (default 1)")
@@ -235,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print a running node's status as a table")
     status.add_argument("--status-addr", required=True, metavar="HOST:PORT")
     status.add_argument("--json", action="store_true", help="print the raw JSON instead")
+    member_cli.add_commands(commands)
     return parser
 
 
@@ -255,6 +261,8 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             "state_dir",
             "status_addr",
             "allow",
+            "network",
+            "cert",
             "degree",
             "rounds",
             "local_epochs",
@@ -345,8 +353,13 @@ def run_node(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                with trio.open_signal_receiver(
+                    signal.SIGINT, signal.SIGTERM, signal.SIGHUP
+                ) as signals:
                     async for received in signals:
+                        if received == signal.SIGHUP:
+                            runtime.reload()  # --allow and the membership inbox, no restart
+                            continue
                         logger.info(
                             "received %s: checkpointing and stopping", signal.Signals(received).name
                         )
@@ -425,6 +438,7 @@ def _status_value(value: object) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"keygen": run_keygen, "node": run_node, "status": run_status}
+    handlers |= {command: member_cli.run_with(UserError) for command in member_cli.COMMANDS}
     try:
         handlers[args.command](args)
     except (UserError, ConfigError, KeyFileError) as error:

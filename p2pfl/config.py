@@ -51,6 +51,10 @@ class NodeConfig:
     state_dir: str = "p2pfl-state"
     status_addr: str = "127.0.0.1:0"
     allow: str | None = None
+    # A network without a server (issue 22): its genesis file, and this node's
+    # certificate (a founder needs none: the genesis is its certificate).
+    network: str | None = None
+    cert: str | None = None
     degree: int = 4
     rounds: int | None = None
     local_epochs: int = 1
@@ -187,6 +191,10 @@ class NodeConfig:
         if not self.listen:
             raise ConfigError("--listen: give at least one multiaddr, e.g. /ip4/0.0.0.0/tcp/4001")
         parse_host_port(self.status_addr)
+        if self.cert is not None and self.network is None:
+            raise ConfigError("--cert: give the network's genesis with --network too")
+        if self.network is not None and self.allow is not None:
+            raise ConfigError("--network and --allow: choose one way to say who is a member")
         return self
 
     def _validate_aggregation(self) -> None:

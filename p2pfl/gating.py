@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,7 @@ from p2pfl.handshakes import (
     current_handshake,
     refuse,
 )
+from p2pfl.member_source import MemberSource
 
 __all__ = [
     "DEFAULT_EVICTABLE_AFTER_S",
@@ -88,8 +89,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Members = frozenset[str]
-"""An allowlist as the network layers take it: peer ids (``12D3KooW...``)."""
+Members = Collection[str]
+"""An allowlist as the network layers take it: peer ids (``12D3KooW...``); the daemon
+passes a live :class:`p2pfl.member_source.MemberSource`."""
 
 # Established connections per IP of peers that are not protected (with --allow there
 # are none: outsiders are cut after Noise). Protected peers do not count.
@@ -122,8 +124,14 @@ class GatedNoise(NoiseTransport):
             public_key_from_peer_id(peer)
         except ValueError:
             return "unsupported-key"
-        if self._members is not None and peer not in self._members:
-            return "not-member"
+        members = self._members
+        if isinstance(members, MemberSource) and members.is_revoked(peer):
+            return "revoked"  # whatever its IP, and whatever certificate it would show
+        if members is not None and peer not in members:
+            # A network lets a stranger in to show its certificate, and nothing else
+            # (p2pfl.inbound serves it the members protocol only).
+            if not getattr(members, "open_to_strangers", False):
+                return "not-member"
         return None
 
     async def _admit(self, conn: ISecureConn) -> ISecureConn:
@@ -237,6 +245,14 @@ class GatedResourceManager(ResourceManager):
         self._strangers: dict[_Handshake, _Stranger] = {}
         for member in members or ():
             self.protect(member, MEMBER_TAG)
+        if isinstance(members, MemberSource):
+            members.subscribe(self._members_changed)
+
+    def _members_changed(self, added: frozenset[str], removed: frozenset[str]) -> None:
+        for peer in added:
+            self.protect(peer, MEMBER_TAG)
+        for peer in removed:
+            self.unprotect(peer, MEMBER_TAG)
 
     def attach(self, swarm: INetworkService) -> None:
         self._swarm = swarm

@@ -24,6 +24,7 @@ from libp2p.custom_types import TProtocol
 from p2pfl.framing import FrameError, read_frame, write_frame
 from p2pfl.gating import ConnectionGate, Members
 from p2pfl.linkrates import LinkRates
+from p2pfl.member_source import MemberSource
 from p2pfl.ratelimit import PeerRateLimiter
 from p2pfl.streams import Traffic, close_quietly, describe, frame_size, reset_quietly
 
@@ -110,6 +111,9 @@ class InboundRouter:
         self.max_inbound_streams_per_peer = max_inbound_streams_per_peer
         self.max_inbound_streams = max_inbound_streams
         self.allowed_peers = allowed_peers
+        self.open_protocols: frozenset[str] = frozenset()
+        """Protocols a non-member may use where ``allowed_peers`` lets strangers in
+        (a network: the members protocol, to show a certificate)."""
         """Peer ids whose inbound streams are served; None serves everyone."""
         self.rate_limiter = rate_limiter
         """Per-peer byte budget of inbound frames and of replies; None: unlimited."""
@@ -149,6 +153,15 @@ class InboundRouter:
     def remove_handler(self, protocol: str) -> None:
         self._host.remove_stream_handler(TProtocol(protocol))
 
+    def _refused(self, peer_id: str, protocol: str) -> bool:
+        allowed = self.allowed_peers
+        if allowed is None or peer_id in allowed:
+            return False
+        if isinstance(allowed, MemberSource) and allowed.is_revoked(peer_id):
+            return True
+        stranger_may = getattr(allowed, "open_to_strangers", False)
+        return not (stranger_may and protocol in self.open_protocols)
+
     async def _serve(self, stream: INetStream, protocol: str, route: _Route) -> None:
         # Runs in libp2p's task for this stream: nothing but cancellation may escape.
         try:
@@ -157,7 +170,7 @@ class InboundRouter:
             self.stream_errors["internal"] += 1
             await reset_quietly(stream)
             return
-        if self.allowed_peers is not None and peer_id not in self.allowed_peers:
+        if self._refused(peer_id, protocol):
             # Not a member: no byte of its stream is read, and its connection is dropped.
             self.streams_refused[protocol] += 1
             logger.debug("refused a %s stream from %s: not in the allowlist", protocol, peer_id)

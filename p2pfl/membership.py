@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from gossip.keys import NodeKey, public_key_from_peer_id
 from p2pfl.config import NodeConfig
 from p2pfl.gossip_access import GuardedGossip
+from p2pfl.member_source import MemberSource
 from p2pfl.neighbours import choose_live, effective_quorum, in_candidates, ranked_membership
 from p2pfl.peer_exchange import discovery_round, exchange_peers
 from p2pfl.peer_policy import Action, Forget, PeerPolicy
@@ -44,7 +45,7 @@ class Membership:
         self,
         config: NodeConfig,
         key: NodeKey,
-        members: frozenset[str] | None,
+        members: MemberSource | None,
         policy: PeerPolicy[object],
         core: GuardedGossip,
         announce: Callable[[str], None],
@@ -59,6 +60,9 @@ class Membership:
         self.deadlines = config.deadlines
         self.transport: Transport | None = None
         self.neighbours: list[str] = []
+        # Called with a bootstrap peer right after we reach it, before anything else is
+        # asked of it: a network's newcomer shows its certificate there (member_service).
+        self.on_connect: Callable[[str], Awaitable[None]] | None = None
         # Which of our addresses are public, NATed or relayed (p2pfl/reachability.py).
         self.reachability = Reachability()
         # The configured quorum (at least the rule's minimum); see refresh_peers.
@@ -139,6 +143,8 @@ class Membership:
                 peer_id = await self.transport.connect(
                     addr, self.deadlines.handshake, persistent=True
                 )
+                if self.on_connect is not None:
+                    await self.on_connect(peer_id)
                 if self.members is not None and peer_id not in self.members:
                     logger.warning("bootstrap %s: not in the allowlist; skipped", addr)
                     await self.transport.disconnect(peer_id)

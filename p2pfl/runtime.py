@@ -14,9 +14,13 @@ carries out what they answer, through its parts:
   redials, neighbours, and adopting the members' median model on joining;
 * :mod:`p2pfl.status_view`: the /status dict.
 
-With an allowlist (``--allow``) the node talks to members only: the transport
-refuses every inbound stream of anyone else before reading it, and the peer book
-never records a non-member, so none is dialed or chosen as a neighbour.
+With an allowlist (``--allow``) or a network (``--network``, issue 22) the node
+talks to members only: the transport refuses every inbound stream of anyone else
+before reading it (a network lets a stranger show its certificate first), and the
+peer book never records a non-member, so none is dialed or chosen as a neighbour.
+Who is a member is one live :class:`p2pfl.member_source.MemberSource` that every
+layer reads; it changes on SIGHUP (``--allow``) or as certificates and revocations
+arrive (p2pfl/member_service.py), and a peer that leaves it is disconnected.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from p2pfl.config import ConfigError, NodeConfig, load_allowlist, parse_host_por
 from p2pfl.framing import MAX_UVARINT_BYTES
 from p2pfl.gossip_access import GuardedGossip
 from p2pfl.joining import Joining
+from p2pfl.member_service import member_service
+from p2pfl.member_source import MemberSource
 from p2pfl.membership import Membership
 from p2pfl.peer_exchange import serve_peer_exchange
 from p2pfl.peer_policy import MemberBook, PeerPolicy
@@ -78,11 +84,10 @@ class NodeRuntime:
         self.key = key
         self.announce = announce
         self.training = LocalTraining(config, task)
-        allowlist = load_allowlist(config.allow) if config.allow else None
-        members = (
-            None if allowlist is None else frozenset(peer_id_from_public_key(m) for m in allowlist)
-        )
-        self.gossip = self._gossip_node(config, key, allowlist)
+        self.store = CheckpointStore(config.state_dir)
+        self.member_service = member_service(config, key, announce)
+        members = self._member_source(config)
+        self.gossip = self._gossip_node(config, key, members)
         non_float = [s.name for s in self.gossip.layout.specs if not s.dtype.startswith("float")]
         if config.compression != "raw" and non_float:
             raise ConfigError(
@@ -91,7 +96,6 @@ class NodeRuntime:
             )
         self.core = GuardedGossip(self.gossip)
         self.budget = PrivacyBudget(config, self.training, announce)
-        self.store = CheckpointStore(config.state_dir)
         self.store.lock()  # held until run() ends; the kernel drops it if we crash
         book = MemberBook(key.peer_id, members, rng=random.Random(key.seed + b"book"))
         self.policy: PeerPolicy[Any] = PeerPolicy.create(book, config.min_link_bytes_per_s)
@@ -108,8 +112,40 @@ class NodeRuntime:
         self.started = time.monotonic()
         self.resumed = self._restore()
 
+    def _member_source(self, config: NodeConfig) -> MemberSource | None:
+        """The one answer to "who is a member" (None: an open network)."""
+        if self.member_service is not None:
+            return self.member_service.source
+        if config.allow:
+            return MemberSource(allow_file_peers(config.allow))
+        return None
+
+    def reload(self) -> None:
+        """SIGHUP: re-read --allow (a bad file keeps the old list), take the inbox now."""
+        members = self.membership.members
+        if self.config.allow and members is not None:
+            try:
+                peers = allow_file_peers(self.config.allow)
+            except ConfigError as error:
+                logger.warning("SIGHUP: kept the members: %s", error)
+                return
+            added, removed = members.update(peers)
+            logger.info("SIGHUP: %s reloaded, %d added, %d removed", self.config.allow,
+                        len(added), len(removed))
+        if self.member_service is not None:
+            self.member_service.take_inbox()
+            self.member_service.refresh()
+
+    def _cut_removed(self, added: frozenset[str], removed: frozenset[str]) -> None:
+        """A member that left (revoked, expired, out of --allow) loses its connections."""
+        transport = self.transport
+        if transport is None:
+            return
+        for peer in removed:
+            transport.nursery.start_soon(transport.disconnect, peer)
+
     def _gossip_node(
-        self, config: NodeConfig, key: NodeKey, allowlist: frozenset[bytes] | None
+        self, config: NodeConfig, key: NodeKey, members: MemberSource | None
     ) -> GossipNode:
         training = self.training
         # Under --dp sample the node announces weight 1 and samples 1 instead of its
@@ -120,7 +156,8 @@ class NodeRuntime:
         policy = AdmissionPolicy(
             fingerprint=training.layout.fingerprint,
             max_message_bytes=int(config.max_message_mb * MIB),
-            allowlist=allowlist,
+            allowlist=None if members is None else members.keys,
+            revoked=None if members is None else members.revoked_keys,
             task_spec_hash=spec_hash,
         )
         return GossipNode.create(
@@ -184,6 +221,10 @@ class NodeRuntime:
         # last good checkpoint stays, and the next round tries again.
         await trio.to_thread.run_sync(self.store.try_save, state)
 
+    async def _sync_members(self, peer_id: str) -> None:
+        assert self.member_service is not None
+        await self.member_service.sync_with(peer_id, self.config.deadlines.peer_exchange)
+
     def status(self) -> dict[str, Any]:
         return node_status(self)
 
@@ -223,6 +264,11 @@ class NodeRuntime:
             known_peers=self.policy.book.is_first_hand,
         ) as transport:
             membership.transport = transport
+            if membership.members is not None:
+                membership.members.subscribe(self._cut_removed)
+            if self.member_service is not None:
+                self.member_service.serve(transport, config.read_timeout)
+                membership.on_connect = self._sync_members
             if transport.nat is not None:
                 transport.nat.policy.members = membership.gossips_with
             timeout, rates = config.read_timeout, self.policy.read_rates
@@ -261,6 +307,8 @@ class NodeRuntime:
         if reached and not self.resumed:
             await self.joining.adopt_current_model(reached)
         nursery.start_soon(self.membership.discovery_loop)
+        if self.member_service is not None:
+            nursery.start_soon(self.member_service.run, self.config.deadlines.peer_exchange)
         nursery.start_soon(self.phases.watchdog)
         if self.rounds.attacker is not None:
             nursery.start_soon(self.rounds.attack_loop)
@@ -271,3 +319,8 @@ class NodeRuntime:
                 self.training.evaluate, restored
             )
         await self.rounds.run()
+
+
+def allow_file_peers(path: str) -> frozenset[str]:
+    """The --allow file's peer ids (ConfigError names a bad line)."""
+    return frozenset(peer_id_from_public_key(key) for key in load_allowlist(path))

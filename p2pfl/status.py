@@ -108,6 +108,7 @@ class _StatusCollector(Collector):
             "p2pfl_uptime_seconds", "Seconds since the node started.", value=status["uptime_s"]
         )
         yield from _phase_metrics(status.get("phases"))
+        yield from _membership_metrics(status.get("membership"))
         yield from _relay_metrics(status.get("relay"))
 
 
@@ -135,6 +136,39 @@ def _phase_metrics(phases: dict[str, Any] | None) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "p2pfl_round_seconds", "Wall-clock seconds of the last round.", value=last["round_s"]
         )
+
+
+def _membership_metrics(view: dict[str, Any] | None) -> Iterator[Metric]:
+    """Members known, the revocation log, our certificate's expiry (p2pfl.member_service)."""
+    if not view:
+        return
+    yield GaugeMetricFamily(
+        "p2pfl_members_known", "Peers this node counts as members now.",
+        value=view["members_known"],
+    )
+    if "network_id" not in view:
+        return
+    info = GaugeMetricFamily(
+        "p2pfl_network_info", "The network (genesis hash) and revocation log head.",
+        labels=["network_id", "log_head"],
+    )
+    info.add_metric([view["network_id"], view["member_log_head"]], 1)
+    yield info
+    yield GaugeMetricFamily(
+        "p2pfl_member_log_entries", "Entries in the revocation log.",
+        value=view["member_log_length"],
+    )
+    if view.get("cert_not_after") is not None:
+        yield GaugeMetricFamily(
+            "p2pfl_cert_expiry_timestamp_seconds", "When this node's certificate expires.",
+            value=view["cert_not_after"],
+        )
+    yield _by_label(
+        CounterMetricFamily("p2pfl_member_refused",
+                            "Certificates and revocation logs refused, by reason.",
+                            labels=["reason"]),
+        view["member_refusals"],
+    )
 
 
 def _relay_metrics(relay: dict[str, Any] | None) -> Iterator[Metric]:

@@ -113,4 +113,16 @@ def node_status(node: NodeRuntime) -> dict[str, Any]:
         "task": node.training.task.name,
         # The last round's seconds per phase, peak RSS, the loop's worst stall.
         "phases": node.phases.status(),
+        # Who is a member (issue 22): the network id, our certificate's expiry and
+        # signers, the revocation log's head, members known, refusals by reason.
+        "membership": membership_view(node),
     }
+
+
+def membership_view(node: NodeRuntime) -> dict[str, Any] | None:
+    if node.member_service is not None:
+        return node.member_service.status()
+    members = node.membership.members
+    if members is None:
+        return None
+    return {"allow_file": node.config.allow, "members_known": len(members)}

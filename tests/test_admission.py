@@ -169,6 +169,13 @@ def test_a_sender_outside_the_current_neighbours_is_refused_before_its_signature
     assert node.receive(message(), NOW, SENDER.public_key).accepted
 
 
+def test_a_revoked_sender_is_refused_as_revoked_even_when_listed() -> None:
+    # The daemon's views are live (p2pfl/member_source.py); a revocation wins over the list.
+    node = receiver(allowlist=frozenset({SENDER.public_key}),
+                    revoked=frozenset({SENDER.public_key}))
+    assert_rejected(node, message(), Reason.REVOKED)
+
+
 def test_sender_in_the_allowlist_is_accepted() -> None:
     node = receiver(allowlist=frozenset({SENDER.public_key}))
     assert node.receive(message(), NOW).accepted
