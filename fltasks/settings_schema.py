@@ -27,7 +27,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fltasks.settings_file import read_toml_table, typed_value
+from fltasks.settings_file import read_toml_table, type_words, typed_value
 
 __all__ = [
     "Check",
@@ -288,13 +288,14 @@ def reference_markdown(schema: type, title: str, intro: str) -> str:
     """A Markdown page: every setting's key, flag, type, default, range and help, by group."""
     lines = [f"# {title}", "", intro.strip(), ""]
     group = None
-    for item in settings_of(schema):
+    declared = settings_of(schema)
+    for item in declared:
         if item.group != group:
             group = item.group
-            lines += ["", f"## {group}", "", "| key | flag | type | default | allowed | meaning |"]
+            lines += [f"## {group}", "", "| key | flag | type | default | allowed | meaning |"]
             lines.append("|---|---|---|---|---|---|")
-        kind = "list of text" if item.repeated else item.kind.__name__
-        if item.kind is not type(None) and type(None) in typing.get_args(item.hint):
+        kind = "list of text" if item.repeated else type_words(item.kind).removeprefix("a ")
+        if type(None) in typing.get_args(item.hint):
             kind += " (optional)"
         allowed = (
             ", ".join(item.choices)
@@ -304,4 +305,6 @@ def reference_markdown(schema: type, title: str, intro: str) -> str:
         default = item.shown_default() or "-"
         row = (f"`{item.name}`", f"`{item.flag}`", kind, default, allowed, item.help)
         lines.append("| " + " | ".join(_cell(cell) for cell in row) + " |")
-    return "\n".join(lines) + "\n"
+        if item is declared[-1] or declared[declared.index(item) + 1].group != group:
+            lines.append("")
+    return "\n".join(lines)
