@@ -115,6 +115,8 @@ class Setting:
     def help_text(self) -> str:
         if self.default_text is not None:  # words, not a value: "(default: adaptive)"
             return f"{self.help} (default: {self.default_text})"
+        if "default" in self.help.lower():  # it says its default in its own words
+            return self.help
         shown = self.shown_default()
         return self.help if shown is None else f"{self.help} (default {shown})"
 
@@ -143,14 +145,12 @@ def setting(
 ) -> Any:
     """One setting's dataclass field: its default, and the rest in its metadata."""
     meta = {
-        "setting": {
-            "help": help,
-            "group": group,
-            "metavar": metavar,
-            "choices": choices,
-            "check": check,
-            "default_text": default_text,
-        }
+        "group": group,
+        "help": help,
+        "metavar": metavar,
+        "choices": choices,
+        "check": check,
+        "default_text": default_text,
     }
     return field(default=default, metadata=meta)
 
@@ -160,11 +160,10 @@ def settings_of(schema: type) -> tuple[Setting, ...]:
     hints = typing.get_type_hints(schema)
     declared = []
     for item in fields(schema):
-        meta = item.metadata.get("setting")
-        if meta is None:
+        if "group" not in item.metadata:  # a plain field, not a setting
             continue
         default = None if item.default is MISSING else item.default
-        declared.append(Setting(item.name, hints[item.name], default, **meta))
+        declared.append(Setting(item.name, hints[item.name], default, **item.metadata))
     return tuple(declared)
 
 
