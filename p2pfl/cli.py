@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from gossip.attacks import DAEMON_ATTACKS
+from fltasks.settings_schema import add_flags, flag_values
 from gossip.keys import KeyFileError, NodeKey
 from p2pfl import member_cli
 from p2pfl.config import ConfigError, NodeConfig, build_config, load_config_file, parse_host_port
@@ -55,174 +55,12 @@ def _sole_cause(error: BaseException) -> BaseException:
 
 
 def _add_node_flags(parser: argparse.ArgumentParser) -> None:
-    defaults = NodeConfig()
-    add = parser.add_argument
-    add("--config", metavar="FILE", help="TOML file with any of these settings; flags override it")
-    add("--key", help=f"node key file from `p2pfl keygen` (default {defaults.key})")
-    add(
-        "--listen",
-        action="append",
-        metavar="MULTIADDR",
-        help="address to listen on, repeatable (default /ip4/127.0.0.1/tcp/0)",
+    """``--config FILE``, then one flag per setting declared in NodeConfig."""
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file with any of these settings; flags override it"
     )
-    add(
-        "--bootstrap",
-        action="append",
-        metavar="MULTIADDR",
-        help="a member's /ip4/.../tcp/N/p2p/ID address, repeatable; none: first node",
-    )
-    add(
-        "--task",
-        help="digits, breast-cancer, csv:PATH (your table; with --label), imagefolder:DIR, "
-        "or module:function (default digits)",
-    )
-    add("--label", metavar="COLUMN", help="csv tasks: the column to predict")
-    add(
-        "--model",
-        help="mlp:W,W (hidden widths), cnn or resnet18, in place of the task's default model",
-    )
-    add(
-        "--task-spec",
-        metavar="FILE",
-        help="csv/imagefolder: the spec file every member shares (classes, input shape, "
-        "model); a member with another spec is refused as wrong-model",
-    )
-    add(
-        "--device",
-        help="where training runs: auto (CUDA when there is one, else the CPU), cpu, cuda "
-        "or cuda:N (default auto)",
-    )
-    add("--shard", metavar="I/N", help="train on shard I of N of the task's data (default 0/1)")
-    add("--partition", help="how shards are cut: iid, dirichlet:ALPHA, quantity:ALPHA")
-    add("--seed", type=int, help="seed of the task, shards and training (default 0)")
-    add("--state-dir", metavar="DIR", help="checkpoints go here (default p2pfl-state)")
-    add(
-        "--status-addr",
-        metavar="HOST:PORT",
-        help="serve /status and /metrics (default "
-        "127.0.0.1:0, a free port; the bound address is printed)",
-    )
-    add(
-        "--allow",
-        metavar="FILE",
-        help="serve and gossip with only these peer ids (one per line); others are refused",
-    )
-    add("--network", metavar="GENESIS", help="a network without a server: its genesis file "
-        "(`p2pfl network create`); members are who hold k members' signatures")
-    add("--cert", metavar="FILE", help="with --network: this node's certificate "
-        "(`p2pfl member sign`); a founder needs none")
-    add("--degree", type=int, help="gossip neighbours per node (default 4)")
-    add("--rounds", type=int, help="stop after this many local rounds (default: run until stopped)")
-    add("--local-epochs", type=int, help="epochs over the local shard per round (default 1)")
-    add("--min-neighbours", type=int, help="peers to know before training starts (default 1)")
-    add(
-        "--round-interval",
-        type=float,
-        metavar="SECONDS",
-        help=f"shortest time between round starts (default {defaults.round_interval:g})",
-    )
-    add(
-        "--linger",
-        type=float,
-        metavar="SECONDS",
-        help="after the last round, keep gossiping without training this long, so late "
-        f"starters are not left alone (default {defaults.linger:g})",
-    )
-    add("--max-message-mb", type=float, help="largest update accepted (default 64)")
-    add("--send-timeout", type=float, metavar="SECONDS", help="per push (default 5)")
-    add(
-        "--min-link-mbit",
-        type=float,
-        metavar="MBIT",
-        help="link rate push and read deadlines assume for an update's size until a peer's "
-        "link shows less (p2pfl/linkrates.py; default 8)",
-    )
-    add(
-        "--read-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="a whole inbound message must arrive within this (default 10)",
-    )
-    add(
-        "--peer-mb-per-min",
-        type=float,
-        metavar="MIB",
-        help="inbound MiB per peer and minute, plus a burst of one largest message (default 64)",
-    )
-    add(
-        "--compression",
-        help="how updates travel: raw, fp16 (2x fewer bytes), int8 (~4x) or topk:F "
-        "(differences to a public copy, e.g. topk:0.01) (default raw)",
-    )
-    add(
-        "--aggregator",
-        choices=["mean", "trimmed-mean", "median", "clipped"],
-        help="how received models are combined (default clipped, which resists bad members "
-        "at no cost in clean runs; mean is exact push-sum)",
-    )
-    add(
-        "--trim-fraction",
-        type=float,
-        metavar="BETA",
-        help="trimmed-mean/clipped: fraction treated as outliers (default: trimmed-mean 0.2, "
-        "clipped 0.45)",
-    )
-    add("--clip-radius", type=float, metavar="TAU", help="clipped: fixed radius (default adaptive)")
-    add(
-        "--quorum",
-        type=int,
-        help="distinct fresh neighbours a robust merge needs; below it the node takes a "
-        f"bounded step (default {defaults.quorum})",
-    )
-    add(
-        "--attack",
-        choices=DAEMON_ATTACKS,
-        help="EXPERIMENTS ONLY: act as a Byzantine member that pushes this attack as fast as "
-        "it may, or (lie-receipts) keeps every update it is sent and answers it with a "
-        "refusal (scripts/bench_byzantine.py)",
-    )
-    add(
-        "--dp",
-        choices=["node", "sample"],
-        help="differential privacy: 'sample' runs DP-SGD (per-record clipping, Poisson "
-        "batches); 'node' clips and noises each round's whole update (the default when "
-        "--dp-clip and --dp-noise are given); see SECURITY.md",
-    )
-    add(
-        "--dp-clip",
-        type=float,
-        metavar="C",
-        help="differential privacy: clip to L2 norm C each record's gradient (sample; "
-        "default 1) or each round's update (node)",
-    )
-    add(
-        "--dp-noise",
-        type=float,
-        metavar="SIGMA",
-        help="differential privacy: Gaussian noise of std SIGMA*C; --dp sample's default is "
-        "2, or the least noise that keeps --rounds within --dp-target-epsilon",
-    )
-    add(
-        "--dp-lr",
-        type=float,
-        metavar="LR",
-        help="--dp sample: DP-SGD's learning rate (default 1; the task's own rate is for "
-        "non-private SGD)",
-    )
-    add("--dp-delta", type=float, help="delta of the reported (epsilon, delta) (default 1e-5)")
-    add(
-        "--dp-target-epsilon",
-        type=float,
-        metavar="E",
-        help="stop training before epsilon would pass E; keep merging and serving",
-    )
-    add("--log-format", choices=["text", "json"], help="log lines on stderr (default text)")
-    add(
-        "--relay",
-        choices=["on", "off"],
-        help="carry traffic for members behind NAT as a circuit relay; they use it only if "
-        "peers can dial this node (default on)",
-    )
+    # parse: argparse converts and checks choices, so a bad flag fails before torch loads.
+    add_flags(parser, NodeConfig, parse=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,53 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def node_config(args: argparse.Namespace) -> NodeConfig:
     file_settings = load_config_file(args.config) if args.config else {}
-    flags: dict[str, Any] = {
-        name: getattr(args, name)
-        for name in (
-            "key",
-            "task",
-            "label",
-            "model",
-            "task_spec",
-            "device",
-            "shard",
-            "partition",
-            "seed",
-            "state_dir",
-            "status_addr",
-            "allow",
-            "network",
-            "cert",
-            "degree",
-            "rounds",
-            "local_epochs",
-            "min_neighbours",
-            "round_interval",
-            "max_message_mb",
-            "send_timeout",
-            "read_timeout",
-            "peer_mb_per_min",
-            "aggregator",
-            "compression",
-            "trim_fraction",
-            "clip_radius",
-            "dp",
-            "dp_clip",
-            "dp_noise",
-            "dp_lr",
-            "dp_delta",
-            "dp_target_epsilon",
-            "log_format",
-            "linger",
-            "min_link_mbit",
-            "quorum",
-            "attack",
-            "relay",
-        )
-    }
-    flags["listen"] = tuple(args.listen) if args.listen else None
-    flags["bootstrap"] = tuple(args.bootstrap) if args.bootstrap else None
-    return build_config(file_settings, flags)
+    return build_config(file_settings, flag_values(args, NodeConfig))
 
 
 def run_keygen(args: argparse.Namespace) -> None:

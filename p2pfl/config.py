@@ -1,23 +1,41 @@
-"""The node's settings: one dataclass, filled from a TOML file and then from flags.
+"""The node's settings, declared once: one dataclass, filled from a TOML file and then from flags.
 
-Every setting is both a flag (``--state-dir``) and a TOML key (``state_dir``);
+Each field of :class:`NodeConfig` is one setting, declared with
+:func:`fltasks.settings_schema.setting` (type, default, help, group, choices,
+range), the way the simulator declares its own (topologies/settings.py). The
+``p2pfl node`` flags (``--state-dir``), the TOML keys of ``--config FILE``
+(``state_dir``), the checks and the reference page docs/CONFIG.md
+(``python -m p2pfl.config --reference docs/CONFIG.md``) are all made from it;
 flags override the file. Validation happens here, once, and each problem is a
 ``ConfigError`` whose message is one line naming the setting and the fix.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields, replace
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
-from fltasks.settings_file import SettingsFileError, read_toml_table, typed_value
+from fltasks.dp_defaults import DP_SGD_CLIP, DP_SGD_LR, DP_SGD_NOISE
+from fltasks.settings_file import SettingsFileError
+from fltasks.settings_schema import (
+    Check,
+    above,
+    at_least,
+    first_problem,
+    load_toml,
+    reference_markdown,
+    setting,
+    typed_settings,
+)
 from gossip.aggregation import AGGREGATORS, Aggregator, aggregator_by_name
 from gossip.attacks import DAEMON_ATTACKS
 from gossip.compression import resolve_codec
-from gossip.keys import peer_id_from_public_key, public_key_from_peer_id
 from gossip.node import DEFAULT_QUORUM
+from gossip.robust import DEFAULT_CLIP_FRACTION, DEFAULT_TRIM_FRACTION
 from p2pfl.deadlines import Deadlines
 
 
@@ -30,83 +48,303 @@ DP_MODES = ("node", "sample")
 RELAY_MODES = ("on", "off")
 
 
+def _shard_ok(text: str) -> bool:
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit()):
+        return False
+    return int(count) >= 1 and 0 <= int(index) < int(count)
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        return None
+    return host, int(port)
+
+
+_HOST_PORT = Check(lambda text: _host_port(text) is not None,
+                   "expected HOST:PORT, e.g. 127.0.0.1:8080")
+_POSITIVE = above(0, "must be a finite number > 0")
+_AT_LEAST_1 = at_least(1, "must be at least 1")
+_NODE = "node"
+_LEARNING = "learning"
+_GOSSIP = "gossip and robustness"
+_LIMITS = "network limits"
+_DP = "differential privacy (SECURITY.md)"
+_EXPERIMENTS = "experiments only"
+
+
 @dataclass(frozen=True)
 class NodeConfig:
-    key: str = "node.key"
-    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
-    bootstrap: tuple[str, ...] = ()
-    task: str = "digits"
-    # The column to predict, for --task csv:PATH.
-    label: str | None = None
-    # mlp:W,W, cnn or resnet18 in place of the task's default model (fltasks/models.py).
-    model: str | None = None
-    # The task spec file every member shares (fltasks/spec.py); its hash joins the fingerprint.
-    task_spec: str | None = None
-    # Where training runs: auto (CUDA when torch sees it, else the CPU), cpu, cuda or cuda:N.
-    # Checked by fltasks.device.resolve_device when the task loads (it needs torch).
-    device: str = "auto"
-    shard: str = "0/1"
-    partition: str = "iid"
-    seed: int = 0
-    state_dir: str = "p2pfl-state"
-    status_addr: str = "127.0.0.1:0"
-    allow: str | None = None
+    # -- the node -------------------------------------------------------------------------
+    key: str = setting(_NODE, "node key file from `p2pfl keygen`", "node.key")
+    listen: tuple[str, ...] = setting(
+        _NODE,
+        "address to listen on, repeatable",
+        ("/ip4/127.0.0.1/tcp/0",),
+        metavar="MULTIADDR",
+        check=Check(bool, "give at least one multiaddr, e.g. /ip4/0.0.0.0/tcp/4001"),
+    )
+    bootstrap: tuple[str, ...] = setting(
+        _NODE,
+        "a member's /ip4/.../tcp/N/p2p/ID address, repeatable",
+        (),
+        metavar="MULTIADDR",
+        default_text="none: the first node",
+    )
+    state_dir: str = setting(_NODE, "checkpoints go here", "p2pfl-state", metavar="DIR")
+    status_addr: str = setting(
+        _NODE,
+        "serve /status and /metrics; port 0 is a free port, and the bound address is printed",
+        "127.0.0.1:0",
+        metavar="HOST:PORT",
+        check=_HOST_PORT,
+    )
+    allow: str | None = setting(
+        _NODE,
+        "serve and gossip with only these peer ids (one per line); others are refused",
+        None,
+        metavar="FILE",
+    )
     # A network without a server (issue 22): its genesis file, and this node's
     # certificate (a founder needs none: the genesis is its certificate).
-    network: str | None = None
-    cert: str | None = None
-    degree: int = 4
-    rounds: int | None = None
-    local_epochs: int = 1
-    min_neighbours: int = 1
-    # Rounds are paced by default: unpaced rounds take ~75 ms, so nodes started
-    # 2 s apart ended 30 rounds apart and a clean run varied by 6 points.
-    round_interval: float = 0.5
-    # After its last round a node keeps gossiping, without training, this long,
-    # so that members who started later are not left to train alone.
-    linger: float = 30.0
-    max_message_mb: float = 64.0
-    send_timeout: float = 5.0
-    # The slowest link (Mbit/s) a whole update must cross: every push and frame
-    # deadline grows by the message's size at this rate, so large models are not
-    # cut off by a fixed deadline (a 4.5 MB update never crossed 10 Mbit/s in 5 s).
-    min_link_mbit: float = 8.0
-    # A whole inbound frame must arrive within this many seconds (one deadline per frame).
-    read_timeout: float = 10.0
-    # Inbound bytes per peer and minute, on top of a burst of one largest message.
-    peer_mb_per_min: float = 64.0
-    # Chosen from measurements on real daemons (README, live network): clipped costs
-    # nothing in clean runs and holds against the attacks that break mean.
-    aggregator: str = "clipped"
-    # How update tensors travel: raw float32, fp16/int8 for 2x/4x fewer bytes, or
-    # topk:F, differences to a public copy (gossip/public_copy.py).
-    compression: str = "raw"
-    # Fraction of a neighbourhood a robust rule treats as suspect; None: the rule's
-    # own default (trimmed-mean 0.2, clipped 0.45, see gossip/robust.py).
-    trim_fraction: float | None = None
-    # Distinct fresh neighbours a robust merge needs; below it, a bounded step.
-    quorum: int = DEFAULT_QUORUM
-    clip_radius: float | None = None
-    # Differential privacy (SECURITY.md): "node" clips and noises each round's whole
-    # update (gossip/privacy.py), "sample" runs DP-SGD with opacus (fltasks/dp_sgd.py).
-    # Without --dp, giving --dp-clip and --dp-noise means "node", as it always has.
-    # Under "sample" all three have defaults (fltasks/dp_defaults.py); the noise is
-    # then chosen to spend --dp-target-epsilon in --rounds when both are given.
-    dp: str | None = None
-    dp_clip: float | None = None
-    dp_noise: float | None = None
-    dp_lr: float | None = None
-    dp_delta: float = 1e-5
-    # Stop training before epsilon would pass this; keep merging and serving.
-    dp_target_epsilon: float | None = None
-    log_format: str = "text"
+    network: str | None = setting(
+        _NODE,
+        "a network without a server: its genesis file (`p2pfl network create`); members "
+        "are who hold k members' signatures",
+        None,
+        metavar="GENESIS",
+    )
+    cert: str | None = setting(
+        _NODE,
+        "with --network: this node's certificate (`p2pfl member sign`); a founder needs none",
+        None,
+        metavar="FILE",
+    )
+    log_format: str = setting(_NODE, "log lines on stderr", "text", choices=LOG_FORMATS)
     # Serve as a circuit relay (p2pfl/relay.py) for members behind NAT. Members reserve
     # slots only on relays that peers can dial back (p2pfl/reachability.py), so a
     # NATed node serving it costs nothing; "off" for a member that must not carry
     # others' traffic.
-    relay: str = "on"
-    # Experiments only: run as a Byzantine member with this attack (gossip/attacks.py).
-    attack: str | None = None
+    relay: str = setting(
+        _NODE,
+        "carry traffic for members behind NAT as a circuit relay; they use it only if "
+        "peers can dial this node",
+        "on",
+        choices=RELAY_MODES,
+    )
+    # -- learning -------------------------------------------------------------------------
+    task: str = setting(
+        _LEARNING,
+        "digits, breast-cancer, csv:PATH (your table; with --label), imagefolder:DIR, "
+        "or module:function",
+        "digits",
+    )
+    label: str | None = setting(_LEARNING, "csv tasks: the column to predict", None,
+                                metavar="COLUMN")
+    # fltasks/models.py
+    model: str | None = setting(
+        _LEARNING,
+        "mlp:W,W (hidden widths), cnn or resnet18, in place of the task's default model",
+        None,
+    )
+    # fltasks/spec.py; its hash joins the fingerprint.
+    task_spec: str | None = setting(
+        _LEARNING,
+        "csv/imagefolder: the spec file every member shares (classes, input shape, "
+        "model); a member with another spec is refused as wrong-model",
+        None,
+        metavar="FILE",
+    )
+    # Checked by fltasks.device.resolve_device when the task loads (it needs torch).
+    device: str = setting(
+        _LEARNING,
+        "where training runs: auto (CUDA when there is one, else the CPU), cpu, cuda or cuda:N",
+        "auto",
+    )
+    shard: str = setting(
+        _LEARNING,
+        "train on shard I of N of the task's data",
+        "0/1",
+        metavar="I/N",
+        check=Check(_shard_ok, "expected I/N with 0 <= I < N, e.g. 0/8"),
+    )
+    partition: str = setting(
+        _LEARNING, "how shards are cut: iid, dirichlet:ALPHA, quantity:ALPHA", "iid"
+    )
+    seed: int = setting(_LEARNING, "seed of the task, shards and training", 0)
+    rounds: int | None = setting(
+        _LEARNING,
+        "stop after this many local rounds",
+        None,
+        check=at_least(1, "must be >= 1 (omit it to run forever)"),
+        default_text="run until stopped",
+    )
+    local_epochs: int = setting(
+        _LEARNING, "epochs over the local shard per round", 1, check=_AT_LEAST_1
+    )
+    # Rounds are paced by default: unpaced rounds take ~75 ms, so nodes started
+    # 2 s apart ended 30 rounds apart and a clean run varied by 6 points.
+    round_interval: float = setting(
+        _LEARNING,
+        "shortest time between round starts",
+        0.5,
+        metavar="SECONDS",
+        check=at_least(0, "must be seconds >= 0"),
+    )
+    # So that members who started later are not left to train alone.
+    linger: float = setting(
+        _LEARNING,
+        "after the last round, keep gossiping without training this long, so late "
+        "starters are not left alone",
+        30.0,
+        metavar="SECONDS",
+        check=at_least(0, "must be seconds >= 0"),
+    )
+    # -- gossip and robustness ------------------------------------------------------------
+    degree: int = setting(_GOSSIP, "gossip neighbours per node", 4, check=_AT_LEAST_1)
+    min_neighbours: int = setting(
+        _GOSSIP, "peers to know before training starts", 1, check=at_least(0)
+    )
+    # raw float32, fp16/int8 for 2x/4x fewer bytes, or topk:F, differences to a public
+    # copy (gossip/public_copy.py).
+    compression: str = setting(
+        _GOSSIP,
+        "how updates travel: raw, fp16 (2x fewer bytes), int8 (~4x) or topk:F "
+        "(differences to a public copy, e.g. topk:0.01)",
+        "raw",
+        check=Check(
+            lambda codec: resolve_codec(codec) is not None,
+            "choose raw, fp16, int8 or topk:F with 0 < F <= 1 (e.g. topk:0.01)",
+        ),
+    )
+    # Chosen from measurements on real daemons (README, live network): clipped costs
+    # nothing in clean runs and holds against the attacks that break mean.
+    aggregator: str = setting(
+        _GOSSIP,
+        "how received models are combined; clipped resists bad members at no cost in "
+        "clean runs, mean is exact push-sum",
+        "clipped",
+        choices=tuple(AGGREGATORS),
+    )
+    # Fraction of a neighbourhood a robust rule treats as suspect; None: the rule's own.
+    trim_fraction: float | None = setting(
+        _GOSSIP,
+        "trimmed-mean/clipped: fraction treated as outliers",
+        None,
+        metavar="BETA",
+        check=Check(lambda beta: 0.0 < beta < 0.5, "must be in (0, 0.5)"),
+        default_text=f"trimmed-mean {DEFAULT_TRIM_FRACTION}, clipped {DEFAULT_CLIP_FRACTION}",
+    )
+    clip_radius: float | None = setting(
+        _GOSSIP,
+        "clipped: fixed radius",
+        None,
+        metavar="TAU",
+        check=at_least(0, "must be a finite number >= 0"),
+        default_text="adaptive",
+    )
+    # Below the quorum of distinct fresh neighbours, a robust merge takes a bounded step.
+    quorum: int = setting(
+        _GOSSIP,
+        "distinct fresh neighbours a robust merge needs; below it the node takes a "
+        "bounded step",
+        DEFAULT_QUORUM,
+        check=at_least(1, "must be at least 1 neighbour"),
+    )
+    # -- network limits -------------------------------------------------------------------
+    max_message_mb: float = setting(_LIMITS, "largest update accepted", 64.0, check=above(0))
+    send_timeout: float = setting(
+        _LIMITS, "per push", 5.0, metavar="SECONDS", check=above(0, "must be seconds > 0")
+    )
+    # Every push and frame deadline grows by the message's size at this rate, so large
+    # models are not cut off by a fixed deadline (a 4.5 MB update never crossed
+    # 10 Mbit/s in 5 s).
+    min_link_mbit: float = setting(
+        _LIMITS,
+        "link rate push and read deadlines assume for an update's size until a peer's "
+        "link shows less (p2pfl/linkrates.py)",
+        8.0,
+        metavar="MBIT",
+        check=above(0, "must be a rate > 0"),
+    )
+    # One deadline per whole frame.
+    read_timeout: float = setting(
+        _LIMITS,
+        "a whole inbound message must arrive within this",
+        10.0,
+        metavar="SECONDS",
+        check=above(0, "must be seconds > 0"),
+    )
+    peer_mb_per_min: float = setting(
+        _LIMITS,
+        "inbound MiB per peer and minute, plus a burst of one largest message",
+        64.0,
+        metavar="MIB",
+        check=above(0),
+    )
+    # -- differential privacy --------------------------------------------------------------
+    # "node" clips and noises each round's whole update (gossip/privacy.py), "sample" runs
+    # DP-SGD with opacus (fltasks/dp_sgd.py). Without --dp, giving --dp-clip and
+    # --dp-noise means "node", as it always has. Under "sample" all three have defaults
+    # (fltasks/dp_defaults.py); the noise is then chosen to spend --dp-target-epsilon in
+    # --rounds when both are given.
+    dp: str | None = setting(
+        _DP,
+        "'sample' runs DP-SGD (per-record clipping, Poisson batches); 'node' clips and "
+        "noises each round's whole update (the default when --dp-clip and --dp-noise are "
+        "given)",
+        None,
+        choices=DP_MODES,
+        default_text="off",
+    )
+    dp_clip: float | None = setting(
+        _DP,
+        "clip to L2 norm C each record's gradient (sample) or each round's update (node)",
+        None,
+        metavar="C",
+        check=_POSITIVE,
+        default_text=f"sample: {DP_SGD_CLIP:g}",
+    )
+    dp_noise: float | None = setting(
+        _DP,
+        "Gaussian noise of std SIGMA*C",
+        None,
+        metavar="SIGMA",
+        check=_POSITIVE,
+        default_text=f"sample: {DP_SGD_NOISE:g}, or the least noise that keeps --rounds "
+        "within --dp-target-epsilon",
+    )
+    dp_lr: float | None = setting(
+        _DP,
+        "--dp sample: DP-SGD's learning rate (the task's own rate is for non-private SGD)",
+        None,
+        metavar="LR",
+        check=_POSITIVE,
+        default_text=f"{DP_SGD_LR:g}",
+    )
+    dp_delta: float = setting(
+        _DP,
+        "delta of the reported (epsilon, delta)",
+        1e-5,
+        check=Check(lambda delta: 0.0 < delta < 1.0, "must be in (0, 1), e.g. 1e-5"),
+    )
+    dp_target_epsilon: float | None = setting(
+        _DP,
+        "stop training before epsilon would pass E; keep merging and serving",
+        None,
+        metavar="E",
+        check=_POSITIVE,
+    )
+    # -- experiments ------------------------------------------------------------------------
+    attack: str | None = setting(
+        _EXPERIMENTS,
+        "act as a Byzantine member that pushes this attack as fast as it may, or "
+        "(lie-receipts) keeps every update it is sent and answers it with a refusal "
+        "(gossip/attacks.py, scripts/bench_byzantine.py)",
+        None,
+        choices=DAEMON_ATTACKS,
+    )
 
     @property
     def shard_index(self) -> tuple[int, int]:
@@ -145,175 +383,104 @@ class NodeConfig:
         return aggregator_by_name(self.aggregator)
 
     def validate(self) -> NodeConfig:
-        """Check every setting; return self so calls chain."""
-        try:
-            index, count = self.shard_index
-        except ValueError:
-            raise ConfigError(f"--shard {self.shard!r}: expected I/N, e.g. 0/8") from None
-        if not (count >= 1 and 0 <= index < count):
-            raise ConfigError(f"--shard {self.shard!r}: need 0 <= I < N")
-        if self.degree < 1:
-            raise ConfigError(f"--degree {self.degree}: must be at least 1")
-        if self.rounds is not None and self.rounds < 1:
-            raise ConfigError(f"--rounds {self.rounds}: must be >= 1 (omit it to run forever)")
-        if self.local_epochs < 1:
-            raise ConfigError(f"--local-epochs {self.local_epochs}: must be at least 1")
-        if self.min_neighbours < 0:
-            raise ConfigError(f"--min-neighbours {self.min_neighbours}: must be >= 0")
-        if self.round_interval < 0 or self.send_timeout <= 0 or self.max_message_mb <= 0:
-            raise ConfigError(
-                "--round-interval must be >= 0; --send-timeout and --max-message-mb must be > 0"
-            )
-        if not (math.isfinite(self.min_link_mbit) and self.min_link_mbit > 0):
-            raise ConfigError(f"--min-link-mbit {self.min_link_mbit}: must be a rate > 0")
-        if not (math.isfinite(self.linger) and self.linger >= 0):
-            raise ConfigError(f"--linger {self.linger}: must be seconds >= 0")
-        if self.quorum < 1:
-            raise ConfigError(f"--quorum {self.quorum}: must be at least 1 neighbour")
-        if self.attack is not None and self.attack not in DAEMON_ATTACKS:
-            choices = ", ".join(DAEMON_ATTACKS)
-            raise ConfigError(f"--attack {self.attack!r}: choose one of {choices}")
-        if not (math.isfinite(self.read_timeout) and self.read_timeout > 0):
-            raise ConfigError(f"--read-timeout {self.read_timeout}: must be seconds > 0")
-        if not (math.isfinite(self.peer_mb_per_min) and self.peer_mb_per_min > 0):
-            raise ConfigError(f"--peer-mb-per-min {self.peer_mb_per_min}: must be > 0")
-        self._validate_aggregation()
-        self._validate_privacy()
-        if resolve_codec(self.compression) is None:
-            raise ConfigError(
-                f"--compression {self.compression!r}: choose raw, fp16, int8 or topk:F "
-                "with 0 < F <= 1 (e.g. topk:0.01)"
-            )
-        if self.relay not in RELAY_MODES:
-            raise ConfigError(f"--relay {self.relay!r}: choose on or off")
-        if self.log_format not in LOG_FORMATS:
-            raise ConfigError(f"--log-format {self.log_format!r}: choose text or json")
-        if not self.listen:
-            raise ConfigError("--listen: give at least one multiaddr, e.g. /ip4/0.0.0.0/tcp/4001")
-        parse_host_port(self.status_addr)
+        """Check every setting; return self so calls chain.
+
+        Each setting's own choices and range come from its declaration; what is
+        left here are the settings that only make sense together.
+        """
+        problem = first_problem(self, NodeConfig)
+        if problem is not None:
+            item, reason = problem
+            raise ConfigError(f"{_named(item.flag, getattr(self, item.name))}: {reason}")
         if self.cert is not None and self.network is None:
             raise ConfigError("--cert: give the network's genesis with --network too")
         if self.network is not None and self.allow is not None:
             raise ConfigError("--network and --allow: choose one way to say who is a member")
+        if self.clip_radius is not None and self.aggregator != "clipped":
+            raise ConfigError("--clip-radius: only used with --aggregator clipped; drop it")
+        self._validate_privacy()
         return self
 
-    def _validate_aggregation(self) -> None:
-        if self.aggregator not in AGGREGATORS:
-            raise ConfigError(
-                f"--aggregator {self.aggregator!r}: choose one of {', '.join(AGGREGATORS)}"
-            )
-        if self.trim_fraction is not None and not 0.0 < self.trim_fraction < 0.5:
-            raise ConfigError(f"--trim-fraction {self.trim_fraction}: must be in (0, 0.5)")
-        if self.clip_radius is not None:
-            if self.aggregator != "clipped":
-                raise ConfigError("--clip-radius: only used with --aggregator clipped; drop it")
-            if not (math.isfinite(self.clip_radius) and self.clip_radius >= 0):
-                raise ConfigError(f"--clip-radius {self.clip_radius}: must be a finite number >= 0")
-
     def _validate_privacy(self) -> None:
-        if self.dp is not None and self.dp not in DP_MODES:
-            raise ConfigError(f"--dp {self.dp!r}: choose node or sample")
         if self.dp == "node" and (self.dp_clip is None or self.dp_noise is None):
             raise ConfigError(f"--dp {self.dp}: needs --dp-clip C and --dp-noise SIGMA")
         if self.dp is None and (self.dp_clip is None) != (self.dp_noise is None):
             raise ConfigError("--dp-clip and --dp-noise: give both to turn DP on, or neither")
-        if self.dp_lr is not None:
-            if self.dp_mode != "sample":
-                raise ConfigError("--dp-lr: the DP-SGD learning rate is only used with --dp sample")
-            if not (math.isfinite(self.dp_lr) and self.dp_lr > 0):
-                raise ConfigError(f"--dp-lr {self.dp_lr}: must be a finite number > 0")
-        if self.dp_target_epsilon is not None:
-            if not self.dp_enabled:
-                raise ConfigError("--dp-target-epsilon: only used with DP on (--dp); drop it")
-            if not (math.isfinite(self.dp_target_epsilon) and self.dp_target_epsilon > 0):
-                raise ConfigError(
-                    f"--dp-target-epsilon {self.dp_target_epsilon}: must be a finite number > 0"
-                )
-        for flag, value in (("--dp-clip", self.dp_clip), ("--dp-noise", self.dp_noise)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{flag} {value}: must be a finite number > 0")
-        if not 0.0 < self.dp_delta < 1.0:
-            raise ConfigError(f"--dp-delta {self.dp_delta}: must be in (0, 1), e.g. 1e-5")
+        if self.dp_lr is not None and self.dp_mode != "sample":
+            raise ConfigError("--dp-lr: the DP-SGD learning rate is only used with --dp sample")
+        if self.dp_target_epsilon is not None and not self.dp_enabled:
+            raise ConfigError("--dp-target-epsilon: only used with DP on (--dp); drop it")
+
+
+def _named(flag: str, value: Any) -> str:
+    """How an error names a bad value: ``--shard '9/4'``, ``--degree 0``, ``--listen``."""
+    if isinstance(value, tuple):
+        return flag
+    return f"{flag} {value!r}" if isinstance(value, str) else f"{flag} {value}"
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"--status-addr {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
-    return host, int(port)
-
-
-_LIST_KEYS = {"listen", "bootstrap"}
+    parsed = _host_port(text)
+    if parsed is None:
+        raise ConfigError(f"--status-addr {text!r}: {_HOST_PORT.reason}")
+    return parsed
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """The settings in a TOML file, as a dict of known keys."""
+    """The settings in a TOML file, as a dict of known keys (checked by build_config)."""
     source = Path(path)
     try:
-        raw = read_toml_table(source, {item.name for item in fields(NodeConfig)})
+        return load_toml(source, NodeConfig)
     except SettingsFileError as error:
         raise ConfigError(f"--config {source}: {error}") from None
-    settings: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name in _LIST_KEYS:
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"--config {source}: {name} must be a list of strings")
-            value = tuple(value)
-        settings[name] = value
-    return settings
 
 
 def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -> NodeConfig:
     """Defaults, overridden by the file, overridden by flags that were given (not None).
 
-    Each value must have its field's declared type (``rounds = "5"`` and
+    Each value must have its setting's declared type (``rounds = "5"`` and
     ``allow = 5`` are refused, with one line naming the key); an int is taken
     for a float.
     """
     merged = dict(file_settings)
     merged.update({k: v for k, v in flag_settings.items() if v is not None})
-    hints = get_type_hints(NodeConfig)
-    typed: dict[str, Any] = {}
-    for item in fields(NodeConfig):
-        if item.name not in merged:
-            continue
-        value = merged[item.name]
-        if item.name in _LIST_KEYS:
-            typed[item.name] = tuple(value)
-            continue
-        try:
-            typed[item.name] = typed_value(value, hints[item.name])
-        except SettingsFileError as error:
-            raise ConfigError(f"{item.name}: {error}") from None
+    typed, wrong = typed_settings(merged, NodeConfig)
+    if wrong is not None:
+        name, reason = wrong
+        raise ConfigError(f"{name}: {reason}")
     return replace(NodeConfig(), **typed).validate()
 
 
-def load_allowlist(path: str | Path) -> frozenset[bytes]:
-    """Peer ids, one per line (``#`` comments allowed), as ed25519 public keys.
+REFERENCE_INTRO = """
+Every setting of `p2pfl node` is both a flag and a key of the TOML file given with
+`--config FILE`; a flag overrides the file, the file overrides the default. A repeatable
+flag (`--listen`, `--bootstrap`) is a TOML string or list of strings. A value of the wrong
+type in the file (`rounds = "5"`) is refused, not converted.
 
-    Keys, because gossip/'s admission is keyed by the signer's public key. The network
-    layers (p2pfl.transport, p2pfl.gating, p2pfl.relay) take peer-id strings
-    (p2pfl.gating.Members); the runtime converts this set to those once, with
-    ``gossip.keys.peer_id_from_public_key``, right after loading it.
-    """
-    source = Path(path)
-    try:
-        lines = source.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise ConfigError(f"--allow {source}: cannot read ({error.strerror})") from None
-    keys = set()
-    for number, line in enumerate(lines, start=1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        try:
-            key = public_key_from_peer_id(text)
-        except ValueError:
-            raise ConfigError(
-                f"--allow {source}:{number}: {text!r} is not an ed25519 peer id (12D3KooW...)"
-            ) from None
-        assert peer_id_from_public_key(key) == text
-        keys.add(key)
-    return frozenset(keys)
+Generated from the declarations in `p2pfl/config.py` by
+`python -m p2pfl.config --reference docs/CONFIG.md`; do not edit by hand.
+"""
+
+
+def reference() -> str:
+    """docs/CONFIG.md: every daemon setting, made from its declaration."""
+    return reference_markdown(NodeConfig, "p2pfl node: settings reference", REFERENCE_INTRO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m p2pfl.config", description="The daemon's settings reference."
+    )
+    parser.add_argument(
+        "--reference", metavar="PATH", required=True, help="write it here ('-': stdout)"
+    )
+    args = parser.parse_args(argv)
+    if args.reference == "-":
+        sys.stdout.write(reference())
+    else:
+        Path(args.reference).write_text(reference(), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

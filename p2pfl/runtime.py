@@ -39,8 +39,9 @@ from gossip.attacks import RECEIPT_LIE, Attacker
 from gossip.codec import MAX_OFFER_BYTES
 from gossip.keys import peer_id_from_public_key
 from gossip.node import GossipState
+from p2pfl.allowlist import load_allowlist
 from p2pfl.checkpoint import CheckpointError, CheckpointStore, NodeState
-from p2pfl.config import ConfigError, NodeConfig, load_allowlist, parse_host_port
+from p2pfl.config import ConfigError, NodeConfig, parse_host_port
 from p2pfl.framing import MAX_UVARINT_BYTES
 from p2pfl.gossip_access import GuardedGossip
 from p2pfl.joining import Joining

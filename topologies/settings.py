@@ -4,16 +4,20 @@
 is the annotation, its default is the simulator's own
 (:class:`~topologies.simulator.SimulationConfig`,
 :class:`~topologies.network.NetworkConditions`) where the simulator has the
-setting, and its help text and group sit in the field's metadata. From it:
+setting, and its help text, group, choices and range sit in the field's
+metadata, declared with :func:`fltasks.settings_schema.setting` exactly as the
+daemon declares its own (p2pfl/config.py). From it:
 
 * :func:`add_flags` makes the argparse flags (``trim_fraction`` is
   ``--trim-fraction``), each parsed as text into the field's type;
 * :func:`load_toml` reads the same settings from a TOML file, where a value
   of the wrong type (``rounds = "5"``) is refused, not converted;
-* :meth:`ExperimentConfig.simulation_config` checks everything in one place:
-  the ranges and cross-checks are the simulator's (every error a
-  :class:`SettingError` naming its fields), plus the few settings only an
-  experiment has (nodes, degree, rewire, target).
+* construction checks each setting's type, choices and declared range (the
+  settings only an experiment has: nodes, degree, rewire, target, rounds >= 1);
+* :meth:`ExperimentConfig.simulation_config` leaves the simulator's own ranges
+  and cross-checks to :class:`~topologies.simulator.SimulationConfig`, checked
+  once there, and adds the one an experiment combines (byzantine < nodes).
+  Every error is a :class:`SettingError` naming its fields.
 
 So a wrong value gets the same one-line error from a flag and from TOML.
 """
@@ -21,15 +25,16 @@ So a wrong value gets the same one-line error from a flag and from TOML.
 from __future__ import annotations
 
 import argparse
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fltasks import settings_schema
 from fltasks.dp_defaults import DP_SGD_CLIP, DP_SGD_NOISE
-from fltasks.settings_file import SettingsFileError, read_toml_table, type_words, typed_value
+from fltasks.settings_file import SettingsFileError, type_words, typed_value
+from fltasks.settings_schema import Check, at_least, flag_name, setting, settings_of
 from gossip.aggregation import AGGREGATORS
 from gossip.robust import DEFAULT_CLIP_FRACTION, DEFAULT_TRIM_FRACTION
 from topologies.attacks import ATTACKS
@@ -48,19 +53,6 @@ __all__ = [
 ]
 
 
-def setting(
-    group: str,
-    help: str,
-    default: Any,
-    *,
-    metavar: str | None = None,
-    choices: tuple[str, ...] | None = None,
-) -> Any:
-    """One setting's field: its default, and its help, group, metavar and choices."""
-    meta = {"group": group, "help": help, "metavar": metavar, "choices": choices}
-    return field(default=default, metadata=meta)
-
-
 # Defaults the simulator owns are read from its dataclasses, so they are declared once.
 _SIM = SimulationConfig
 _NET = NetworkConditions()
@@ -76,14 +68,21 @@ class ExperimentConfig:
         "all",
         choices=(*TOPOLOGIES, "all"),
     )
-    nodes: int = setting("graph", "number of nodes, >= 2", 32, metavar="N")
+    nodes: int = setting("graph", "number of nodes", 32, metavar="N", check=at_least(2))
     degree: int = setting(
         "graph",
-        "neighbours per node for random (regular degree) and small-world (k, even), >= 2",
+        "neighbours per node for random (regular degree) and small-world (k, even)",
         6,
         metavar="K",
+        check=at_least(2),
     )
-    rewire: float = setting("graph", "small-world rewiring probability in [0, 1]", 0.1, metavar="P")
+    rewire: float = setting(
+        "graph",
+        "small-world rewiring probability",
+        0.1,
+        metavar="P",
+        check=Check(lambda p: 0.0 <= p <= 1.0, "must be in [0, 1]"),
+    )
     # learning
     task: str = setting(
         "learning",
@@ -105,7 +104,10 @@ class ExperimentConfig:
         "(size skew)",
         "dirichlet:0.5",
     )
-    rounds: int = setting("learning", "gossip rounds, >= 1", _SIM.rounds, metavar="R")
+    # The simulator runs 0 rounds (an evaluation); an experiment needs one to compare.
+    rounds: int = setting(
+        "learning", "gossip rounds", _SIM.rounds, metavar="R", check=at_least(1)
+    )
     linger_rounds: int = setting(
         "learning",
         "rounds after the last that only gossip, as a daemon lingers (--linger)",
@@ -120,9 +122,10 @@ class ExperimentConfig:
     )
     target: float | None = setting(
         "learning",
-        "accuracy in (0, 1] for rounds_to_target (default 0.98 x the centralized final accuracy)",
+        "accuracy for rounds_to_target (default 0.98 x the centralized final accuracy)",
         None,
         metavar="ACC",
+        check=Check(lambda acc: 0.0 < acc <= 1.0, "must be an accuracy in (0, 1]"),
     )
     # simulated network
     loss: float = setting(
@@ -243,13 +246,13 @@ class ExperimentConfig:
     )
 
     def __post_init__(self) -> None:
-        hints = _types()
-        for item in fields(self):
+        """Each setting's type, choices and range, from its declaration."""
+        for item in settings_of(ExperimentConfig):
             value = getattr(self, item.name)
-            _check_type(item.name, value, hints[item.name])
-            choices = item.metadata["choices"]
-            if choices is not None and value not in choices:
-                raise SettingError(item.name, f"{value!r} is not one of {', '.join(choices)}")
+            _check_type(item.name, value, item.hint)
+            reason = item.problem(value)
+            if reason is not None:
+                raise SettingError(item.name, f"{reason}, got {value!r}")
         if self.dp == "sample":  # the daemon's --dp sample defaults, so summary.json shows them
             if self.dp_clip is None:
                 object.__setattr__(self, "dp_clip", DP_SGD_CLIP)
@@ -261,20 +264,15 @@ class ExperimentConfig:
         return NetworkConditions(loss=self.loss, delay=self.delay, churn=self.churn)
 
     def simulation_config(self) -> SimulationConfig:
-        """The simulator's config; every bad value raises :class:`SettingError`."""
-        if self.rounds < 1:
-            raise SettingError("rounds", f"must be >= 1, got {self.rounds}")
-        if self.nodes < 2:
-            raise SettingError("nodes", f"must be >= 2, got {self.nodes}")
-        if self.degree < 2:
-            raise SettingError("degree", f"must be >= 2, got {self.degree}")
-        if not 0.0 <= self.rewire <= 1.0:
-            raise SettingError("rewire", f"must be in [0, 1], got {self.rewire}")
-        if self.target is not None and not 0.0 < self.target <= 1.0:
-            raise SettingError("target", f"must be an accuracy in (0, 1], got {self.target}")
-        if not 0 <= self.byzantine < self.nodes:
+        """The simulator's config; every bad value raises :class:`SettingError`.
+
+        Each setting's own range was checked on construction; the simulator's own
+        settings are checked by SimulationConfig, once. Left here: what only an
+        experiment combines.
+        """
+        if self.byzantine >= self.nodes:
             raise SettingError(
-                ("byzantine", "nodes"), f"byzantine must be in [0, nodes), got {self.byzantine}"
+                ("byzantine", "nodes"), f"byzantine must be below nodes, got {self.byzantine}"
             )
         if self.dp_lr != _SIM.dp_lr and self.dp != "sample":
             raise SettingError("dp_lr", "is DP-SGD's learning rate: give it with --dp sample")
@@ -308,25 +306,11 @@ _PASSED_THROUGH = (
 )
 
 
-def _types() -> dict[str, Any]:
-    return typing.get_type_hints(ExperimentConfig)
-
-
-def _base_type(hint: Any) -> type:
-    """``float | None`` -> float; ``int`` -> int: what a flag's text is parsed into."""
-    members = [member for member in typing.get_args(hint) if member is not type(None)]
-    return members[0] if members else hint
-
-
 def _check_type(name: str, value: Any, hint: Any) -> None:
     try:
         typed_value(value, hint, finite=True)
     except SettingsFileError as error:
         raise SettingError(name, str(error)) from None
-
-
-def flag_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _parse_text(name: str, kind: type, text: str) -> Any:
@@ -338,38 +322,19 @@ def _parse_text(name: str, kind: type, text: str) -> Any:
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per setting, grouped as declared; values stay text until checked."""
-    groups: dict[str, Any] = {}
-    hints = _types()
-    for item in fields(ExperimentConfig):
-        meta = item.metadata
-        group = groups.get(meta["group"]) or parser.add_argument_group(meta["group"])
-        groups[meta["group"]] = group
-        kind = _base_type(hints[item.name])
-        shown = "" if item.default is None else f" (default {item.default})"
-        if kind is bool:
-            group.add_argument(
-                flag_name(item.name), action="store_true", default=None, help=meta["help"]
-            )
-            continue
-        group.add_argument(
-            flag_name(item.name),
-            default=None,
-            metavar=meta["metavar"] or (meta["choices"] and "{" + ",".join(meta["choices"]) + "}"),
-            help=meta["help"] + ("" if "default" in meta["help"] else shown),
-        )
+    settings_schema.add_flags(parser, ExperimentConfig, parse=False)
 
 
 def config_from_flags(
     flags: argparse.Namespace, file_settings: dict[str, Any] | None = None
 ) -> ExperimentConfig:
     """Defaults, then the TOML file's settings, then the flags that were given."""
-    hints = _types()
     values = dict(file_settings or {})
-    for item in fields(ExperimentConfig):
+    for item in settings_of(ExperimentConfig):
         text = getattr(flags, item.name, None)
         if text is None:
             continue
-        kind = _base_type(hints[item.name])
+        kind = item.kind
         values[item.name] = text if kind is bool else _parse_text(item.name, kind, text)
     return ExperimentConfig(**values)
 
@@ -377,7 +342,7 @@ def config_from_flags(
 def load_toml(path: Path) -> dict[str, Any]:
     """The settings in a TOML file, by field name; unknown keys are refused."""
     try:
-        raw = read_toml_table(path, {item.name for item in fields(ExperimentConfig)})
+        raw = settings_schema.load_toml(path, ExperimentConfig)
     except SettingsFileError as error:
         raise SettingError("config", f"{path}: {error}") from None
     if isinstance(raw.get("out"), str):

@@ -2,8 +2,9 @@
 
 Used by ``scripts/local_network.py`` (``make demo``), ``scripts/bench_network.py``
 and the end-to-end tests: each node is ``python -m p2pfl.cli node ...`` with
-its own key and state directory, exactly as an operator runs it. Node 0
-starts first; the others bootstrap from the address it prints.
+its own key, state directory and settings file (``--config``), exactly as an
+operator runs it. Node 0 starts first; the others bootstrap from the address it
+prints.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fltasks.settings_schema import to_toml
 from gossip.keys import NodeKey
 from p2pfl.checkpoint import CheckpointError, CheckpointStore, NodeState, decode_state
+from p2pfl.config import NodeConfig
 
 _T = TypeVar("_T")
 
@@ -145,38 +148,35 @@ class LocalNetwork:
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
 
-    def command(self, index: int, bootstrap: str | None) -> list[str]:
+    def node_settings(self, index: int, bootstrap: str | None) -> dict[str, Any]:
+        """Node ``index``'s settings, by NodeConfig field name (written to its TOML file)."""
         node_dir = self.directory / f"node-{index}"
-        args = [
-            sys.executable,
-            "-m",
-            "p2pfl.cli",
-            "node",
-            "--key",
-            str(node_dir / "node.key"),
-            "--state-dir",
-            str(node_dir / "state"),
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--status-addr",
-            "127.0.0.1:0",
-            "--task",
-            self.task,
-            "--shard",
-            f"{index}/{self.count}",
-            "--partition",
-            self.partition,
-            "--degree",
-            str(self.degree),
-            "--seed",
-            str(self.seed),
-            "--local-epochs",
-            str(self.local_epochs),
-        ]
-        if self.rounds is not None:
-            args += ["--rounds", str(self.rounds)]
-        if bootstrap:
-            args += ["--bootstrap", bootstrap]
+        return {
+            "key": str(node_dir / "node.key"),
+            "state_dir": str(node_dir / "state"),
+            "listen": ("/ip4/127.0.0.1/tcp/0",),
+            "status_addr": "127.0.0.1:0",
+            "task": self.task,
+            "shard": f"{index}/{self.count}",
+            "partition": self.partition,
+            "degree": self.degree,
+            "seed": self.seed,
+            "local_epochs": self.local_epochs,
+            "rounds": self.rounds,
+            "bootstrap": (bootstrap,) if bootstrap else (),
+        }
+
+    def command(self, index: int, bootstrap: str | None) -> list[str]:
+        """``p2pfl node --config node-I/node.toml`` and then ``extra_args``, ``node_args``.
+
+        The settings go through the same TOML file an operator writes (checked
+        against NodeConfig's declarations as it is written); the flags after it
+        override it, as they would for an operator.
+        """
+        config = self.directory / f"node-{index}" / "node.toml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(to_toml(self.node_settings(index, bootstrap), NodeConfig))
+        args = [sys.executable, "-m", "p2pfl.cli", "node", "--config", str(config)]
         return args + list(self.extra_args) + list(self.node_args.get(index, ()))
 
     def start(self, index: int, bootstrap: str | None = None) -> LocalNode:

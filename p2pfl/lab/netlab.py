@@ -390,17 +390,20 @@ class LabNetwork(LocalNetwork):
     """Real daemons, one per lab host, listening on the host's own address.
 
     Built on :class:`LocalNetwork` (state dirs, keys, start, stop); only the command
-    differs, and /status is read from inside each host's namespace.
+    differs (the host's listen address, run inside its namespace), and /status is read
+    from inside each host's namespace.
     """
 
     def __init__(self, lab: Lab, directory: str, **options: Any) -> None:
         super().__init__(directory, len(lab.hosts), **options)
         self.lab = lab
 
+    def node_settings(self, index: int, bootstrap: str | None) -> dict[str, Any]:
+        listen = (self.lab.hosts[index].listen,)
+        return {**super().node_settings(index, bootstrap), "listen": listen}
+
     def command(self, index: int, bootstrap: str | None) -> list[str]:
-        args = super().command(index, bootstrap)
-        args[args.index("--listen") + 1] = self.lab.hosts[index].listen
-        return self.lab.exec_prefix(index) + args
+        return self.lab.exec_prefix(index) + super().command(index, bootstrap)
 
     def node_status(self, node: LocalNode) -> dict[str, Any] | None:
         return self.lab.run(node.index, partial(node.status, 1.0))
