@@ -20,7 +20,8 @@ import numpy as np
 from gossip import codec
 from gossip.compression import resolve_codec
 from gossip.errors import InvalidUpdate, Reason
-from gossip.layout import TensorSpec, model_fingerprint
+from gossip.layout import ALLOWED_DTYPES, TensorSpec, model_fingerprint
+from gossip.pushsum import MAX_WEIGHT
 from gossip.update import Update
 
 
@@ -61,9 +62,9 @@ class AdmissionPolicy:
     allowlist: Container[bytes] | None = None
     # Revoked keys: refused as ``revoked`` before the allowlist is consulted.
     revoked: Container[bytes] | None = None
-    # Push-sum weights are sample counts split into shares; no honest share comes
-    # near this, and a huge one would drive the receiver's weight to infinity.
-    max_weight: float = 1e12
+    # The largest share taken (gossip.pushsum.MAX_WEIGHT: a node's own weight never
+    # exceeds it, so no honest share is refused here).
+    max_weight: float = MAX_WEIGHT
     # The shared task spec's hash that ``fingerprint`` includes (gossip.layout), or b"".
     task_spec_hash: bytes = b""
 
@@ -189,9 +190,21 @@ class Admission:
         if signed.header["fingerprint"] != self.policy.fingerprint:
             raise InvalidUpdate(Reason.WRONG_MODEL, WRONG_MODEL_DETAIL)
         check_declared_layout(signed, self.policy.fingerprint, self.policy.task_spec_hash)
-        if resolve_codec(signed.header["codec"]) is None:
-            codec_id = signed.header["codec"]
+        codec_id = signed.header["codec"]
+        tensor_codec = resolve_codec(codec_id)
+        if tensor_codec is None:
             raise InvalidUpdate(Reason.UNKNOWN_CODEC, f"codec {codec_id!r} is not known here")
+        for entry in signed.header["tensors"]:
+            # A declared size is a claim the offer's reader would act on (it reads and
+            # buffers that many bytes): it must be what the codec makes of the shape.
+            count = math.prod(entry["shape"])
+            expected = tensor_codec.size_for(count, ALLOWED_DTYPES[entry["dtype"]])
+            if entry["size"] != expected:
+                raise InvalidUpdate(
+                    Reason.MALFORMED,
+                    f"tensor {entry['name']!r} declares {entry['size']} payload bytes; "
+                    f"its shape takes {expected} in {codec_id}",
+                )
 
     def _judge_values(self, update: Update) -> Verdict:
         if not all_finite(update.tensors.values()):

@@ -22,19 +22,13 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
 from gossip import robust
-from gossip.pushsum import PushSum, Share
-
-# A weight is a finite float on the wire; sums of large claimed weights must
-# not overflow to inf, which would make every later message of this node
-# unsendable (receivers reject a non-finite weight).
-MAX_WEIGHT = sys.float_info.max / 4
+from gossip.pushsum import MAX_WEIGHT, PushSum, Share
 
 
 class Aggregator(Protocol):
@@ -88,7 +82,8 @@ class RobustRule:
 
 
 def add_weight(state: PushSum, weight: float) -> None:
-    """Fold received weight in, capped: a robust node conserves weight, not estimates."""
+    """Fold received weight in, capped at MAX_WEIGHT (see gossip.pushsum): a robust node
+    conserves weight, not estimates."""
     # Plain float sums: they overflow to inf, not to an exception as fsum does.
     state.weight = min(state.weight + weight, MAX_WEIGHT)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,10 +245,13 @@ class _Signed:
             seen.add(signer)
         return None
 
-    def forged_signer(self) -> str | None:
-        """The first signer whose signature does not verify over this body, if any."""
+    def forged_signer(self, only: Collection[str] | None = None) -> str | None:
+        """The first signer (of ``only``, if given) whose signature does not verify over
+        this body, if any."""
         message = self.signing_message()
         for signer, signature in self.sigs:
+            if only is not None and signer not in only:
+                continue
             if not verify(public_key_from_peer_id(signer), message, signature):
                 return signer
         return None

@@ -29,14 +29,14 @@ from gossip.admission import (
     check_declared_layout,
     check_layout,
 )
-from gossip.aggregation import MAX_WEIGHT, Aggregator, PushSumMean, add_weight
+from gossip.aggregation import Aggregator, PushSumMean, add_weight
 from gossip.delivery import READY, Receipt
 from gossip.encoders import Encoder, encoder_for, own_tensors
 from gossip.errors import InvalidUpdate, Reason
 from gossip.keys import NodeKey
 from gossip.layout import ModelLayout
 from gossip.public_copy import LinkCopies, PublicCopies, is_difference_codec
-from gossip.pushsum import PushSum, Share
+from gossip.pushsum import MAX_WEIGHT, PushSum, Share
 from gossip.update import Update
 from gossip.votes import DEFAULT_MAX_AGE_ROUNDS, VoteTable
 

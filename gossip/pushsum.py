@@ -43,6 +43,14 @@ class Share:
     weight: float
 
 
+# The largest weight a node holds, and the largest share admission takes (one rule, two
+# ends). Weights are sample counts split into shares, far below it; claimed weights
+# above it are refused, and what a node absorbs is capped at it, so a member claiming
+# huge weights cannot push a node's weight out of range, and a node's own share
+# (w/(k+1) <= MAX_WEIGHT) is never refused for its weight by an honest neighbour.
+MAX_WEIGHT = 1e12
+
+
 class PushSum:
     """One node's push-sum state: its estimate ``z`` and weight ``w``."""
 
@@ -76,7 +84,9 @@ class PushSum:
         self.estimate += (weight / total) * (
             np.asarray(estimate, dtype=self.estimate.dtype) - self.estimate
         )
-        self.weight = total
+        # The estimate mixes by the true ratio; only the weight is capped (mass above
+        # MAX_WEIGHT is lost, never honest: see MAX_WEIGHT).
+        self.weight = min(total, MAX_WEIGHT)
 
     def absorb_all(self, shares: Sequence[Share]) -> None:
         for share in shares:

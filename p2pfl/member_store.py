@@ -114,8 +114,12 @@ def load_state(members: MemberSet, state_dir: str | os.PathLike[str], now: int) 
 
 
 def add_certificates(members: MemberSet, certs: list[Certificate], now: int) -> int:
-    """Add ``certs`` in whatever order: retry the refused while any pass adds one."""
-    pending, added = list(certs), 0
+    """Add ``certs`` in whatever order: retry the refused while any pass adds one.
+
+    Copies are dropped first: a peer repeating one certificate a thousand times in a
+    message costs one check, not a thousand (each check verifies signatures)."""
+    unique = {(cert.body_hash, cert.sigs): cert for cert in certs}
+    pending, added = list(unique.values()), 0
     while pending:
         refused = [cert for cert in pending if members.add_certificate(cert, now) is not None]
         if len(refused) == len(pending):

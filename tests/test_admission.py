@@ -502,3 +502,22 @@ def test_a_declared_shape_other_than_the_models_is_refused_before_decoding() -> 
     # otherwise declare a tensor of any size and make the receiver allocate it.
     data = signed_header(valid_header(tensors=_entry(shape=[2, 2])))
     assert_rejected(receiver(), data, Reason.WRONG_SHAPE)
+
+
+def test_an_offer_declaring_more_payload_than_its_shape_takes_is_refused_before_any_byte() -> None:
+    """A declared size is what the offer's reader would buffer: an in-neighbour that
+    declares 64 MiB for a 24-byte tensor is refused at the offer, and nothing is read."""
+    message = encode(update(), SENDER)
+    (header_length,) = struct.unpack_from("<I", message, 69)
+    header = msgpack.unpackb(bytes(message[73 : 73 + header_length]))
+    header["tensors"][0]["size"] = 64 * 2**20
+    packed = msgpack.packb(header, use_bin_type=True)
+    offer = bytes(message[:69]) + struct.pack("<I", len(packed)) + packed
+    node = receiver()
+    answer, payload_bytes = node.screen(offer, NOW, SENDER.public_key)
+    assert (answer.verdict, payload_bytes) == ("malformed", 0)
+    assert node.admission.rejected == {Reason.MALFORMED: 1}
+    # The honest offer of the same update is taken, with exactly its payloads to read.
+    honest = bytes(message[: 73 + header_length])
+    answer, payload_bytes = node.screen(honest, NOW, SENDER.public_key)
+    assert (answer.verdict, payload_bytes) == ("ready", len(message) - len(honest))

@@ -17,9 +17,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from gossip import GossipNode, NodeKey
+from gossip import GossipNode, NodeKey, Update, encode
+from gossip.aggregation import aggregator_by_name
 from gossip.codec import offer_length
 from gossip.delivery import DeliveryLedger, InvalidReceipt, Receipt
+from gossip.pushsum import MAX_WEIGHT
 
 NOW = 1_700_000_000.0
 
@@ -211,3 +213,30 @@ def test_a_refusal_at_the_offer_costs_the_payloads_nothing_and_is_refunded() -> 
     for share in ledger.refused_at_offer("r", outgoing, answer):
         sender.refund(share)
     assert sender.pushsum.weight == pytest.approx(weight_before_push + outgoing.weight)
+
+
+@pytest.mark.parametrize("rule", ["mean", "clipped"])
+def test_a_member_claiming_huge_weights_never_gets_an_honest_push_refused(rule: str) -> None:
+    """A member may claim any weight up to admission's cap on each of its messages, and
+    send several between two merges. The receiver's weight stays within the cap, so
+    what it pushes next is still admitted by an honest neighbour, under every rule."""
+    honest, victim, attacker = _ring(3)
+    for node in (honest, victim):
+        node.aggregator = aggregator_by_name(rule)
+    for seq in range(1, 6):
+        claim = Update(
+            sender=attacker.key.public_key,
+            seq=attacker.seq + seq,
+            samples=1,
+            weight=0.99 * MAX_WEIGHT,
+            fingerprint=attacker.layout.fingerprint,
+            created_at=NOW,
+            tensors=attacker.model(),
+        )
+        verdict = victim.receive(encode(claim, attacker.key), NOW, attacker.key.public_key)
+        assert verdict.accepted
+    victim.merge()
+    assert victim.pushsum.weight <= MAX_WEIGHT
+    outgoing = victim.prepare(1, NOW)
+    verdict, receipt = honest.deliver(outgoing.message, NOW, victim.key.public_key)
+    assert receipt.accepted, receipt

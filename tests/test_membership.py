@@ -256,3 +256,24 @@ def test_genesis_rules() -> None:
         Genesis.create("net", ["nope"], 1)
     reordered = Genesis.create("net", ids[::-1], 2)
     assert reordered.network_id == Genesis.create("net", ids, 2).network_id
+
+
+def test_strangers_signatures_are_not_verified_beyond_the_first(members, founders) -> None:
+    """A certificate signed by 64 throwaway keys, sent by anyone: only the signatures that
+    can count are checked (members', and one stranger's to tell an altered id from a
+    stranger). Here all but the first stranger's signatures are garbage, and the verdict
+    is signer-not-member: the garbage was never verified (verifying all 64 is the cost
+    an outsider could make a node pay per copy, on its event loop)."""
+    throwaway = [NodeKey(bytes([200]) + bytes([i]) * 31) for i in range(64)]
+    cert = signed(invitation(members, keys(6)[5]), throwaway[0])
+    garbage = tuple((key.peer_id, bytes(64)) for key in throwaway[1:])
+    cert = replace(cert, sigs=cert.sigs + garbage)
+    assert members.add_certificate(cert, NOW).reason == Refusal.SIGNER_NOT_MEMBER
+
+
+def test_copies_of_one_certificate_in_a_message_are_checked_once(members, founders) -> None:
+    from p2pfl.member_store import add_certificates
+
+    stranger_signed = signed(invitation(members, keys(6)[5]), NodeKey(bytes([201]) * 32))
+    assert add_certificates(members, [stranger_signed] * 1000, NOW) == 0
+    assert members.refused["signer-not-member"] == 1

@@ -116,7 +116,7 @@ def test_robust_rules_still_add_the_received_weights(rule) -> None:
     assert state.weight == pytest.approx(6.75)
 
 
-def test_claimed_weights_cannot_overflow_a_robust_nodes_weight() -> None:
+def test_claimed_weights_cannot_push_a_robust_nodes_weight_past_the_cap() -> None:
     state = PushSum(np.zeros(DIM), weight=1.0)
     CoordinateMedian().combine(state, [Share(np.zeros(DIM), 1.7e308)] * 3)
     assert state.weight == MAX_WEIGHT

@@ -19,9 +19,15 @@ class TensorCodec(ABC):
 
     id: str
 
-    @abstractmethod
     def payload_size(self, array: np.ndarray) -> int:
         """Bytes :meth:`encode_into` will write for ``array``."""
+        return self.size_for(array.size, array.dtype)
+
+    @abstractmethod
+    def size_for(self, count: int, dtype: np.dtype) -> int:
+        """Bytes of the payload of a tensor of ``count`` values of ``dtype``: what a
+        receiver checks a header's declared size against before any payload is sent
+        (a size is a claim; a 64 MiB one for a 400-byte tensor would be read)."""
 
     @abstractmethod
     def encode_into(self, array: np.ndarray, out: memoryview) -> None:

@@ -26,8 +26,8 @@ _HALF = np.dtype("<f2")
 class Fp16Codec(TensorCodec):
     id = "fp16"
 
-    def payload_size(self, array: np.ndarray) -> int:
-        return array.size * _HALF.itemsize
+    def size_for(self, count: int, dtype: np.dtype) -> int:
+        return count * _HALF.itemsize
 
     def encode_into(self, array: np.ndarray, out: memoryview) -> None:
         require_float(self.id, array)

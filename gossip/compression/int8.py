@@ -116,8 +116,8 @@ def dequantize_rows(scales: np.ndarray, quantized: np.ndarray, dtype: np.dtype) 
 class Int8Codec(TensorCodec):
     id = "int8"
 
-    def payload_size(self, array: np.ndarray) -> int:
-        return array.size + _SCALE.itemsize * _block_count(array.size)
+    def size_for(self, count: int, dtype: np.dtype) -> int:
+        return count + _SCALE.itemsize * _block_count(count)
 
     def encode_into(self, array: np.ndarray, out: memoryview) -> None:
         require_float(self.id, array)

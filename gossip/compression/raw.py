@@ -10,8 +10,8 @@ from gossip.compression.base import TensorCodec, register
 class RawCodec(TensorCodec):
     id = "raw"
 
-    def payload_size(self, array: np.ndarray) -> int:
-        return array.nbytes
+    def size_for(self, count: int, dtype: np.dtype) -> int:
+        return count * dtype.itemsize
 
     def encode_into(self, array: np.ndarray, out: memoryview) -> None:
         source = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))

@@ -120,8 +120,8 @@ class TopKCodec(TensorCodec):
         """How many of ``count`` values this codec keeps."""
         return min(count, max(1, math.ceil(self.fraction * count)))
 
-    def payload_size(self, array: np.ndarray) -> int:
-        return _INDEX.itemsize + self.kept(array.size) * (_INDEX.itemsize + _VALUE.itemsize)
+    def size_for(self, count: int, dtype: np.dtype) -> int:
+        return _INDEX.itemsize + self.kept(count) * (_INDEX.itemsize + _VALUE.itemsize)
 
     def encode_into(self, array: np.ndarray, out: memoryview) -> None:
         require_float(self.id, array)
