@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from p2pfl.lab.localnet import LocalNetwork
+from p2pfl.lab.netpage import NetworkPage, NetworkPageServer
 from p2pfl.status import ASSETS, answer
 from tests.browser import rendered_dom, screenshot
 
@@ -83,3 +84,19 @@ def test_a_screenshot_of_the_page_is_not_blank(network: LocalNetwork, tmp_path: 
         colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
     # A blank or failed page is one or two colours; drawn charts and text are hundreds.
     assert colours is None or len(colours) > 50
+
+
+def test_chromium_shows_every_node_on_the_network_page(network: LocalNetwork) -> None:
+    page = NetworkPage()
+    for _ in range(2):  # two polls: a first point of each node's accuracy series
+        page.update(network, network.statuses())
+    with NetworkPageServer(page) as server:
+        dom = rendered_dom(server.url)
+    for node in network.started():
+        assert node.peer_id is not None
+        assert f'id="node-{node.index}"' in dom and node.peer_id[-8:] in dom
+    rounds = re.findall(r'class="node-round">(\d+)<', dom)
+    assert len(rounds) == 2 and all(int(r) >= 1 for r in rounds)
+    # The gossip graph: a line per neighbour link, between the two daemons.
+    graph = dom[dom.index('id="graph"'):]
+    assert "<line" in graph

@@ -23,6 +23,11 @@ function fmt(value, digits = 3) {
   return typeof value === "number" ? Number(value.toFixed(digits)).toString() : String(value);
 }
 
+// Axis labels stay short: 103.488 would not fit beside the axis.
+function tick(value) {
+  return Math.abs(value) >= 100 ? value.toFixed(0) : Number(value.toPrecision(3)).toString();
+}
+
 function ago(seconds) {
   if (seconds === null || seconds === undefined) return "–";
   if (seconds < 90) return seconds.toFixed(0) + " s ago";
@@ -32,7 +37,7 @@ function ago(seconds) {
 // series: [{name, colour, points: [[x, y], ...]}]; draws axes with min/max labels.
 function lineChart(svg, series, { xLabel = "", yMin = null, yMax = null } = {}) {
   const width = svg.clientWidth || 400, height = svg.clientHeight || 180;
-  const pad = { left: 40, right: 8, top: 8, bottom: 22 };
+  const pad = { left: 44, right: 8, top: 8, bottom: 22 };
   svg.replaceChildren();
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   const points = series.flatMap((s) => s.points.filter((p) => p[1] !== null));
@@ -52,11 +57,11 @@ function lineChart(svg, series, { xLabel = "", yMin = null, yMax = null } = {}) 
   svg.append(
     el("svg:line", { x1: pad.left, y1: sy(y0), x2: width - pad.right, y2: sy(y0), ...axis }),
     el("svg:line", { x1: pad.left, y1: sy(y0), x2: pad.left, y2: sy(y1), ...axis }),
-    el("svg:text", { x: pad.left - 4, y: sy(y1) + 8, "text-anchor": "end" }, fmt(y1, 3)),
-    el("svg:text", { x: pad.left - 4, y: sy(y0), "text-anchor": "end" }, fmt(y0, 3)),
-    el("svg:text", { x: pad.left, y: height - 6 }, fmt(x0, 1)),
+    el("svg:text", { x: pad.left - 4, y: sy(y1) + 8, "text-anchor": "end" }, tick(y1)),
+    el("svg:text", { x: pad.left - 4, y: sy(y0), "text-anchor": "end" }, tick(y0)),
+    el("svg:text", { x: pad.left, y: height - 6 }, tick(x0)),
     el("svg:text", { x: width - pad.right, y: height - 6, "text-anchor": "end" },
-       `${fmt(x1, 1)} ${xLabel}`));
+       `${tick(x1)} ${xLabel}`));
   for (const s of series) {
     const path = s.points.filter((p) => p[1] !== null)
       .map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join("");
