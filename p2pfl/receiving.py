@@ -18,6 +18,7 @@ from gossip.delivery import Receipt
 from gossip.keys import public_key_from_peer_id
 from p2pfl.gossip_access import GuardedGossip
 from p2pfl.membership import Membership
+from p2pfl.peer_activity import PeerActivity
 from p2pfl.phases import PhaseClock
 from p2pfl.ratelimit import LogThrottle
 
@@ -45,6 +46,8 @@ class Inbound:
         self._rejection_log = LogThrottle(REJECTION_LOG_INTERVAL_S)
         # Updates refused before admission, by reason (shown with updates_rejected).
         self.refused_updates: Counter[str] = Counter()
+        # The same verdicts per sender, for the neighbour table of /status.
+        self.by_peer = PeerActivity()
 
     async def on_offer(self, peer_id: str, offer: bytes) -> tuple[bytes, int | None]:
         """Judge a pushed update by its offer; the answer, and the payload bytes to read
@@ -54,6 +57,7 @@ class Inbound:
         except ValueError:
             # Not an ed25519 identity (e.g. secp256k1): it cannot sign updates for us.
             self.refused_updates["unsupported-key"] += 1
+            self.by_peer.refused(peer_id, "unsupported-key", time.monotonic())
             self.log_rejection(peer_id, "unsupported-key", "its peer id is not an ed25519 key")
             return Receipt("unsupported-key", 0).encode(), None
         await self.membership.refresh_peers()
@@ -61,6 +65,7 @@ class Inbound:
             self.core.node.screen, offer, time.time(), sender_key
         )
         if not receipt.ready:
+            self.by_peer.refused(peer_id, receipt.verdict, time.monotonic())
             self.log_rejection(peer_id, receipt.verdict, "refused at the offer")
             return receipt.encode(), None
         return receipt.encode(), payload_bytes
@@ -71,10 +76,12 @@ class Inbound:
         deliver = self.phases.timed("admit", self.core.node.deliver)
         verdict, receipt = await self.core.call(deliver, payload, time.time(), sender_key)
         if verdict.accepted:
+            self.by_peer.accepted(peer_id, time.monotonic())
             self.membership.policy.heard_from(peer_id, time.monotonic())
             if self.attack == RECEIPT_LIE:  # experiments only: keep it, deny it
                 return Receipt(Reason.REPLAY.value, receipt.last_seq).encode()
         else:
+            self.by_peer.refused(peer_id, verdict.reason.value, time.monotonic())
             self.log_rejection(peer_id, verdict.reason.value, verdict.detail)
         return receipt.encode()
 

@@ -29,6 +29,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -59,6 +60,7 @@ from p2pfl.reachability import serve_reachability
 from p2pfl.receiving import MAX_REJECTION_DETAIL_CHARS, Inbound
 from p2pfl.rounds import RoundLoop
 from p2pfl.status import serve_status
+from p2pfl.status_history import StatusHistory, record_history
 from p2pfl.status_view import node_status
 from p2pfl.training import LocalTraining, load_arrays, model_arrays
 from p2pfl.transport import Transport
@@ -103,6 +105,8 @@ class NodeRuntime:
         self.membership = Membership(config, key, members, self.policy, self.core, announce)
         # Seconds per phase of each round, peak RSS and the loop's worst stall (/status).
         self.phases = PhaseClock()
+        # The last half hour of /status, sampled, for the web page (GET /history).
+        self.history = StatusHistory()
         self.pusher = Pusher(self.policy, self.core, self.membership, self.phases)
         self.rounds = RoundLoop(
             config, self.core, self.training, self.budget, self.membership, self.pusher,
@@ -297,7 +301,10 @@ class NodeRuntime:
     async def _serve(self, nursery: trio.Nursery, transport: Transport, task_status: Any) -> None:
         """Announce, join, start the background loops, then run the rounds."""
         host, port = parse_host_port(self.config.status_addr)
-        bound = await nursery.start(serve_status, host, port, self.status)
+        bound = await nursery.start(
+            partial(serve_status, history=self.history.view), host, port, self.status
+        )
+        nursery.start_soon(record_history, self.history, self.status)
         self.announce(f"peer-id {self.key.peer_id}")
         for addr in transport.addrs:
             self.announce(f"listen {addr}")

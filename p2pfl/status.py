@@ -1,4 +1,6 @@
-"""The status endpoint: ``GET /status`` (JSON) and ``GET /metrics`` (Prometheus text).
+"""The status endpoint: ``GET /status`` (JSON), ``GET /metrics`` (Prometheus text),
+``GET /history`` (recent samples, p2pfl/status_history.py) and the web page at ``/``
+(p2pfl/web/, which reads only the first and the third).
 
 A small HTTP/1.1 server on trio, one request per connection. Requests are
 parsed by h11 (size-capped), the metrics written by prometheus-client, so
@@ -24,6 +26,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from p2pfl.deadlines import STATUS_READ_S
+from p2pfl.web import load_assets
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,17 @@ LINGER_S = 1.0
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 StatusSource = Callable[[], dict[str, Any]]
+Answer = tuple[int, str, bytes]
+ASSETS = load_assets()
+# The page may load only this server's own files and read only its own JSON: a
+# browser then refuses anything from another host even if a file asked for it.
+PAGE_HEADERS = [
+    ("Content-Security-Policy",
+     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+     "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+]
 
 
 def _by_label(
@@ -74,19 +88,27 @@ class _StatusCollector(Collector):
                 status["updates_rejected"],
             )
         if status.get("deliveries"):
+            # Cumulative counts of pushes by fate, so a counter (was a gauge without _total).
             yield _by_label(
-                GaugeMetricFamily(
+                CounterMetricFamily(
                     "p2pfl_push_shares",
-                    "Pushed weight shares by fate: delivered, refused, refunded, lost, held "
-                    "(awaiting a receipt).",
+                    "Pushed weight shares by fate: delivered, refunded, disputed, unanswered.",
                     labels=["fate"],
                 ),
                 status["deliveries"],
             )
-        if status.get("weight") is not None:
-            yield GaugeMetricFamily(
-                "p2pfl_pushsum_weight", "This node's push-sum weight.", value=status["weight"]
+        yield CounterMetricFamily(
+            "p2pfl_push_failures", "Pushes that failed (dial, send or timeout), all peers.",
+            value=sum((status.get("send_failures") or {}).values()),
+        )
+        if status.get("connections_refused"):
+            yield _by_label(
+                CounterMetricFamily("p2pfl_connections_refused",
+                                    "Inbound connections cut before any stream, by reason.",
+                                    labels=["reason"]),
+                status["connections_refused"],
             )
+        yield from _mass_metrics(status)
         yield CounterMetricFamily(
             "p2pfl_bytes_sent", "Payload bytes sent.", value=status["bytes_sent"]
         )
@@ -99,6 +121,11 @@ class _StatusCollector(Collector):
                 f"Differential-privacy epsilon spent so far, at delta={status.get('delta')}.",
                 value=status["epsilon"],
             )
+            if status.get("dp_target_epsilon") is not None:
+                yield GaugeMetricFamily(
+                    "p2pfl_dp_target_epsilon", "The epsilon budget (--dp-target-epsilon).",
+                    value=status["dp_target_epsilon"],
+                )
             yield GaugeMetricFamily(
                 "p2pfl_dp_exhausted",
                 "1 once --dp-target-epsilon stopped training (merging and serving go on), else 0.",
@@ -107,9 +134,36 @@ class _StatusCollector(Collector):
         yield GaugeMetricFamily(
             "p2pfl_uptime_seconds", "Seconds since the node started.", value=status["uptime_s"]
         )
+        if status.get("version") is not None:
+            info = GaugeMetricFamily("p2pfl_build_info", "The daemon's version.",
+                                     labels=["version"])
+            info.add_metric([status["version"]], 1)
+            yield info
         yield from _phase_metrics(status.get("phases"))
         yield from _membership_metrics(status.get("membership"))
         yield from _relay_metrics(status.get("relay"))
+
+
+def _mass_metrics(status: dict[str, Any]) -> Iterator[Metric]:
+    """Push-sum mass on this node: held, received but not merged, and pushed unsettled."""
+    for key, name, help_text in (
+        ("weight", "p2pfl_pushsum_weight", "This node's push-sum weight."),
+        ("weight_pending", "p2pfl_pushsum_weight_pending",
+         "Weight of received shares not merged yet."),
+        ("weight_in_flight", "p2pfl_pushsum_weight_in_flight",
+         "Weight of pushed shares whose fate is not known yet."),
+    ):
+        if status.get(key) is not None:
+            yield GaugeMetricFamily(name, help_text, value=status[key])
+    if status.get("known_peers") is not None:
+        yield GaugeMetricFamily(
+            "p2pfl_known_peers", "Peers in this node's peer book.", value=status["known_peers"]
+        )
+    if status.get("train_loss") is not None:
+        yield GaugeMetricFamily(
+            "p2pfl_train_loss", "Mean training loss of the last round.",
+            value=status["train_loss"],
+        )
 
 
 def _phase_metrics(phases: dict[str, Any] | None) -> Iterator[Metric]:
@@ -148,11 +202,13 @@ def _membership_metrics(view: dict[str, Any] | None) -> Iterator[Metric]:
     )
     if "network_id" not in view:
         return
+    # The log head is not a label: it changes with each revocation, and each value would
+    # be a new series forever; /status has it.
     info = GaugeMetricFamily(
-        "p2pfl_network_info", "The network (genesis hash) and revocation log head.",
-        labels=["network_id", "log_head"],
+        "p2pfl_network_info", "The network this node belongs to (its genesis hash).",
+        labels=["network_id"],
     )
-    info.add_metric([view["network_id"], view["member_log_head"]], 1)
+    info.add_metric([view["network_id"]], 1)
     yield info
     yield GaugeMetricFamily(
         "p2pfl_member_log_entries", "Entries in the revocation log.",
@@ -204,7 +260,9 @@ def render_metrics(status: dict[str, Any]) -> str:
     return generate_latest(registry).decode()
 
 
-def answer(method: str, target: str, source: StatusSource) -> tuple[int, str, bytes]:
+def answer(
+    method: str, target: str, source: StatusSource, history: StatusSource | None = None
+) -> Answer:
     """Status code, content type and body for one request."""
     if method != "GET":
         return 405, "text/plain", b"only GET is served\n"
@@ -213,7 +271,23 @@ def answer(method: str, target: str, source: StatusSource) -> tuple[int, str, by
         return 200, "application/json", json.dumps(source(), indent=2).encode() + b"\n"
     if path == "/metrics":
         return 200, METRICS_CONTENT_TYPE, render_metrics(source()).encode()
-    return 404, "text/plain", b"try /status or /metrics\n"
+    if path == "/history" and history is not None:
+        return 200, "application/json", json.dumps(history(), separators=(",", ":")).encode()
+    return page_asset(path) or (404, "text/plain", b"try /, /status or /metrics\n")
+
+
+def page_asset(path: str, index: str = "index.html") -> Answer | None:
+    """``/`` is ``index``; ``/web/NAME`` one of the shipped files by exact name."""
+    if path == "/":
+        name = index
+    elif path.startswith("/web/"):
+        name = path.removeprefix("/web/")
+    else:
+        return None
+    if name not in ASSETS:
+        return None
+    content_type, body = ASSETS[name]
+    return 200, content_type, body
 
 
 def _response(code: int, content_type: str, body: bytes) -> list[h11.Event]:
@@ -221,6 +295,7 @@ def _response(code: int, content_type: str, body: bytes) -> list[h11.Event]:
         ("Content-Type", content_type),
         ("Content-Length", str(len(body))),
         ("Connection", "close"),
+        *PAGE_HEADERS,
     ]
     return [
         h11.Response(status_code=code, headers=headers),
@@ -248,7 +323,9 @@ async def _send(stream: trio.abc.Stream, connection: h11.Connection, events: lis
             await stream.send_all(data)
 
 
-async def _serve_one(stream: trio.abc.Stream, source: StatusSource) -> None:
+async def _serve_one(
+    stream: trio.abc.Stream, source: StatusSource, history: StatusSource | None
+) -> None:
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     try:
         request = await _read_request(stream, connection)
@@ -260,7 +337,8 @@ async def _serve_one(stream: trio.abc.Stream, source: StatusSource) -> None:
     if request is None:
         return
     code, content_type, body = answer(
-        request.method.decode("ascii", "replace"), request.target.decode("latin-1"), source
+        request.method.decode("ascii", "replace"), request.target.decode("latin-1"), source,
+        history,
     )
     await _send(stream, connection, _response(code, content_type, body))
 
@@ -283,8 +361,11 @@ async def serve_status(
     *,
     max_connections: int = MAX_CONNECTIONS,
     read_timeout: float = STATUS_READ_S,
+    history: StatusSource | None = None,
 ) -> None:
-    """Serve until cancelled; reports the bound ``(host, port)`` through ``task_status``."""
+    """Serve until cancelled; reports the bound ``(host, port)`` through ``task_status``.
+
+    ``history`` answers ``/history`` (404 without one)."""
     open_connections = 0
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -297,7 +378,7 @@ async def serve_status(
         open_connections += 1
         try:
             with trio.move_on_after(read_timeout):
-                await _serve_one(stream, source)
+                await _serve_one(stream, source, history)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away; nothing to answer
         except h11.LocalProtocolError:

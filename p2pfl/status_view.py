@@ -1,13 +1,15 @@
 """The /status dict: a pure view of a running node's parts (served by p2pfl/status.py).
 
-Its keys are documented in docs/PROTOCOL.md (status endpoints); tests, the
-benchmarks and the lab read them, so a key is never renamed here alone.
+Its keys are documented in docs/STATUS.md, versioned by ``schema_version``; tests,
+the benchmarks, the lab and the web page read them, so a key is never renamed here
+alone: a rename or removal bumps STATUS_SCHEMA_VERSION, a new key does not.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from gossip.keys import peer_id_from_public_key
@@ -16,6 +18,15 @@ from p2pfl.reachability import status_view as reachability_view
 
 if TYPE_CHECKING:
     from p2pfl.runtime import NodeRuntime
+
+STATUS_SCHEMA_VERSION = 1
+# The page draws the peer book; past this many ids only the count is exact.
+MAX_PEER_BOOK_IDS = 64
+
+try:
+    VERSION = version("p2pfl-gossip")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    VERSION = "unknown"
 
 
 def node_status(node: NodeRuntime) -> dict[str, Any]:
@@ -35,7 +46,10 @@ def node_status(node: NodeRuntime) -> dict[str, Any]:
         if transport.streams_refused.get(UPDATE_PROTOCOL):
             rejected["unknown-sender"] += transport.streams_refused[UPDATE_PROTOCOL]
     config, rounds, budget = node.config, node.rounds, node.budget
+    known = policy.book.known()
     return {
+        "schema_version": STATUS_SCHEMA_VERSION,
+        "version": VERSION,
         "peer_id": node.key.peer_id,
         "addrs": transport.addrs if transport else [],
         # Each address's kind (public, nated, firewalled, relayed), our relays, and
@@ -46,6 +60,9 @@ def node_status(node: NodeRuntime) -> dict[str, Any]:
         "round": rounds.round,
         "neighbours": list(node.membership.neighbours),
         "accuracy": rounds.accuracy,
+        # The last round's mean training loss on this node's shard (null before one,
+        # or when the task's train step reports none, e.g. under --dp sample).
+        "train_loss": node.training.last_loss,
         "updates_sent": policy.updates_sent,
         "updates_accepted": counters["accepted"],
         # training, then serving: finished its rounds, still gossiping (--linger);
@@ -71,6 +88,11 @@ def node_status(node: NodeRuntime) -> dict[str, Any]:
         "weight_in_flight": policy.weight_in_flight,
         "sequence": view["sequence"],
         "known_peers": len(policy.book),
+        "peer_book": sorted(known)[:MAX_PEER_BOOK_IDS],
+        # Per sender that pushed to us lately (our in-neighbours): verdicts, last heard.
+        "in_peers": node.inbound.by_peer.view(time.monotonic()),
+        # Neighbour -> weight of the share being pushed to it now (held until its receipt).
+        "held_shares": dict(policy.in_flight),
         # Known peers that could not be dialled lately (kept, redialled by discovery).
         "peers_unreachable": policy.unreachable_count(),
         # Highest sequence accepted from each sender: shows whose updates get through.

@@ -51,6 +51,8 @@ class LocalTraining:
             else torch.Generator().manual_seed(config.seed * 100_003 + index)
         )
         self.initial = model_arrays(self.model)
+        # The last round's mean training loss (/status), when the task's train reports one.
+        self.last_loss: float | None = None
         # The shared task spec joins the fingerprint: the gossip core's layout is this one.
         self.layout = ModelLayout.of(self.initial, self.task.spec_hash)
 
@@ -66,7 +68,8 @@ class LocalTraining:
             trained = self.layout.flatten(model_arrays(self.model))
             # Computed from noisy steps only: falling back is post-processing, free.
             return trained if np.isfinite(trained).all() else estimate
-        self.task.train(self.model, self.x, self.y, self.config.local_epochs, self.generator)
+        loss = self.task.train(self.model, self.x, self.y, self.config.local_epochs, self.generator)
+        self.last_loss = float(loss) if isinstance(loss, int | float) else None
         return self.layout.flatten(model_arrays(self.model))
 
     def evaluate(self, estimate: np.ndarray) -> float:

@@ -3,8 +3,10 @@
 Node 0 starts first; the others bootstrap from the address it prints. Each
 trains on its own non-IID shard of the digits data (Dirichlet label skew)
 and gossips signed updates over libp2p. A live table shows every node's
-round and accuracy; at the end each node's final accuracy is printed. Every
-process is stopped on exit, whatever happens.
+round and accuracy, and a page (its URL is printed first, on 127.0.0.1) shows
+every node side by side, accuracy over time per node and the gossip graph; at
+the end each node's final accuracy is printed. Every process is stopped on
+exit, whatever happens.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from rich.live import Live
 from rich.table import Table
 
 from p2pfl.lab.localnet import LocalNetwork, LocalNetworkError
+from p2pfl.lab.netpage import NetworkPage, NetworkPageServer
 from p2pfl.lab.netview import Row, status_table
 
 console = Console()
@@ -66,6 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keys, state and logs go here (default runs/local-network)",
     )
     parser.add_argument(
+        "--page-port", type=int, default=0,
+        help="port of the network page on 127.0.0.1 (default 0: a free one)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=170.0, help="give up after this many seconds (default 170)"
     )
     args = parser.parse_args(argv)
@@ -95,6 +102,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         # A demo starts fresh: old checkpoints would resume nodes at their last round.
         shutil.rmtree(args.out)
+    page = NetworkPage()
+    try:
+        server = NetworkPageServer(page, args.page_port)
+    except OSError as error:
+        console.print(f"[red]error:[/red] --page-port {args.page_port}: {error.strerror}")
+        return 2
+    with server:
+        console.print(f"network page: {server.url}")
+        return run(args, page)
+
+
+def run(args: argparse.Namespace, page: NetworkPage) -> int:
+    """Start the daemons, watch them (table and page) until they finish, report."""
     started = time.monotonic()
     with LocalNetwork(
         args.out,
@@ -118,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             def redraw() -> bool:
                 nonlocal last
                 statuses = network.statuses()
+                page.update(network, statuses)
                 last = [s if s is not None else old for s, old in zip(statuses, last, strict=True)]
                 live.update(render(network, statuses, args.rounds, "p2pfl local network (live)"))
                 return False  # watch until every node has exited, or the timeout

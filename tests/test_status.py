@@ -129,7 +129,7 @@ async def test_other_paths_are_404() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             port = await start_server(nursery)
-            for path in ("/", "/statusx", "/../etc/passwd"):
+            for path in ("/statusx", "/../etc/passwd", "/web/../status.py", "/web/", "/history"):
                 code, _, _ = await http_get(port, path)
                 assert code == 404, path
             nursery.cancel_scope.cancel()
