@@ -35,3 +35,9 @@ def load_allowlist(path: str | Path) -> frozenset[bytes]:
         assert peer_id_from_public_key(key) == text
         keys.add(key)
     return frozenset(keys)
+
+
+def allow_file_peers(path: str) -> frozenset[str]:
+    """The --allow file's peer ids, as the network layers take them (ConfigError names a
+    bad line)."""
+    return frozenset(peer_id_from_public_key(key) for key in load_allowlist(path))

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import trio
 
-from gossip import GossipNode
+from gossip import AdmissionPolicy, GossipNode, NodeKey
+from p2pfl.config import ConfigError, NodeConfig
+from p2pfl.member_source import MemberSource
+from p2pfl.ratelimit import MIB
+from p2pfl.training import LocalTraining
 
 T = TypeVar("T")
 
@@ -56,3 +61,42 @@ class GuardedGossip:
             "sequence": node.seq,
             "last_seq": dict(node.admission.last_seq),
         }
+
+
+def build_gossip_node(
+    config: NodeConfig, key: NodeKey, training: LocalTraining, members: MemberSource | None
+) -> GossipNode:
+    """The node's gossip core: its admission policy, aggregator, codec and first seq."""
+    # Under --dp sample the node announces weight 1 and samples 1 instead of its
+    # record count, so that DP-SGD's add/remove-one-record guarantee is not undone
+    # by a count sent in clear (SECURITY.md); models are then averaged equally.
+    samples = 1 if config.dp_mode == "sample" else training.samples
+    spec_hash = training.task.spec_hash  # the shared task spec joins the fingerprint
+    policy = AdmissionPolicy(
+        fingerprint=training.layout.fingerprint,
+        max_message_bytes=int(config.max_message_mb * MIB),
+        allowlist=None if members is None else members.keys,
+        revoked=None if members is None else members.revoked_keys,
+        task_spec_hash=spec_hash,
+    )
+    node = GossipNode.create(
+        key,
+        training.initial,
+        samples=samples,
+        policy=policy,
+        task_spec_hash=spec_hash,
+        aggregator=config.make_aggregator(),
+        codec_id=config.compression,
+        quorum=config.quorum,
+        # A fresh state numbers its updates from the clock (microseconds), so a node
+        # that lost its state dir is not refused as a replay by peers that saw its
+        # old sequence numbers; a checkpoint, when there is one, overrides this.
+        seq=time.time_ns() // 1000,
+    )
+    non_float = [s.name for s in node.layout.specs if not s.dtype.startswith("float")]
+    if config.compression != "raw" and non_float:
+        raise ConfigError(
+            f"--compression {config.compression}: the model has non-float tensors "
+            f"({', '.join(non_float[:3])}); use --compression raw"
+        )
+    return node

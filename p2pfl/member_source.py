@@ -15,9 +15,15 @@ removed: the gate protects the added, the runtime disconnects the removed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Container, Iterator
+from typing import Any
 
 from gossip.keys import public_key_from_peer_id
+from p2pfl.allowlist import allow_file_peers
+from p2pfl.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 Listener = Callable[[frozenset[str], frozenset[str]], None]
 
@@ -97,3 +103,19 @@ class MemberSource(Collection[str]):
             for listener in self._listeners:
                 listener(added, removed)
         return added, removed
+
+
+def reload_members(allow: str | None, members: MemberSource | None, service: Any) -> None:
+    """SIGHUP: re-read the --allow file into ``members`` (a bad file keeps the old list
+    and says why), and have the network's member service (if any) take its inbox now."""
+    if allow and members is not None:
+        try:
+            peers = allow_file_peers(allow)
+        except ConfigError as error:
+            logger.warning("SIGHUP: kept the members: %s", error)
+            return
+        added, removed = members.update(peers)
+        logger.info("SIGHUP: %s reloaded, %d added, %d removed", allow, len(added), len(removed))
+    if service is not None:
+        service.take_inbox()
+        service.refresh()

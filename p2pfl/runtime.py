@@ -35,19 +35,18 @@ from typing import Any
 import trio
 
 from fltasks import Task
-from gossip import AdmissionPolicy, GossipNode, NodeKey
+from gossip import NodeKey
 from gossip.attacks import RECEIPT_LIE, Attacker
 from gossip.codec import MAX_OFFER_BYTES
-from gossip.keys import peer_id_from_public_key
 from gossip.node import GossipState
-from p2pfl.allowlist import load_allowlist
+from p2pfl.allowlist import allow_file_peers
 from p2pfl.checkpoint import CheckpointError, CheckpointStore, NodeState
-from p2pfl.config import ConfigError, NodeConfig, parse_host_port
+from p2pfl.config import NodeConfig, parse_host_port
 from p2pfl.framing import MAX_UVARINT_BYTES
-from p2pfl.gossip_access import GuardedGossip
+from p2pfl.gossip_access import GuardedGossip, build_gossip_node
 from p2pfl.joining import Joining
 from p2pfl.member_service import member_service
-from p2pfl.member_source import MemberSource
+from p2pfl.member_source import MemberSource, reload_members
 from p2pfl.membership import Membership
 from p2pfl.peer_exchange import serve_peer_exchange
 from p2pfl.peer_policy import MemberBook, PeerPolicy
@@ -90,13 +89,7 @@ class NodeRuntime:
         self.store = CheckpointStore(config.state_dir)
         self.member_service = member_service(config, key, announce)
         members = self._member_source(config)
-        self.gossip = self._gossip_node(config, key, members)
-        non_float = [s.name for s in self.gossip.layout.specs if not s.dtype.startswith("float")]
-        if config.compression != "raw" and non_float:
-            raise ConfigError(
-                f"--compression {config.compression}: the model has non-float tensors "
-                f"({', '.join(non_float[:3])}); use --compression raw"
-            )
+        self.gossip = build_gossip_node(config, key, self.training, members)
         self.core = GuardedGossip(self.gossip)
         self.budget = PrivacyBudget(config, self.training, announce)
         self.store.lock()  # held until run() ends; the kernel drops it if we crash
@@ -121,25 +114,11 @@ class NodeRuntime:
         """The one answer to "who is a member" (None: an open network)."""
         if self.member_service is not None:
             return self.member_service.source
-        if config.allow:
-            return MemberSource(allow_file_peers(config.allow))
-        return None
+        return MemberSource(allow_file_peers(config.allow)) if config.allow else None
 
     def reload(self) -> None:
         """SIGHUP: re-read --allow (a bad file keeps the old list), take the inbox now."""
-        members = self.membership.members
-        if self.config.allow and members is not None:
-            try:
-                peers = allow_file_peers(self.config.allow)
-            except ConfigError as error:
-                logger.warning("SIGHUP: kept the members: %s", error)
-                return
-            added, removed = members.update(peers)
-            logger.info("SIGHUP: %s reloaded, %d added, %d removed", self.config.allow,
-                        len(added), len(removed))
-        if self.member_service is not None:
-            self.member_service.take_inbox()
-            self.member_service.refresh()
+        reload_members(self.config.allow, self.membership.members, self.member_service)
 
     def _cut_removed(self, added: frozenset[str], removed: frozenset[str]) -> None:
         """A member that left (revoked, expired, out of --allow) loses its connections."""
@@ -148,37 +127,6 @@ class NodeRuntime:
             return
         for peer in removed:
             transport.nursery.start_soon(transport.disconnect, peer)
-
-    def _gossip_node(
-        self, config: NodeConfig, key: NodeKey, members: MemberSource | None
-    ) -> GossipNode:
-        training = self.training
-        # Under --dp sample the node announces weight 1 and samples 1 instead of its
-        # record count, so that DP-SGD's add/remove-one-record guarantee is not undone
-        # by a count sent in clear (SECURITY.md); models are then averaged equally.
-        samples = 1 if config.dp_mode == "sample" else training.samples
-        spec_hash = training.task.spec_hash  # the shared task spec joins the fingerprint
-        policy = AdmissionPolicy(
-            fingerprint=training.layout.fingerprint,
-            max_message_bytes=int(config.max_message_mb * MIB),
-            allowlist=None if members is None else members.keys,
-            revoked=None if members is None else members.revoked_keys,
-            task_spec_hash=spec_hash,
-        )
-        return GossipNode.create(
-            key,
-            training.initial,
-            samples=samples,
-            policy=policy,
-            task_spec_hash=spec_hash,
-            aggregator=config.make_aggregator(),
-            codec_id=config.compression,
-            quorum=config.quorum,
-            # A fresh state numbers its updates from the clock (microseconds), so a node
-            # that lost its state dir is not refused as a replay by peers that saw its
-            # old sequence numbers; a checkpoint, when there is one, overrides this.
-            seq=time.time_ns() // 1000,
-        )
 
     def _attacker(self, config: NodeConfig) -> Attacker | None:
         if config.attack in (None, RECEIPT_LIE):
@@ -329,6 +277,3 @@ class NodeRuntime:
         await self.rounds.run()
 
 
-def allow_file_peers(path: str) -> frozenset[str]:
-    """The --allow file's peer ids (ConfigError names a bad line)."""
-    return frozenset(peer_id_from_public_key(key) for key in load_allowlist(path))
