@@ -10,13 +10,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings
 
+if TYPE_CHECKING:
+    from fltasks import Task
+
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+# -- fixtures shared by several files -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits() -> Task:
+    """The built-in digits task (seed 0), loaded once per module."""
+    from fltasks import load_task  # here, not at the top: unit runs need no torch
+
+    return load_task("digits")
 
 
 # -- the network lab must run where it can ------------------------------------------------

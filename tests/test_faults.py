@@ -25,7 +25,7 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from runtimes import GUARD_S, LOOPBACK, make_runtime, wait_until, with_retries
 
-from fltasks import Task, load_task
+from fltasks import Task
 from fltasks.datasets import mlp
 from gossip import NodeKey
 from gossip.delivery import READY, Receipt
@@ -38,11 +38,6 @@ from p2pfl.runtime import UPDATE_PROTOCOL, NodeRuntime
 from p2pfl.transport import Transport
 
 torch.set_num_threads(1)
-
-@pytest.fixture(scope="module")
-def digits() -> Task:
-    return load_task("digits")
-
 
 # -- a neighbour dies mid-transfer --------------------------------------------------------
 

@@ -26,7 +26,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from runtimes import push_update, wait_until
 
-from fltasks import Task, load_task
+from fltasks import Task
 from gossip import NodeKey, Update, encode
 from gossip.layout import ModelLayout
 from p2pfl.config import NodeConfig
@@ -51,11 +51,6 @@ FLOOD_BATCH = 25
 FLOOD_REASONS = {"malformed", "busy", "rate-limited"}
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def digits() -> Task:
-    return load_task("digits")
 
 
 @asynccontextmanager
