@@ -34,6 +34,34 @@ def digits() -> Task:
     return load_task("digits")
 
 
+# -- every test file has one kind --------------------------------------------------------
+# So that `pytest -m unit` (or property, integration, e2e, lab) runs one kind of test, each
+# file says its kind once, as its module's `pytestmark`: the heaviest thing any of its
+# tests does, lab (namespaces) > e2e (our commands as subprocesses) > integration (a real
+# network in this process) > property (hypothesis) > unit. `slow` is not a kind.
+
+KINDS = ("unit", "property", "integration", "e2e", "lab")
+
+
+def kinds_of(item: pytest.Item) -> set[str]:
+    return {mark.name for mark in item.iter_markers() if mark.name in KINDS}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected file is checked
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    wrong = sorted({
+        f"{item.path.name} ({', '.join(sorted(kinds_of(item))) or 'none'})"
+        for item in items
+        if len(kinds_of(item)) != 1
+    })  # fmt: skip
+    if wrong:
+        raise pytest.UsageError(
+            f"each test file needs exactly one kind of {', '.join(KINDS)}, as a module-level "
+            f"`pytestmark = pytest.mark.<kind>` (see tests/conftest.py); wrong: "
+            + ", ".join(wrong)
+        )
+
+
 # -- the network lab must run where it can ------------------------------------------------
 # CI runs as root, where the lab tests (marked `lab`) can build namespaces: a lab test
 # that skips there (nftables missing, say) would hide the very thing the suite is meant

@@ -22,6 +22,8 @@ import pytest
 from gossip.keys import NodeKey
 from p2pfl.config import ConfigError, build_config, load_config_file
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 # A guard against a hang: several node processes import torch and libp2p at once,
 # minutes on a machine kept busy by other work.

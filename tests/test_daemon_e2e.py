@@ -12,10 +12,13 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import pytest
 from runtimes import wait_for_daemons
 
 from p2pfl.checkpoint import FILE_NAME, CheckpointError, decode_state
 from p2pfl.lab.localnet import LocalNetwork, LocalNode
+
+pytestmark = pytest.mark.e2e
 
 # Rounds every node does before any is stopped (see the test).
 ROUNDS = 80

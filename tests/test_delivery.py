@@ -21,6 +21,8 @@ from gossip import GossipNode, NodeKey
 from gossip.codec import offer_length
 from gossip.delivery import DeliveryLedger, InvalidReceipt, Receipt
 
+pytestmark = pytest.mark.unit
+
 NOW = 1_700_000_000.0
 
 

@@ -29,6 +29,8 @@ from p2pfl.checkpoint import CheckpointStore
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.status import render_metrics
 
+pytestmark = pytest.mark.integration
+
 torch.set_num_threads(1)
 DELTA = 1e-5
 SAMPLE = {"dp": "sample", "dp_clip": 1.0, "dp_noise": 1.0, "min_neighbours": 0}

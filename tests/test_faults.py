@@ -37,6 +37,8 @@ from p2pfl.peer_exchange import PeerBook, exchange_peers, serve_peer_exchange
 from p2pfl.runtime import UPDATE_PROTOCOL, NodeRuntime
 from p2pfl.transport import Transport
 
+pytestmark = pytest.mark.integration
+
 torch.set_num_threads(1)
 
 # -- a neighbour dies mid-transfer --------------------------------------------------------

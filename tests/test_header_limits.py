@@ -28,6 +28,8 @@ from p2pfl.ratelimit import LogThrottle
 from p2pfl.runtime import MAX_REJECTION_DETAIL_CHARS
 from p2pfl.transport import Transport
 
+pytestmark = pytest.mark.integration
+
 MIB = 1 << 20
 FLOOD = 30
 

@@ -42,6 +42,8 @@ from p2pfl.ratelimit import PeerRateLimiter
 from p2pfl.runtime import MODEL_PROTOCOL, UPDATE_PROTOCOL, NodeRuntime, model_arrays
 from p2pfl.transport import Transport, TransportError
 
+pytestmark = pytest.mark.integration
+
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 READ_TIMEOUT_S = 1.0
 MAX_MESSAGE_MB = 1.0

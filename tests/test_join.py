@@ -24,6 +24,8 @@ from p2pfl.peer_exchange import PeerBook, serve_peer_exchange
 from p2pfl.runtime import MODEL_PROTOCOL, NodeRuntime, model_arrays
 from p2pfl.transport import Transport
 
+pytestmark = pytest.mark.integration
+
 POISON = 1000.0
 
 

@@ -307,6 +307,7 @@ def test_under_ci_a_lab_test_that_skips_fails(
         "@pytest.mark.lab\n"
         "@pytest.mark.skip(reason='loss and NAT need nftables')\n"
         "def test_lab(): pass\n"
+        "@pytest.mark.unit\n"
         "@pytest.mark.skip(reason='not a lab test')\n"
         "def test_other(): pass\n"
         "@pytest.mark.lab\n"

@@ -25,6 +25,8 @@ from p2pfl.peer_exchange import PeerBook, serve_peer_exchange
 from p2pfl.runtime import UPDATE_PROTOCOL, model_arrays
 from p2pfl.transport import Transport
 
+pytestmark = pytest.mark.integration
+
 # Nodes share the machine with the event loop and each other (as cli.run_node does).
 torch.set_num_threads(1)
 

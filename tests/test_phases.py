@@ -11,6 +11,8 @@ import trio.testing
 from p2pfl.phases import PHASES, PhaseClock, peak_rss_mb
 from p2pfl.status import render_metrics
 
+pytestmark = pytest.mark.unit
+
 
 def test_a_round_record_holds_each_phase_and_the_share_that_is_not_training() -> None:
     clock = PhaseClock()

@@ -23,6 +23,8 @@ from fltasks.scaling import RawFeatures, node_view
 from topologies.graphs import ring
 from topologies.simulator import Simulation, SimulationConfig
 
+pytestmark = pytest.mark.unit
+
 
 def with_train_row(task: Task, row: int, values: np.ndarray) -> Task:
     """``task`` whose unscaled training row ``row`` holds ``values`` instead."""

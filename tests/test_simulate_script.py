@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "simulate.py"
 TOPOLOGIES = ("ring", "random", "small-world", "complete", "star")
 TOPOLOGY_FIELDS = {

@@ -40,6 +40,8 @@ from p2pfl.peer_exchange import (
 )
 from p2pfl.transport import Transport, TransportError, Unanswered
 
+pytestmark = pytest.mark.integration
+
 PROTOCOL = "/p2pfl/test/1.0.0"
 OTHER_PROTOCOL = "/p2pfl/test-other/1.0.0"
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
