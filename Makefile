@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow test-unit test-property test-integration test-e2e lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# One kind of test at a time (each file's `pytestmark`; see tests/conftest.py).
+test-unit test-property test-integration test-e2e: test-%: $(STAMP)
+	$(PY) -m pytest -q -m '$* and not slow'
 
 bench: $(STAMP)
 	$(PY) scripts/bench_codec.py

@@ -10,13 +10,56 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings
 
+if TYPE_CHECKING:
+    from fltasks import Task
+
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+# -- fixtures shared by several files -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits() -> Task:
+    """The built-in digits task (seed 0), loaded once per module."""
+    from fltasks import load_task  # here, not at the top: unit runs need no torch
+
+    return load_task("digits")
+
+
+# -- every test file has one kind --------------------------------------------------------
+# So that `pytest -m unit` (or property, integration, e2e, lab) runs one kind of test, each
+# file says its kind once, as its module's `pytestmark`: the heaviest thing any of its
+# tests does, lab (namespaces) > e2e (our commands as subprocesses) > integration (a real
+# network in this process) > property (hypothesis) > unit. `slow` is not a kind.
+
+KINDS = ("unit", "property", "integration", "e2e", "lab")
+
+
+def kinds_of(item: pytest.Item) -> set[str]:
+    return {mark.name for mark in item.iter_markers() if mark.name in KINDS}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected file is checked
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    wrong = sorted({
+        f"{item.path.name} ({', '.join(sorted(kinds_of(item))) or 'none'})"
+        for item in items
+        if len(kinds_of(item)) != 1
+    })  # fmt: skip
+    if wrong:
+        raise pytest.UsageError(
+            f"each test file needs exactly one kind of {', '.join(KINDS)}, as a module-level "
+            f"`pytestmark = pytest.mark.<kind>` (see tests/conftest.py); wrong: "
+            + ", ".join(wrong)
+        )
 
 
 # -- the network lab must run where it can ------------------------------------------------

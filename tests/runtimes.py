@@ -1,10 +1,11 @@
-"""Helpers for tests that run node runtimes in-process on real libp2p hosts."""
+"""Helpers for tests that run node runtimes in-process on real libp2p hosts, and the
+one wait for tests that watch daemons from outside (subprocesses, lab hosts)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -15,6 +16,11 @@ from gossip.delivery import MAX_RECEIPT_BYTES, Receipt
 from p2pfl.config import NodeConfig
 from p2pfl.runtime import UPDATE_PROTOCOL, NodeRuntime
 from p2pfl.transport import Transport, TransportError
+
+if TYPE_CHECKING:
+    from p2pfl.lab.localnet import LocalNetwork
+
+_T = TypeVar("_T")
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -90,6 +96,18 @@ async def wait_until(
             await trio.sleep(0.02)
         return
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def wait_for_daemons(
+    network: LocalNetwork, condition: Callable[[], _T], timeout: float, what: str
+) -> _T:
+    """``wait_until`` for daemons watched from outside, blocking: what ``condition``
+    returned once truthy (:meth:`LocalNetwork.wait_for`); AssertionError naming ``what``
+    after ``timeout`` s, or as soon as no daemon runs (nothing more can change)."""
+    value = network.wait_for(condition, timeout)
+    if not value:
+        raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
+    return value
 
 
 async def push_update(

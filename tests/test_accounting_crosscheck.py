@@ -26,6 +26,8 @@ from scipy import integrate, stats
 from fltasks.dp_sgd import epsilon_of, make_accountant
 from gossip.privacy import GaussianMechanism
 
+pytestmark = pytest.mark.unit
+
 dp_accounting = pytest.importorskip("dp_accounting")
 from dp_accounting.rdp import rdp_privacy_accountant  # noqa: E402
 

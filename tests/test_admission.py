@@ -28,6 +28,8 @@ from gossip import (
 from gossip.codec import FORMAT_VERSION, MAGIC, SIGNING_DOMAIN
 from gossip.layout import ModelLayout
 
+pytestmark = pytest.mark.unit
+
 NOW = 1_700_000_000.0
 SENDER = NodeKey(bytes([1]) * 32)
 OTHER = NodeKey(bytes([2]) * 32)

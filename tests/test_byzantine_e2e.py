@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from p2pfl.lab.localnet import LocalNetwork
+
+pytestmark = pytest.mark.e2e
 
 ATTACKER = 3
 # Guards against a hang, not claims about speed (as in test_daemon_e2e.py).

@@ -22,6 +22,8 @@ from p2pfl.checkpoint import (
     encode_state,
 )
 
+pytestmark = pytest.mark.unit
+
 FINGERPRINT = bytes(range(32))
 PEER = "12D3KooWJbV6uzPMKBPtwhgUXm8FnTnosy4gawhgjCLP6PdDPsdC"
 

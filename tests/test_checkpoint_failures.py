@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 from runtimes import make_runtime
 
 from fltasks import load_task
 from p2pfl.checkpoint import FILE_NAME, decode_state
+
+pytestmark = pytest.mark.integration
 
 ROUNDS = 3
 

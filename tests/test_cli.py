@@ -3,12 +3,13 @@
 Every mistake a user can make (a flag, a key file, an address, a config file) must end
 the command with exit code 2 and one line on stderr naming the cause, never a traceback.
 The ``node`` cases that get past flag parsing import torch and libp2p (seconds each on a
-busy machine), so they are started all at once by one module fixture and each test then
-checks its own case.
+busy machine), so one module fixture runs them all in one process, each with its own
+stderr and exit status, and each test then checks its own case.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -21,6 +22,8 @@ import pytest
 
 from gossip.keys import NodeKey
 from p2pfl.config import ConfigError, build_config, load_config_file
+
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 # A guard against a hang: several node processes import torch and libp2p at once,
@@ -120,9 +123,32 @@ NODE_CASES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
+# Runs `p2pfl.cli.main(argv)` once per argv in one process, each with its own stderr, and
+# prints [exit status, stdout, stderr] for each: what `p2pfl ARGV` would have exited with
+# and written, importing torch and libp2p once instead of once per case. The imports' own
+# stderr is the process's, checked empty, so each case's lines are all a user would see.
+ONE_PROCESS = """
+import contextlib, io, json, sys, traceback
+from p2pfl.cli import main
+results = []
+for argv in json.loads(sys.stdin.read()):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            status = main(argv)
+        except SystemExit as exit:
+            status = exit.code
+        except BaseException:  # what the command would have died of, as its traceback
+            traceback.print_exc()
+            status = 1
+    results.append([status, stdout.getvalue(), stderr.getvalue()])
+print(json.dumps(results))
+"""
+
+
 @pytest.fixture(scope="module")
 def node_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
-    """Run every NODE_CASES command concurrently; each must exit on its own, quickly."""
+    """Run every NODE_CASES command; each must end on its own, and so the process."""
     workdir = tmp_path_factory.mktemp("cli-node")
     NodeKey.generate().save(workdir / "node.key")
     (workdir / "garbage.key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n")
@@ -131,29 +157,17 @@ def node_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
     # An address on no interface of this machine (TEST-NET-1): the bind fails at startup.
     cases = dict(NODE_CASES)
     cases["unbindable-listen"] = (["--listen", "/ip4/192.0.2.1/tcp/0"], ["--listen"])
-    running = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "p2pfl.cli", "node", "--key", "node.key"]
-            + ["--state-dir", f"state-{name}", *argv],
-            cwd=workdir,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    argvs = [
+        ["node", "--key", "node.key", "--state-dir", f"state-{name}", *argv]
         for name, (argv, _) in cases.items()
-    }
-    results = {}
-    try:
-        for name, process in running.items():
-            stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-            results[name] = Result(process.returncode, stdout, stderr)
-    finally:
-        for process in running.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    return results
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS], input=json.dumps(argvs), cwd=workdir, env=_env(),
+        capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    results = json.loads(done.stdout)
+    return {name: Result(*result) for name, result in zip(cases, results, strict=True)}
 
 
 @pytest.mark.parametrize("case", sorted(NODE_CASES))

@@ -25,6 +25,8 @@ from gossip.codec import (
 from gossip.keys import verify
 from gossip.layout import ALLOWED_DTYPES, TensorSpec, model_fingerprint
 
+pytestmark = pytest.mark.property
+
 KEYS = [NodeKey(bytes([i]) * 32) for i in range(1, 4)]
 
 

@@ -32,6 +32,8 @@ from gossip.keys import NodeKey
 from gossip.layout import ModelLayout
 from gossip.update import Update
 
+pytestmark = pytest.mark.property
+
 F32 = np.dtype("<f4")
 F32_MAX = float(np.finfo(np.float32).max)
 F32_TINY = float(np.finfo(np.float32).smallest_subnormal)

@@ -25,6 +25,8 @@ from p2pfl.peer_exchange import PeerBook, exchange_peers, serve_peer_exchange
 from p2pfl.runtime import model_arrays
 from p2pfl.transport import Transport, TransportError
 
+pytestmark = pytest.mark.integration
+
 PROTOCOL = "/p2pfl/test/1.0.0"
 OUTSIDER_CONNECTIONS = 400
 TIMEOUT_S = 5.0

@@ -12,9 +12,13 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import pytest
+from runtimes import wait_for_daemons
 
 from p2pfl.checkpoint import FILE_NAME, CheckpointError, decode_state
 from p2pfl.lab.localnet import LocalNetwork, LocalNode
+
+pytestmark = pytest.mark.e2e
 
 # Rounds every node does before any is stopped (see the test).
 ROUNDS = 80
@@ -26,14 +30,6 @@ VICTIM = 2
 # Guards against a hang, not claims about speed: generous, so that a machine loaded many
 # times over its cores slows this test down without failing it.
 GUARD_S = 600
-
-
-def wait_until(network: LocalNetwork, condition, timeout: float, what: str):
-    """:meth:`LocalNetwork.wait_for`, failing the test with ``what`` if it never holds."""
-    value = network.wait_for(condition, timeout)
-    if not value:
-        raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
-    return value
 
 
 def estimate_of(node: LocalNode) -> np.ndarray | None:
@@ -69,7 +65,7 @@ def test_five_daemons_learn_and_a_killed_node_resumes(tmp_path: Path) -> None:
     ) as network:
         network.start_all()
         nodes = network.started()
-        wait_until(
+        wait_for_daemons(
             network,
             lambda: all(node_round(n) >= 3 for n in nodes),
             GUARD_S,
@@ -78,7 +74,9 @@ def test_five_daemons_learn_and_a_killed_node_resumes(tmp_path: Path) -> None:
         early_distance = consensus_distance(network)
 
         victim = nodes[VICTIM]
-        wait_until(network, lambda: node_round(victim) >= 10, GUARD_S, "the victim at round 10")
+        wait_for_daemons(
+            network, lambda: node_round(victim) >= 10, GUARD_S, "the victim at round 10"
+        )
         network.kill(VICTIM, signal.SIGKILL)
         saved = decode_state((victim.state_dir / FILE_NAME).read_bytes())
         seen_before = max(
@@ -89,7 +87,7 @@ def test_five_daemons_learn_and_a_killed_node_resumes(tmp_path: Path) -> None:
 
         restarted = network.start(VICTIM, bootstrap=network.bootstrap_addr())
         network.wait_ready(restarted)
-        first_round = wait_until(
+        first_round = wait_for_daemons(
             network,
             lambda: (restarted.status() or {}).get("round"),
             GUARD_S,
@@ -105,14 +103,14 @@ def test_five_daemons_learn_and_a_killed_node_resumes(tmp_path: Path) -> None:
                 if n is not restarted
             )
 
-        wait_until(
+        wait_for_daemons(
             network, peers_accept_again, GUARD_S, "a peer to accept the restarted node's updates"
         )
         everyone = network.started()
         # Measured while every node still runs (none is stopped before all have done
         # ROUNDS), LATE_ROUNDS rounds after the slowest one, mostly the restarted one.
         late_round = min(node_round(n) for n in everyone) + LATE_ROUNDS
-        wait_until(
+        wait_for_daemons(
             network,
             lambda: min(node_round(n) for n in everyone) >= late_round,
             GUARD_S,
@@ -121,7 +119,7 @@ def test_five_daemons_learn_and_a_killed_node_resumes(tmp_path: Path) -> None:
         late_distance = consensus_distance(network)
         assert late_distance < early_distance / 2
 
-        wait_until(
+        wait_for_daemons(
             network,
             lambda: min(node_round(n) for n in everyone) >= ROUNDS,
             GUARD_S,
@@ -143,7 +141,7 @@ def test_sigterm_stops_a_node_quickly_with_a_checkpoint(tmp_path: Path) -> None:
     ) as network:
         network.start_all()
         node = network.started()[1]
-        wait_until(network, lambda: node_round(node) >= 3, GUARD_S, "node 1 at round 3")
+        wait_for_daemons(network, lambda: node_round(node) >= 3, GUARD_S, "node 1 at round 3")
         at_signal = node_round(node)
         node.process.send_signal(signal.SIGTERM)
         node.process.wait(GUARD_S)  # a guard against a hang, not the claim

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from gossip.keys import NodeKey
 from p2pfl.config import NodeConfig
 from p2pfl.deadlines import DIAL_S, HANDSHAKE_WAIT_BYTES
 from p2pfl.transport import Transport
+
+pytestmark = pytest.mark.integration
 
 
 def test_a_handshake_may_wait_behind_a_yamux_window_each_way_at_the_slowest_link() -> None:

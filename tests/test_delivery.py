@@ -23,6 +23,8 @@ from gossip.codec import offer_length
 from gossip.delivery import DeliveryLedger, InvalidReceipt, Receipt
 from gossip.pushsum import MAX_WEIGHT
 
+pytestmark = pytest.mark.unit
+
 NOW = 1_700_000_000.0
 
 

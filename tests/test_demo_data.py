@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fltasks import load_task
 from fltasks.demo_data import main, write_digit_images
 from fltasks.images import read_image_folder
+
+pytestmark = pytest.mark.unit
 
 
 def test_the_csv_demo_is_breast_cancer_with_a_text_label(tmp_path: Path) -> None:

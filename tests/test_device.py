@@ -13,6 +13,8 @@ import torch
 from fltasks import TaskError, load_task
 from fltasks.device import resolve_device
 
+pytestmark = pytest.mark.e2e
+
 NO_CUDA = not torch.cuda.is_available()
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,21 +22,18 @@ import trio
 from opacus.accountants import RDPAccountant
 from runtimes import make_runtime
 
-from fltasks import Task, load_task, partition
+from fltasks import Task, partition
 from fltasks.dp_sgd import DpSgdTrainer, check_history, epsilon_of
 from gossip import NodeKey
 from p2pfl.checkpoint import CheckpointStore
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.status import render_metrics
 
+pytestmark = pytest.mark.integration
+
 torch.set_num_threads(1)
 DELTA = 1e-5
 SAMPLE = {"dp": "sample", "dp_clip": 1.0, "dp_noise": 1.0, "min_neighbours": 0}
-
-
-@pytest.fixture(scope="module")
-def digits() -> Task:
-    return load_task("digits")
 
 
 def opacus_epsilon(noise: float, sample_rate: float, steps: int) -> float:

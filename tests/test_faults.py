@@ -25,7 +25,7 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from runtimes import GUARD_S, LOOPBACK, make_runtime, wait_until, with_retries
 
-from fltasks import Task, load_task
+from fltasks import Task
 from fltasks.datasets import mlp
 from gossip import NodeKey
 from gossip.delivery import READY, Receipt
@@ -37,12 +37,9 @@ from p2pfl.peer_exchange import PeerBook, exchange_peers, serve_peer_exchange
 from p2pfl.runtime import UPDATE_PROTOCOL, NodeRuntime
 from p2pfl.transport import Transport
 
+pytestmark = pytest.mark.integration
+
 torch.set_num_threads(1)
-
-@pytest.fixture(scope="module")
-def digits() -> Task:
-    return load_task("digits")
-
 
 # -- a neighbour dies mid-transfer --------------------------------------------------------
 

@@ -10,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gossip.keys import NodeKey
 from p2pfl.checkpoint import FILE_NAME, decode_state
+
+pytestmark = pytest.mark.e2e
 
 ROUNDS = 25
 IDLE_CLIENTS = 300

@@ -23,6 +23,8 @@ from p2pfl.framing import (
     write_frame,
 )
 
+pytestmark = pytest.mark.property
+
 
 class ScriptedStream:
     """Serves ``data`` in reads of at most ``chunk`` bytes, sleeping ``delay`` before each."""

@@ -29,6 +29,8 @@ from gossip import Accepted, GossipNode, InvalidUpdate, NodeKey, Rejected, Updat
 from gossip.codec import FORMAT_VERSION, HEADER_FIELDS, MAGIC, MAX_SEQ, SIGNING_DOMAIN
 from gossip.layout import ALLOWED_DTYPES, ModelLayout
 
+pytestmark = pytest.mark.property
+
 NOW = 1_700_000_000.0
 SENDER = NodeKey(bytes([7]) * 32)
 RECEIVER = NodeKey(bytes([8]) * 32)

@@ -24,6 +24,8 @@ from topologies import (
     star,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def _degrees(graph: nx.Graph) -> set[int]:
     return {d for _, d in graph.degree}

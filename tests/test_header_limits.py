@@ -20,13 +20,15 @@ from libp2p.peer.id import ID
 from runtimes import push_update, wait_until
 from test_hostile_peer import LOOPBACK, rejected, running_daemon
 
-from fltasks import Task, load_task
+from fltasks import Task
 from gossip import NodeKey
 from gossip.codec import FORMAT_VERSION, MAGIC, MAX_HEADER_BYTES, PREFIX_BYTES, parse
 from gossip.errors import InvalidUpdate, Reason
 from p2pfl.ratelimit import LogThrottle
 from p2pfl.runtime import MAX_REJECTION_DETAIL_CHARS
 from p2pfl.transport import Transport
+
+pytestmark = pytest.mark.integration
 
 MIB = 1 << 20
 FLOOD = 30
@@ -69,11 +71,6 @@ def test_the_log_throttle_lets_one_line_per_key_and_interval_through() -> None:
     assert [throttle.admit(("p", "malformed"), t) for t in (1.0, 2.0, 9.9)] == [None] * 3
     assert throttle.admit(("p", "bad-signature"), 3.0) == 0
     assert throttle.admit(("p", "malformed"), 10.0) == 3
-
-
-@pytest.fixture(scope="module")
-def digits() -> Task:
-    return load_task("digits")
 
 
 async def test_a_flood_of_hostile_headers_is_all_counted_in_one_short_log_line(

@@ -31,6 +31,8 @@ from attackers import allow_args, seeded_keys
 from p2pfl.lab.localnet import LocalNetwork
 from p2pfl.neighbours import choose_neighbours, in_neighbours
 
+pytestmark = pytest.mark.e2e
+
 VICTIM = 1  # never node 0: everyone bootstraps from it
 # Guards against a hang, not claims about speed (as in test_daemon_e2e.py).
 GUARD_S = 600

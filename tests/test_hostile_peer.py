@@ -26,7 +26,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from runtimes import push_update, wait_until
 
-from fltasks import Task, load_task
+from fltasks import Task
 from gossip import NodeKey, Update, encode
 from gossip.layout import ModelLayout
 from p2pfl.config import NodeConfig
@@ -42,6 +42,8 @@ from p2pfl.ratelimit import PeerRateLimiter
 from p2pfl.runtime import MODEL_PROTOCOL, UPDATE_PROTOCOL, NodeRuntime, model_arrays
 from p2pfl.transport import Transport, TransportError
 
+pytestmark = pytest.mark.integration
+
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 READ_TIMEOUT_S = 1.0
 MAX_MESSAGE_MB = 1.0
@@ -51,11 +53,6 @@ FLOOD_BATCH = 25
 FLOOD_REASONS = {"malformed", "busy", "rate-limited"}
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def digits() -> Task:
-    return load_task("digits")
 
 
 @asynccontextmanager

@@ -22,6 +22,8 @@ from fltasks.images import (
     read_image_folder,
 )
 
+pytestmark = pytest.mark.unit
+
 PER_CLASS = 40
 
 

@@ -17,19 +17,16 @@ from libp2p.peer.id import ID
 from runtimes import LOOPBACK, make_runtime, wait_until
 
 import gossip.node
-from fltasks import Task, load_task
+from fltasks import Task
 from gossip import GossipNode, NodeKey, codec, robust
 from gossip.codec import FORMAT_VERSION, MAGIC, SIGNING_DOMAIN
 from p2pfl.peer_exchange import PeerBook, serve_peer_exchange
 from p2pfl.runtime import MODEL_PROTOCOL, NodeRuntime, model_arrays
 from p2pfl.transport import Transport
 
+pytestmark = pytest.mark.integration
+
 POISON = 1000.0
-
-
-@pytest.fixture(scope="module")
-def digits() -> Task:
-    return load_task("digits")
 
 
 def poisoned_snapshot(task: Task, key: NodeKey) -> bytes:

@@ -18,6 +18,8 @@ from gossip.keys import (
     verify,
 )
 
+pytestmark = pytest.mark.unit
+
 SEEDS = [bytes(32), bytes(range(32)), bytes([0xFF] * 32), bytes.fromhex("9d" * 32)]
 
 

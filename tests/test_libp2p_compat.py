@@ -43,6 +43,8 @@ from p2pfl.libp2p_compat import GuardedRelayProtocol
 from p2pfl.relay import RelayPolicy, relay_limits
 from p2pfl.transport import Transport
 
+pytestmark = pytest.mark.integration
+
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 # What libp2p_compat relies on in each (first 16 hex digits of sha256 of the source).

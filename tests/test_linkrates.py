@@ -7,6 +7,8 @@ import pytest
 from p2pfl.deadlines import Deadlines
 from p2pfl.linkrates import MAX_PEERS, SLOWEST_FRACTION, LinkRates
 
+pytestmark = pytest.mark.unit
+
 PROMISED = 1_000_000.0  # 8 Mbit/s in bytes per second
 MODEL = 4_500_000  # a 1.1M-parameter model, raw
 

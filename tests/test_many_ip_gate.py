@@ -36,6 +36,8 @@ from p2pfl.peer_exchange import PeerBook, exchange_peers, serve_peer_exchange
 from p2pfl.runtime import model_arrays
 from p2pfl.transport import DIALS_PER_ADDRESS_PER_MIN, Transport, TransportError
 
+pytestmark = pytest.mark.e2e
+
 ATTACK_IPS = 200
 CONNECTIONS_PER_IP = 2
 # Re-opens per attacking connection: a bound on the loop, never reached before the

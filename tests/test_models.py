@@ -15,6 +15,8 @@ from fltasks.images import imagefolder_task
 from fltasks.models import ModelSpec, build_model, parse_model
 from topologies.batched import make_trainer
 
+pytestmark = pytest.mark.integration
+
 torch.set_num_threads(1)
 
 

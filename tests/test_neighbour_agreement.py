@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,6 +28,8 @@ from p2pfl.neighbours import (
     ranked_membership,
     spare_link_count,
 )
+
+pytestmark = pytest.mark.property
 
 
 def peer_ids(count: int, seed: int) -> list[str]:

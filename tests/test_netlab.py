@@ -12,15 +12,14 @@ import os
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
+from runtimes import wait_for_daemons
 
 from gossip.keys import NodeKey
 from p2pfl.lab.namespaces import (
@@ -183,16 +182,6 @@ def test_loss_drops_inbound_packets() -> None:
         listener.close()
 
 
-def wait_until(check: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + DAEMON_DEADLINE_S
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"not within {DAEMON_DEADLINE_S:.0f} s: {what}")
-
-
 @needs_nft
 def test_daemons_behind_two_nats_learn_together_through_a_lossy_cut_and_heal(
     tmp_path: Path,
@@ -215,7 +204,10 @@ def test_daemons_behind_two_nats_learn_together_through_a_lossy_cut_and_heal(
             statuses = net.statuses()
             return all(s is not None and len(s["last_seq"]) == 3 for s in statuses)
 
-        wait_until(everyone_heard_everyone, "every node accepted updates from all 3 others")
+        wait_for_daemons(
+            net, everyone_heard_everyone, DAEMON_DEADLINE_S,
+            "every node accepted updates from all 3 others",
+        )
         statuses = net.statuses()
         assert all(s and s["addrs"][0].startswith(f"/ip4/{lab.hosts[i].address}/")
                    for i, s in enumerate(statuses))
@@ -233,16 +225,20 @@ def test_daemons_behind_two_nats_learn_together_through_a_lossy_cut_and_heal(
 
         lab.partition([[0, 2], [1, 3]])
         at_cut = net.statuses()
-        wait_until(
+        wait_for_daemons(
+            net,
             lambda: all(s and s["round"] >= c["round"] + 3
                         for s, c in zip(net.statuses(), at_cut, strict=True)),
+            DAEMON_DEADLINE_S,
             "both sides keep training: 3 rounds each during the cut",
         )
         # Pushes run in the background, so a push across the cut fails after its own
         # deadline, not within the round that started it: wait for every node's.
-        wait_until(
+        wait_for_daemons(
+            net,
             lambda: all(s and sum(s["send_failures"].values()) > sum(c["send_failures"].values())
                         for s, c in zip(net.statuses(), at_cut, strict=True)),
+            DAEMON_DEADLINE_S,
             "every node counts failed pushes across the cut",
         )
         at_heal = net.statuses()
@@ -256,9 +252,11 @@ def test_daemons_behind_two_nats_learn_together_through_a_lossy_cut_and_heal(
                 ids[sender], -1
             )
 
-        wait_until(
+        wait_for_daemons(
+            net,
             lambda: (any(heard_anew(a, b) for a in (0, 2) for b in (1, 3))
                      and any(heard_anew(b, a) for a in (0, 2) for b in (1, 3))),
+            DAEMON_DEADLINE_S,
             "updates cross the old cut both ways",
         )
 
@@ -307,6 +305,7 @@ def test_under_ci_a_lab_test_that_skips_fails(
         "@pytest.mark.lab\n"
         "@pytest.mark.skip(reason='loss and NAT need nftables')\n"
         "def test_lab(): pass\n"
+        "@pytest.mark.unit\n"
         "@pytest.mark.skip(reason='not a lab test')\n"
         "def test_other(): pass\n"
         "@pytest.mark.lab\n"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from rich.console import Console
 
 from p2pfl.checkpoint import CheckpointStore, NodeState
@@ -14,6 +15,8 @@ from p2pfl.lab.labrun import goal_met, training_ratio
 from p2pfl.lab.labwatch import gossip_graph, initial_weight, weight_total
 from p2pfl.lab.localnet import LocalNode
 from p2pfl.lab.netview import History, Row, status_table
+
+pytestmark = pytest.mark.unit
 
 
 def status(round_: int, accuracy: float | None, weight: float = 2.0, **more: object) -> dict:

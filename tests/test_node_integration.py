@@ -18,20 +18,17 @@ import torch
 import trio
 from runtimes import GUARD_S, LOOPBACK, make_runtime, push_update, run_two, wait_until
 
-from fltasks import Task, load_task
+from fltasks import Task
 from gossip import GossipNode, NodeKey
 from gossip.delivery import READY, Receipt
 from p2pfl.peer_exchange import PeerBook, serve_peer_exchange
 from p2pfl.runtime import UPDATE_PROTOCOL, model_arrays
 from p2pfl.transport import Transport
 
+pytestmark = pytest.mark.integration
+
 # Nodes share the machine with the event loop and each other (as cli.run_node does).
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def digits() -> Task:
-    return load_task("digits")
 
 
 @pytest.mark.parametrize("compression", ["raw", "int8", "topk:0.1"])

@@ -31,6 +31,8 @@ from p2pfl.neighbours import (
 from p2pfl.peer_exchange import PeerBook, discovery_round, exchange_peers, serve_peer_exchange
 from p2pfl.transport import Transport
 
+pytestmark = pytest.mark.integration
+
 NODES = 20
 K = 4
 # Discovery runs until every node knows every other first-hand, for at most this

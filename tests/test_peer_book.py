@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gossip.keys import NodeKey
 from p2pfl.peer_exchange import MAX_HEARD_ADDRS, PeerBook
+
+pytestmark = pytest.mark.unit
 
 
 def peer() -> str:

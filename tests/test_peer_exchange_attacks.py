@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 from runtimes import make_runtime, wait_until
 
@@ -27,6 +28,8 @@ from p2pfl.peer_exchange import (
     serve_peer_exchange,
 )
 from p2pfl.transport import DIALS_PER_ADDRESS_PER_MIN, Transport
+
+pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 5.0
 FLOOD_REPLIES = 17

@@ -27,6 +27,8 @@ from p2pfl.peer_policy import (
     Settle,
 )
 
+pytestmark = pytest.mark.unit
+
 PROMISED = 1e6  # bytes per second
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import time
+from types import SimpleNamespace
 
 import pytest
 import trio
 import trio.testing
 
+from p2pfl import phases
 from p2pfl.phases import PHASES, PhaseClock, peak_rss_mb
 from p2pfl.status import render_metrics
+
+pytestmark = pytest.mark.unit
 
 
 def test_a_round_record_holds_each_phase_and_the_share_that_is_not_training() -> None:
@@ -37,22 +40,28 @@ def test_the_next_round_starts_from_zero() -> None:
     assert record["overhead_fraction"] == 1.0
 
 
-def test_timed_work_adds_its_own_seconds_and_keeps_its_result_and_errors() -> None:
+def test_timed_work_adds_its_own_seconds_and_keeps_its_result_and_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]  # a perf_counter that moves only when the work says so
+    monkeypatch.setattr(phases, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     clock = PhaseClock()
+
     def slow_increment(x: int) -> int:
-        time.sleep(0.002)
+        now[0] += 0.25
         return x + 1
 
     def broken() -> None:
-        time.sleep(0.002)
+        now[0] += 0.5
         raise ValueError("no")
 
     assert clock.timed("prepare", slow_increment)(1) == 2
+    now[0] += 7.0  # between calls: counted nowhere
 
     with pytest.raises(ValueError):
         clock.timed("admit", broken)()
     record = clock.end_round(1, wall_s=1.0)
-    assert record["prepare_s"] >= 0.002 and record["admit_s"] >= 0.002
+    assert record["prepare_s"] == 0.25 and record["admit_s"] == 0.5
 
 
 def test_peak_rss_is_at_least_what_a_fresh_allocation_holds() -> None:

@@ -17,6 +17,8 @@ from gossip.privacy import (
     clip_to_norm,
 )
 
+pytestmark = pytest.mark.unit
+
 DELTA = 1e-5
 
 

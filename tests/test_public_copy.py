@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import networkx as nx
 import numpy as np
+import pytest
 
 from gossip import GossipNode, NodeKey
 from gossip import codec as wire
 from gossip.delivery import Receipt
 from gossip.node import Outgoing
 from gossip.public_copy import RESYNC_CODEC
+
+pytestmark = pytest.mark.unit
 
 NOW = 1_700_000_000.0
 

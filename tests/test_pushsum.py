@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from gossip import GossipNode, NodeKey, PushSum, Reason, Rejected
 
+pytestmark = pytest.mark.property
+
 DIM = 16
 TOLERANCE = 1e-6
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from p2pfl.lab.localnet import LocalNetwork
+
+pytestmark = pytest.mark.e2e
 
 LIAR = 3
 NODES = 5

@@ -34,6 +34,8 @@ from p2pfl.reachability import (
 from p2pfl.relay import circuit_addr, circuit_relay, is_circuit
 from p2pfl.transport import Transport, TransportError
 
+pytestmark = pytest.mark.integration
+
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 PROTOCOL = "/p2pfl/test/1.0.0"
 DEADLINE_S = 30.0

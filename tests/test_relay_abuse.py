@@ -33,6 +33,8 @@ from p2pfl.relay import (
 from p2pfl.status import render_metrics
 from p2pfl.transport import Transport, TransportError
 
+pytestmark = pytest.mark.integration
+
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 SINK = TProtocol("/p2pfl/test/sink/1.0.0")
 DEADLINE_S = 30.0

@@ -23,6 +23,8 @@ from gossip.aggregation import (
     aggregator_by_name,
 )
 
+pytestmark = pytest.mark.property
+
 DIM = 50
 HONEST = 12
 CENTRE = np.linspace(1.0, 2.0, DIM)

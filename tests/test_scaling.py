@@ -17,16 +17,13 @@ import pytest
 import torch
 from runtimes import make_runtime
 
-from fltasks import Task, TaskError, load_task, partition
+from fltasks import Task, TaskError, partition
 from fltasks.datasets import breast_cancer_published_ranges, load_breast_cancer_arrays
 from fltasks.scaling import RawFeatures, node_view
 from topologies.graphs import ring
 from topologies.simulator import Simulation, SimulationConfig
 
-
-@pytest.fixture(scope="module")
-def digits() -> Task:
-    return load_task("digits")
+pytestmark = pytest.mark.unit
 
 
 def with_train_row(task: Task, row: int, values: np.ndarray) -> Task:

@@ -25,6 +25,8 @@ from topologies.privacy import DELTA, BatchedGaussianMechanism
 from topologies.simulator import Simulation, SimulationConfig
 from topologies.stacked_pushsum import consensus_distance
 
+pytestmark = pytest.mark.property
+
 
 def padded_sets(seed: int = 0, n: int = 40, width: int = 7, size: int = 13):
     """Own rows, padded received rows and a mask with every count from 0 to ``width``."""

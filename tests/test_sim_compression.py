@@ -17,6 +17,8 @@ from topologies.graphs import small_world
 from topologies.network import NetworkConditions, message_bytes
 from topologies.simulator import Simulation, SimulationConfig
 
+pytestmark = pytest.mark.property
+
 DIGITS_LAYOUT = {"0.weight": (64, 64), "0.bias": (64,), "2.weight": (10, 64), "2.bias": (10,)}
 
 

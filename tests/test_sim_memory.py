@@ -14,6 +14,8 @@ from topologies.network import NetworkConditions
 from topologies.settings import ExperimentConfig, SettingError
 from topologies.simulator import Simulation, SimulationConfig
 
+pytestmark = pytest.mark.unit
+
 NODES = 8
 LATE_AND_AWAY = NetworkConditions(delay=2, churn=0.25)  # arrivals and offline nodes
 

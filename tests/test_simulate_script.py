@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "simulate.py"
 TOPOLOGIES = ("ring", "random", "small-world", "complete", "star")
 TOPOLOGY_FIELDS = {
@@ -88,24 +90,84 @@ def test_small_run_writes_every_promised_field_and_plot(tmp_path):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize(
-    "args, cause",
-    [
-        (("--loss", "1.5"), "--loss"),
-        (("--task", "nosuchmodule:make_task"), "nosuchmodule"),
-        (("--nodes", "4", "--byzantine", "4"), "--byzantine"),
-        (("--compression", "zip"), "--compression"),
-        (("--dp-noise", "1"), "--dp-clip"),
-        (("--compression", "topk:0.01", "--loss", "0.1"), "--loss"),
-    ],
-)
-def test_bad_flag_exits_2_with_one_line(tmp_path, args, cause):
-    result = simulate(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert cause in lines[0] and "Traceback" not in result.stderr
-    assert not (tmp_path / "run" / "summary.json").exists()
+BAD_FLAGS = [
+    (("--loss", "1.5"), "--loss"),
+    (("--task", "nosuchmodule:make_task"), "nosuchmodule"),
+    (("--nodes", "4", "--byzantine", "4"), "--byzantine"),
+    (("--compression", "zip"), "--compression"),
+    (("--dp-noise", "1"), "--dp-clip"),
+    (("--compression", "topk:0.01", "--loss", "0.1"), "--loss"),
+]
+BAD_SETTINGS = [
+    (("--rounds", "5x"), 'rounds = "5"', "--rounds"),
+    (("--loss", "1.5"), "loss = 1.5", "--loss"),
+    (("--topology", "tree"), 'topology = "tree"', "--topology"),
+    (
+        ("--trim-fraction", "0.7", "--aggregator", "clipped"),
+        'trim_fraction = 0.7\naggregator = "clipped"',
+        "--trim-fraction",
+    ),
+]
+# Runs the script's main() once per argv in one process, each with its own stderr, and
+# prints [exit status, stderr] for each: what `simulate.py ARGS` would have exited with
+# and written, without importing torch once per case. The import's own stderr is the
+# process's, checked empty by each test, so each case's one line is all a user would see.
+ONE_PROCESS = """
+import contextlib, io, json, runpy, sys, traceback
+sys.argv = sys.argv[1:]  # [the script]: as `python scripts/simulate.py` sees it
+main = runpy.run_path(sys.argv[0], run_name="simulate")["main"]
+results = []
+for argv in json.loads(sys.stdin.read()):
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            status = main(argv)
+        except SystemExit as exit:
+            status = exit.code
+        except Exception:  # what the script would have died of, as its traceback
+            traceback.print_exc()
+            status = 1
+    results.append([status, stderr.getvalue()])
+print(json.dumps(results))
+"""
+
+
+Run = tuple[int, str, Path]  # exit status, stderr, --out
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], Run]:
+    """Every bad flag of BAD_FLAGS and BAD_SETTINGS, and every TOML file of BAD_SETTINGS
+    as `--config FILE`, run as `simulate.py ARGS --out DIR`; keyed by ARGS or ("toml", TOML)."""
+    where = tmp_path_factory.mktemp("bad")
+    cases: dict[tuple[str, ...], tuple[str, ...]] = {args: args for args, _ in BAD_FLAGS}
+    for index, (flag, toml, _) in enumerate(BAD_SETTINGS):
+        config = where / f"run-{index}.toml"
+        config.write_text(toml + "\n")
+        cases[flag] = flag
+        cases[("toml", toml)] = ("--config", str(config))
+    outs = {key: where / f"out-{index}" for index, key in enumerate(cases)}
+    argvs = [[*args, "--out", str(outs[key])] for key, args in cases.items()]
+    done = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS, str(SCRIPT)], input=json.dumps(argvs),
+        cwd=where, capture_output=True, text=True, timeout=600,  # a guard against a hang
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    results = json.loads(done.stdout)
+    return {
+        key: (status, stderr, outs[key])
+        for key, (status, stderr) in zip(cases, results, strict=True)
+    }
+
+
+@pytest.mark.parametrize("args, cause", BAD_FLAGS)
+def test_bad_flag_exits_2_with_one_line(bad_runs, args, cause):
+    status, stderr, out = bad_runs[args]
+    assert status == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert cause in lines[0] and "Traceback" not in stderr
+    assert not (out / "summary.json").exists()
 
 
 def test_hostile_private_compressed_run_reports_honest_accuracy_bytes_and_epsilon(tmp_path):
@@ -127,28 +189,14 @@ def test_hostile_private_compressed_run_reports_honest_accuracy_bytes_and_epsilo
         assert column in result.stdout
 
 
-@pytest.mark.parametrize(
-    ("flag", "toml", "named"),
-    [
-        (("--rounds", "5x"), 'rounds = "5"', "--rounds"),
-        (("--loss", "1.5"), "loss = 1.5", "--loss"),
-        (("--topology", "tree"), 'topology = "tree"', "--topology"),
-        (
-            ("--trim-fraction", "0.7", "--aggregator", "clipped"),
-            'trim_fraction = 0.7\naggregator = "clipped"',
-            "--trim-fraction",
-        ),
-    ],
-)
+@pytest.mark.parametrize(("flag", "toml", "named"), BAD_SETTINGS)
 def test_a_bad_setting_gets_one_line_naming_it_from_a_flag_or_from_toml(
-    tmp_path, flag, toml, named
+    bad_runs, flag, toml, named
 ):
-    config = tmp_path / "run.toml"
-    config.write_text(toml + "\n")
-    for args in (flag, ("--config", str(config))):
-        result = simulate(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.strip().splitlines()
+    for key in (flag, ("toml", toml)):
+        status, stderr, _ = bad_runs[key]
+        assert status == 2, stderr
+        lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"simulate.py: error: {named}"), lines
 
 

@@ -16,6 +16,8 @@ from topologies.network import DELIVERED, REFUNDED, NetworkConditions, NetworkMo
 from topologies.simulator import Simulation, SimulationConfig
 from topologies.stacked_pushsum import StackedPushSum, consensus_distance
 
+pytestmark = pytest.mark.unit
+
 HOSTILE = NetworkConditions(loss=0.2, delay=3, churn=0.25)
 LATE_AND_AWAY = NetworkConditions(delay=2, churn=0.25)  # mass is delayed, never lost
 

@@ -13,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from p2pfl.status import render_metrics, serve_status
 
+pytestmark = pytest.mark.integration
+
 SAMPLE: dict[str, Any] = {
     "peer_id": "12D3KooWJbV6uzPMKBPtwhgUXm8FnTnosy4gawhgjCLP6PdDPsdC",
     "round": 7,

@@ -19,6 +19,8 @@ from fltasks import TaskError, load_task
 from fltasks.datasets import load_breast_cancer_arrays, load_digits_arrays, stratified_split
 from fltasks.tabular import csv_task, read_table
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -21,6 +21,8 @@ from gossip import GossipNode, NodeKey
 from gossip.errors import Reason
 from gossip.layout import TensorSpec, model_fingerprint
 
+pytestmark = pytest.mark.integration
+
 torch.set_num_threads(1)
 
 

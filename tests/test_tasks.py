@@ -16,6 +16,8 @@ from fltasks import (
     partition,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def digits_task() -> Task:

@@ -7,7 +7,7 @@ the whole file stays within a few seconds.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import msgpack
@@ -21,6 +21,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 from multiaddr import Multiaddr
+from runtimes import wait_until
 
 from gossip.keys import NodeKey
 from p2pfl.framing import encode_uvarint
@@ -38,6 +39,8 @@ from p2pfl.peer_exchange import (
     serve_peer_exchange,
 )
 from p2pfl.transport import Transport, TransportError, Unanswered
+
+pytestmark = pytest.mark.integration
 
 PROTOCOL = "/p2pfl/test/1.0.0"
 OTHER_PROTOCOL = "/p2pfl/test-other/1.0.0"
@@ -61,11 +64,6 @@ def collect_into(received: list[tuple[str, bytes]], reply: bytes | None = None):
         return reply
 
     return handler
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await trio.sleep(0.01)
 
 
 async def raw_stream(sender: Transport, receiver: Transport):

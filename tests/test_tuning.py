@@ -6,6 +6,10 @@ import resource
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 
 def test_a_low_soft_open_file_limit_is_raised_toward_the_hard_one() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -12,6 +12,8 @@ from gossip import GossipNode, NodeKey, Reason, Rejected
 from gossip.aggregation import aggregator_by_name
 from gossip.node import GossipState
 
+pytestmark = pytest.mark.unit
+
 ROBUST = ["trimmed-mean", "median", "clipped"]
 DIM = 6
 

@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 # A guard against a hang (torch and libp2p import slowly on a busy machine).
 TIMEOUT_S = 300
