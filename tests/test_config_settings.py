@@ -17,6 +17,8 @@ from p2pfl.cli import build_parser, node_config
 from p2pfl.config import ConfigError, NodeConfig, build_config, load_config_file, reference
 from p2pfl.lab.localnet import LocalNetwork
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = settings_of(NodeConfig)
 

@@ -11,6 +11,8 @@ from gossip.member_formats import Certificate, RevocationEntry
 from p2pfl.cli import main
 from p2pfl.member_store import inbox, read_object
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def network(tmp_path: Path) -> dict[str, Path]:

@@ -20,6 +20,8 @@ from p2pfl.member_service import MemberService, decode_message, encode_message
 from p2pfl.member_source import MemberSource
 from p2pfl.member_store import inbox
 
+pytestmark = pytest.mark.integration
+
 NOW = 1_700_000_000
 KEYS = [NodeKey(bytes([i + 1]) * 32) for i in range(6)]
 IDS = [k.peer_id for k in KEYS]

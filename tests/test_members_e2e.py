@@ -13,6 +13,7 @@ import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pytest
 import trio
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -31,6 +32,8 @@ from p2pfl.cli import main
 from p2pfl.host import split_peer_multiaddr
 from p2pfl.lab.localnet import LocalNetwork
 from tests.attackers import seeded_keys
+
+pytestmark = pytest.mark.e2e
 
 GUARD_S = 300
 NEWCOMER = 4

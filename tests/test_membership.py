@@ -19,6 +19,8 @@ from gossip.member_formats import (
 )
 from gossip.membership import MemberSet, Refusal, Refused, expiry_warning
 
+pytestmark = pytest.mark.unit
+
 NOW = 1_700_000_000
 DAY = 86_400
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from p2pfl.peer_activity import PeerActivity
 from p2pfl.status import render_metrics
 from p2pfl.status_history import StatusHistory
+
+pytestmark = pytest.mark.unit
 
 
 def status(round_: int, t: float, **more: Any) -> dict[str, Any]:

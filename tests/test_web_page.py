@@ -16,6 +16,8 @@ from p2pfl.lab.netpage import NetworkPage, NetworkPageServer
 from p2pfl.status import ASSETS, answer
 from tests.browser import rendered_dom, screenshot
 
+pytestmark = pytest.mark.e2e
+
 # Bounds a hang only: two daemons importing torch on a busy 2-core machine are slow.
 READY_TIMEOUT_S = 240.0
 
