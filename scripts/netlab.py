@@ -14,6 +14,11 @@ per host (``ip netns exec ... python -m p2pfl.cli node``). Scenarios (p2pfl/lab/
   (direct, relayed, none); ``--nat-ports random`` for port-randomising NATs.
 - ``loss``: a clean run, then one with --loss-percent on every link (needs nftables):
   accuracy and the push-sum weight the nodes hold, before and after.
+- ``revoke``: every host a member of one network (founders and certified members,
+  k = 2); --revocations members revoked one after another (``p2pfl member publish``
+  at one founder), then one more while a founder is cut off: seconds until every
+  other member refuses the key, and the cut-off one's catch-up after the heal
+  (p2pfl/lab/revocation.py).
 
 Needs root, iproute2 and, for ``nat`` and ``loss``, nftables (apt-get install -y nftables).
 A live table shows every host. For each scenario, --out gets NAME.json (the
@@ -39,6 +44,7 @@ from p2pfl.lab.labrun import NEEDS_NFT, SCENARIOS, LabOptions
 from p2pfl.lab.localnet import LocalNetworkError
 from p2pfl.lab.namespaces import LabError, lab_unavailable_reason, nft_missing_reason
 from p2pfl.lab.netlab import terminate_on_sigterm
+from p2pfl.lab.revocation import RevocationLabError
 
 console = Console()
 
@@ -69,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="`nat`: routers keep source ports (hole punching can work) or randomise them",
     )
     parser.add_argument(
+        "--revocations", type=int, default=3,
+        help="`revoke`: revocations timed before the one during a cut (3)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("runs/netlab"), help="where results go (runs/netlab)"
     )
     return parser.parse_args(argv)
@@ -89,6 +99,7 @@ def options_from(args: argparse.Namespace) -> LabOptions:
         local_epochs=args.local_epochs,
         daemon_args=tuple(shlex.split(args.daemon_args)),
         nat_ports=args.nat_ports,
+        revocations=args.revocations,
     )
 
 
@@ -98,6 +109,8 @@ def summary_table(name: str, result: dict) -> Table:
     table.add_column("value", justify="right")
     for key, value in result.items():
         shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            shown = f"{len(value)} runs, in {name}.json"  # per-run details: too wide here
         table.add_row(key, shown)
     return table
 
@@ -118,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 with Live(console=console, refresh_per_second=2) as live:
                     result, histories = SCENARIOS[name](options, Path(tmp) / name, live.update)
-            except (LabError, LocalNetworkError) as error:
+            except (LabError, LocalNetworkError, RevocationLabError) as error:
                 console.print(f"netlab: {name} failed: {error}")
                 return 1
             results.append(result)

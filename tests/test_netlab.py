@@ -30,6 +30,7 @@ from p2pfl.lab.namespaces import (
     nft_missing_reason,
 )
 from p2pfl.lab.netlab import Lab, LabNetwork, serving_in
+from p2pfl.lab.revocation import scenario_revoke
 from p2pfl.relay import circuit_relay
 from p2pfl.transport import Transport, TransportError
 
@@ -366,3 +367,22 @@ def test_the_partition_scenario_script_reports_the_heal(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "partition.json").read_text())
     assert [event["label"] for event in record["runs"][0]["events"]] == ["all up", "cut", "heal"]
     assert (tmp_path / "partition.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_revocation_reaches_every_reachable_member_and_a_cut_off_one_after_the_heal(
+    tmp_path: Path,
+) -> None:
+    """4 members (3 founders, k = 2, and one certified member, active and connected);
+    founder 2 is cut off, and the certified member is revoked at founder 0: founders 0
+    and 1 refuse its key (new log head, one member fewer, not connected), founder 2
+    holds its old log for as long as the cut lasts (one sync interval longer than the
+    others took), and refuses the key once the cut heals."""
+    result, _ = scenario_revoke(4, 0, tmp_path, None, timeout=120.0)
+    assert (result["cut_off_host"], result["cut_revoked_host"]) == (2, 3)
+    reachable = result["cut_reachable_refuse_s"]
+    assert sorted(reachable) == [0, 1]
+    assert all(seconds is not None for seconds in reachable.values()), reachable
+    assert result["cut_off_held_entry_before_heal"] is False
+    assert result["cut_lasted_s"] > max(reachable.values())
+    assert result["heal_until_cut_off_log_head_matches_s"] is not None
+    assert result["heal_until_cut_off_refuses_s"] is not None

@@ -41,6 +41,7 @@ from p2pfl.lab.labwatch import (
 )
 from p2pfl.lab.netlab import Lab, LabNetwork
 from p2pfl.lab.netview import History, Status
+from p2pfl.lab.revocation import run_revoke
 from topologies.mixing import metropolis_hastings, rounds_to_consensus, spectral_gap
 
 
@@ -60,6 +61,8 @@ class LabOptions:
     daemon_args: tuple[str, ...] = ()
     # `nat`: routers keep source ports (hole punching can work) or randomise them.
     nat_ports: str = "keep"
+    # `revoke`: revocations measured one after another before the one during a cut.
+    revocations: int = 3
 
 
 def network(lab: Lab, directory: Path, options: LabOptions, *extra: str) -> LabNetwork:
@@ -398,5 +401,6 @@ SCENARIOS = {
     "slow": scenario_slow,
     "nat": scenario_nat,
     "loss": scenario_loss,
+    "revoke": run_revoke,
 }
 NEEDS_NFT = ("nat", "loss")
