@@ -63,7 +63,8 @@ class InputSpec:
 
     def encode_rows(self, header: Sequence[str], rows: Sequence[Sequence[str]],
                     where: str) -> np.ndarray:
-        """CSV text rows as the model's standardised float32 features [rows, features].
+        """CSV text rows as the model's encoded float32 features [rows, features], unscaled
+        (``Standardize`` scales them, inside the model).
 
         Every problem is one TaskError line naming ``where``, the column and the
         row; the label column may be present (it is skipped) or absent.
@@ -97,8 +98,7 @@ class InputSpec:
                     raise TaskError(f"{where}: row {line}, column {name!r}: {cell!r} is not a "
                                     f"number") from None
             encoded.append(column)
-        x = np.stack(encoded, axis=1)
-        return ((x - np.array(self.mean)) / np.array(self.std)).astype(np.float32)
+        return np.stack(encoded, axis=1).astype(np.float32)
 
 
 class Standardize(nn.Module):

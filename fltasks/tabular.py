@@ -124,6 +124,11 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return [cell.strip() for cell in header], rows
 
 
+def read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the (line number, cells) rows of a CSV or Parquet file; TaskError lines."""
+    return _read_rows(Path(path))
+
+
 def read_table(
     path: str | Path,
     label: str,
