@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from p2pfl.model_card import model_card
+from p2pfl.model_cli import FORMATS
 from p2pfl.trained_model import Predictor, TrainedModel
 
-FORMATS = ("safetensors", "onnx", "torch")
 ONNX_OPSET = 19  # Equal on strings needs opset 19
 
 

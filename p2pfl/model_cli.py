@@ -21,20 +21,19 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
 
-from fltasks import TaskError
-from fltasks.images import image_files
-from fltasks.inputs import InputSpec
-from fltasks.tabular import read_rows
-from p2pfl.export import FORMATS, export
-from p2pfl.trained_model import TrainedModel, load_trained
+if TYPE_CHECKING:  # torch, Pillow and the model are imported when a command runs, so that
+    # `p2pfl status` and `p2pfl keygen` do not pay for importing torch.
+    import torch
+
+    from fltasks.inputs import InputSpec
+    from p2pfl.trained_model import TrainedModel
 
 COMMANDS = ("export", "predict", "evaluate")
+FORMATS = ("safetensors", "onnx", "torch")
 
 
 def add_commands(commands: Any) -> None:
@@ -65,6 +64,11 @@ class Inputs:
 
 def read_inputs(spec: InputSpec | None, task: str) -> Inputs:
     """``csv:FILE`` or ``imagefolder:DIR`` as the Predictor's input; TaskError lines."""
+    import torch
+
+    from fltasks import TaskError
+    from fltasks.tabular import read_rows
+
     kind, _, path = task.partition(":")
     if spec is None:
         raise TaskError(f"--task {task}: this model was trained on a built-in or user task; "
@@ -88,6 +92,12 @@ def read_inputs(spec: InputSpec | None, task: str) -> Inputs:
 
 
 def _read_images(root: Path, size: int, classes: tuple[str, ...]) -> Inputs:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from fltasks import TaskError
+    from fltasks.images import image_files
+
     if not root.is_dir():
         raise TaskError(f"{root}: no such folder of images")
     files = image_files(root)
@@ -110,17 +120,24 @@ def _read_images(root: Path, size: int, classes: tuple[str, ...]) -> Inputs:
 
 
 def probabilities(trained: TrainedModel, x: torch.Tensor) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         return trained.predictor()(x).numpy()
 
 
 def run_export(args: argparse.Namespace) -> None:
+    from p2pfl.export import export
+    from p2pfl.trained_model import load_trained
+
     trained = load_trained(args.state_dir)
     card = export(trained, Path(args.out), args.format)
     print(f"wrote {args.out} ({args.format}) and its model card {card}")
 
 
 def run_predict(args: argparse.Namespace) -> None:
+    from p2pfl.trained_model import load_trained
+
     trained = load_trained(args.state_dir)
     inputs = read_inputs(trained.inputs, args.task)
     probs = probabilities(trained, inputs.x)
@@ -144,6 +161,9 @@ def confusion(labels: np.ndarray, predicted: np.ndarray, classes: int) -> np.nda
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    from fltasks import TaskError
+    from p2pfl.trained_model import load_trained
+
     trained = load_trained(args.state_dir)
     inputs = read_inputs(trained.inputs, args.task)
     if inputs.labels is None:
