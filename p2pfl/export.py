@@ -76,6 +76,14 @@ def onnx_bytes(trained: TrainedModel) -> bytes:
         raise ValueError("--format onnx needs the onnx package: pip install "
                          "'p2pfl-gossip[onnx]'") from None
     inputs = trained.inputs
+    from fltasks.task import normalises_over_batch
+
+    if normalises_over_batch(trained.model):
+        # Batch-statistics BatchNorm (cnn, resnet18) has no fixed graph for a batch of
+        # any size: the exporter refuses it. Known gap of issue 23 (see the report).
+        raise ValueError(f"--format onnx: model {trained.meta.model} normalises over its "
+                         f"batch (BatchNorm without running statistics), which ONNX export "
+                         f"cannot express; use --format safetensors or torch")
     predictor = trained.predictor()
     shape = (2, *trained.meta.input_shape)
     body = _torch_onnx(predictor, torch.zeros(shape), "features" if inputs is None
