@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e '.[test,lab]'
+	$(PIP) install --quiet -c constraints.txt -e '.[test,lab,onnx]'
 	touch $(STAMP)
 
 demo: $(STAMP)

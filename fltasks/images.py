@@ -23,6 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fltasks.datasets import stratified_split
+from fltasks.inputs import InputSpec
 from fltasks.models import ModelSpec, build_model, check_fits, parse_model
 from fltasks.task import Task, TaskError
 
@@ -129,4 +130,5 @@ def imagefolder_task(
         x_test=torch.from_numpy(x[test]), y_test=torch.from_numpy(y[test]),
         num_classes=len(names), lr=IMAGE_LR, batch_size=IMAGE_BATCH_SIZE,
         device=device, spec_hash=spec_hash,
+        inputs=InputSpec("image", names, IMAGENET_MEAN, IMAGENET_STD, size=size),
     )

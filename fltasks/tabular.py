@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fltasks.datasets import split_and_standardize
+from fltasks.datasets import split_and_standardize, stratified_split
+from fltasks.inputs import csv_input_spec
 from fltasks.models import ModelSpec, build_model, check_fits, parse_model
 from fltasks.task import Task, TaskError
 
@@ -121,6 +122,11 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     if not rows:
         raise TaskError(f"{path}: no data rows after the header")
     return [cell.strip() for cell in header], rows
+
+
+def read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the (line number, cells) rows of a CSV or Parquet file; TaskError lines."""
+    return _read_rows(Path(path))
 
 
 def read_table(
@@ -255,10 +261,13 @@ def csv_task(
         raise TaskError(f"{path}: {len(table.y)} rows leave none for validation; "
                         f"give at least 4 rows per class")
     num_classes = len(table.classes)
+    train_rows, _ = stratified_split(table.y, seed)  # the rows split_and_standardize scaled by
+    inputs = csv_input_spec(table.columns, label, table.classes, table.categories,
+                            table.x[train_rows])
     return Task(
         name=f"csv:{Path(path).name}",
         make_model=partial(build_model, spec, (x_train.shape[1],), num_classes, seed),
         x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
         num_classes=num_classes, lr=TABULAR_LR, batch_size=TABULAR_BATCH_SIZE,
-        device=device, spec_hash=spec_hash,
+        device=device, spec_hash=spec_hash, inputs=inputs,
     )

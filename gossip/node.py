@@ -43,6 +43,8 @@ from gossip.votes import DEFAULT_MAX_AGE_ROUNDS, VoteTable
 # With no neighbour set (tests, the simulator), at most this many senders are
 # kept; a new one beyond it folds the table in first, which bounds memory.
 DEFAULT_INBOX_LIMIT = 64
+# Distinct merged senders remembered (merged_from): far above any real membership.
+MAX_MERGED_FROM = 65_536
 # Distinct fresh senders a robust merge needs (the issue's and the literature's
 # floor: with fewer, one attacker can be the whole majority of what is trimmed).
 DEFAULT_QUORUM = 3
@@ -101,6 +103,9 @@ class GossipNode:
     # pull us further than that (see merge).
     last_step_norm: float = 0.0
     merges: dict[str, int] = field(default_factory=lambda: {"quorum": 0, "bounded": 0})
+    # Distinct senders whose votes a merge has folded in: an exported model's card says
+    # how many members it was trained with. Bounded like the replay table.
+    merged_from: set[bytes] = field(default_factory=set)
     # What each message carries, per whole-model codec (gossip/encoders.py).
     encoder: Encoder | None = None
     # Top-k: one public copy per neighbour, kept in step by receipts (gossip/public_copy.py).
@@ -413,6 +418,12 @@ class GossipNode:
         else:
             self.pushsum.absorb(share.estimate, share.weight)
 
+    def _note_merged(self, senders: Iterable[bytes]) -> None:
+        for sender in senders:
+            if len(self.merged_from) >= MAX_MERGED_FROM:
+                return
+            self.merged_from.add(sender)
+
     def merge(self) -> int:
         """Fold the vote table into the model; returns how many senders' votes counted.
 
@@ -427,6 +438,7 @@ class GossipNode:
         """
         if not self.aggregator.robust:
             shares = self.votes.pending_shares()
+            self._note_merged(self.votes.senders())
             self.pushsum.absorb_all(shares)
             self.votes.clear()
             return len(shares)
@@ -439,9 +451,11 @@ class GossipNode:
             if len(fresh) >= self.quorum:
                 own[...] = self.aggregator.aggregate(own, others)
                 self.merges["quorum"] += 1
+                self._note_merged(fresh)
             elif self.last_step_norm > 0:
                 own[...] = robust.clipped_step(own, others, self.last_step_norm)
                 self.merges["bounded"] += 1
+                self._note_merged(fresh)
         add_weight(self.pushsum, self.votes.take_pending_weight())
         self.votes.forget_stale(self.round)
         return len(fresh)

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from fltasks.settings_schema import add_flags, flag_values
 from gossip.keys import KeyFileError, NodeKey
-from p2pfl import member_cli
+from p2pfl import member_cli, model_cli
 from p2pfl.config import ConfigError, NodeConfig, build_config, load_config_file, parse_host_port
 
 logger = logging.getLogger("p2pfl")
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--status-addr", required=True, metavar="HOST:PORT")
     status.add_argument("--json", action="store_true", help="print the raw JSON instead")
     member_cli.add_commands(commands)
+    model_cli.add_commands(commands)
     return parser
 
 
@@ -231,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"keygen": run_keygen, "node": run_node, "status": run_status}
     handlers |= {command: member_cli.run_with(UserError) for command in member_cli.COMMANDS}
+    handlers |= {command: model_cli.run_with(UserError) for command in model_cli.COMMANDS}
     try:
         handlers[args.command](args)
     except (UserError, ConfigError, KeyFileError) as error:

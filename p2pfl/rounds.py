@@ -30,6 +30,7 @@ from p2pfl.peer_policy import PeerPolicy, Push
 from p2pfl.phases import PhaseClock
 from p2pfl.privacy_budget import PrivacyBudget
 from p2pfl.pusher import Pusher
+from p2pfl.step_guard import judge_step
 from p2pfl.training import LocalTraining
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class RoundLoop:
         self.round = 0
         self.accuracy: float | None = None
         self.serving = False  # finished its rounds; gossiping without training
+        self.loss: float | None = None  # held-out loss after the last local step
+        self.rejected_steps = 0  # local steps the step guard dropped
+        self._last_logged: tuple[object, ...] | None = None
 
     def state_name(self) -> str:
         """training; serving: finished its rounds, still gossiping (--linger);
@@ -117,7 +121,14 @@ class RoundLoop:
             await self.checkpoint()
         self.pusher.push(pushes)
         record = self.phases.end_round(self.round, time.perf_counter() - started)
-        logger.info("round %d phases %s", self.round, json.dumps(record))
+        # A serving node ticks twice a second with nothing new: it logs when what it
+        # would say changes, not every tick.
+        said = (self.round, f"{self.accuracy:.4f}", len(neighbours), self.serving)
+        if said == self._last_logged:
+            return
+        self._last_logged = said
+        if not self.serving:
+            logger.info("round %d phases %s", self.round, json.dumps(record))
         logger.info(
             "round %d accuracy %.4f neighbours %d%s",
             self.round,
@@ -130,8 +141,23 @@ class RoundLoop:
         before = await self.core.call(self._estimate)
         train = self.phases.timed("train", self.training.train)
         after = await trio.to_thread.run_sync(train, before, self.budget.dp_sgd)
+        if not self.config.dp_enabled and not await self._step_is_good(before, after):
+            return  # the last good model (before) stays; see p2pfl/step_guard.py
         after = self.budget.release(before, after, self.round + 1)
         await self.core.call(self.core.node.apply_local_step, before, after)
+
+    async def _step_is_good(self, before: np.ndarray, after: np.ndarray) -> bool:
+        """Judge this node's own training step on its held-out split (step_guard)."""
+        held_out = self.phases.timed("evaluate", self.training.held_out)
+        start = await trio.to_thread.run_sync(held_out, before)
+        end = await trio.to_thread.run_sync(held_out, after)
+        self.loss = end[1]
+        verdict = judge_step(start, end)
+        if not verdict.keep:
+            self.rejected_steps += 1
+            logger.warning("round %d: local step dropped, keeping the model it started from "
+                           "(%s)", self.round + 1, verdict.reason)
+        return verdict.keep
 
     async def _paced(self, started: float) -> None:
         await trio.sleep(max(0.0, self.config.round_interval - (time.monotonic() - started)))
@@ -146,6 +172,9 @@ class RoundLoop:
         # Finished: stay a member for a while, merging and pushing but not training,
         # so that late starters are not left alone (and still learn from us).
         self.serving = True
+        if self.alone():
+            logger.info("finished %d rounds; no peers to serve, stopping", self.round)
+            return
         if self.config.linger > 0:
             logger.info("finished %d rounds; serving for %g s", self.round, self.config.linger)
         with trio.move_on_after(self.config.linger):
@@ -153,6 +182,12 @@ class RoundLoop:
                 started = time.monotonic()
                 await self.one_round()
                 await self._paced(started)
+
+    def alone(self) -> bool:
+        """A lone node (--min-neighbours 0, no bootstrap, nobody dialled in) serves no one."""
+        config = self.config
+        return (config.min_neighbours == 0 and not config.bootstrap
+                and not self.policy.book.known())
 
     async def attack_loop(self) -> None:
         """An --attack member pushes its attack to every peer it knows, as fast as allowed."""

@@ -75,3 +75,13 @@ class LocalTraining:
     def evaluate(self, estimate: np.ndarray) -> float:
         load_arrays(self.model, self.layout.unflatten(estimate))
         return float(self.task.evaluate(self.model))
+
+    def held_out(self, estimate: np.ndarray) -> tuple[float, float]:
+        """Accuracy and mean cross-entropy of ``estimate`` on the held-out split."""
+        load_arrays(self.model, self.layout.unflatten(estimate))
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.model(self.task.x_test)
+            loss = torch.nn.functional.cross_entropy(logits, self.task.y_test).item()
+            accuracy = (logits.argmax(dim=1) == self.task.y_test).float().mean().item()
+        return float(accuracy), float(loss) if np.isfinite(loss) else float("inf")

@@ -198,3 +198,17 @@ def test_received_weight_waits_as_pending_until_the_merge_folds_it_in() -> None:
     receiver.merge()
     assert receiver.votes.pending_weight() == 0.0
     assert receiver.pushsum.weight == pytest.approx(held + sent)
+
+
+@pytest.mark.parametrize("rule", ["mean", *ROBUST])
+def test_merged_from_counts_distinct_senders_whose_votes_a_merge_folded_in(rule: str) -> None:
+    """What an exported model's card reports as the members it was trained with."""
+    node = make(0, 0.0, rule)
+    senders = [make(index, 1.0) for index in (1, 2, 3)]
+    for sender in senders:
+        push(node, sender)
+    assert node.merged_from == set()  # received is not merged
+    node.merge()
+    push(node, senders[0])  # the same member again is not a new one
+    node.merge()
+    assert node.merged_from == {sender.key.public_key for sender in senders}
