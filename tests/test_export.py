@@ -22,6 +22,8 @@ import torch
 import p2pfl
 from fltasks.demo_data import write_cancer_csv
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
 SITES = ("east", "north", "south")

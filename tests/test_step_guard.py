@@ -15,6 +15,8 @@ from fltasks.models import small_cnn
 from fltasks.task import batches, normalises_over_batch
 from p2pfl.step_guard import judge_step
 
+pytestmark = pytest.mark.unit
+
 
 def test_a_short_tail_batch_joins_the_previous_one_only_under_batch_norm() -> None:
     order = torch.arange(1347)
