@@ -1,7 +1,7 @@
 """The defaults of ``--dp sample`` (DP-SGD), declared once for the daemon and the simulator.
 
 Kept apart from fltasks/dp_sgd.py so that reading them does not import opacus.
-Chosen from the simulator and confirmed on real daemons (README, privacy):
+Chosen from the simulator and confirmed on real daemons (docs/PRIVACY.md):
 
 * ``DP_SGD_LR``: DP-SGD steps along a clipped mean gradient plus noise, so
   its step is at most ``lr * C`` plus noise; at the task's own non-private

@@ -1,4 +1,4 @@
-"""The ``p2pfl`` command: ``keygen``, ``node`` and ``status``.
+"""The ``p2pfl`` command: ``keygen``, ``node``, ``status``, ``network`` and ``member``.
 
 Errors a user can cause (a bad flag, key file, multiaddr or config) end the
 command with one line on stderr naming the cause and the fix, and exit code 2;
@@ -15,6 +15,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from importlib import metadata
 from typing import Any, NoReturn
 
 from fltasks.settings_schema import add_flags, flag_values
@@ -25,6 +26,8 @@ from p2pfl.config import ConfigError, NodeConfig, build_config, load_config_file
 logger = logging.getLogger("p2pfl")
 
 USAGE_ERROR = 2
+# The distribution's name on the package index (pyproject.toml), not the import name.
+DISTRIBUTION = "p2pfl-gossip"
 
 
 class UserError(Exception):
@@ -63,11 +66,22 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, NodeConfig, parse=True)
 
 
+def installed_version() -> str:
+    """The version of the installed distribution, from its metadata (never hard-coded)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed: pip install .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="p2pfl",
         description="Decentralized federated learning: train on private data, gossip signed "
         "model updates to peers over libp2p. No coordinator.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {installed_version()}"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     keygen = commands.add_parser("keygen", help="create a node key and print its peer id")

@@ -218,7 +218,7 @@ class NodeConfig:
             "choose raw, fp16, int8 or topk:F with 0 < F <= 1 (e.g. topk:0.01)",
         ),
     )
-    # Chosen from measurements on real daemons (README, live network): clipped costs
+    # Chosen from measurements on real daemons (docs/BENCHMARKS.md): clipped costs
     # nothing in clean runs and holds against the attacks that break mean.
     aggregator: str = setting(
         _GOSSIP,

@@ -6,7 +6,7 @@ p2pfl.reachability) reserves a slot on up to ``MAX_RELAYS`` relays and advertise
 ``<relay addr>/p2p-circuit/p2p/<own id>``; a peer dials such an address through the
 relay (``Transport.connect`` hands it to :meth:`NatTraversal.dial`). DCUtR runs on
 every member: once two members hold a relayed connection it tries to punch a direct
-one (the lab measures how often that works; see README).
+one (the lab measures how often that works; see docs/NETLAB.md).
 
 Who may use our relay, and for how much, is :class:`RelayPolicy` (sans-I/O):
 

@@ -8,7 +8,7 @@ smallest shard; one local epoch a round, as the daemon's default. ``--batch``
 replaces the task's batch size (the expected Poisson batch); ``--linger``
 reports the accuracy after that many more rounds that only gossip, as
 daemons linger. This is how the defaults in
-fltasks/dp_defaults.py were chosen (README, differential privacy).
+fltasks/dp_defaults.py were chosen (docs/PRIVACY.md).
 
     python scripts/sweep_dp.py --task digits --nodes 8 --lr 0.1 1 --target 7.5
 """

@@ -89,7 +89,7 @@ def test_dp_sgd_epsilon_at_integer_orders_is_dp_accountings(noise: float, rate: 
 
 
 # Steps for which dp-accounting's fractional series converges, per (z, q): the
-# regime of the README's table (epsilon up to about 16 at q up to 0.2). Beyond it
+# regime of docs/PRIVACY.md's table (epsilon up to about 16 at q up to 0.2). Beyond it
 # (e.g. z 1.5, q 0.2, 300 steps: opacus 15.26, dp-accounting 15.51) dp-accounting
 # drops the fractional orders that give the least epsilon.
 CONVERGENT = [(1.0, 0.05, (10, 100)), (1.0, 0.2, (10, 100)), (1.5, 0.1, (10, 100)),

@@ -54,7 +54,7 @@ def test_honest_daemons_learn_despite_a_sign_flipping_member_under_clipped(
         assert sum(s["coalesced"] for s in statuses) > 0
         assert network.wait_all_exited(GUARD_S), "some daemon did not finish"
         finals = [n.final_accuracy for n in honest]
-        # Under `mean` the same attack leaves honest nodes near chance (0.15, README).
+        # Under `mean` the same attack leaves honest nodes near chance (0.15, docs/BENCHMARKS.md).
         # Clean, these 5 daemons end at 0.96. With each node scaling its own shard
         # (fltasks/scaling.py) the attacked honest nodes ended at 0.78-0.83 in three
         # runs (0.85 or more before per-node scaling): the defence holds, with a cost.

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,15 @@ def assert_one_line_error(result: Result, *names: str) -> None:
     assert len(lines) == 1, result.stderr
     for name in names:
         assert name in lines[0]
+
+
+# -- version ------------------------------------------------------------------------------
+
+
+def test_version_is_the_installed_distributions_version(tmp_path: Path) -> None:
+    result = p2pfl("--version", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"p2pfl {metadata.version('p2pfl-gossip')}"
 
 
 # -- keygen -------------------------------------------------------------------------------

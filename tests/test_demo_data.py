@@ -1,4 +1,4 @@
-"""The README's demo data sets: written locally, and loaded by the data-file tasks."""
+"""The demo data sets of docs/DATA.md: written locally, and loaded by the data-file tasks."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ class SimulationConfig:
     # (--linger): a node's last noisy step is then averaged before it is measured.
     linger_rounds: int = 0
     # 10 epochs of each node's few dozen records per round: with 1, even FedAvg ends 5
-    # points below centralized training on digits in 50 rounds (README, "Simulate").
+    # points below centralized training on digits in 50 rounds (docs/SIMULATOR.md).
     local_epochs: int = 10
     train: bool = True
     evaluate: bool = True

@@ -79,7 +79,7 @@ def measure_learning(args: argparse.Namespace) -> dict[str, Any]:
             partition=args.partition,
             degree=args.degree,
             seed=args.seed,
-            # A speed figure: rounds unpaced and plain push-sum, as the README says.
+            # A speed figure: rounds unpaced and plain push-sum, as docs/BENCHMARKS.md says.
             extra_args=("--round-interval", "0", "--aggregator", "mean"),
             **options,
         )

@@ -3,7 +3,7 @@
 Each scenario builds a :class:`~p2pfl.lab.netlab.Lab`, runs one daemon per host, watches
 them (:mod:`p2pfl.lab.labwatch`), and returns its measurements as a flat dict with the
 :class:`~p2pfl.lab.netview.History` of each run. Nothing here asserts: the numbers go to
-the README; the tests assert on behaviour. The spectral gap's expectation comes from
+docs/NETLAB.md; the tests assert on behaviour. The spectral gap's expectation comes from
 ``topologies.mixing`` (one source with the simulator).
 """
 
