@@ -21,6 +21,8 @@ import pytest
 from p2pfl.cli import build_parser
 from p2pfl.config import build_config, load_config_file
 
+pytestmark = pytest.mark.unit
+
 CONTRIB = Path(__file__).resolve().parents[1] / "contrib" / "systemd"
 UNIT = CONTRIB / "p2pfl-node.service"
 INSTALLED_AT = "/opt/p2pfl/bin/p2pfl"
