@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 from fltasks.models import parse_model
 from p2pfl.config import NodeConfig
 from p2pfl.member_store import write_atomically
+
+logger = logging.getLogger(__name__)
 
 META_FILE = "model.json"
 FORMAT = "p2pfl-model-v1"
@@ -105,3 +108,49 @@ def read_meta(state_dir: str | Path) -> ModelMeta:
         raise ModelMetaError(f"{path}: malformed ({error})") from None
     meta.layout = [(str(n), str(d), [int(x) for x in s]) for n, d, s in meta.layout]
     return meta
+
+
+def node_meta(
+    config: NodeConfig, training: Any, gossip: Any, budget: Any, rounds: Any, round_number: int
+) -> ModelMeta:
+    """What model.json says of the checkpoint a node just wrote at ``round_number``."""
+    task, layout = training.task, gossip.layout
+    return ModelMeta(
+        task=config.task, model=resolved_model(config), seed=config.seed,
+        fingerprint=layout.fingerprint.hex(),
+        layout=[(spec.name, spec.dtype, list(spec.shape)) for spec in layout.specs],
+        num_classes=task.num_classes, input_shape=list(task.input_shape),
+        round=round_number, accuracy=rounds.accuracy, loss=rounds.loss,
+        samples=training.samples, local_epochs=config.local_epochs,
+        aggregator=config.aggregator, label=config.label,
+        task_spec_sha256=task.spec_hash.hex() or None,
+        inputs=None if task.inputs is None else task.inputs.to_json(),
+        dp_mode=config.dp_mode, epsilon=budget.epsilon,
+        delta=config.dp_delta if config.dp_enabled else None,
+        merged_from=sorted(sender.hex() for sender in gossip.merged_from),
+    )
+
+
+def write_meta_logged(state_dir: str | Path, meta: ModelMeta) -> None:
+    """:func:`write_meta`; an I/O error is logged, and the next checkpoint retries (like
+    the checkpoint's own: a full disk never stops a node)."""
+    try:
+        write_meta(state_dir, meta)
+    except OSError as error:
+        logger.warning("model.json not written (%s)", error.strerror or error)
+
+
+def restore_merged_from(state_dir: str | Path, gossip: Any) -> None:
+    """On a restart, the count of members whose updates were merged: the one thing the
+    daemon takes from model.json, and only for the model it describes."""
+    try:
+        meta = read_meta(state_dir)
+    except (ModelMetaError, ValueError):
+        return  # an older state dir, or a torn one: the count restarts from zero
+    if meta.fingerprint != gossip.layout.fingerprint.hex():
+        return
+    try:
+        merged = {bytes.fromhex(h) for h in meta.merged_from}
+    except (TypeError, ValueError):
+        return  # not hex: the count restarts from zero
+    gossip.merged_from.update(merged)

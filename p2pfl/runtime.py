@@ -48,13 +48,7 @@ from p2pfl.joining import Joining
 from p2pfl.member_service import member_service
 from p2pfl.member_source import MemberSource, reload_members
 from p2pfl.membership import Membership
-from p2pfl.model_meta import (
-    ModelMeta,
-    ModelMetaError,
-    read_meta,
-    resolved_model,
-    write_meta,
-)
+from p2pfl.model_meta import node_meta, restore_merged_from, write_meta_logged
 from p2pfl.peer_exchange import serve_peer_exchange
 from p2pfl.peer_policy import MemberBook, PeerPolicy
 from p2pfl.phases import PhaseClock
@@ -156,12 +150,7 @@ class NodeRuntime:
         for peer_id, addrs in state.peers.items():
             self.policy.book.add(peer_id, addrs)
         self.budget.restore(state.privacy, state.round, self.store.current)
-        try:  # only the merged members' count is taken from it, and only for this model
-            meta = read_meta(self.store.directory)
-            if meta.fingerprint == self.gossip.layout.fingerprint.hex():
-                self.gossip.merged_from.update(bytes.fromhex(h) for h in meta.merged_from)
-        except (ModelMetaError, ValueError):
-            pass  # an older state dir, or a torn one: the count restarts from zero
+        restore_merged_from(self.store.directory, self.gossip)
         logger.info("resumed from checkpoint at round %d, sequence %d", state.round, state.seq)
         return True
 
@@ -186,32 +175,9 @@ class NodeRuntime:
         # An I/O error (full disk, EMFILE) is logged and counted, never fatal: the
         # last good checkpoint stays, and the next round tries again.
         if await trio.to_thread.run_sync(self.store.try_save, state):
-            meta = self.model_meta(state.round)
-            await trio.to_thread.run_sync(self._write_meta, meta)
-
-    def model_meta(self, round_number: int) -> ModelMeta:
-        """What model.json says of the checkpoint just written (p2pfl/model_meta.py)."""
-        config, task, layout = self.config, self.training.task, self.gossip.layout
-        return ModelMeta(
-            task=config.task, model=resolved_model(config), seed=config.seed,
-            fingerprint=layout.fingerprint.hex(),
-            layout=[(spec.name, spec.dtype, list(spec.shape)) for spec in layout.specs],
-            num_classes=task.num_classes, input_shape=list(task.input_shape),
-            round=round_number, accuracy=self.rounds.accuracy, loss=self.rounds.loss,
-            samples=self.training.samples, local_epochs=config.local_epochs,
-            aggregator=config.aggregator, label=config.label,
-            task_spec_sha256=task.spec_hash.hex() or None,
-            inputs=None if task.inputs is None else task.inputs.to_json(),
-            dp_mode=config.dp_mode, epsilon=self.budget.epsilon,
-            delta=config.dp_delta if config.dp_enabled else None,
-            merged_from=sorted(sender.hex() for sender in self.gossip.merged_from),
-        )
-
-    def _write_meta(self, meta: ModelMeta) -> None:
-        try:
-            write_meta(self.store.directory, meta)
-        except OSError as error:  # like the checkpoint: logged, retried next round
-            logger.warning("model.json not written (%s)", error.strerror or error)
+            meta = node_meta(self.config, self.training, self.gossip, self.budget,
+                             self.rounds, state.round)
+            await trio.to_thread.run_sync(write_meta_logged, self.store.directory, meta)
 
     async def _sync_members(self, peer_id: str) -> None:
         assert self.member_service is not None
