@@ -130,7 +130,7 @@ class GatedNoise(NoiseTransport):
         if members is not None and peer not in members:
             # A network lets a stranger in to show its certificate, and nothing else
             # (p2pfl.inbound serves it the members protocol only).
-            if not getattr(members, "open_to_strangers", False):
+            if not (isinstance(members, MemberSource) and members.open_to_strangers):
                 return "not-member"
         return None
 

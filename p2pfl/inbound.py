@@ -159,7 +159,7 @@ class InboundRouter:
             return False
         if isinstance(allowed, MemberSource) and allowed.is_revoked(peer_id):
             return True
-        stranger_may = getattr(allowed, "open_to_strangers", False)
+        stranger_may = isinstance(allowed, MemberSource) and allowed.open_to_strangers
         return not (stranger_may and protocol in self.open_protocols)
 
     async def _serve(self, stream: INetStream, protocol: str, route: _Route) -> None:
