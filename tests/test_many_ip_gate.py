@@ -167,7 +167,12 @@ async def test_idle_noise_strangers_from_many_ips_are_cut_first_on_an_open_node(
             # counted; every upgraded one beyond the budget took an idle one's place.
             before_upgrade = refused.total() - refused["stranger-cut"]
             assert outcomes[CUT] <= before_upgrade and outcomes[UPGRADED] <= reached
-            assert refused["stranger-cut"] >= outcomes[UPGRADED] - max_strangers
+            # The attacker counts a connection upgraded once its own side of Noise is done,
+            # one message before ours: under load some of those are cut as late handshakes
+            # instead of as strangers. Either way each was cut and counted.
+            cut_after_speaking = refused["stranger-cut"] + refused["handshake-evicted"]
+            assert refused["stranger-cut"] > 0
+            assert cut_after_speaking >= outcomes[UPGRADED] - max_strangers
             assert talker.peer_id in node.connected_peers()  # useful: not cut
             # The known neighbour reconnects: it is no stranger, whatever the attack holds.
             await wait_until(lambda: neighbour.peer_id not in node.connected_peers())
