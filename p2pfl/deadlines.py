@@ -5,7 +5,7 @@ slow or hostile peer costs a bounded time and never a stall. The ones an
 operator may need to change are settings (``--send-timeout``,
 ``--read-timeout``, ``--min-link-mbit``, declared in :class:`p2pfl.config.NodeConfig`);
 the others are fixed here. Deadlines for whole models grow with the message's
-size at the peer's link rate (:func:`p2pfl.framing.frame_deadline`,
+size at the peer's link rate (:func:`frame_deadline`,
 :mod:`p2pfl.linkrates`): a fixed 5 s cut off every 4.5 MB update on a
 10 Mbit/s link (measured in the lab).
 """
@@ -13,8 +13,6 @@ size at the peer's link rate (:func:`p2pfl.framing.frame_deadline`,
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from p2pfl.framing import frame_deadline
 
 # One dial: TCP, Noise and yamux together (a dial that the kernel refuses fails at once).
 DIAL_S = 5.0
@@ -30,6 +28,19 @@ HOST_CLOSE_S = 5.0
 # so did 5 s plus one 64 KiB frame each way (12 s); dials failed too, so peers were
 # marked unreachable and missed top-k differences.
 HANDSHAKE_WAIT_BYTES = 2 * 256 * 1024
+
+
+def frame_deadline(timeout: float, length: int, min_bytes_per_s: float | None) -> float:
+    """Seconds a frame of ``length`` bytes may take: ``timeout``, plus its size at the
+    slowest rate the node must serve (None: a fixed deadline whatever the size).
+
+    A fixed deadline capped models by size: a 4.5 MB update never crossed a
+    10 Mbit/s link within 5 s (measured in the network lab).
+    """
+    if min_bytes_per_s is None:
+        return timeout
+    return timeout + length / min_bytes_per_s
+
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from typing import Literal, Protocol
 import trio
 from libp2p.network.stream.exceptions import StreamError
 
+from p2pfl.deadlines import frame_deadline
+
 MAX_UVARINT_BYTES = 9
 MAX_UVARINT = (1 << (7 * MAX_UVARINT_BYTES)) - 1
 # Upper bound of one stream.read: large enough to drain a 16 MiB yamux window in a
@@ -77,18 +79,6 @@ def decode_uvarint(data: bytes | bytearray | memoryview) -> tuple[int, int]:
     if len(data) >= MAX_UVARINT_BYTES:
         raise FrameError("malformed", f"varint longer than {MAX_UVARINT_BYTES} bytes")
     raise FrameError("truncated", "data ends inside the varint")
-
-
-def frame_deadline(timeout: float, length: int, min_bytes_per_s: float | None) -> float:
-    """Seconds a frame of ``length`` bytes may take: ``timeout``, plus its size at the
-    slowest rate the node must serve (None: a fixed deadline whatever the size).
-
-    A fixed deadline capped models by size: a 4.5 MB update never crossed a
-    10 Mbit/s link within 5 s (measured in the network lab).
-    """
-    if min_bytes_per_s is None:
-        return timeout
-    return timeout + length / min_bytes_per_s
 
 
 async def write_frame(
