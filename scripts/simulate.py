@@ -116,7 +116,9 @@ def setting_error(error: SettingError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # Ranks on one machine share its cores (torchrun says how many run here).
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // local))
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # so that --task module:function finds the user's module
 
