@@ -28,6 +28,11 @@ and each a small piece with the gossip core's own rules:
   node by node (:mod:`topologies.privacy`), and every node weighs 1;
 * ``compression``: gossip's codecs, batched, with error feedback or CHOCO
   public copies (:mod:`topologies.compression`).
+
+Under torchrun, each rank holds a block of the nodes (:mod:`topologies.ranks`)
+and the same run gives the same metrics on every rank and any number of
+ranks: every random draw is made for the whole population (network plans,
+training orders, attack noise) or per node (DP noise, DP-SGD), never per rank.
 """
 
 from __future__ import annotations
