@@ -173,6 +173,8 @@ def differing_settings(ranks: Ranks, options: Any) -> str:
 def simulate(options: Any, config: Any, ranks: Ranks) -> int:
     """Run every topology; rank 0 alone writes and prints."""
     lead = ranks.rank == 0
+    if options.nodes < ranks.world:
+        return fail(f"--nodes: {options.nodes} nodes cannot be shared by {ranks.world} ranks")
     names = topology_names(options.topology, TOPOLOGIES)
     try:
         parse_partition(options.partition)
