@@ -10,6 +10,12 @@ data for rounds x local-epochs epochs gives the reference accuracy.
 Writes to --out: summary.json, <topology>.csv (one row per round),
 accuracy.png, consensus.png and graph-<topology>.png (for up to 64 nodes).
 
+Under torchrun, the nodes are split over the ranks (same results, less memory per
+process); rank 0 writes the outputs:
+  torchrun --standalone --nproc-per-node 2 scripts/simulate.py --nodes 10000 ...
+  torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d \
+      --rdzv-endpoint HOST:29400 scripts/simulate.py --nodes 100000 ...
+
 Examples:
   scripts/simulate.py --topology all --nodes 32 --rounds 50
   scripts/simulate.py --topology ring --nodes 16 --partition iid --loss 0.1 --churn 0.2
@@ -54,6 +60,13 @@ from topologies.experiment import (  # noqa: E402
     write_outputs,
 )
 from topologies.graphs import TOPOLOGIES, make_graph  # noqa: E402
+from topologies.ranks import (  # noqa: E402
+    Ranks,
+    check_shardable,
+    close_ranks,
+    init_ranks,
+    launched_ranks,
+)
 from topologies.settings import (  # noqa: E402
     SettingError,
     add_flags,
@@ -103,7 +116,9 @@ def setting_error(error: SettingError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # Ranks on one machine share its cores (torchrun says how many run here).
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // local))
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # so that --task module:function finds the user's module
 
@@ -111,8 +126,55 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_toml(args.config) if args.config is not None else {}
         options = config_from_flags(args, settings)
         config = options.simulation_config()
+        check_shardable(options.attack, options.byzantine, launched_ranks())
     except SettingError as error:
         return fail(setting_error(error))
+    if launched_ranks() == 1:
+        return simulate(options, config, Ranks())
+    try:
+        ranks = init_ranks(options.rank_timeout)
+    except (RuntimeError, ValueError) as exc:
+        return fail(
+            f"rank {os.environ.get('RANK', '?')}: the other ranks did not all join within "
+            f"--rank-timeout {options.rank_timeout:g} s ({first_line(exc)})"
+        )
+    try:
+        disagreement = differing_settings(ranks, options)
+        if disagreement:
+            return fail(f"the ranks were launched with different settings: {disagreement}")
+        return simulate(options, config, ranks)
+    except RuntimeError as exc:  # gloo: a peer closed its connection, or a timeout
+        return fail(f"rank {ranks.rank} of {ranks.world} lost the others: {first_line(exc)}")
+    finally:
+        close_ranks(ranks)
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def differing_settings(ranks: Ranks, options: Any) -> str:
+    """The flags whose values differ between ranks ('' when all agree), as one phrase."""
+    # Where outputs go and how long to wait may differ; everything else shapes the run.
+    mine = {k: str(v) for k, v in vars(options).items() if k not in ("out", "rank_timeout")}
+    everyone = ranks.gather_objects(mine)
+    first = everyone[0]
+    assert isinstance(first, dict)
+    differing = []
+    for name in mine:
+        values = [other[name] for other in everyone if isinstance(other, dict)]
+        if len(set(values)) > 1:
+            shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            differing.append(f"{flag_name(name)} ({shown})")
+    return "; ".join(differing)
+
+
+def simulate(options: Any, config: Any, ranks: Ranks) -> int:
+    """Run every topology; rank 0 alone writes and prints."""
+    lead = ranks.rank == 0
+    if options.nodes < ranks.world:
+        return fail(f"--nodes: {options.nodes} nodes cannot be shared by {ranks.world} ranks")
     names = topology_names(options.topology, TOPOLOGIES)
     try:
         parse_partition(options.partition)
@@ -131,10 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     except (TaskError, ValueError) as exc:
         return fail(str(exc).splitlines()[0])
     try:
-        options.out.mkdir(parents=True, exist_ok=True)
+        if lead:
+            options.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return fail(f"cannot create the output directory {options.out}: {exc.strerror}")
 
+    if not lead:  # the others only simulate their blocks; rank 0 reports
+        run_experiment(task, shards, graphs, config, None, ranks)
+        return 0
     epochs = options.rounds * options.local_epochs
     with console.status(f"centralized baseline: {epochs} epochs on all the data"):
         centralized = centralized_baseline(task, epochs, options.seed)
@@ -142,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     total = options.rounds + options.linger_rounds
     progress, advance = progress_bars(total, names, options.byzantine > 0)
     with progress:
-        runs = run_experiment(task, shards, graphs, config, advance)
-    summary = experiment_summary(options, task, centralized, runs, target)
+        runs = run_experiment(task, shards, graphs, config, advance, ranks)
+    summary = experiment_summary(options, task, centralized, runs, target, ranks.world)
     write_outputs(options.out, summary, runs, centralized.final_accuracy, options.seed)
     out = Console()
     if not out.is_terminal:

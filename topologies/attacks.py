@@ -90,21 +90,30 @@ class Adversary:
         # The noise attack's draws; public so that a test can replay them.
         self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6E6F]))
 
-    def vectors(self, estimates: torch.Tensor) -> torch.Tensor:
-        """The attack vectors [F, P] the Byzantine rows send this round.
+    def vectors(self, estimates: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """The attack vectors the Byzantine rows of ``estimates`` send this round.
 
-        gossip's definition (:func:`gossip.attacks.attack_vectors`) on the
-        attackers' rows; an ALIE attacker sees its honest neighbours' current
-        estimates (the module text says why).
+        ``estimates`` holds nodes ``first ..``: a rank's block, or every node.
+        gossip's definition (:func:`gossip.attacks.attack_vectors`) runs on all
+        F attackers, those of other blocks as zeros, so that the noise attack
+        draws its [F, P] normals row after row as on one rank and keeps this
+        block's; an ALIE attacker sees its honest neighbours' current
+        estimates (the module text says why; it needs every node here).
         """
+        ids = self.rows.numpy()
+        here = (ids >= first) & (ids < first + len(estimates))
         rows = estimates.detach().cpu().numpy()
-        own = rows[self.rows.numpy()]
+        own = np.zeros((len(ids), rows.shape[1]), dtype=rows.dtype)
+        own[here] = rows[ids[here] - first]
         seen = rows[self._seen] if self.attack == "alie" else None
         sent = attack_vectors(self.attack, own, self.scale, self.rng, seen, self._seen_present)
-        return torch.from_numpy(sent).to(estimates.device)
+        return torch.from_numpy(sent[here]).to(estimates.device)
 
-    def apply(self, estimates: torch.Tensor) -> torch.Tensor:
-        """What every node sends: ``estimates`` with the Byzantine rows replaced (a copy)."""
+    def apply(self, estimates: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """What every node of ``estimates`` (nodes ``first ..``) sends: a copy with the
+        Byzantine rows replaced."""
+        ids = self.rows.numpy()
+        local = ids[(ids >= first) & (ids < first + len(estimates))] - first
         sent = estimates.clone()
-        sent[self.rows] = self.vectors(estimates)
+        sent[torch.from_numpy(local)] = self.vectors(estimates, first)
         return sent

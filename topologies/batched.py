@@ -75,22 +75,35 @@ class ParameterLayout:
 
 
 class PaddedShards:
-    """Each node's sample indices as rows of one [n, L] tensor, padded, with their sizes."""
+    """Each node's sample indices as rows of one [rows, L] tensor, padded, with their sizes.
 
-    def __init__(self, shards: list[np.ndarray]) -> None:
-        self.sizes = torch.tensor([len(s) for s in shards], dtype=torch.int64)
-        if (self.sizes == 0).any():
+    ``rows``: the block of nodes kept (a rank's; default all). The width ``L``
+    and the epochs' random orders are the whole population's, so a node's
+    order is the same whatever block it is in.
+    """
+
+    def __init__(self, shards: list[np.ndarray], rows: range | None = None) -> None:
+        rows = range(len(shards)) if rows is None else rows
+        every = torch.tensor([len(s) for s in shards], dtype=torch.int64)
+        if (every == 0).any():
             raise ValueError("every node needs at least one training sample")
-        width = int(self.sizes.max())
-        index = np.zeros((len(shards), width), dtype=np.int64)
-        for i, shard in enumerate(shards):
-            index[i, : len(shard)] = shard
+        self.total, self.first = len(shards), rows.start
+        self.sizes = every[rows.start : rows.stop]
+        width = int(every.max())
+        index = np.zeros((len(rows), width), dtype=np.int64)
+        for i, node in enumerate(rows):
+            index[i, : len(shards[node])] = shards[node]
         self.index = torch.from_numpy(index)
         self.valid = torch.arange(width).unsqueeze(0) < self.sizes.unsqueeze(1)
 
     def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
-        """A fresh random order of each node's own samples, padding last."""
-        keys = torch.rand(self.index.shape, generator=generator)
+        """A fresh random order of each node's own samples, padding last.
+
+        The keys are drawn for every node of the population, then this block's
+        rows kept: the generator moves as on one rank.
+        """
+        keys = torch.rand((self.total, self.index.shape[1]), generator=generator)
+        keys = keys[self.first : self.first + len(self.index)]
         keys.masked_fill_(~self.valid, 2.0)
         return torch.gather(self.index, 1, keys.argsort(dim=1))
 
@@ -110,6 +123,7 @@ class BatchedTrainer:
         generator: torch.Generator,
         active: torch.Tensor | None = None,
         node_chunk: int | None = None,
+        anywhere: bool | None = None,
     ) -> None:
         """Run ``epochs`` of local SGD for every active node, updating ``flat`` [n, P] in place.
 
@@ -118,9 +132,12 @@ class BatchedTrainer:
         chunk, not of all n nodes. The epochs' sample orders are drawn for every
         node first, in the same order as without chunks, and nodes never
         interact while training, so each node follows the same steps either way.
+        ``anywhere``: whether any node of the population trains (default: any of
+        these rows); over ranks, every rank draws the orders when one trains.
         """
         sizes = shards.sizes if active is None else torch.where(active, shards.sizes, 0)
-        if int(sizes.max()) == 0:
+        busy = len(sizes) > 0 and int(sizes.max()) > 0
+        if not (busy if anywhere is None else anywhere):
             return
         orders = [shards.epoch_order(generator) for _ in range(epochs)]
         n = flat.shape[0]

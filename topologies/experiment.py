@@ -21,6 +21,7 @@ from rich.table import Table
 from fltasks import Task
 from topologies.mixing import metropolis_hastings, spectral_gap
 from topologies.privacy import DELTA
+from topologies.ranks import Ranks
 from topologies.report import (
     TopologyRun,
     draw_graph,
@@ -54,12 +55,19 @@ def run_experiment(
     graphs: Mapping[str, nx.Graph],
     config: SimulationConfig,
     on_round: RoundCallback | None = None,
+    ranks: Ranks | None = None,
 ) -> list[TopologyRun]:
-    """Simulate every graph in turn with the same task, shards and config."""
+    """Simulate every graph in turn with the same task, shards and config.
+
+    Over ``ranks`` each rank runs its block of every graph; the runs' metrics
+    are the whole population's on every rank, and only rank 0 (which writes
+    them) computes the spectral gaps.
+    """
+    ranks = ranks if ranks is not None else Ranks()
     runs = []
     for name, graph in graphs.items():
         start = time.perf_counter()
-        simulation = Simulation.for_task(task, graph, shards, config)
+        simulation = Simulation.for_task(task, graph, shards, config, ranks=ranks)
         history = simulation.run(None if on_round is None else lambda m, n=name: on_round(n, m))
         seconds = time.perf_counter() - start
         epsilon = simulation.epsilon()
@@ -68,7 +76,7 @@ def run_experiment(
                 name,
                 graph,
                 history,
-                spectral_gap(metropolis_hastings(graph)),
+                spectral_gap(metropolis_hastings(graph)) if ranks.rank == 0 else float("nan"),
                 seconds,
                 simulation.message_bytes,
                 epsilon,
@@ -84,9 +92,12 @@ def experiment_summary(
     centralized: Any,
     runs: Sequence[TopologyRun],
     target: float,
+    ranks: int = 1,
 ) -> dict[str, Any]:
-    """What ``summary.json`` holds: the settings, the centralized reference, each topology."""
+    """What ``summary.json`` holds: the settings, the centralized reference, each topology,
+    and the number of ranks that ran it."""
     summary: dict[str, Any] = {
+        "ranks": ranks,
         "config": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
             "message_bytes": runs[0].message_bytes,

@@ -7,6 +7,8 @@ coordinate, and applies the noisy delta instead of the real one. Clipping is
 :func:`gossip.privacy.clip_rows` itself, the rule the daemon clips with; the
 noise is drawn from a seeded torch generator, which a simulation needs for
 reproducibility and a real node must never do (gossip draws from OS entropy).
+Each node has its own stream, seeded by (seed, node, the node's step), so a
+node's noise is the same whichever rank holds it (:mod:`topologies.ranks`).
 
 The privacy cost is gossip's own accounting: a :class:`gossip.privacy.RdpAccountant`
 at the mechanism's effective multiplier (``sigma / 2``, since the whole
@@ -34,7 +36,7 @@ class BatchedGaussianMechanism:
         # Validates C and sigma with gossip's one-line errors, and fixes the accounting.
         self.mechanism = GaussianMechanism(clip_norm, noise_multiplier, np.random.default_rng(0))
         self.steps = np.zeros(nodes, dtype=np.int64)
-        self._generator = torch.Generator().manual_seed(seed + 0x4450)
+        self.seed = seed
 
     @property
     def clip_norm(self) -> float:
@@ -50,15 +52,24 @@ class BatchedGaussianMechanism:
         clipped = clip_rows(deltas.detach().cpu().double().numpy(), self.clip_norm)
         return torch.from_numpy(clipped).to(device=deltas.device, dtype=deltas.dtype)
 
-    def privatize(self, before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor) -> None:
-        """Replace ``after[rows]`` with ``before + clip(after - before) + noise``, in place."""
+    def privatize(
+        self, before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor, first: int = 0
+    ) -> None:
+        """Replace ``after[rows]`` with ``before + clip(after - before) + noise``, in place.
+
+        The tensors hold nodes ``first ..`` (a rank's block, or every node)."""
         if len(rows) == 0:
             return
         start = before.index_select(0, rows)
         delta = self.clip(after.index_select(0, rows) - start)
-        noise = torch.randn(delta.shape, generator=self._generator, dtype=delta.dtype)
+        nodes = rows.numpy() + first
+        noise = torch.empty_like(delta)
+        for row, node in enumerate(nodes.tolist()):
+            stream = np.random.SeedSequence([self.seed, 0x4450, node, int(self.steps[node])])
+            generator = torch.Generator().manual_seed(int(stream.generate_state(1, np.uint64)[0]))
+            noise[row] = torch.randn(delta.shape[1], generator=generator, dtype=delta.dtype)
         after[rows] = start + delta + self.noise_std * noise
-        self.steps[rows.numpy()] += 1
+        self.steps[nodes] += 1
 
     def epsilon(self, delta: float = DELTA) -> float:
         """The largest epsilon of any node so far, from gossip's accountant."""
@@ -89,7 +100,9 @@ class DpSgdNodes:
         noise_multiplier: float,
         seed: int,
         lr: float = DP_SGD_LR,
+        first: int = 0,
     ) -> None:
+        """``shards``: those of nodes ``first ..`` (a rank's block, or every node)."""
         from fltasks.dp_sgd import DpSgdTrainer  # opacus only when asked for
 
         self.layout = layout
@@ -97,7 +110,7 @@ class DpSgdNodes:
         self.trainers = []
         for index, (model, shard) in enumerate(zip(self.models, shards, strict=True)):
             rows = torch.as_tensor(shard, dtype=torch.long)
-            generator = torch.Generator().manual_seed(seed * 100_003 + index + 0x5347)
+            generator = torch.Generator().manual_seed(seed * 100_003 + first + index + 0x5347)
             self.trainers.append(
                 DpSgdTrainer(
                     model,

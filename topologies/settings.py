@@ -40,8 +40,9 @@ from gossip.robust import DEFAULT_CLIP_FRACTION, DEFAULT_TRIM_FRACTION
 from topologies.attacks import ATTACKS
 from topologies.graphs import TOPOLOGIES
 from topologies.network import NetworkConditions
+from topologies.ranks import DEFAULT_TIMEOUT_S
 from topologies.settings_error import SettingError
-from topologies.simulator import SimulationConfig
+from topologies.sim_config import SimulationConfig
 
 __all__ = [
     "ExperimentConfig",
@@ -244,6 +245,13 @@ class ExperimentConfig:
         _SIM.node_chunk,
         metavar="NODES",
     )
+    rank_timeout: float = setting(
+        "run",
+        "under torchrun: seconds a rank waits for the others, to join and at each exchange, "
+        "before it fails",
+        DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+    )
 
     def __post_init__(self) -> None:
         """Each setting's type, choices and range, from its declaration."""
@@ -274,6 +282,8 @@ class ExperimentConfig:
             raise SettingError(
                 ("byzantine", "nodes"), f"byzantine must be below nodes, got {self.byzantine}"
             )
+        if not self.rank_timeout > 0:
+            raise SettingError("rank_timeout", f"must be > 0, got {self.rank_timeout}")
         if self.dp_lr != _SIM.dp_lr and self.dp != "sample":
             raise SettingError("dp_lr", "is DP-SGD's learning rate: give it with --dp sample")
         passed = {name: getattr(self, name) for name in _PASSED_THROUGH}

@@ -28,6 +28,11 @@ and each a small piece with the gossip core's own rules:
   node by node (:mod:`topologies.privacy`), and every node weighs 1;
 * ``compression``: gossip's codecs, batched, with error feedback or CHOCO
   public copies (:mod:`topologies.compression`).
+
+Under torchrun, each rank holds a block of the nodes (:mod:`topologies.ranks`)
+and the same run gives the same metrics on every rank and any number of
+ranks: every random draw is made for the whole population (network plans,
+training orders, attack noise) or per node (DP noise, DP-SGD), never per rank.
 """
 
 from __future__ import annotations
@@ -36,37 +41,26 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
 import torch
 
 from fltasks import Task
-from fltasks.dp_defaults import DP_SGD_LR
 from fltasks.malloc import return_large_buffers
 from fltasks.scaling import node_view
-from topologies.attacks import ATTACKS, Adversary, choose_byzantine
+from topologies.attacks import Adversary, choose_byzantine
 from topologies.batched import BatchedTrainer, PaddedShards, make_trainer
-from topologies.compression import (
-    DEFAULT_CHOCO_STEP,
-    DEFAULT_COMPENSATION,
-    BatchedCodec,
-    Compressor,
-    resolve_codec,
-)
-from topologies.network import (
-    DELIVERED,
-    LOST,
-    NetworkConditions,
-    NetworkModel,
-    RoundPlan,
-    message_bytes,
-)
+from topologies.compression import BatchedCodec, Compressor, resolve_codec
+from topologies.network import DELIVERED, LOST, NetworkModel, RoundPlan, message_bytes
 from topologies.privacy import DELTA, BatchedGaussianMechanism, DpSgdNodes
-from topologies.robust import BatchedRule, batched_rule
-from topologies.settings_error import SettingError
+from topologies.ranks import Halo, Ranks
+from topologies.robust import batched_rule
+from topologies.sim_config import SimulationConfig
 from topologies.stacked_pushsum import StackedPushSum, consensus_distance
+
+__all__ = ["RoundMetrics", "Simulation", "SimulationConfig", "centralized_baseline"]
 
 # Below this many stacked values per op, a second thread costs more in start-up and
 # spin-waiting than it saves: measured 18x slower (14.7 s against 0.8 s) for the
@@ -93,124 +87,6 @@ def torch_threads(count: int) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class SimulationConfig:
-    rounds: int = 50
-    # Rounds after the last training round that only gossip, as a daemon lingers
-    # (--linger): a node's last noisy step is then averaged before it is measured.
-    linger_rounds: int = 0
-    # 10 epochs of each node's few dozen records per round: with 1, even FedAvg ends 5
-    # points below centralized training on digits in 50 rounds (docs/SIMULATOR.md).
-    local_epochs: int = 10
-    train: bool = True
-    evaluate: bool = True
-    network: NetworkConditions = field(default_factory=NetworkConditions)
-    seed: int = 0
-    dtype: torch.dtype = torch.float32  # of the stacked estimates and the mixing product
-    aggregator: str = "mean"  # or a robust rule of gossip.aggregation
-    # beta of trimmed-mean and clipped; None: each rule's own default (gossip.robust)
-    trim_fraction: float | None = None
-    clip_radius: float | None = None  # fixed tau of clipped; None: adaptive
-    byzantine: int = 0
-    attack: str = "sign-flip"
-    attack_scale: float | None = None  # None: the attack's default (topologies.attacks)
-    dp_clip: float | None = None
-    dp_noise: float | None = None
-    dp_mode: str = "node"  # or "sample": per-record DP-SGD (the daemon's --dp)
-    dp_lr: float = DP_SGD_LR  # DP-SGD's learning rate under "sample" (the daemon's --dp-lr)
-    compression: str = "raw"  # raw, fp16, int8, topk:FRACTION (the daemon's codec ids)
-    choco_step: float = DEFAULT_CHOCO_STEP  # gamma of top-k's public-copy mixing
-    choco_compensation: float = DEFAULT_COMPENSATION  # residual mass a top-k sender keeps
-    # Bounds working memory for large models: train, evaluate and measure this many
-    # nodes at a time, and mix the plain push-sum in column blocks of the same size.
-    node_chunk: int | None = None
-
-    def __post_init__(self) -> None:
-        """Every problem is a :class:`SettingError` naming the fields to change."""
-        if self.rounds < 0:
-            raise SettingError("rounds", f"must be >= 0, got {self.rounds}")
-        if self.linger_rounds < 0:
-            raise SettingError("linger_rounds", f"must be >= 0, got {self.linger_rounds}")
-        if self.local_epochs < 1:
-            raise SettingError("local_epochs", f"must be >= 1, got {self.local_epochs}")
-        if self.dtype not in (torch.float32, torch.float64):
-            raise SettingError("dtype", "must be torch.float32 or torch.float64")
-        rule = self._robust_rule()
-        if rule is None and (self.trim_fraction is not None or self.clip_radius is not None):
-            raise SettingError(
-                ("trim_fraction", "clip_radius"),
-                "need a robust aggregator (trimmed-mean or clipped)",
-            )
-        if rule is not None and self.network.delay:
-            raise SettingError(
-                ("aggregator", "delay"),
-                f"{self.aggregator!r} needs delay 0 in the simulator "
-                "(delayed messages are only modelled for push-sum's mean)",
-            )
-        if self.node_chunk is not None and self.node_chunk < 1:
-            raise SettingError("node_chunk", f"must be >= 1, got {self.node_chunk}")
-        if self.byzantine < 0:
-            raise SettingError("byzantine", f"must be >= 0, got {self.byzantine}")
-        if self.attack not in ATTACKS:
-            raise SettingError(
-                "attack", f"unknown {self.attack!r}; choose one of: {', '.join(ATTACKS)}"
-            )
-        if self.attack_scale is not None and not math.isfinite(self.attack_scale):
-            raise SettingError("attack_scale", f"must be a finite number, got {self.attack_scale}")
-        if (self.dp_clip is None) != (self.dp_noise is None):
-            raise SettingError(("dp_clip", "dp_noise"), "give both to turn DP on, or neither")
-        if self.dp_clip is not None:
-            try:
-                BatchedGaussianMechanism(self.dp_clip, self.dp_noise, 1, 0)  # validates C, sigma
-            except ValueError as error:
-                raise SettingError(("dp_clip", "dp_noise"), str(error)) from None
-        if self.dp_mode not in ("node", "sample"):
-            raise SettingError("dp_mode", f"must be node or sample, got {self.dp_mode!r}")
-        if not (math.isfinite(self.dp_lr) and self.dp_lr > 0):
-            raise SettingError("dp_lr", f"must be a finite number > 0, got {self.dp_lr}")
-        try:
-            codec = resolve_codec(self.compression)
-        except ValueError as error:
-            raise SettingError("compression", str(error)) from None
-        sparse = BatchedCodec(codec, []).sparse
-        if sparse and not self.network.ideal:
-            raise SettingError(
-                ("compression", "loss", "delay", "churn"),
-                f"{self.compression} keeps public copies that every neighbour must update: "
-                "it needs loss, delay and churn 0",
-            )
-        if not (math.isfinite(self.choco_step) and 0 < self.choco_step <= 1):
-            raise SettingError("choco_step", f"must be in (0, 1], got {self.choco_step}")
-        if not 0 <= self.choco_compensation <= 1:
-            raise SettingError(
-                "choco_compensation", f"must be in [0, 1], got {self.choco_compensation}"
-            )
-        if not sparse and (
-            self.choco_step != DEFAULT_CHOCO_STEP or self.choco_compensation != DEFAULT_COMPENSATION
-        ):
-            raise SettingError(
-                ("choco_step", "choco_compensation"), "apply to topk compression only"
-            )
-
-    def _robust_rule(self) -> BatchedRule | None:
-        """gossip's rule for these settings; each bad parameter named on its own."""
-        given = {"trim_fraction": self.trim_fraction, "clip_radius": self.clip_radius}
-        checked: dict[str, float | None] = {"trim_fraction": None, "clip_radius": None}
-        try:
-            rule = batched_rule(self.aggregator)
-        except ValueError as error:
-            raise SettingError("aggregator", str(error)) from None
-        for name, value in given.items():
-            checked[name] = value
-            try:
-                rule = batched_rule(
-                    self.aggregator, checked["trim_fraction"], checked["clip_radius"]
-                )
-            except ValueError as error:
-                raise SettingError(name, str(error)) from None
-        return rule
-
-
-@dataclass(frozen=True)
 class RoundMetrics:
     round: int
     accuracy_mean: float | None
@@ -224,7 +100,12 @@ class RoundMetrics:
 
 
 class Simulation:
-    """One run on one graph. Build with :meth:`for_task`, or directly for consensus only."""
+    """One run on one graph. Build with :meth:`for_task`, or directly for consensus only.
+
+    Over several ranks (``ranks``, :mod:`topologies.ranks`) this process holds
+    the block of nodes its rank owns; the metrics it returns are the whole
+    population's, the same on every rank.
+    """
 
     def __init__(
         self,
@@ -237,36 +118,52 @@ class Simulation:
         trainer: BatchedTrainer | None = None,
         shards: PaddedShards | None = None,
         parameter_shapes: dict[str, tuple[int, ...]] | None = None,
+        ranks: Ranks | None = None,
     ) -> None:
+        """``estimates``: every node's [n, P] or this rank's block of rows; ``weights``:
+        every node's; ``shards``: this rank's block (:meth:`for_task` makes them)."""
         if (config.train or config.evaluate) and (task is None or trainer is None):
             raise ValueError("training or evaluation needs a task and its trainer")
         if config.train and shards is None:
             raise ValueError("training needs the nodes' shards")
         self.graph = graph
         self.config = config
+        self.ranks = ranks if ranks is not None else Ranks()
+        n = graph.number_of_nodes()
+        if n < self.ranks.world:
+            raise ValueError(f"{n} nodes cannot be shared by {self.ranks.world} ranks")
         if config.node_chunk is not None:
             return_large_buffers()  # else glibc's heap fragments, and grows with n
         self.task, self.trainer, self.shards = task, trainer, shards
         self.network = NetworkModel(graph, config.network, seed=config.seed)
+        self.halo = Halo(self.ranks, n, self.network.src, self.network.dst)
+        lo, hi = self.halo.lo, self.halo.hi
+        self.rows = slice(lo, hi)
+        if estimates.shape[0] == n:
+            estimates = estimates[lo:hi]
         self.state = StackedPushSum(
             estimates.to(config.dtype),
             weights,
             self.network,
-            mix_columns=_mix_columns(config, graph.number_of_nodes(), estimates.shape[1]),
+            mix_columns=_mix_columns(config, self.halo.size, estimates.shape[1]),
+            halo=self.halo,
         )
         self.round = 0
         self._generator = torch.Generator().manual_seed(config.seed)
         shapes = parameter_shapes or {"parameters": (estimates.shape[1],)}
-        n = graph.number_of_nodes()
         codec = resolve_codec(config.compression)
         self.message_bytes = message_bytes(shapes, codec.id)
+        # The same on every rank: the consensus distance's blocks follow node ids.
         self._rows_at_once = min(CONSENSUS_CHUNK_NODES, n, config.node_chunk or n)
         self._scratch = torch.empty(self._rows_at_once, estimates.shape[1], dtype=config.dtype)
 
         self.rule = batched_rule(config.aggregator, config.trim_fraction, config.clip_radius)
+        # Whole-population masks (a byte a node, the same on every rank) and this block's.
         self.byzantine = choose_byzantine(n, config.byzantine, config.seed)
         self.honest = ~self.byzantine
         self._honest_rows = torch.from_numpy(np.flatnonzero(self.honest))
+        self._honest_here = torch.from_numpy(np.flatnonzero(self.honest[lo:hi]))
+        self._ids = np.arange(lo, hi)
         self.adversary = None
         if config.byzantine:
             net = self.network
@@ -285,10 +182,10 @@ class Simulation:
         if config.dp_clip is not None and config.dp_noise is not None:
             if config.dp_mode == "sample" and config.train:
                 assert task is not None and trainer is not None and shards is not None
-                own = [shards.index[i, : int(shards.sizes[i])].numpy() for i in range(n)]
+                own = [shards.index[i, : int(shards.sizes[i])].numpy() for i in range(hi - lo)]
                 self.dp_sgd = DpSgdNodes(
                     task, trainer.layout, own, config.dp_clip, config.dp_noise, config.seed,
-                    lr=config.dp_lr,
+                    lr=config.dp_lr, first=lo,
                 )
             elif config.dp_mode == "node":
                 self.privacy = BatchedGaussianMechanism(
@@ -305,23 +202,27 @@ class Simulation:
         config: SimulationConfig,
         *,
         generic: bool = False,
+        ranks: Ranks | None = None,
     ) -> Simulation:
         """Every node starts from the task's one initial model, weighted by its shard size.
 
         Each node's features are scaled as its daemon scales them
         (:func:`fltasks.scaling.node_view`): from its own shard, or from public
-        ranges under ``--dp sample``.
+        ranges under ``--dp sample``. ``shards``: every node's (index arrays, the
+        same on every rank); a rank keeps its block's.
         """
         n = graph.number_of_nodes()
         if len(shards) != n:
             raise ValueError(f"{len(shards)} shards for {n} nodes")
+        ranks = ranks if ranks is not None else Ranks()
+        lo, hi = ranks.block(n)
         record_private = config.dp_mode == "sample" and config.dp_clip is not None
         task = node_view(task, shards, record_private=record_private)
         model = task.make_model()
         trainer = make_trainer(task, model, generic=generic)
         initial = trainer.layout.flatten(model)
-        # A broadcast view: the push-sum state makes the one [n, P] copy.
-        estimates = initial.to(config.dtype).unsqueeze(0).expand(n, -1)
+        # A broadcast view: the push-sum state makes the one [rows, P] copy.
+        estimates = initial.to(config.dtype).unsqueeze(0).expand(hi - lo, -1)
         weights = np.array([len(s) for s in shards], dtype=np.float64)
         if config.dp_mode == "sample" and config.dp_clip is not None:
             weights = np.ones(n)  # as a --dp sample daemon sends: counts stay private
@@ -333,12 +234,14 @@ class Simulation:
             config,
             task=task,
             trainer=trainer,
-            shards=PaddedShards(shards),
+            shards=PaddedShards(shards, rows=range(lo, hi)),
             parameter_shapes=shapes,
+            ranks=ranks,
         )
 
     @property
     def estimates(self) -> torch.Tensor:
+        """This rank's block of estimates (every node's on one rank)."""
         return self.state.estimates
 
     @property
@@ -348,14 +251,14 @@ class Simulation:
     def epsilon(self, delta: float = DELTA) -> float | None:
         """The privacy spent so far by the most-trained honest node, or None without DP."""
         if self.dp_sgd is not None:
-            return self.dp_sgd.epsilon(delta)
-        return None if self.privacy is None else self.privacy.epsilon(delta)
+            return self.ranks.max(self.dp_sgd.epsilon(delta))
+        return None if self.privacy is None else self.ranks.max(self.privacy.epsilon(delta))
 
     def step(self) -> RoundMetrics:
         """Train, gossip, measure: one round."""
         plan = self.network.plan(self.round)
         if self.config.train and self.round < self.config.rounds:  # then lingering
-            self._train(torch.from_numpy(plan.online))
+            self._train(plan.online)
         if self._plain:
             self.state.gossip(plan)
         else:
@@ -375,15 +278,19 @@ class Simulation:
         messages = int(np.count_nonzero((plan.fate == DELIVERED) | (plan.fate == LOST)))
         acc = self.accuracy() if self.config.evaluate else None
         honest_acc = acc if acc is None or self.adversary is None else acc[self._honest_rows]
-        estimates = self.state.estimates
+        estimates, ids = self.state.estimates, self._ids
         if self.adversary is not None:
-            estimates = estimates.index_select(0, self._honest_rows)
+            estimates = estimates.index_select(0, self._honest_here)
+            ids = ids[self._honest_here.numpy()]
+        distance = consensus_distance(
+            estimates, self._scratch, self._rows_at_once, self.ranks, ids
+        )
         return RoundMetrics(
             round=self.round,
             accuracy_mean=None if acc is None else float(acc.mean()),
             accuracy_min=None if acc is None else float(acc.min()),
             accuracy_max=None if acc is None else float(acc.max()),
-            consensus_distance=consensus_distance(estimates, self._scratch, self._rows_at_once),
+            consensus_distance=distance,
             bytes_per_node=messages * self.message_bytes / self.network.n,
             online=int(plan.online.sum()),
             honest_accuracy_mean=None if honest_acc is None else float(honest_acc.mean()),
@@ -394,16 +301,19 @@ class Simulation:
         """Each node's message as its receivers decode it: attack, then compression."""
         targets = self.state.estimates
         if self.adversary is not None:
-            targets = self.adversary.apply(targets)
+            targets = self.adversary.apply(targets, first=self.halo.lo)
         if self.compressor is None:
             return targets
         return self.compressor.encode(
-            targets, torch.from_numpy(plan.online), torch.from_numpy(self.honest)
+            targets,
+            torch.from_numpy(plan.online[self.rows]),
+            torch.from_numpy(self.honest[self.rows]),
         )
 
     def _admit(self, plan: RoundPlan, sent: torch.Tensor) -> RoundPlan:
         """Receivers reject non-finite messages (gossip's admission): they count as lost."""
-        finite = torch.isfinite(sent).all(dim=1).numpy()
+        finite_here = torch.isfinite(sent).all(dim=1).to(torch.uint8)
+        finite = self.ranks.gather_rows(finite_here, self.network.n).numpy().astype(bool)
         if finite.all():
             return plan
         fate = plan.fate.copy()
@@ -422,32 +332,37 @@ class Simulation:
         return history
 
     def accuracy(self) -> torch.Tensor:
-        """Test accuracy of every node's current estimate: a float tensor [n]."""
+        """Test accuracy of every node's current estimate: a float tensor [n], all ranks'."""
         assert self.task is not None and self.trainer is not None
         flat = self.state.estimates
         if flat.dtype != torch.float32:
             flat = flat.float()
-        return self.trainer.accuracy(
+        local = self.trainer.accuracy(
             flat, self.task.x_test, self.task.y_test, self.config.node_chunk
         )
+        return self.ranks.gather_rows(local, self.network.n)
 
-    def _train(self, active: torch.Tensor) -> None:
+    def _train(self, online: np.ndarray) -> None:
+        """Local SGD for this block's online nodes; ``online``: every node's (bool [n])."""
         assert self.trainer is not None and self.shards is not None
         estimates = self.state.estimates
         flat = estimates if estimates.dtype == torch.float32 else estimates.float()
         before = None if self.privacy is None else flat.clone()
+        active = torch.from_numpy(online[self.rows])
+        training = online
         if self.dp_sgd is not None:
-            honest = torch.from_numpy(self.honest)
+            honest = torch.from_numpy(self.honest[self.rows])
             rows = torch.from_numpy(np.flatnonzero((active & honest).numpy()))
             self.dp_sgd.train(flat, rows, self.config.local_epochs)
             active = active & ~honest  # Byzantine rows still train the plain way
+            training = online & self.byzantine
         self.trainer.train(
             flat, self.shards, self.config.local_epochs, self._generator, active,
-            self.config.node_chunk,
+            self.config.node_chunk, anywhere=bool(training.any()),
         )
         if self.privacy is not None:
-            rows = torch.from_numpy(np.flatnonzero(active.numpy() & self.honest))
-            self.privacy.privatize(before, flat, rows)
+            rows = np.flatnonzero(active.numpy() & self.honest[self.rows])
+            self.privacy.privatize(before, flat, torch.from_numpy(rows), first=self.halo.lo)
         if flat is not estimates:
             estimates.copy_(flat)  # push-sum's replace_estimate: the weight does not move
 
