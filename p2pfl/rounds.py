@@ -46,7 +46,7 @@ ATTACK_PUSH_INTERVAL_S = 0.03
 HELD_WAIT_S = 5.0
 # Serving ends once every in-neighbour's vote is this close to our model (relative L2
 # distance): the neighbourhood has converged on what it can still exchange.
-SETTLED_DISTANCE = 0.05
+SETTLED_DISTANCE = 0.01
 
 
 class RoundLoop:

@@ -100,16 +100,17 @@ def test_a_forgotten_silent_peer_accounts_its_share_as_lost_once() -> None:
 def test_training_waits_for_the_network_only_while_a_push_is_in_flight() -> None:
     a, b = peer_id(), peer_id()
     policy = policy_with(a, b)
+    done = 1 + MAX_ROUNDS_AHEAD  # rounds trained; the first one's model is on its way
     policy.start_pushes(Share(1, 0.3), [a, b], round=1)
-    assert policy.may_train(1)  # round 2 overlaps round 1's push
-    assert not policy.may_train(1 + MAX_ROUNDS_AHEAD)  # round 3 waits for round 1 to land
+    assert all(policy.may_train(r) for r in range(done))
+    assert not policy.may_train(done)  # its round-1 model reached nobody yet
     policy.answered(a, Share(1, 0.3), accepted(), 1000, 0.01, now=1.0)
     policy.push_ended(a)
-    assert policy.reached_round == 1 and policy.may_train(2)
-    assert not policy.may_train(3)  # b's push is still in flight
+    assert policy.reached_round == 1 and policy.may_train(done)
+    assert not policy.may_train(done + 1)  # b's push is still in flight
     policy.send_failed(b, Share(1, 0.3), now=2.0, timed_out=True)
     policy.push_ended(b)
-    assert policy.may_train(3)  # nothing in flight: nothing to wait for
+    assert policy.may_train(done + 1)  # nothing in flight: nothing to wait for
 
 
 def test_a_lone_node_is_never_held() -> None:
