@@ -132,11 +132,11 @@ async def test_send_delivers_1_kib_and_8_mib_intact() -> None:
 
 async def test_served_frames_measure_the_peers_link() -> None:
     """A frame that missed its deadline halves the sender's rate; a large one that
-    completes at loopback speed raises it again (the assumption, 16 Mbit/s, is far below)."""
+    completes at loopback speed raises it again (the promise, 16 Mbit/s, is far below)."""
     with trio.fail_after(30):
         async with transports(2) as [a, b]:
             received: list[tuple[str, bytes]] = []
-            rates = LinkRates(assumed=2e6)
+            rates = LinkRates(promised=2e6)
             b.set_handler(PROTOCOL, collect_into(received), 16 << 20, 0.5, rates)
             peer = await a.connect(b.addrs[0], timeout=5)
             stream = await a.host.new_stream(ID.from_base58(peer), [TProtocol(PROTOCOL)])
