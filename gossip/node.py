@@ -293,14 +293,6 @@ class GossipNode:
         message = self._sign(self.seq, weight, codec_id, tensors, now)
         return Outgoing(message, self.seq, folded, weight)
 
-    def probe(self, now: float) -> Outgoing:
-        """The current model with weight 0 and a new ``seq``: what a silent peer gets
-        instead of a share (p2pfl/silence.py), so its silence can cost nothing. Raw, so
-        that no encoder's memory or top-k link copy is spent on it."""
-        self.seq += 1
-        tensors = self.layout.unflatten(self.pushsum.estimate)
-        return Outgoing(self._sign(self.seq, 0.0, "raw", tensors, now), self.seq, tensors, 0.0)
-
     def addressed(self, outgoing: Outgoing, peer: bytes, now: float) -> Outgoing:
         """``outgoing`` as pushed to ``peer`` (its ed25519 key): for top-k the difference
         to that link's copy, or the copy afresh; any other codec's message as it is.

@@ -96,15 +96,6 @@ class VoteTable:
             if round - vote.round <= self.max_age
         }
 
-    def distance(self, estimate: np.ndarray) -> float | None:
-        """The largest distance from ``estimate`` to any vote, relative to its norm: how
-        far this node is from consensus with its in-neighbours (None: no vote yet)."""
-        if not self._votes:
-            return None
-        scale = max(float(np.linalg.norm(estimate)), 1e-12)
-        votes = self._votes.values()
-        return max(float(np.linalg.norm(v.estimate - estimate)) for v in votes) / scale
-
     def pending_weight(self) -> float:
         """The weight of every share not yet folded in; read only (for the status page)."""
         return sum(vote.pending_weight for vote in self._votes.values())

@@ -20,12 +20,7 @@ It owns, so that each decision is made in one place:
 * the link rates (:mod:`p2pfl.linkrates`) that push and read deadlines assume;
 * the pushes in flight: at most one per peer, and the weight each carries, so
   that ``weight + weight_pending + weight_in_flight`` holds at every moment;
-* when a link that keeps failing is closed so that the next push redials it;
-* silent peers (p2pfl/silence.py): after one unanswered push, weight-0 probes
-  instead of shares, and a drop after unanswered probes;
-* whether the network keeps up with training (:meth:`PeerPolicy.may_train`, the
-  staleness bound) and whether the neighbourhood has our final model
-  (:meth:`PeerPolicy.final_model_reached`).
+* when a link that keeps failing is closed so that the next push redials it.
 """
 
 from __future__ import annotations
@@ -38,20 +33,12 @@ from typing import Any, Generic, Protocol, TypeVar
 from gossip.delivery import DeliveryLedger, InvalidReceipt, Receipt
 from p2pfl.linkrates import LinkRates
 from p2pfl.peer_exchange import PeerBook
-from p2pfl.silence import SilentPeers
 
 # Pushes to one peer that fail in a row before its connection is closed and redialled.
 # Not at the first failure: closing also cuts the peer's pushes to us on that
 # connection, and on a congested link one slow stream made every push fail in turn
 # (measured in the lab).
 FAILURES_BEFORE_REDIAL = 2
-# Bounded staleness (asynchronous SGP's tau, Assran et al. 2019): a node does not train
-# round r+1 + MAX_ROUNDS_AHEAD while its round-r model has reached no neighbour. In the
-# lab at 10 Mbit/s, nodes otherwise finished 10 rounds having merged almost nothing
-# (issue 24). Measured there (one run each): tau=1 (training overlaps one push) ended at
-# accuracy mean 0.56, tau=0 at 0.62, so the issue's own rule, tau=0, is kept. The wait is
-# bounded by the pushes' own deadlines: it lasts only while a push is in flight.
-MAX_ROUNDS_AHEAD = 0
 
 
 class MemberBook(PeerBook):
@@ -132,23 +119,13 @@ class Forget:
 
 
 @dataclass(frozen=True)
-class Dropped:
-    """``peer`` fell silent and stayed silent to probes: no longer a neighbour."""
-
-    peer: str
-
-
-@dataclass(frozen=True)
 class Redial:
     """Dial ``peer`` (known, unreachable) and report the outcome: how a healed cut is seen."""
 
     peer: str
 
 
-Action = (
-    Push[Any] | Refund[Any] | Settle[Any] | Disconnect | MarkUnreachable | Forget | Redial
-    | Dropped
-)
+Action = Push[Any] | Refund[Any] | Settle[Any] | Disconnect | MarkUnreachable | Forget | Redial
 
 
 @dataclass
@@ -172,37 +149,10 @@ class PeerPolicy(Generic[S]):
     """Failed pushes per peer since its last answered one (see FAILURES_BEFORE_REDIAL)."""
     in_flight: dict[str, float] = field(default_factory=dict)
     """Peers with a push in flight, and the weight it carries."""
-    in_flight_round: dict[str, int] = field(default_factory=dict)
-    """Peers with a push in flight, and the training round of the model it carries."""
-    silence: SilentPeers = field(default_factory=SilentPeers)
-    reached_by: dict[str, int] = field(default_factory=dict)
-    """Per peer, the latest training round of ours it accepted a model of."""
-    reached_round: int = 0
-    """The latest training round of ours that some neighbour accepted a model of."""
 
     @classmethod
     def create(cls, book: PeerBook, min_link_bytes_per_s: float) -> PeerPolicy[S]:
         return cls(book, LinkRates(min_link_bytes_per_s), LinkRates(min_link_bytes_per_s))
-
-    # -- does the network keep up ------------------------------------------------------------
-
-    def may_train(self, rounds_done: int) -> bool:
-        """May round ``rounds_done + 1`` train now? Not while more than
-        ``MAX_ROUNDS_AHEAD`` of our rounds have reached no neighbour and a push that
-        could carry one is in flight (with nothing in flight, nothing is waited for:
-        a lone node or one whose neighbours are all gone trains at full speed)."""
-        if rounds_done - self.reached_round <= MAX_ROUNDS_AHEAD:
-            return True
-        return not self.in_flight_round
-
-    def final_model_reached(self, neighbours: Iterable[str], final_round: int) -> bool:
-        """Every one of ``neighbours`` (dropped ones aside) accepted a model of ours
-        from round ``final_round`` or later."""
-        return all(
-            self.reached_by.get(p, -1) >= final_round
-            for p in neighbours
-            if not self.silence.is_dropped(p)
-        )
 
     # -- who can take a push ---------------------------------------------------------------
 
@@ -213,30 +163,18 @@ class PeerPolicy(Generic[S]):
         the last, and a top-k link's residual (gossip/public_copy.py) carries what
         the skipped difference would have to its next one.
         """
-        return [
-            p for p in peers
-            if self.book.reachable(p) and p not in self.in_flight and not self.silence.is_silent(p)
-        ]
+        return [p for p in peers if self.book.reachable(p) and p not in self.in_flight]
 
-    def probes_due(self, now: float) -> list[str]:
-        """Silent peers (p2pfl/silence.py) due a weight-0 probe now."""
-        return [
-            p for p in self.silence.probes_due(now)
-            if self.book.reachable(p) and p not in self.in_flight
-        ]
-
-    def start_pushes(self, share: S, peers: Iterable[str], round: int = 0) -> list[Push[S]]:
+    def start_pushes(self, share: S, peers: Iterable[str]) -> list[Push[S]]:
         """The weight of ``share`` was split off for each of ``peers``: from now on it is
         in flight. Call it as the weight is split, before anything else runs, so that no
         poll of the mass count sees it nowhere. A peer already being pushed to is skipped
-        (only an --attack member's second loop gets there). ``round`` is the training
-        round of the model ``share`` carries."""
+        (only an --attack member's second loop gets there)."""
         pushes = []
         for peer in peers:
             if peer in self.in_flight:
                 continue
             self.in_flight[peer] = share.weight
-            self.in_flight_round[peer] = round
             pushes.append(Push(peer, share))
         return pushes
 
@@ -249,7 +187,6 @@ class PeerPolicy(Generic[S]):
         """The push to ``peer`` is over and its outcome carried out (refund included):
         its weight is no longer in flight."""
         self.in_flight.pop(peer, None)
-        self.in_flight_round.pop(peer, None)
 
     @property
     def weight_in_flight(self) -> float:
@@ -290,13 +227,9 @@ class PeerPolicy(Generic[S]):
         except InvalidReceipt:
             return self.unanswered(peer, share, now, timed_out=False)
         self._answered(peer, now)
-        self.silence.answered(peer)
         self.deliveries.answered(peer, share, receipt)
         if receipt.accepted:
             self.updates_sent += 1
-            round = self.in_flight_round.get(peer, 0)
-            self.reached_by[peer] = max(self.reached_by.get(peer, 0), round)
-            self.reached_round = max(self.reached_round, round)
         else:
             self.pushes_refused[receipt.verdict] += 1
         return [Settle(peer, share, receipt)]
@@ -304,9 +237,7 @@ class PeerPolicy(Generic[S]):
     def unanswered(self, peer: str, share: S, now: float, timed_out: bool) -> list[Action]:
         """The payloads went out whole but no receipt came: the share is given."""
         self.deliveries.unanswered(peer, share)
-        dropped = self.silence.unanswered(peer, share.weight, now)
-        actions: list[Action] = [Settle(peer, share, None), *self._push_failed(peer, timed_out)]
-        return [*actions, Dropped(peer)] if dropped else actions
+        return [Settle(peer, share, None), *self._push_failed(peer, timed_out)]
 
     # -- reachability ------------------------------------------------------------------------
 
@@ -340,8 +271,6 @@ class PeerPolicy(Generic[S]):
     def _forget(self, peer: str) -> None:
         """The one place a forgotten peer's state goes (the book already dropped it)."""
         self.failures_in_a_row.pop(peer, None)
-        self.silence.forget(peer)
-        self.reached_by.pop(peer, None)
         self.push_rates.rates.pop(peer, None)
         self.read_rates.rates.pop(peer, None)
 

@@ -50,14 +50,6 @@ class Pusher:
         self.phases = phases
         self.deadlines = membership.deadlines
         self.nursery: trio.Nursery | None = None
-        # Set (and replaced) each time a push ends: what a round held back by the
-        # staleness bound (PeerPolicy.may_train) waits on.
-        self._ended = trio.Event()
-
-    async def wait_for_a_push_end(self, at_most: float) -> None:
-        """Return when the next push ends, or after ``at_most`` seconds."""
-        with trio.move_on_after(at_most):
-            await self._ended.wait()
 
     def push(self, pushes: list[Push[Outgoing]]) -> None:
         """Start each push in the background; the policy already holds their weight
@@ -73,8 +65,6 @@ class Pusher:
             # After its outcome (a refund included) is carried out: the weight is
             # in flight until it is back in ours, never in neither.
             self.policy.push_ended(push.peer)
-            self._ended.set()
-            self._ended = trio.Event()
 
     async def _push_one(self, peer_id: str, outgoing: Outgoing) -> None:
         transport = self.membership.transport

@@ -5,13 +5,9 @@ libp2p streams keep draining: yamux fails a sender whose receiver stops
 reading for 5 s), merges its neighbours' votes once (gossip/votes.py: one vote
 per neighbour, a quorum for robust rules), checkpoints, and starts one push of
 a signed update to each free neighbour in the background. Rounds are paced
-(``--round-interval``) and follow the network: a round that would train more
-than ``MAX_ROUNDS_AHEAD`` rounds ahead of what reached a neighbour waits for a
-push to end instead (p2pfl/peer_policy.py, PeerPolicy.may_train). A node that
-has finished its ``--rounds`` keeps gossiping without training until its
-neighbourhood has its final model (every neighbour accepted it, and its
-in-neighbours' votes are within ``SETTLED_DISTANCE`` of its own), for at most
-``--linger`` seconds; a lone node stops at once.
+(``--round-interval``), and a node that has finished its ``--rounds`` keeps
+gossiping without training for ``--linger`` seconds, so members that started
+later are not left to train alone.
 """
 
 from __future__ import annotations
@@ -42,12 +38,6 @@ logger = logging.getLogger(__name__)
 # An --attack member pushes this often, whatever its rounds do (bounded by the
 # receivers' per-peer rate limit).
 ATTACK_PUSH_INTERVAL_S = 0.03
-# A round held back by the staleness bound waits for a push to end, or this long, and
-# merges and gossips what it has meanwhile.
-HELD_WAIT_S = 5.0
-# Serving ends once every in-neighbour's vote is this close to our model (relative L2
-# distance): the neighbourhood has converged on what it can still exchange.
-SETTLED_DISTANCE = 0.01
 
 
 class RoundLoop:
@@ -98,13 +88,11 @@ class RoundLoop:
         evaluate = self.phases.timed("evaluate", self.training.evaluate)
         self.accuracy = await trio.to_thread.run_sync(evaluate, snapshot)
 
-    async def one_round(self, train: bool = True) -> None:
-        """Train (unless serving or held back), merge the votes once, evaluate, push,
-        checkpoint."""
+    async def one_round(self) -> None:
+        """Train (unless serving), merge the votes once, evaluate, push, checkpoint."""
         started = time.perf_counter()
         node = self.core.node
-        train = train and not self.serving
-        if train and self.budget.allows_a_round():
+        if not self.serving and self.budget.allows_a_round():
             await self._train_step()
         await self.membership.refresh_peers()
         await self.core.call(self.phases.timed("merge", node.merge))
@@ -124,11 +112,8 @@ class RoundLoop:
             # In the same step as the split (no await between): the weight split off
             # is in flight from here, so /status's mass count never dips while the
             # checkpoint below is written.
-            pushes = self.policy.start_pushes(outgoing, targets, self.round + train)
-        if self.attacker is None and (silent := self.policy.probes_due(time.monotonic())):
-            probe = await self.core.call(node.probe, time.time())  # weight 0: p2pfl/silence.py
-            pushes += self.policy.start_pushes(probe, silent, self.round + train)
-        if train:
+            pushes = self.policy.start_pushes(outgoing, targets)
+        if not self.serving:
             self.round += 1
         # Checkpoint before sending: a restart then never reuses a sequence number
         # that peers have already seen.
@@ -177,42 +162,26 @@ class RoundLoop:
     async def _paced(self, started: float) -> None:
         await trio.sleep(max(0.0, self.config.round_interval - (time.monotonic() - started)))
 
-    async def _next_round(self) -> None:
-        started = time.monotonic()
-        train = self.policy.may_train(self.round)
-        await self.one_round(train)
-        if train or self.serving:
-            await self._paced(started)
-        else:  # held back by the staleness bound: until a push ends
-            await self.pusher.wait_for_a_push_end(HELD_WAIT_S)
-
-    def _neighbourhood_has_it(self, final_round: int) -> bool:
-        """Our neighbours accepted our final model and we are close to theirs."""
-        if not self.policy.final_model_reached(self.membership.neighbours, final_round):
-            return False
-        distance = self.core.node.votes.distance(self.core.node.estimate)
-        return distance is not None and distance <= SETTLED_DISTANCE
-
     async def run(self) -> None:
-        """Wait for peers, run ``--rounds`` rounds, then serve until the neighbourhood has
-        the final model, for at most ``--linger`` seconds."""
+        """Wait for peers, run ``--rounds`` rounds, then serve for ``--linger`` seconds."""
         await self.membership.wait_for_peers()
         while self.config.rounds is None or self.round < self.config.rounds:
-            await self._next_round()
-        # Finished: stay a member, merging and pushing but not training, until our
-        # neighbours have our final model and we have theirs, so that late starters
-        # are not left alone (and still learn from us).
+            started = time.monotonic()
+            await self.one_round()
+            await self._paced(started)
+        # Finished: stay a member for a while, merging and pushing but not training,
+        # so that late starters are not left alone (and still learn from us).
         self.serving = True
-        final_round = self.round
         if self.alone():
             logger.info("finished %d rounds; no peers to serve, stopping", self.round)
             return
-        logger.info("finished %d rounds; serving for at most %g s", final_round,
-                    self.config.linger)
+        if self.config.linger > 0:
+            logger.info("finished %d rounds; serving for %g s", self.round, self.config.linger)
         with trio.move_on_after(self.config.linger):
-            while not await self.core.call(self._neighbourhood_has_it, final_round):
-                await self._next_round()
-            logger.info("the neighbourhood has the final model: done")
+            while True:
+                started = time.monotonic()
+                await self.one_round()
+                await self._paced(started)
 
     def alone(self) -> bool:
         """A lone node (--min-neighbours 0, no bootstrap, nobody dialled in) serves no one."""

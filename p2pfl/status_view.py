@@ -100,10 +100,8 @@ def node_status(node: NodeRuntime) -> dict[str, Any]:
             peer_id_from_public_key(sender): seq for sender, seq in view["last_seq"].items()
         },
         "send_failures": dict(policy.send_failures),
-        # Peers that answer no receipt (p2pfl/silence.py): silent, dropped, the weight lost.
-        "silence": policy.silence.view(),
-        # Links measured so far: the Mbit/s deadlines assume, for our pushes to them
-        # and for their frames to us (others: --min-link-mbit or the unmeasured rate).
+        # Peers whose links showed less than --min-link-mbit: the Mbit/s deadlines
+        # assume, for our pushes to them and for their frames to us.
         "link_mbit": {
             direction: {peer: round(r * 8 / 1e6, 3) for peer, r in rates.rates.items()}
             for direction, rates in (("push", policy.push_rates), ("read", policy.read_rates))
