@@ -20,6 +20,14 @@ and the simulator both take :func:`node_view` of the task, built here once:
 The test split belongs to no node: it is standardised with its own statistics
 (features only, no labels), or with the public ranges under ``--dp sample``,
 so the accuracy a node reports depends on no other node's records either.
+
+With statistics agreed by gossip (issue 25; gossip/feature_stats.py), each
+node standardises with the network's mean and deviation instead of its own
+shard's: ``node_view(..., agreed=[(mean, std) per node])``. Only the
+statistics change; the scaling is the same ``(x - mean) / std``. The test
+split is then scaled with the statistics the model was trained under (the
+first node's; agreed statistics differ between nodes only by the gossip's
+residual), as a member scoring new records would.
 """
 
 from __future__ import annotations
@@ -57,6 +65,12 @@ def standardize(x: np.ndarray, reference: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(((x - mean) / std).astype(np.float32))
 
 
+def standardize_with(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """``x`` scaled with a given mean and standard deviation (float32; a zero std as 1)."""
+    std = np.where(std > 0, std, 1.0)
+    return torch.from_numpy(((x - mean) / std).astype(np.float32))
+
+
 def scale_to_range(x: np.ndarray, low: np.ndarray, high: np.ndarray) -> torch.Tensor:
     """``x`` mapped from ``[low, high]`` onto ``[-1, 1]``, per feature (float32)."""
     half = (high - low) / 2.0
@@ -74,13 +88,18 @@ def standardize_shards(x: np.ndarray, shards: Sequence[np.ndarray]) -> torch.Ten
     return out
 
 
-def node_view(task: Task, shards: Sequence[np.ndarray], *, record_private: bool) -> Task:
+Statistics = tuple[np.ndarray, np.ndarray]  # (mean, std) per feature
+
+
+def node_view(task: Task, shards: Sequence[np.ndarray], *, record_private: bool,
+              agreed: Sequence[Statistics] | None = None) -> Task:
     """``task`` with its features scaled as the nodes holding ``shards`` scale them.
 
     ``record_private`` is ``--dp sample``: public ranges instead of own
-    statistics (module docstring). A task without raw features (a data file,
-    or a user's own ``module:function``) already scaled its data as its one
-    owner, and is returned unchanged.
+    statistics (module docstring). ``agreed``: each shard's node's (mean, std)
+    agreed by gossip, in shard order, used instead of the shard's own. A task
+    without raw features (a data file, or a user's own ``module:function``)
+    already scaled its data as its one owner, and is returned unchanged.
     """
     raw = task.raw_features
     if raw is None:
@@ -88,6 +107,15 @@ def node_view(task: Task, shards: Sequence[np.ndarray], *, record_private: bool)
     if record_private:
         x_train = scale_to_range(raw.x_train, raw.low, raw.high)
         x_test = scale_to_range(raw.x_test, raw.low, raw.high)
+    elif agreed is not None:
+        if len(agreed) != len(shards):
+            raise ValueError(f"{len(agreed)} agreed statistics for {len(shards)} shards")
+        x_train = torch.empty(raw.x_train.shape, dtype=torch.float32)
+        for shard, (mean, std) in zip(shards, agreed, strict=True):
+            rows = np.asarray(shard, dtype=np.int64)
+            if len(rows):
+                x_train[torch.from_numpy(rows)] = standardize_with(raw.x_train[rows], mean, std)
+        x_test = standardize_with(raw.x_test, *agreed[0])
     else:
         x_train = standardize_shards(raw.x_train, shards)
         x_test = standardize(raw.x_test, raw.x_test)

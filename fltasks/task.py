@@ -6,7 +6,7 @@ in simulation and one trained across real nodes go through exactly the same code
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -84,11 +84,15 @@ class Task:
                             f"got {self.batch_size}")
 
     def train(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
-              generator: torch.Generator) -> float:
+              generator: torch.Generator,
+              direction: Mapping[str, torch.Tensor] | None = None) -> float:
         """Run plain minibatch SGD with cross-entropy in place; return the mean sample loss.
 
-        No momentum and no optimizer state survive the call: after gossip replaces the
-        weights, stale momentum would push them back toward the node's own model.
+        No optimizer state survives the call: after gossip replaces the weights,
+        local momentum would push them back toward the node's own model. The
+        caller may pass ``direction`` (by parameter name), added to every step's
+        gradient: quasi-global momentum's ``beta * m`` (fltasks/momentum.py), built
+        from how the model moved between rounds, gossip included.
         Shuffling draws only from `generator`, so a run is reproducible per node.
         """
         if len(x) == 0:
@@ -99,7 +103,10 @@ class Task:
         model.train()
         model.to(self.device)
         x, y = x.to(self.device), y.to(self.device)
-        params = [p for p in model.parameters() if p.requires_grad]
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        pulls = None if direction is None else [
+            direction[name].to(self.device, p.dtype) for name, p in named]
         fold_tail = normalises_over_batch(model)
         total_loss, total_count = 0.0, 0
         for _ in range(epochs):
@@ -111,6 +118,8 @@ class Task:
                 with torch.no_grad():
                     for p, g in zip(params, grads, strict=True):
                         p.sub_(g, alpha=self.lr)
+                    for p, pull in zip(params, pulls or (), strict=False):
+                        p.sub_(pull, alpha=self.lr)
                 total_loss += loss.item() * len(batch)
                 total_count += len(batch)
         model.train(was_training)
@@ -144,6 +153,14 @@ class Task:
     def num_parameters(self) -> int:
         """Number of trainable scalars in the model, i.e. the size of one update."""
         return sum(p.numel() for p in self.make_model().parameters() if p.requires_grad)
+
+    def steps_per_round(self, rows: int, epochs: int, fold_tail: bool = False) -> int:
+        """SGD steps :meth:`train` runs on ``rows`` samples for ``epochs``
+        (``fold_tail``: the model normalises over the batch, see :func:`batches`)."""
+        full, tail = divmod(rows, self.batch_size)
+        if tail and not (fold_tail and full):
+            full += 1
+        return epochs * full
 
 
 def normalises_over_batch(model: nn.Module) -> bool:

@@ -64,6 +64,11 @@ class NodeState:
     # The privacy budget spent so far (p2pfl/dp.py: accountant steps, DP-SGD history,
     # rounds trained without DP), so a restart never under-reports epsilon.
     privacy: dict[str, Any] = field(default_factory=dict)
+    # The agreed (mean, std) the node standardises with (p2pfl/feature_stats.py): a
+    # restart keeps its scaling instead of adding its shard to the agreement twice.
+    statistics: tuple[np.ndarray, np.ndarray] | None = None
+    # Quasi-global momentum's buffer, anchor and steps (fltasks/momentum.py), or empty.
+    momentum: dict[str, Any] = field(default_factory=dict)
 
 
 def encode_state(state: NodeState) -> bytes:
@@ -86,6 +91,10 @@ def _encoded_parts(state: NodeState) -> tuple[bytes, bytes, bytes]:
             "last_seq": [[sender, seq] for sender, seq in state.last_seq.items()],
             "peers": state.peers,
             "privacy": state.privacy,
+            "statistics": None if state.statistics is None else [
+                _f8(array) for array in state.statistics],
+            "momentum": {k: _f8(v) if isinstance(v, np.ndarray) else v
+                         for k, v in state.momentum.items()},
         },
         use_bin_type=True,
     )
@@ -118,6 +127,8 @@ def decode_state(data: bytes, expected_length: int | None = None) -> NodeState:
             last_seq=_last_seq(raw["last_seq"]),
             peers=_peers(raw["peers"]),
             privacy=_privacy(raw["privacy"] if "privacy" in raw else raw["optimizer"]),
+            statistics=_statistics(raw.get("statistics")),
+            momentum=_momentum(raw.get("momentum", {}), expected_length),
         )
     except CheckpointError:
         raise
@@ -191,6 +202,46 @@ def _privacy(value: Any) -> dict[str, Any]:
     if type(value) is not dict or not all(type(key) is str for key in value):
         raise CheckpointError("privacy must be a map with string keys")
     return dict(value)
+
+
+def _f8(array: np.ndarray | None) -> bytes | None:
+    return None if array is None else np.ascontiguousarray(array, dtype="<f8").tobytes()
+
+
+def _finite_vector(value: Any, name: str, length: int | None = None) -> np.ndarray:
+    if type(value) is not bytes or len(value) % 8:
+        raise CheckpointError(f"{name} must be float64 bytes")
+    vector = np.frombuffer(value, dtype="<f8").copy()
+    if (length is not None and len(vector) != length) or not np.isfinite(vector).all():
+        raise CheckpointError(f"{name} must be {length or 'some'} finite values")
+    return vector
+
+
+def _statistics(value: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    # Written before issue 25, a checkpoint has none: the node agrees again.
+    if value is None:
+        return None
+    if type(value) is not list or len(value) != 2:
+        raise CheckpointError("statistics must be [mean, std]")
+    mean = _finite_vector(value[0], "statistics mean")
+    std = _finite_vector(value[1], "statistics std", len(mean))
+    return mean, std
+
+
+MOMENTUM_KEYS = {"buffer", "anchor", "steps"}
+
+
+def _momentum(value: Any, expected_length: int | None) -> dict[str, Any]:
+    if value == {}:
+        return {}
+    if type(value) is not dict or set(value) != MOMENTUM_KEYS:
+        raise CheckpointError("momentum must be a map of buffer, anchor and steps")
+    buffer = _finite_vector(value["buffer"], "momentum buffer", expected_length)
+    anchor = _finite_vector(value["anchor"], "momentum anchor", len(buffer))
+    steps = value["steps"]
+    if type(steps) is not float or not 1.0 <= steps <= MAX_ROUND:
+        raise CheckpointError("momentum steps must be a float >= 1")
+    return {"buffer": buffer, "anchor": anchor, "steps": steps}
 
 
 def _fsync_directory(directory: Path) -> None:

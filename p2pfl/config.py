@@ -12,14 +12,13 @@ flags override the file. Validation happens here, once, and each problem is a
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fltasks.dp_defaults import DP_SGD_CLIP, DP_SGD_LR, DP_SGD_NOISE
+from fltasks.momentum import DEFAULT_BETA
 from fltasks.settings_file import SettingsFileError
 from fltasks.settings_schema import (
     Check,
@@ -27,7 +26,6 @@ from fltasks.settings_schema import (
     at_least,
     first_problem,
     load_toml,
-    reference_markdown,
     setting,
     typed_settings,
 )
@@ -46,6 +44,7 @@ class ConfigError(ValueError):
 LOG_FORMATS = ("text", "json")
 DP_MODES = ("node", "sample")
 RELAY_MODES = ("on", "off")
+FEATURE_STATS_MODES = ("gossip", "gossip-robust", "local")
 
 
 def _shard_ok(text: str) -> bool:
@@ -201,6 +200,17 @@ class NodeConfig:
         metavar="SECONDS",
         check=at_least(0, "must be seconds >= 0"),
     )
+    # Issue 25: gossiped statistics (p2pfl/feature_stats.py), and momentum; see README.
+    feature_stats: str = setting(
+        _LEARNING, "feature scaling: gossip (the network's mean and deviation, agreed before "
+        "round 1), gossip-robust (bounded against a lying member) or local (own shard)",
+        "gossip", choices=FEATURE_STATS_MODES)
+    feature_stats_wait: float = setting(
+        _LEARNING, "longest wait for that agreement (no peer answered: own statistics, "
+        "logged)", 20.0, metavar="SECONDS", check=_POSITIVE)
+    momentum: float = setting(
+        _LEARNING, "beta of quasi-global momentum in local SGD (0: plain SGD; not under --dp "
+        "sample)", DEFAULT_BETA, metavar="BETA", check=Check(lambda b: 0 <= b < 1, "in [0, 1)"))
     # -- gossip and robustness ------------------------------------------------------------
     degree: int = setting(_GOSSIP, "gossip neighbours per node", 4, check=_AT_LEAST_1)
     min_neighbours: int = setting(
@@ -451,36 +461,7 @@ def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -
     return replace(NodeConfig(), **typed).validate()
 
 
-REFERENCE_INTRO = """
-Every setting of `p2pfl node` is both a flag and a key of the TOML file given with
-`--config FILE`; a flag overrides the file, the file overrides the default. A repeatable
-flag (`--listen`, `--bootstrap`) is a TOML string or list of strings. A value of the wrong
-type in the file (`rounds = "5"`) is refused, not converted.
+if __name__ == "__main__":  # python -m p2pfl.config --reference docs/CONFIG.md
+    from p2pfl.config_reference import main
 
-Generated from the declarations in `p2pfl/config.py` by
-`python -m p2pfl.config --reference docs/CONFIG.md`; do not edit by hand.
-"""
-
-
-def reference() -> str:
-    """docs/CONFIG.md: every daemon setting, made from its declaration."""
-    return reference_markdown(NodeConfig, "p2pfl node: settings reference", REFERENCE_INTRO)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m p2pfl.config", description="The daemon's settings reference."
-    )
-    parser.add_argument(
-        "--reference", metavar="PATH", required=True, help="write it here ('-': stdout)"
-    )
-    args = parser.parse_args(argv)
-    if args.reference == "-":
-        sys.stdout.write(reference())
-    else:
-        Path(args.reference).write_text(reference(), encoding="utf-8")
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -5,3 +5,5 @@
 UPDATE_PROTOCOL = "/p2pfl/update/1.2.0"
 # A joining node asks members for a signed snapshot of their model.
 MODEL_PROTOCOL = "/p2pfl/model/1.0.0"
+# Before the first round, members agree on feature statistics (p2pfl/feature_stats.py).
+FEATURE_STATS_PROTOCOL = "/p2pfl/feature-stats/1.0.0"

@@ -38,10 +38,12 @@ from fltasks import Task
 from gossip import NodeKey
 from gossip.attacks import RECEIPT_LIE, Attacker
 from gossip.codec import MAX_OFFER_BYTES
+from gossip.feature_stats import MAX_STATS_MESSAGE_BYTES
 from gossip.node import GossipState
 from p2pfl.allowlist import allow_file_peers
 from p2pfl.checkpoint import CheckpointError, CheckpointStore, NodeState
 from p2pfl.config import NodeConfig, parse_host_port
+from p2pfl.feature_stats import StatsAgreement, agree_and_rescale
 from p2pfl.framing import MAX_UVARINT_BYTES
 from p2pfl.gossip_access import GuardedGossip, build_gossip_node
 from p2pfl.joining import Joining
@@ -53,7 +55,7 @@ from p2pfl.peer_exchange import serve_peer_exchange
 from p2pfl.peer_policy import MemberBook, PeerPolicy
 from p2pfl.phases import PhaseClock
 from p2pfl.privacy_budget import PrivacyBudget
-from p2pfl.protocols import MODEL_PROTOCOL, UPDATE_PROTOCOL
+from p2pfl.protocols import FEATURE_STATS_PROTOCOL, MODEL_PROTOCOL, UPDATE_PROTOCOL
 from p2pfl.pusher import Pusher
 from p2pfl.ratelimit import MIB, PeerRateLimiter
 from p2pfl.reachability import serve_reachability
@@ -87,6 +89,7 @@ class NodeRuntime:
         self.key = key
         self.announce = announce
         self.training = LocalTraining(config, task)
+        self.stats = StatsAgreement(config, self.training)
         self.store = CheckpointStore(config.state_dir)
         self.member_service = member_service(config, key, announce)
         members = self._member_source(config)
@@ -151,6 +154,8 @@ class NodeRuntime:
             self.policy.book.add(peer_id, addrs)
         self.budget.restore(state.privacy, state.round, self.store.current)
         restore_merged_from(self.store.directory, self.gossip)
+        if self.training.restore(state.statistics, state.momentum):
+            self.stats.outcome = "restored from the checkpoint"
         logger.info("resumed from checkpoint at round %d, sequence %d", state.round, state.seq)
         return True
 
@@ -167,6 +172,8 @@ class NodeRuntime:
             last_seq=gossip.last_seq,
             peers={peer_id: book.addrs(peer_id) for peer_id in book.known()},
             privacy=self.budget.state(),
+            statistics=self.training.statistics,
+            momentum={} if self.training.momentum is None else self.training.momentum.state(),
         )
 
     async def checkpoint(self) -> None:
@@ -237,6 +244,9 @@ class NodeRuntime:
             transport.set_handler(
                 MODEL_PROTOCOL, self.joining.serve_model_request, 0, timeout, rates
             )
+            transport.set_handler(
+                FEATURE_STATS_PROTOCOL, self.stats.serve, MAX_STATS_MESSAGE_BYTES, timeout, rates
+            )
             serve_peer_exchange(transport, self.policy.book, read_timeout=timeout)
             membership.reachability.serve_relay = config.relay == "on"
             serve_reachability(transport, membership.reachability, timeout)
@@ -273,6 +283,9 @@ class NodeRuntime:
         nursery.start_soon(self.phases.watchdog)
         if self.rounds.attacker is not None:
             nursery.start_soon(self.rounds.attack_loop)
+        if self.training.statistics is None:  # not restored: agree before round 1
+            await self.membership.wait_for_peers()
+            await agree_and_rescale(self.stats, transport, self.membership, nursery)
         if self.resumed:
             # Report the restored model's accuracy before its first new round.
             restored = self.gossip.estimate.copy()

@@ -126,6 +126,9 @@ def node_status(node: NodeRuntime) -> dict[str, Any]:
         # The members whose median model this node started from when it joined.
         "adopted_from": node.joining.adopted_from,
         "join_refused": dict(node.joining.join_refused),
+        # How the feature scaling was agreed (p2pfl/feature_stats.py), and rescales since.
+        "feature_stats": {"outcome": node.stats.outcome, "rescaled": node.stats.rescaled,
+                          "refused": node.stats.refused},
         "attack": config.attack,
         "dp": config.dp_mode,
         "epsilon": budget.epsilon,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fltasks import Task, partition
-from fltasks.scaling import node_view
+from fltasks.momentum import QuasiGlobalMomentum
+from fltasks.scaling import Statistics, node_view
+from fltasks.task import normalises_over_batch
+from gossip.feature_stats import FeatureAggregates
 from gossip.layout import ModelLayout
 from p2pfl.config import NodeConfig
 from p2pfl.dp import os_entropy_generator
@@ -38,11 +41,20 @@ class LocalTraining:
     def __init__(self, config: NodeConfig, task: Task) -> None:
         self.config = config
         index, count = config.shard_index
-        shards = partition(task.y_train.numpy(), count, config.partition, config.seed)
-        # Features scaled from this node's own shard (or public ranges under --dp sample).
-        self.task = node_view(task, shards, record_private=config.dp_mode == "sample")
-        self.shard = torch.as_tensor(shards[index], dtype=torch.long)
+        self._unscaled = task
+        self._shards = partition(task.y_train.numpy(), count, config.partition, config.seed)
+        # Features scaled from this node's own shard (or public ranges under --dp sample)
+        # until the network's statistics are agreed (p2pfl/feature_stats.py: rescale).
+        self.task = node_view(task, self._shards, record_private=config.dp_mode == "sample")
+        self.shard = torch.as_tensor(self._shards[index], dtype=torch.long)
         self.x, self.y = self.task.x_train[self.shard], self.task.y_train[self.shard]
+        # The (mean, std) this node scales with once agreed by gossip; None: its own shard's.
+        self.statistics: Statistics | None = None
+        self.momentum = (
+            QuasiGlobalMomentum(config.momentum)
+            if config.momentum > 0 and config.dp_mode != "sample"
+            else None
+        )
         self.model = self.task.make_model()
         # With DP on, batches must be secret (p2pfl/dp.py); without it, reproducible.
         self.generator = (
@@ -60,6 +72,47 @@ class LocalTraining:
     def samples(self) -> int:
         return len(self.shard)
 
+    def own_aggregates(self) -> FeatureAggregates | None:
+        """This shard's per-feature aggregates, when its scaling may come from the network.
+
+        None when there is nothing to agree on: a task its one owner already
+        scaled (no raw features), ``--feature-stats local``, or DP on: the
+        aggregates would leave the node in the clear, outside the accountant's
+        epsilon (``--dp node`` keeps its own statistics, covered by the clipped
+        delta; ``--dp sample`` the published ranges; fltasks/scaling.py).
+        """
+        raw = self._unscaled.raw_features
+        if raw is None or self.config.feature_stats == "local" or self.config.dp_enabled:
+            return None
+        return FeatureAggregates.of(raw.x_train[self.shard.numpy()])
+
+    def rescale(self, statistics: Statistics) -> None:
+        """Standardise this node's shard and the test split with agreed (mean, std)."""
+        agreed = [statistics] * len(self._shards)
+        self.task = node_view(self._unscaled, self._shards, record_private=False, agreed=agreed)
+        self.x = self.task.x_train[self.shard]
+        self.statistics = statistics
+
+    def restore(self, statistics: Statistics | None, momentum: dict[str, Any]) -> bool:
+        """Resume a checkpoint's agreed statistics and momentum; True when rescaled."""
+        if self.momentum is not None:
+            self.momentum.restore(momentum)
+        if statistics is None:
+            return False
+        self.rescale(statistics)
+        return True
+
+    def _direction(self, estimate: np.ndarray) -> dict[str, torch.Tensor] | None:
+        """Quasi-global momentum's pull for this round, by parameter name (or None)."""
+        if self.momentum is None:
+            return None
+        steps = self.task.steps_per_round(len(self.x), self.config.local_epochs,
+                                          normalises_over_batch(self.model))
+        start = torch.from_numpy(np.asarray(estimate, dtype=np.float64))
+        pull = self.momentum.begin_round(start, torch.tensor(float(steps)), self.task.lr)
+        return {name: torch.from_numpy(array) for name, array in
+                self.layout.unflatten(pull.numpy()).items()}
+
     def train(self, estimate: np.ndarray, dp_sgd: DpSgdTrainer | None = None) -> np.ndarray:
         """Runs in a worker thread: train from ``estimate``, return the trained vector."""
         load_arrays(self.model, self.layout.unflatten(estimate))
@@ -68,7 +121,8 @@ class LocalTraining:
             trained = self.layout.flatten(model_arrays(self.model))
             # Computed from noisy steps only: falling back is post-processing, free.
             return trained if np.isfinite(trained).all() else estimate
-        loss = self.task.train(self.model, self.x, self.y, self.config.local_epochs, self.generator)
+        loss = self.task.train(self.model, self.x, self.y, self.config.local_epochs,
+                               self.generator, self._direction(estimate))
         self.last_loss = float(loss) if isinstance(loss, int | float) else None
         return self.layout.flatten(model_arrays(self.model))
 

@@ -37,6 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="epochs per round of each daemon (default: LocalNetwork's, as `make demo`)",
     )
+    parser.add_argument(
+        "--node-args",
+        default="",
+        help="extra flags for every daemon of part (a), e.g. \"--feature-stats local\"",
+    )
     parser.add_argument("--poll", type=float, default=0.1, help="status poll interval, seconds")
     parser.add_argument("--repeats", type=int, default=9, help="best of this many transfers")
     parser.add_argument(

@@ -14,7 +14,8 @@ from gossip.aggregation import AGGREGATORS
 from gossip.attacks import DAEMON_ATTACKS
 from gossip.robust import DEFAULT_CLIP_FRACTION, DEFAULT_TRIM_FRACTION
 from p2pfl.cli import build_parser, node_config
-from p2pfl.config import ConfigError, NodeConfig, build_config, load_config_file, reference
+from p2pfl.config import ConfigError, NodeConfig, build_config, load_config_file
+from p2pfl.config_reference import reference
 from p2pfl.lab.localnet import LocalNetwork
 
 pytestmark = pytest.mark.unit

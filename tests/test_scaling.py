@@ -101,8 +101,9 @@ def test_the_daemon_and_the_simulator_give_a_node_the_same_features(
     settings = {} if dp is None else {"dp": dp, "dp_clip": 1.0, "dp_noise": 1.0}
     node = make_runtime(digits, tmp_path, "2/4", min_neighbours=0, **settings)
     shards = partition(digits.y_train, 4, "iid", seed=0)
+    # A daemon alone (no peer to agree with) falls back to its own shard's statistics.
     config = SimulationConfig(
-        rounds=0, dp_mode=dp or "node",
+        rounds=0, dp_mode=dp or "node", feature_stats="local",
         dp_clip=None if dp is None else 1.0, dp_noise=None if dp is None else 1.0,
     )
     simulation = Simulation.for_task(digits, ring(4), shards, config)

@@ -124,8 +124,13 @@ class BatchedTrainer:
         active: torch.Tensor | None = None,
         node_chunk: int | None = None,
         anywhere: bool | None = None,
+        direction: torch.Tensor | None = None,
     ) -> None:
         """Run ``epochs`` of local SGD for every active node, updating ``flat`` [n, P] in place.
+
+        ``direction`` [n, P] is added to every step's gradient of each node
+        (quasi-global momentum's ``beta * m``, fltasks/momentum.py), only on
+        the steps where that node still has samples.
 
         ``node_chunk`` trains that many nodes at a time, one chunk after the
         other, so the working copies, gradients and activations are those of a
@@ -145,10 +150,19 @@ class BatchedTrainer:
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             if int(sizes[rows].max()) > 0:
-                self._train_rows(flat[rows], sizes[rows], [order[rows] for order in orders])
+                self._train_rows(
+                    flat[rows], sizes[rows], [order[rows] for order in orders],
+                    None if direction is None else direction[rows],
+                )
+
+    def steps_per_round(self, shards: PaddedShards, epochs: int) -> torch.Tensor:
+        """Each node's SGD steps in one round of ``epochs``: [n, 1]."""
+        batch = self.task.batch_size
+        return (epochs * ((shards.sizes + batch - 1) // batch)).unsqueeze(1)
 
     def _train_rows(
-        self, flat: torch.Tensor, sizes: torch.Tensor, orders: list[torch.Tensor]
+        self, flat: torch.Tensor, sizes: torch.Tensor, orders: list[torch.Tensor],
+        direction: torch.Tensor | None = None,
     ) -> None:
         """Local SGD for the rows of ``flat`` (a view, updated in place), one order per epoch."""
         x_all, y_all, batch = self.task.x_train, self.task.y_train, self.task.batch_size
@@ -156,6 +170,7 @@ class BatchedTrainer:
         params = {
             k: v.detach().clone().requires_grad_(True) for k, v in self.layout.views(flat).items()
         }
+        pull = None if direction is None else self.layout.views(direction.to(flat.dtype))
         for order in orders:
             for step in range(steps):
                 start = step * batch
@@ -164,6 +179,12 @@ class BatchedTrainer:
                     torch.arange(start, start + idx.shape[1]).unsqueeze(0) < sizes.unsqueeze(1)
                 ).to(torch.float32)
                 self.sgd_step(params, x_all[idx], y_all[idx], mask)
+                if pull is not None:
+                    moving = mask[:, :1]  # the node still has samples on this step
+                    with torch.no_grad():
+                        for name, p in params.items():
+                            shape = (-1,) + (1,) * (p.dim() - 1)
+                            p.sub_(pull[name] * moving.view(shape), alpha=self.task.lr)
         for name, view in self.layout.views(flat).items():
             view.copy_(params[name].detach())
 

@@ -42,7 +42,7 @@ from topologies.graphs import TOPOLOGIES
 from topologies.network import NetworkConditions
 from topologies.ranks import DEFAULT_TIMEOUT_S
 from topologies.settings_error import SettingError
-from topologies.sim_config import SimulationConfig
+from topologies.sim_config import FEATURE_STATS, SimulationConfig
 
 __all__ = [
     "ExperimentConfig",
@@ -230,6 +230,22 @@ class ExperimentConfig:
         _SIM.choco_compensation,
         metavar="C",
     )
+    feature_stats: str = setting(
+        "learning",
+        "how nodes standardise features: gossip (push-sum of per-feature count, sum and sum "
+        "of squares before training: the network's mean and deviation), gossip-robust "
+        "(iterated trimmed means: bounded against a lying member), local (each node's own "
+        "shard). --dp sample keeps the published ranges",
+        _SIM.feature_stats,
+        choices=FEATURE_STATS,
+    )
+    momentum: float = setting(
+        "learning",
+        "beta of quasi-global momentum (Lin et al., ICML 2021) in each node's local SGD; "
+        "0 turns it off. Not used under --dp sample",
+        _SIM.momentum,
+        metavar="BETA",
+    )
     # run
     seed: int = setting("run", "seed of everything random", _SIM.seed)
     out: Path = setting("run", "output directory", Path("runs/simulate"), metavar="DIR")
@@ -313,6 +329,8 @@ _PASSED_THROUGH = (
     "choco_step",
     "choco_compensation",
     "node_chunk",
+    "feature_stats",
+    "momentum",
 )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fltasks.dp_defaults import DP_SGD_LR
+from fltasks.momentum import DEFAULT_BETA
 from topologies.attacks import ATTACKS
 from topologies.compression import (
     DEFAULT_CHOCO_STEP,
@@ -24,6 +25,8 @@ from topologies.network import NetworkConditions
 from topologies.privacy import BatchedGaussianMechanism
 from topologies.robust import BatchedRule, batched_rule
 from topologies.settings_error import SettingError
+
+FEATURE_STATS = ("gossip", "gossip-robust", "local")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,14 @@ class SimulationConfig:
     # Bounds working memory for large models: train, evaluate and measure this many
     # nodes at a time, and mix the plain push-sum in column blocks of the same size.
     node_chunk: int | None = None
+    # How each node standardises its features (issue 25): "gossip" agrees on the
+    # network's mean and deviation by push-sum of aggregates before training
+    # (topologies/feature_stats.py), "gossip-robust" by iterated trimmed means,
+    # "local" uses the node's own shard's. --dp sample keeps public ranges.
+    feature_stats: str = "gossip"
+    # beta of quasi-global momentum (fltasks/momentum.py) in local SGD; 0: plain SGD.
+    # Off under --dp sample, whose DP-SGD steps are the accountant's.
+    momentum: float = DEFAULT_BETA
 
     def __post_init__(self) -> None:
         """Every problem is a :class:`SettingError` naming the fields to change."""
@@ -80,6 +91,10 @@ class SimulationConfig:
                 f"{self.aggregator!r} needs delay 0 in the simulator "
                 "(delayed messages are only modelled for push-sum's mean)",
             )
+        if self.feature_stats not in FEATURE_STATS:
+            raise SettingError("feature_stats", f"must be one of {', '.join(FEATURE_STATS)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise SettingError("momentum", f"must be in [0, 1), got {self.momentum}")
         if self.node_chunk is not None and self.node_chunk < 1:
             raise SettingError("node_chunk", f"must be >= 1, got {self.node_chunk}")
         if self.byzantine < 0:

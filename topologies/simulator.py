@@ -49,10 +49,12 @@ import torch
 
 from fltasks import Task
 from fltasks.malloc import return_large_buffers
+from fltasks.momentum import QuasiGlobalMomentum
 from fltasks.scaling import node_view
 from topologies.attacks import Adversary, choose_byzantine
 from topologies.batched import BatchedTrainer, PaddedShards, make_trainer
 from topologies.compression import BatchedCodec, Compressor, resolve_codec
+from topologies.feature_stats import agreed_statistics
 from topologies.network import DELIVERED, LOST, NetworkModel, RoundPlan, message_bytes
 from topologies.privacy import DELTA, BatchedGaussianMechanism, DpSgdNodes
 from topologies.ranks import Halo, Ranks
@@ -68,6 +70,7 @@ __all__ = ["RoundMetrics", "Simulation", "SimulationConfig", "centralized_baseli
 SINGLE_THREAD_BELOW = 1 << 20
 # Rows centred at once for the consensus distance (see stacked_pushsum.consensus_distance).
 CONSENSUS_CHUNK_NODES = 256
+FEATURE_STATS = ("gossip", "gossip-robust", "local")
 
 
 def _mix_columns(config: SimulationConfig, n: int, size: int) -> int | None:
@@ -191,6 +194,8 @@ class Simulation:
                 self.privacy = BatchedGaussianMechanism(
                     config.dp_clip, config.dp_noise, n, config.seed
                 )
+        use_momentum = config.momentum > 0 and config.train and self.dp_sgd is None
+        self.momentum = QuasiGlobalMomentum(config.momentum) if use_momentum else None
         self._plain = self.rule is None and self.adversary is None and self.compressor is None
 
     @classmethod
@@ -207,9 +212,11 @@ class Simulation:
         """Every node starts from the task's one initial model, weighted by its shard size.
 
         Each node's features are scaled as its daemon scales them
-        (:func:`fltasks.scaling.node_view`): from its own shard, or from public
-        ranges under ``--dp sample``. ``shards``: every node's (index arrays, the
-        same on every rank); a rank keeps its block's.
+        (:func:`fltasks.scaling.node_view`): with the statistics the nodes agree
+        on by gossip, from its own shard (``feature_stats="local"``), or from
+        public ranges under ``--dp sample``. ``shards``: every node's (index
+        arrays, the same on every rank); a rank keeps its block's. Every rank
+        runs the whole (deterministic) agreement itself: it is small.
         """
         n = graph.number_of_nodes()
         if len(shards) != n:
@@ -217,7 +224,10 @@ class Simulation:
         ranks = ranks if ranks is not None else Ranks()
         lo, hi = ranks.block(n)
         record_private = config.dp_mode == "sample" and config.dp_clip is not None
-        task = node_view(task, shards, record_private=record_private)
+        agreed = None
+        if config.dp_clip is None and config.feature_stats != "local":  # DP: not released
+            agreed = agreed_statistics(task, graph, shards, config.feature_stats)
+        task = node_view(task, shards, record_private=record_private, agreed=agreed)
         model = task.make_model()
         trainer = make_trainer(task, model, generic=generic)
         initial = trainer.layout.flatten(model)
@@ -356,9 +366,14 @@ class Simulation:
             self.dp_sgd.train(flat, rows, self.config.local_epochs)
             active = active & ~honest  # Byzantine rows still train the plain way
             training = online & self.byzantine
+        direction = None
+        if self.momentum is not None:
+            assert self.task is not None
+            steps = self.trainer.steps_per_round(self.shards, self.config.local_epochs)
+            direction = self.momentum.begin_round(flat, steps, self.task.lr)
         self.trainer.train(
             flat, self.shards, self.config.local_epochs, self._generator, active,
-            self.config.node_chunk, anywhere=bool(training.any()),
+            self.config.node_chunk, anywhere=bool(training.any()), direction=direction,
         )
         if self.privacy is not None:
             rows = np.flatnonzero(active.numpy() & self.honest[self.rows])

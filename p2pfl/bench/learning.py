@@ -32,6 +32,7 @@ round and per update, from its ``GET /status``.
 from __future__ import annotations
 
 import argparse
+import shlex
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -80,7 +81,10 @@ def measure_learning(args: argparse.Namespace) -> dict[str, Any]:
             degree=args.degree,
             seed=args.seed,
             # A speed figure: rounds unpaced and plain push-sum, as docs/BENCHMARKS.md says.
-            extra_args=("--round-interval", "0", "--aggregator", "mean"),
+            extra_args=(
+                "--round-interval", "0", "--aggregator", "mean",
+                *shlex.split(getattr(args, "node_args", "")),
+            ),
             **options,
         )
         result["local_epochs"] = network.local_epochs
