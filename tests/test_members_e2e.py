@@ -144,4 +144,12 @@ def test_a_fifth_member_joins_and_a_revoked_member_is_cut_and_refused(tmp_path: 
         upgraded = trio.run(noise_from, target.listen[0], "127.0.0.7",
                             NodeKey.load(key[NEWCOMER]))
         assert not upgraded
-        assert target.status()["connections_refused"].get("revoked", 0) > refused_before
+        # Counted by the node as it closes the connection: the dialler may see the close
+        # first, so wait (bounded) for the count rather than read it at once.
+        wait_until(
+            network,
+            lambda: (target.status() or {}).get("connections_refused", {}).get("revoked", 0)
+            > refused_before,
+            GUARD_S,
+            "the revoked key's dial to be counted",
+        )
