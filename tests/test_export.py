@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +55,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("export")
     data = with_site_column(write_cancer_csv(root / "plain.csv"), root / "records.csv")
     assert run_p2pfl("keygen", "node.key", cwd=root).returncode == 0
-    started = time.monotonic()
     done = run_p2pfl("node", "--key", "node.key", "--state-dir", "state", "--task",
                      f"csv:{data}", "--label", "diagnosis", "--min-neighbours", "0",
                      "--rounds", "3", "--round-interval", "0", "--listen",
@@ -64,7 +62,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert done.returncode == 0, done.stderr[-2000:]
     # A lone node stops at its last round instead of serving nobody for --linger (30 s).
     assert "no peers to serve, stopping" in done.stderr
-    assert time.monotonic() - started < TIMEOUT_S
     return root
 
 
