@@ -38,7 +38,7 @@ from gossip.layout import ModelLayout
 from gossip.public_copy import LinkCopies, PublicCopies, is_difference_codec
 from gossip.pushsum import MAX_WEIGHT, PushSum, Share
 from gossip.update import Update
-from gossip.votes import DEFAULT_MAX_AGE_ROUNDS, VoteTable
+from gossip.votes import DEFAULT_MAX_AGE_ROUNDS, Vote, VoteTable
 
 # With no neighbour set (tests, the simulator), at most this many senders are
 # kept; a new one beyond it folds the table in first, which bounds memory.
@@ -70,6 +70,8 @@ class Outgoing:
     per_link: bool = False
     # Top-k: this message carries the link's whole copy afresh (the peer was not in step).
     resync: bool = False
+    # A weight-0 probe of a silent peer (:meth:`GossipNode.probe`): no link copy moves.
+    probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,12 @@ class GossipNode:
     # pull us further than that (see merge).
     last_step_norm: float = 0.0
     merges: dict[str, int] = field(default_factory=lambda: {"quorum": 0, "bounded": 0})
+    # The largest distance from our estimate to a vote the last merge that saw any
+    # saw, relative to our estimate's norm (None: none yet): how far we are from our
+    # in-neighbours.
+    # Measured only while ``measure_distance`` (a node that finished training asks).
+    last_merge_distance: float | None = None
+    measure_distance: bool = False
     # Distinct senders whose votes a merge has folded in: an exported model's card says
     # how many members it was trained with. Bounded like the replay table.
     merged_from: set[bytes] = field(default_factory=set)
@@ -293,6 +301,15 @@ class GossipNode:
         message = self._sign(self.seq, weight, codec_id, tensors, now)
         return Outgoing(message, self.seq, folded, weight)
 
+    def probe(self, now: float) -> Outgoing:
+        """The current model with weight 0 and a new ``seq``: what a silent peer gets
+        instead of a share (p2pfl/silence.py), so its silence costs nothing more. Raw,
+        so that no encoder memory or top-k link copy is spent on it."""
+        self.seq += 1
+        tensors = self.layout.unflatten(self.pushsum.estimate)
+        message = self._sign(self.seq, 0.0, "raw", tensors, now)
+        return Outgoing(message, self.seq, tensors, 0.0, probe=True)
+
     def addressed(self, outgoing: Outgoing, peer: bytes, now: float) -> Outgoing:
         """``outgoing`` as pushed to ``peer`` (its ed25519 key): for top-k the difference
         to that link's copy, or the copy afresh; any other codec's message as it is.
@@ -320,13 +337,13 @@ class GossipNode:
     def settled(self, peer: bytes, outgoing: Outgoing, receipt: Receipt | None) -> None:
         """The push of ``outgoing`` to ``peer`` went out whole and was answered by
         ``receipt`` (None: it was not): top-k learns which copy that neighbour holds."""
-        if self.links is not None:
+        if self.links is not None and not outgoing.probe:
             self.links.settled(peer, outgoing.seq, receipt)
 
     def not_sent(self, peer: bytes, outgoing: Outgoing) -> None:
         """The push of ``outgoing`` to ``peer`` failed before its frame was wholly
         written: that neighbour's top-k copy did not change."""
-        if self.links is not None:
+        if self.links is not None and not outgoing.probe:
             self.links.not_sent(peer, outgoing.seq)
 
     def _sign(
@@ -424,6 +441,13 @@ class GossipNode:
                 return
             self.merged_from.add(sender)
 
+    def _distance_to(self, votes: Iterable[Vote]) -> float | None:
+        own = self.pushsum.estimate
+        distances = [float(np.linalg.norm(vote.estimate - own)) for vote in votes]
+        if not distances:
+            return None
+        return max(distances) / max(float(np.linalg.norm(own)), 1e-12)
+
     def merge(self) -> int:
         """Fold the vote table into the model; returns how many senders' votes counted.
 
@@ -436,6 +460,9 @@ class GossipNode:
         does, and honest neighbours still mix. Either way the shares' weight
         is added once, so weight is conserved.
         """
+        if self.measure_distance:  # a merge that saw no vote keeps the last distance
+            distance = self._distance_to(self.votes.fresh(self.round).values())
+            self.last_merge_distance = self.last_merge_distance if distance is None else distance
         if not self.aggregator.robust:
             shares = self.votes.pending_shares()
             self._note_merged(self.votes.senders())

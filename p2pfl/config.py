@@ -34,7 +34,8 @@ from gossip.attacks import DAEMON_ATTACKS
 from gossip.compression import resolve_codec
 from gossip.node import DEFAULT_QUORUM
 from gossip.robust import DEFAULT_CLIP_FRACTION, DEFAULT_TRIM_FRACTION
-from p2pfl.deadlines import Deadlines
+from p2pfl.deadlines import HANDSHAKE_LINK_MBIT, Deadlines
+from p2pfl.linkrates import UNMEASURED_MBIT
 
 
 class ConfigError(ValueError):
@@ -191,12 +192,22 @@ class NodeConfig:
         metavar="SECONDS",
         check=at_least(0, "must be seconds >= 0"),
     )
-    # So that members who started later are not left to train alone.
+    # Rounds follow the network (p2pfl/pacing.py): unpaced rounds outran gossip.
+    mix_wait: float = setting(
+        _LEARNING,
+        "longest a round waits for its live in-neighbours' shares before merging, and for "
+        "one of its last pushes to land before training (0: never wait)",
+        30.0,
+        metavar="SECONDS",
+        check=at_least(0, "must be seconds >= 0"),
+    )
+    # So that members who started later are not left to train alone; "done" means the
+    # neighbourhood has the final model (p2pfl/rounds.py), so this is only a cap.
     linger: float = setting(
         _LEARNING,
-        "after the last round, keep gossiping without training this long, so late "
-        "starters are not left alone",
-        30.0,
+        "after the last round, keep gossiping without training until the neighbours have "
+        "this node's final model and it is close to theirs, at most this long",
+        120.0,
         metavar="SECONDS",
         check=at_least(0, "must be seconds >= 0"),
     )
@@ -267,16 +278,18 @@ class NodeConfig:
     send_timeout: float = setting(
         _LIMITS, "per push", 5.0, metavar="SECONDS", check=above(0, "must be seconds > 0")
     )
-    # Every push and frame deadline grows by the message's size at this rate, so large
-    # models are not cut off by a fixed deadline (a 4.5 MB update never crossed
-    # 10 Mbit/s in 5 s).
-    min_link_mbit: float = setting(
+    # Every push and frame deadline grows by the message's size at the peer's link rate,
+    # measured per link (p2pfl/linkrates.py): with a configured 8 Mbit/s, every first
+    # 4.5 MB push over a shared 10 Mbit/s uplink timed out. Given, it replaces the slow
+    # assumption a link starts from until it is measured.
+    min_link_mbit: float | None = setting(
         _LIMITS,
         "link rate push and read deadlines assume for an update's size until a peer's "
-        "link shows less (p2pfl/linkrates.py)",
-        8.0,
+        "link is measured by its first large frame (p2pfl/linkrates.py)",
+        None,
         metavar="MBIT",
         check=above(0, "must be a rate > 0"),
+        default_text=f"measured; {UNMEASURED_MBIT:g} until then",
     )
     # One deadline per whole frame.
     read_timeout: float = setting(
@@ -363,7 +376,13 @@ class NodeConfig:
 
     @property
     def min_link_bytes_per_s(self) -> float:
-        return self.min_link_mbit * 1e6 / 8
+        """What handshakes and joining's model fetch assume a link carries."""
+        return (self.min_link_mbit or HANDSHAKE_LINK_MBIT) * 1e6 / 8
+
+    @property
+    def assumed_link_bytes_per_s(self) -> float:
+        """What an update's deadlines assume of a link until it is measured."""
+        return (self.min_link_mbit or UNMEASURED_MBIT) * 1e6 / 8
 
     @property
     def deadlines(self) -> Deadlines:

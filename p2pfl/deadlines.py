@@ -28,6 +28,9 @@ HOST_CLOSE_S = 5.0
 # so did 5 s plus one 64 KiB frame each way (12 s); dials failed too, so peers were
 # marked unreachable and missed top-k differences.
 HANDSHAKE_WAIT_BYTES = 2 * 256 * 1024
+# The link rate handshakes and joining's model fetch assume without --min-link-mbit
+# (updates' deadlines follow each link's measured rate instead: p2pfl/linkrates.py).
+HANDSHAKE_LINK_MBIT = 8.0
 
 
 def frame_deadline(timeout: float, length: int, min_bytes_per_s: float | None) -> float:

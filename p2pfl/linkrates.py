@@ -1,22 +1,24 @@
 """What each peer's link has shown it carries, so that a deadline fits the link.
 
 A deadline for a large frame is a fixed part plus its size at a rate
-(:func:`p2pfl.framing.frame_deadline`). ``--min-link-mbit`` is the rate an
-operator promises; a link that turns out slower (measured in the lab: every
-4.5 MB push timed out at 1 Mbit/s with the default 8) must not fail every
-push for good. So each peer's rate starts at the promised one and follows
-its frames, TCP-style:
+(:func:`p2pfl.framing.frame_deadline`). Rates are measured, not configured
+(issue 24): with default flags a 10 Mbit/s link shared by three pushes
+carries about 3.3 Mbit/s each, and the 8 Mbit/s that deadlines used to
+assume until told otherwise cut every first 4.5 MB push (measured in the
+lab). So each peer's rate starts at an assumption that is slow on purpose,
+``--min-link-mbit`` if the operator gives one (an override), else
+``UNMEASURED_MBIT``, and follows its frames, TCP-style:
 
+* the first large frame (``MEASURE_MIN_BYTES``) that completes measures the
+  link: the rate becomes half of what it achieved (headroom for the link's
+  other streams), above or below the assumption;
+* a later large frame moves the rate to half of what it achieved, lowering it
+  by half at most, as a timeout would: one slow completion (a frame that
+  waited on the peer's lock) cannot drop it to the floor; a small frame's
+  time is mostly latency, so it may only raise the rate;
 * a frame that timed out halves the rate, so the next one gets twice the
-  time, down to ``SLOWEST_FRACTION`` of the promise, which bounds how long a
-  dead or trickling peer can hold a stream;
-* a frame that completed moves the rate to half of what it achieved
-  (headroom for the link's other streams), never above the promise, so a
-  deadline is never shorter than the promise allows. Only a large frame
-  (``MEASURE_MIN_BYTES``), whose time is mostly its transfer, may lower it,
-  and by half at most, as a timeout would: one slow completion (a frame that
-  waited on the peer's lock) cannot drop it to the floor. A small frame's
-  time is mostly latency; it may only raise the rate.
+  time, down to ``SLOWEST_FRACTION`` of the assumption, which bounds how long
+  a dead or trickling peer can hold a stream.
 
 The daemon keeps one instance per direction: our uplink and a peer's
 uplink are different links.
@@ -31,8 +33,13 @@ from dataclasses import dataclass, field
 MEASURE_MIN_BYTES = 256 * 1024
 # Deadlines allow this share of the rate a frame achieved.
 HEADROOM = 0.5
-# A link is never assumed slower than this share of --min-link-mbit.
+# A link is never assumed slower than this share of its starting assumption.
 SLOWEST_FRACTION = 1 / 16
+# What a link not yet measured is assumed to carry, in Mbit/s, without --min-link-mbit:
+# slow on purpose, so that the first large push (which measures the link) fits: a
+# 4.5 MB model gets 72 s plus the fixed part, and one push of three on a 10 Mbit/s
+# uplink takes about 11 s.
+UNMEASURED_MBIT = 0.5
 # Peers remembered (any member can make an entry); the oldest is dropped beyond it.
 MAX_PEERS = 4096
 
@@ -41,21 +48,26 @@ MAX_PEERS = 4096
 class LinkRates:
     """Per peer, the rate in bytes per second its deadlines assume."""
 
-    promised: float
-    """``--min-link-mbit`` in bytes per second: the rate assumed until measured."""
+    assumed: float
+    """Bytes per second assumed until a link is measured (``--min-link-mbit``, or
+    ``UNMEASURED_MBIT``)."""
     rates: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    """Measured links only."""
 
     def __post_init__(self) -> None:
-        if not self.promised > 0:
-            raise ValueError("the promised link rate must be > 0 bytes per second")
+        if not self.assumed > 0:
+            raise ValueError("the assumed link rate must be > 0 bytes per second")
 
     @property
     def slowest(self) -> float:
-        return self.promised * SLOWEST_FRACTION
+        return self.assumed * SLOWEST_FRACTION
 
     def rate(self, peer: str) -> float:
         """The bytes per second a deadline for ``peer`` assumes now."""
-        return self.rates.get(peer, self.promised)
+        return self.rates.get(peer, self.assumed)
+
+    def measured(self, peer: str) -> bool:
+        return peer in self.rates
 
     def completed(self, peer: str, size: int, seconds: float) -> None:
         """A frame of ``size`` bytes to or from ``peer`` took ``seconds``."""
@@ -63,7 +75,8 @@ class LinkRates:
             return
         achieved, current = size / seconds * HEADROOM, self.rate(peer)
         if size >= MEASURE_MIN_BYTES:
-            self._set(peer, max(achieved, current / 2))
+            first = not self.measured(peer)
+            self._set(peer, achieved if first else max(achieved, current / 2))
         elif achieved > current:
             self._set(peer, achieved)
 
@@ -72,11 +85,7 @@ class LinkRates:
         self._set(peer, self.rate(peer) / 2)
 
     def _set(self, peer: str, rate: float) -> None:
-        rate = min(max(rate, self.slowest), self.promised)
-        if rate == self.promised:
-            self.rates.pop(peer, None)
-            return
-        self.rates[peer] = rate
+        self.rates[peer] = max(rate, self.slowest)
         self.rates.move_to_end(peer)
         while len(self.rates) > MAX_PEERS:
             self.rates.popitem(last=False)

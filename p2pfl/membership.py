@@ -26,7 +26,7 @@ from p2pfl.gossip_access import GuardedGossip
 from p2pfl.member_source import MemberSource
 from p2pfl.neighbours import choose_live, effective_quorum, in_candidates, ranked_membership
 from p2pfl.peer_exchange import discovery_round, exchange_peers
-from p2pfl.peer_policy import Action, Forget, PeerPolicy
+from p2pfl.peer_policy import Action, Dropped, Forget, PeerPolicy
 from p2pfl.reachability import Reachability, is_loopback
 from p2pfl.reachability import maintain as maintain_reachability
 from p2pfl.transport import Transport, TransportError
@@ -79,7 +79,7 @@ class Membership:
     def choose_neighbours(self) -> list[str]:
         """Our links by the shared rule; a spare stands in for each we cannot reach."""
         ranked, degree = self.ranked(), self.config.degree
-        self.neighbours = choose_live(self.key.peer_id, ranked, degree, self.book.reachable)
+        self.neighbours = choose_live(self.key.peer_id, ranked, degree, self.policy.linkable)
         return self.neighbours
 
     async def refresh_peers(self) -> None:
@@ -132,6 +132,8 @@ class Membership:
         """Carry out a reachability decision: the policy already updated the book."""
         if isinstance(action, Forget):
             logger.info("forgot %s: undialable for long", action.peer)
+        elif isinstance(action, Dropped):
+            logger.warning("dropped %s as a neighbour: it answers no receipt", action.peer)
 
     async def bootstrap(self) -> list[str]:
         """Dial every bootstrap address and learn its peers; returns the peers reached."""

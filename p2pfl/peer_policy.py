@@ -4,7 +4,7 @@ Like :mod:`gossip` (and h11), this holds no socket, no trio and no clock. The
 daemon (:mod:`p2pfl.pusher`, :mod:`p2pfl.membership`) tells it what happened
 to a push or a dial, with the time, and carries out what it answers:
 :class:`Push`, :class:`Refund`, :class:`Settle`, :class:`Disconnect`,
-:class:`Forget`, :class:`MarkUnreachable`, :class:`Redial`. Tests feed the same
+:class:`Forget`, :class:`MarkUnreachable`, :class:`Redial`, :class:`Dropped`. Tests feed the same
 events with an explicit ``now`` and check every decision in virtual time.
 
 It owns, so that each decision is made in one place:
@@ -20,7 +20,9 @@ It owns, so that each decision is made in one place:
 * the link rates (:mod:`p2pfl.linkrates`) that push and read deadlines assume;
 * the pushes in flight: at most one per peer, and the weight each carries, so
   that ``weight + weight_pending + weight_in_flight`` holds at every moment;
-* when a link that keeps failing is closed so that the next push redials it.
+* when a link that keeps failing is closed so that the next push redials it;
+* silent peers (:mod:`p2pfl.silence`): after one unanswered push, weight-0
+  probes instead of shares, and no longer a neighbour after unanswered probes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from gossip.delivery import DeliveryLedger, InvalidReceipt, Receipt
 from p2pfl.linkrates import LinkRates
 from p2pfl.peer_exchange import PeerBook
+from p2pfl.silence import SilentPeers
 
 # Pushes to one peer that fail in a row before its connection is closed and redialled.
 # Not at the first failure: closing also cuts the peer's pushes to us on that
@@ -125,7 +128,17 @@ class Redial:
     peer: str
 
 
-Action = Push[Any] | Refund[Any] | Settle[Any] | Disconnect | MarkUnreachable | Forget | Redial
+@dataclass(frozen=True)
+class Dropped:
+    """``peer`` stayed silent to probes: no longer a neighbour (p2pfl/silence.py)."""
+
+    peer: str
+
+
+Action = (
+    Push[Any] | Refund[Any] | Settle[Any] | Disconnect | MarkUnreachable | Forget | Redial
+    | Dropped
+)
 
 
 @dataclass
@@ -149,10 +162,15 @@ class PeerPolicy(Generic[S]):
     """Failed pushes per peer since its last answered one (see FAILURES_BEFORE_REDIAL)."""
     in_flight: dict[str, float] = field(default_factory=dict)
     """Peers with a push in flight, and the weight it carries."""
+    silence: SilentPeers = field(default_factory=SilentPeers)
+    accepted_seq: dict[str, int] = field(default_factory=dict)
+    """Per peer, the highest ``seq`` of ours it accepted: whether it has our final model."""
+    """Peers that answered no receipt: probed with weight 0, dropped if they stay so."""
 
     @classmethod
-    def create(cls, book: PeerBook, min_link_bytes_per_s: float) -> PeerPolicy[S]:
-        return cls(book, LinkRates(min_link_bytes_per_s), LinkRates(min_link_bytes_per_s))
+    def create(cls, book: PeerBook, assumed_bytes_per_s: float) -> PeerPolicy[S]:
+        """Link rates start at ``assumed_bytes_per_s`` until measured (p2pfl/linkrates.py)."""
+        return cls(book, LinkRates(assumed_bytes_per_s), LinkRates(assumed_bytes_per_s))
 
     # -- who can take a push ---------------------------------------------------------------
 
@@ -164,6 +182,19 @@ class PeerPolicy(Generic[S]):
         the skipped difference would have to its next one.
         """
         return [p for p in peers if self.book.reachable(p) and p not in self.in_flight]
+
+    def linkable(self, peer: str) -> bool:
+        """May ``peer`` be one of our neighbours now: reachable, and not dropped for
+        silence (a spare stands in for either)."""
+        return self.book.reachable(peer) and not self.silence.is_dropped(peer)
+
+    def silent(self, peers: Iterable[str]) -> list[str]:
+        """Of ``peers``, those that get a weight-0 probe instead of a share."""
+        return [p for p in peers if self.silence.is_silent(p)]
+
+    def have_seq(self, peers: Iterable[str], seq: int) -> bool:
+        """Has each of ``peers`` accepted a message of ours numbered ``seq`` or later?"""
+        return all(self.accepted_seq.get(p, 0) >= seq for p in peers)
 
     def start_pushes(self, share: S, peers: Iterable[str]) -> list[Push[S]]:
         """The weight of ``share`` was split off for each of ``peers``: from now on it is
@@ -208,6 +239,7 @@ class PeerPolicy(Generic[S]):
     def offer_refused(self, peer: str, share: S, receipt: Receipt, now: float) -> list[Action]:
         """The receiver refused the offer: it holds nothing of the share (refund)."""
         self._answered(peer, now)
+        self.silence.answered(peer)
         self.pushes_refused[receipt.verdict] += 1
         return self._refunds(peer, self.deliveries.refused_at_offer(peer, share, receipt))
 
@@ -227,23 +259,31 @@ class PeerPolicy(Generic[S]):
         except InvalidReceipt:
             return self.unanswered(peer, share, now, timed_out=False)
         self._answered(peer, now)
+        self.silence.answered(peer)
         self.deliveries.answered(peer, share, receipt)
         if receipt.accepted:
             self.updates_sent += 1
+            self.accepted_seq[peer] = max(self.accepted_seq.get(peer, 0), share.seq)
         else:
             self.pushes_refused[receipt.verdict] += 1
         return [Settle(peer, share, receipt)]
 
     def unanswered(self, peer: str, share: S, now: float, timed_out: bool) -> list[Action]:
-        """The payloads went out whole but no receipt came: the share is given."""
+        """The payloads went out whole but no receipt came: the share is given, and the
+        peer is silent (p2pfl/silence.py): probes only, dropped if it stays silent."""
         self.deliveries.unanswered(peer, share)
-        return [Settle(peer, share, None), *self._push_failed(peer, timed_out)]
+        actions: list[Action] = [Settle(peer, share, None), *self._push_failed(peer, timed_out)]
+        if self.silence.unanswered(peer, share.weight):
+            actions.append(Dropped(peer))
+        return actions
 
     # -- reachability ------------------------------------------------------------------------
 
     def heard_from(self, peer: str, now: float) -> None:
-        """``peer`` itself answered (a dial, a receipt, an accepted update): reachable."""
+        """``peer`` itself answered (a dial, a receipt, an accepted update): reachable,
+        and a neighbour again if it was dropped for silence (still probed)."""
         self.book.mark_alive(peer, now)
+        self.silence.spoke(peer)
 
     def redials(self) -> list[Redial]:
         """Every known peer whose last dial failed: redial them all (the transport's
@@ -271,6 +311,8 @@ class PeerPolicy(Generic[S]):
     def _forget(self, peer: str) -> None:
         """The one place a forgotten peer's state goes (the book already dropped it)."""
         self.failures_in_a_row.pop(peer, None)
+        self.silence.forget(peer)
+        self.accepted_seq.pop(peer, None)
         self.push_rates.rates.pop(peer, None)
         self.read_rates.rates.pop(peer, None)
 

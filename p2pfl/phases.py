@@ -1,6 +1,7 @@
 """Where a daemon's rounds go: seconds per phase, peak memory and the event loop's worst stall.
 
-A round's phases are ``train``, ``merge``, ``prepare`` (encode and sign),
+A round's phases are ``train``, ``wait`` (for the neighbourhood:
+p2pfl/pacing.py), ``merge``, ``prepare`` (encode and sign),
 ``evaluate`` and ``checkpoint``, one after the other, and ``other``, the rest
 of the round's wall time (mostly waiting for the gossip lock). Two more run in
 the background, overlapping the rounds, and are summed over every call that
@@ -31,7 +32,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import trio
 
-PHASES = ("train", "merge", "prepare", "send", "admit", "evaluate", "checkpoint")
+PHASES = ("train", "wait", "merge", "prepare", "send", "admit", "evaluate", "checkpoint")
 BACKGROUND_PHASES = ("send", "admit")  # overlap the rounds
 ROUND_PHASES = tuple(phase for phase in PHASES if phase not in BACKGROUND_PHASES)
 # A short tick measures stalls finely; 10 ms keeps the watchdog's own cost at about

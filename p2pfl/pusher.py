@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -50,6 +51,8 @@ class Pusher:
         self.phases = phases
         self.deadlines = membership.deadlines
         self.nursery: trio.Nursery | None = None
+        # Told when any push ends (the round loop waits on it: p2pfl/pacing.py).
+        self.on_push_end: Callable[[], None] = lambda: None
 
     def push(self, pushes: list[Push[Outgoing]]) -> None:
         """Start each push in the background; the policy already holds their weight
@@ -65,6 +68,7 @@ class Pusher:
             # After its outcome (a refund included) is carried out: the weight is
             # in flight until it is back in ours, never in neither.
             self.policy.push_ended(push.peer)
+            self.on_push_end()
 
     async def _push_one(self, peer_id: str, outgoing: Outgoing) -> None:
         transport = self.membership.transport

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from gossip import Reason
 from gossip.attacks import RECEIPT_LIE
@@ -48,6 +49,8 @@ class Inbound:
         self.refused_updates: Counter[str] = Counter()
         # The same verdicts per sender, for the neighbour table of /status.
         self.by_peer = PeerActivity()
+        # Told of each admitted share (the round loop's pacing: p2pfl/pacing.py).
+        self.on_admitted: Callable[[str], None] = lambda peer_id: None
 
     async def on_offer(self, peer_id: str, offer: bytes) -> tuple[bytes, int | None]:
         """Judge a pushed update by its offer; the answer, and the payload bytes to read
@@ -78,6 +81,7 @@ class Inbound:
         if verdict.accepted:
             self.by_peer.accepted(peer_id, time.monotonic())
             self.membership.policy.heard_from(peer_id, time.monotonic())
+            self.on_admitted(peer_id)
             if self.attack == RECEIPT_LIE:  # experiments only: keep it, deny it
                 return Receipt(Reason.REPLAY.value, receipt.last_seq).encode()
         else:

@@ -4,10 +4,13 @@ There is no barrier anywhere. Each local round trains in a worker thread (so
 libp2p streams keep draining: yamux fails a sender whose receiver stops
 reading for 5 s), merges its neighbours' votes once (gossip/votes.py: one vote
 per neighbour, a quorum for robust rules), checkpoints, and starts one push of
-a signed update to each free neighbour in the background. Rounds are paced
-(``--round-interval``), and a node that has finished its ``--rounds`` keeps
-gossiping without training for ``--linger`` seconds, so members that started
-later are not left to train alone.
+a signed update to each free neighbour in the background. Rounds follow the
+network (p2pfl/pacing.py: a round merges once its live in-neighbours have
+delivered, and trains only once one of its last pushes has ended, each wait
+bounded by ``--mix-wait``), are paced (``--round-interval``), and a node that
+has finished its ``--rounds`` keeps gossiping without training until its
+neighbours have its final model and it is close to theirs (``--linger``
+seconds at most), so members that started later are not left to train alone.
 """
 
 from __future__ import annotations
@@ -26,18 +29,23 @@ from gossip.keys import public_key_from_peer_id
 from p2pfl.config import NodeConfig
 from p2pfl.gossip_access import GuardedGossip
 from p2pfl.membership import Membership
+from p2pfl.pacing import MixingPace
 from p2pfl.peer_policy import PeerPolicy, Push
 from p2pfl.phases import PhaseClock
 from p2pfl.privacy_budget import PrivacyBudget
 from p2pfl.pusher import Pusher
 from p2pfl.step_guard import judge_step
 from p2pfl.training import LocalTraining
+from p2pfl.wakeup import Wakeup
 
 logger = logging.getLogger(__name__)
 
 # An --attack member pushes this often, whatever its rounds do (bounded by the
 # receivers' per-peer rate limit).
 ATTACK_PUSH_INTERVAL_S = 0.03
+# A finished node is done serving once its in-neighbours' models are this close to
+# its own, relative to its model's norm (and its neighbours accepted its final model).
+SETTLED_DISTANCE = 0.01
 
 
 class RoundLoop:
@@ -71,6 +79,12 @@ class RoundLoop:
         self.loss: float | None = None  # held-out loss after the last local step
         self.rejected_steps = 0  # local steps the step guard dropped
         self._last_logged: tuple[object, ...] | None = None
+        # Rounds follow the network (p2pfl/pacing.py); pokes come from admitted
+        # shares (admitted) and ended pushes (the pusher's on_push_end).
+        self.pace = MixingPace(config.mix_wait)
+        self.wakeup = Wakeup()
+        pusher.on_push_end = self.wakeup.poke
+        self._last_targets: list[str] = []
 
     def state_name(self) -> str:
         """training; serving: finished its rounds, still gossiping (--linger);
@@ -78,6 +92,36 @@ class RoundLoop:
         if self.serving:
             return "serving"
         return "dp-exhausted" if self.budget.exhausted else "training"
+
+    def admitted(self, peer_id: str) -> None:
+        """A share from ``peer_id`` was admitted: a round waiting to mix may go on."""
+        self.pace.arrived(peer_id, time.monotonic(), self.round)
+        self.wakeup.poke()
+
+    async def _wait_until(self, ready: Callable[[], float | None]) -> bool:
+        """Wait while ``ready()`` gives a time to wait until; False if that time came first.
+        ``ready`` is asked again at each poke, so nothing it depends on is missed."""
+        while True:
+            armed = self.wakeup.armed()
+            until = ready()
+            if until is None:
+                return True
+            with trio.move_on_after(max(0.0, until - time.monotonic())):
+                await armed.wait()
+                continue
+            return False
+
+    async def _wait_to_mix(self) -> None:
+        """Before merging: until every live in-neighbour delivered, within its bound."""
+        if not await self._wait_until(lambda: self.pace.wait_until(self.round, time.monotonic())):
+            self.pace.waited_out += 1
+
+    async def _wait_for_a_landing(self) -> None:
+        """Before training: until one of the last round's pushes ended (or --mix-wait)."""
+        targets, limit = self._last_targets, time.monotonic() + self.pace.max_wait
+        if not targets or not self.pace.enabled:
+            return
+        await self._wait_until(lambda: None if self.policy.free(targets) else limit)
 
     def _estimate(self) -> np.ndarray:
         return self.core.node.estimate.copy()
@@ -92,27 +136,38 @@ class RoundLoop:
         """Train (unless serving), merge the votes once, evaluate, push, checkpoint."""
         started = time.perf_counter()
         node = self.core.node
-        if not self.serving and self.budget.allows_a_round():
+        training = not self.serving and self.budget.allows_a_round()
+        if training:
+            with self.phases.timing("wait"):
+                await self._wait_for_a_landing()
             await self._train_step()
+            with self.phases.timing("wait"):
+                await self._wait_to_mix()
         await self.membership.refresh_peers()
         await self.core.call(self.phases.timed("merge", node.merge))
+        self.pace.merged(time.monotonic())
         await self.evaluate_current()
         neighbours = self.membership.choose_neighbours()
         keys = [public_key_from_peer_id(peer_id) for peer_id in neighbours]
         await self.core.call(node.keep_links, keys)
         targets = self.policy.free(neighbours)
+        probed = self.policy.silent(targets)  # silent peers get weight 0 (p2pfl/silence.py)
+        sharing = [peer for peer in targets if peer not in probed]
         pushes: list[Push[Any]] = []
-        if targets:  # nobody to push to: no message to build, no sequence number spent
+        if sharing:  # nobody to share with: no message to build, no sequence number spent
             if self.attacker is not None:
                 prepare = self.phases.timed("prepare", self.attacker.prepare)
                 outgoing = await self.core.call(prepare, time.time())
             else:
                 prepare = self.phases.timed("prepare", node.prepare)
-                outgoing = await self.core.call(prepare, len(targets), time.time())
+                outgoing = await self.core.call(prepare, len(sharing), time.time())
             # In the same step as the split (no await between): the weight split off
             # is in flight from here, so /status's mass count never dips while the
             # checkpoint below is written.
-            pushes = self.policy.start_pushes(outgoing, targets)
+            pushes = self.policy.start_pushes(outgoing, sharing)
+        if probed:
+            probe = await self.core.call(self.phases.timed("prepare", node.probe), time.time())
+            pushes += self.policy.start_pushes(probe, probed)
         if not self.serving:
             self.round += 1
         # Checkpoint before sending: a restart then never reuses a sequence number
@@ -120,6 +175,7 @@ class RoundLoop:
         with self.phases.timing("checkpoint"):
             await self.checkpoint()
         self.pusher.push(pushes)
+        self._last_targets = [push.peer for push in pushes]
         record = self.phases.end_round(self.round, time.perf_counter() - started)
         # A serving node ticks twice a second with nothing new: it logs when what it
         # would say changes, not every tick.
@@ -163,25 +219,39 @@ class RoundLoop:
         await trio.sleep(max(0.0, self.config.round_interval - (time.monotonic() - started)))
 
     async def run(self) -> None:
-        """Wait for peers, run ``--rounds`` rounds, then serve for ``--linger`` seconds."""
+        """Wait for peers, run ``--rounds`` rounds, then serve until the neighbourhood
+        has the final model, ``--linger`` seconds at most."""
         await self.membership.wait_for_peers()
         while self.config.rounds is None or self.round < self.config.rounds:
             started = time.monotonic()
             await self.one_round()
             await self._paced(started)
-        # Finished: stay a member for a while, merging and pushing but not training,
-        # so that late starters are not left alone (and still learn from us).
+        # Finished: stay a member, merging and pushing but not training, until our
+        # neighbours have our final model and we are close to theirs, so that late
+        # starters are not left alone (and still learn from us); --linger at most.
         self.serving = True
         if self.alone():
             logger.info("finished %d rounds; no peers to serve, stopping", self.round)
             return
-        if self.config.linger > 0:
-            logger.info("finished %d rounds; serving for %g s", self.round, self.config.linger)
+        final_seq = self.core.node.seq + 1  # the first message signed after training
+        self.core.node.measure_distance = True
+        logger.info("finished %d rounds; serving until the neighbourhood has the final "
+                    "model, at most %g s", self.round, self.config.linger)
+        started = time.monotonic()
         with trio.move_on_after(self.config.linger):
-            while True:
-                started = time.monotonic()
+            while not self._neighbourhood_has_it(final_seq):
+                started_round = time.monotonic()
                 await self.one_round()
-                await self._paced(started)
+                await self._paced(started_round)
+            logger.info("the neighbourhood has the final model after %.1f s: done",
+                        time.monotonic() - started)
+
+    def _neighbourhood_has_it(self, final_seq: int) -> bool:
+        """Every neighbour accepted a model of ours from after training, and the last
+        merge found every in-neighbour's model within SETTLED_DISTANCE of ours."""
+        distance = self.core.node.last_merge_distance
+        return (self.policy.have_seq(self.membership.neighbours, final_seq)
+                and distance is not None and distance <= SETTLED_DISTANCE)
 
     def alone(self) -> bool:
         """A lone node (--min-neighbours 0, no bootstrap, nobody dialled in) serves no one."""

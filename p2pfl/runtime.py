@@ -98,7 +98,7 @@ class NodeRuntime:
         self.budget = PrivacyBudget(config, self.training, announce)
         self.store.lock()  # held until run() ends; the kernel drops it if we crash
         book = MemberBook(key.peer_id, members, rng=random.Random(key.seed + b"book"))
-        self.policy: PeerPolicy[Any] = PeerPolicy.create(book, config.min_link_bytes_per_s)
+        self.policy: PeerPolicy[Any] = PeerPolicy.create(book, config.assumed_link_bytes_per_s)
         self.membership = Membership(config, key, members, self.policy, self.core, announce)
         # Seconds per phase of each round, peak RSS and the loop's worst stall (/status).
         self.phases = PhaseClock()
@@ -110,6 +110,7 @@ class NodeRuntime:
             self.phases, self.checkpoint, self._attacker(config),
         )
         self.inbound = Inbound(self.core, self.membership, self.phases, config.attack)
+        self.inbound.on_admitted = self.rounds.admitted
         self.joining = Joining(self.membership, self.core, lambda: self.rounds.round)
         self.started = time.monotonic()
         self.resumed = self._restore()

@@ -100,8 +100,8 @@ def node_status(node: NodeRuntime) -> dict[str, Any]:
             peer_id_from_public_key(sender): seq for sender, seq in view["last_seq"].items()
         },
         "send_failures": dict(policy.send_failures),
-        # Peers whose links showed less than --min-link-mbit: the Mbit/s deadlines
-        # assume, for our pushes to them and for their frames to us.
+        # Measured links (p2pfl/linkrates.py): the Mbit/s deadlines assume, for our
+        # pushes to them and for their frames to us.
         "link_mbit": {
             direction: {peer: round(r * 8 / 1e6, 3) for peer, r in rates.rates.items()}
             for direction, rates in (("push", policy.push_rates), ("read", policy.read_rates))
@@ -112,6 +112,14 @@ def node_status(node: NodeRuntime) -> dict[str, Any]:
         "disputed_by": dict(policy.deliveries.disputes),
         "pushes_refused": dict(policy.pushes_refused),
         "pushes_in_flight": len(policy.in_flight),
+        # Peers that answered no receipt (probed with weight 0), drops, recoveries, and
+        # the shares counted as lost to silence (p2pfl/silence.py).
+        "silence": {"silent": policy.silence.count(), "dropped": policy.silence.dropped_count,
+                    "recovered": policy.silence.recovered_count,
+                    "weight_lost": policy.silence.weight_lost},
+        # Rounds follow the network (p2pfl/pacing.py): merges that went on without
+        # every live in-neighbour's share, the bound having passed.
+        "mix_waited_out": rounds.pace.waited_out,
         # top-k: pushes that carried the link's whole copy afresh (peer not in step)
         "whole_copies_sent": policy.whole_copies_sent,
         "streams_refused": dict(transport.streams_refused) if transport else {},

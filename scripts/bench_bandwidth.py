@@ -18,7 +18,8 @@ A host pushes to --degree neighbours at once over its link (and receives from
 about as many), so one update gets about rate/degree; TCP flows through a tbf
 queue share it unevenly, and deadlines sized at that rate had receivers cut 243
 of the 1 Mbit/s int8 frames in one run. So the daemons' --min-link-mbit, which
-sizes their push and read deadlines, is rate / (2 x degree).
+sizes their push and read deadlines, is rate / (2 x degree): the tuned flags.
+``--default-flags`` leaves it out, as a new user would.
 
 Needs root and iproute2; takes up to
 rates x codecs x (--cap + start-up) seconds. Results go to --out (JSON and a plot
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit-from-start", action="store_true",
                         help="limit the links while the daemons join too (default: once all "
                         "have joined and trained once)")
+    parser.add_argument("--default-flags", action="store_true",
+                        help="no --min-link-mbit: the daemons' deadlines follow each link's "
+                             "measured rate, as a new user's would")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-bandwidth"))
     return parser.parse_args(argv)
 
@@ -123,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                                  local_epochs=args.local_epochs)
             for codec in codecs:
                 name = f"{rate:g}mbit-{codec.replace(':', '')}"
-                extra = ("--compression", codec, "--model", args.model,
-                         "--min-link-mbit", f"{rate / (2 * args.degree):g}",
+                tuned = () if args.default_flags else (
+                    "--min-link-mbit", f"{rate / (2 * args.degree):g}")
+                extra = ("--compression", codec, "--model", args.model, *tuned,
                          "--min-neighbours", str(args.hosts - 1))
                 title = f"{codec} at {rate:g} Mbit/s"
                 try:

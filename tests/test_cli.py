@@ -251,5 +251,5 @@ def test_the_new_robustness_and_experiment_flags_reach_the_config() -> None:
     config = node_config(args)
     assert (config.linger, config.quorum, config.attack) == (2.5, 4, "alie")
     defaults = node_config(build_parser().parse_args(["node"]))
-    assert (defaults.linger, defaults.quorum, defaults.attack) == (30.0, 3, None)
+    assert (defaults.linger, defaults.quorum, defaults.attack) == (120.0, 3, None)
     assert defaults.round_interval > 0  # rounds are paced unless asked otherwise

@@ -59,7 +59,7 @@ def test_help_and_choices_come_from_the_modules_that_own_them() -> None:
     assert f"trimmed-mean {DEFAULT_TRIM_FRACTION}" in trim
     assert f"clipped {DEFAULT_CLIP_FRACTION}" in trim
     assert f"(default {NodeConfig().quorum})" in actions["quorum"].help
-    assert "(default 30)" in actions["linger"].help
+    assert "(default 120)" in actions["linger"].help
 
 
 def test_every_default_written_as_toml_reads_back_as_the_defaults(tmp_path: Path) -> None:

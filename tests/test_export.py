@@ -60,7 +60,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      "--rounds", "3", "--round-interval", "0", "--listen",
                      "/ip4/127.0.0.1/tcp/0", "--status-addr", "127.0.0.1:0", cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]
-    # A lone node stops at its last round instead of serving nobody for --linger (30 s).
+    # A lone node stops at its last round instead of serving nobody for --linger.
     assert "no peers to serve, stopping" in done.stderr
     return root
 

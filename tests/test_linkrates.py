@@ -1,31 +1,49 @@
-"""Deadlines follow each peer's link: timeouts lengthen them, fast frames restore them."""
+"""Deadlines follow each peer's measured link: the first large frame measures it, timeouts
+lengthen it, fast frames restore it."""
 
 from __future__ import annotations
 
 import pytest
 
+from p2pfl.config import NodeConfig
 from p2pfl.deadlines import Deadlines
-from p2pfl.linkrates import MAX_PEERS, SLOWEST_FRACTION, LinkRates
+from p2pfl.linkrates import MAX_PEERS, SLOWEST_FRACTION, UNMEASURED_MBIT, LinkRates
 
 pytestmark = pytest.mark.unit
 
-PROMISED = 1_000_000.0  # 8 Mbit/s in bytes per second
+ASSUMED = 1_000_000.0  # 8 Mbit/s in bytes per second
 MODEL = 4_500_000  # a 1.1M-parameter model, raw
 
 
-def test_a_peer_starts_at_the_promised_rate_and_a_fast_link_never_shortens_deadlines() -> None:
-    rates = LinkRates(PROMISED)
-    assert rates.rate("a") == PROMISED
-    rates.completed("a", MODEL, 0.1)  # 45 MB/s: far above the promise
-    assert rates.rate("a") == PROMISED and rates.rates == {}
+def test_the_first_large_frame_measures_the_link_above_or_below_the_assumption() -> None:
+    rates = LinkRates(ASSUMED)
+    assert rates.rate("a") == ASSUMED and not rates.measured("a")
+    rates.completed("a", MODEL, 0.1)  # 45 MB/s: far above the assumption
+    assert rates.rate("a") == pytest.approx(22_500_000.0) and rates.measured("a")
+    rates.completed("b", MODEL, MODEL / 125_000)  # 1 Mbit/s: taken whole, not halved
+    assert rates.rate("b") == pytest.approx(62_500.0)
+
+
+def test_default_flags_fit_the_first_push_of_a_shared_10_mbit_uplink() -> None:
+    """Issue 24: three pushes of 4.5 MB share a 10 Mbit/s uplink (~11 s each). The
+    unmeasured assumption lets the first one through, and the measured rate still fits
+    the next ones with the link shared."""
+    config = NodeConfig()
+    assert config.min_link_mbit is None
+    rates, deadlines = LinkRates(config.assumed_link_bytes_per_s), config.deadlines
+    assert config.assumed_link_bytes_per_s == UNMEASURED_MBIT * 1e6 / 8
+    shared = 10e6 / 8 / 3
+    assert deadlines.push(MODEL, rates.rate("a")) > MODEL / shared
+    rates.completed("a", MODEL, MODEL / shared)
+    assert deadlines.push(MODEL, rates.rate("a")) > MODEL / shared
 
 
 def test_timeouts_double_the_time_until_a_push_fits_then_the_measure_keeps_it() -> None:
-    """A 1 Mbit/s link under the default 8 Mbit/s promise: the 4.5 MB push times out
-    three times (its size's share of the deadline doubles each time), then fits, and
-    what it achieved (half of it, for the link's other streams) is kept."""
-    deadlines = Deadlines(send=5.0, read=10.0, min_link_bytes_per_s=PROMISED)
-    rates = LinkRates(PROMISED)
+    """A 1 Mbit/s link under an 8 Mbit/s assumption: the 4.5 MB push times out three
+    times (its size's share of the deadline doubles each time), then fits, and what it
+    achieved (half of it, for the link's other streams) is kept."""
+    deadlines = Deadlines(send=5.0, read=10.0, min_link_bytes_per_s=ASSUMED)
+    rates = LinkRates(ASSUMED)
     link = 125_000.0  # what the link carries, bytes per second
     needed = MODEL / link
     tries = []
@@ -36,40 +54,40 @@ def test_timeouts_double_the_time_until_a_push_fits_then_the_measure_keeps_it() 
     rates.completed("slow", MODEL, needed)
     assert rates.rate("slow") == pytest.approx(link / 2)
     assert deadlines.push(MODEL, rates.rate("slow")) >= 2 * needed
-    assert rates.rate("other") == PROMISED  # each peer its own
+    assert rates.rate("other") == ASSUMED  # each peer its own
 
 
-def test_a_large_slow_frame_lowers_the_rate_before_any_timeout_but_by_half_at_most() -> None:
-    rates = LinkRates(PROMISED)
-    rates.completed("a", MODEL, MODEL / (0.75 * PROMISED))  # half of it: 0.375 of the promise
-    assert rates.rate("a") == pytest.approx(0.5 * PROMISED)
-    rates.completed("a", MODEL, MODEL / (0.75 * PROMISED))
-    assert rates.rate("a") == pytest.approx(0.375 * PROMISED)
+def test_a_large_slow_frame_lowers_a_measured_rate_but_by_half_at_most() -> None:
+    rates = LinkRates(ASSUMED)
+    rates.completed("a", MODEL, MODEL / (2 * ASSUMED))  # measured: the assumption itself
+    assert rates.rate("a") == pytest.approx(ASSUMED)
+    rates.completed("a", MODEL, MODEL / (0.75 * ASSUMED))  # half of it: 0.375
+    assert rates.rate("a") == pytest.approx(0.5 * ASSUMED)
     rates.completed("a", MODEL, 1000.0)  # one very slow one: half, not the floor
-    assert rates.rate("a") == pytest.approx(0.1875 * PROMISED)
+    assert rates.rate("a") == pytest.approx(0.25 * ASSUMED)
 
 
-def test_a_small_frame_only_raises_the_rate_and_a_fast_one_restores_it() -> None:
+def test_a_small_frame_only_raises_the_rate() -> None:
     """A small frame's time is mostly latency, not the link's rate."""
-    rates = LinkRates(PROMISED)
+    rates = LinkRates(ASSUMED)
     rates.completed("a", 100, 1.0)  # 100 B/s
-    assert rates.rate("a") == PROMISED
+    assert rates.rate("a") == ASSUMED
     rates.timed_out("a")
     rates.completed("a", 100, 1.0)
-    assert rates.rate("a") == PROMISED / 2
-    rates.completed("a", 200_000, 0.01)
-    assert rates.rate("a") == PROMISED and rates.rates == {}
+    assert rates.rate("a") == ASSUMED / 2
+    rates.completed("a", 200_000, 0.1)
+    assert rates.rate("a") == pytest.approx(ASSUMED)
 
 
 def test_the_rate_has_a_floor() -> None:
-    rates = LinkRates(PROMISED)
+    rates = LinkRates(ASSUMED)
     for _ in range(20):
         rates.timed_out("a")
-    assert rates.rate("a") == PROMISED * SLOWEST_FRACTION
+    assert rates.rate("a") == ASSUMED * SLOWEST_FRACTION
 
 
 def test_remembered_peers_are_bounded() -> None:
-    rates = LinkRates(PROMISED)
+    rates = LinkRates(ASSUMED)
     for i in range(MAX_PEERS + 10):
         rates.timed_out(f"peer-{i}")
     assert len(rates.rates) == MAX_PEERS and "peer-0" not in rates.rates

@@ -22,6 +22,7 @@ from fltasks import Task
 from gossip import GossipNode, NodeKey
 from gossip.delivery import READY, Receipt
 from p2pfl.peer_exchange import PeerBook, serve_peer_exchange
+from p2pfl.rounds import SETTLED_DISTANCE
 from p2pfl.runtime import UPDATE_PROTOCOL, model_arrays
 from p2pfl.transport import Transport
 
@@ -240,3 +241,19 @@ async def test_the_mass_count_holds_while_a_round_checkpoints_before_pushing(
     assert max(poll["weight_in_flight"] for poll in polls) > 0  # the premise: a share split
     for poll in polls:
         assert sum(poll.values()) == pytest.approx(total)
+
+
+async def test_finished_nodes_serve_until_the_neighbourhood_has_the_final_model(
+    digits: Task, tmp_path: Path
+) -> None:
+    """"Done" means the neighbours have our final model and we are close to theirs:
+    both nodes stop by themselves, long before a --linger cap that would outlast the
+    test's guard (run_two fails at GUARD_S)."""
+    first, second = await run_two(
+        (digits, digits), (tmp_path / "a", tmp_path / "b"), ("0/2", "1/2"),
+        rounds=4, round_interval=0.1, linger=100 * GUARD_S,
+    )
+    for node in (first, second):
+        assert node.rounds.serving and node.round == 4
+        distance = node.gossip.last_merge_distance
+        assert distance is not None and distance <= SETTLED_DISTANCE

@@ -166,8 +166,11 @@ def test_a_completed_large_push_sets_the_rate_it_showed() -> None:
     policy = policy_with(a)
     size = 4 * MEASURE_MIN_BYTES
     policy.answered(a, Share(1, 0.1), accepted(), size, size / (PROMISED / 4), now=1.0)
-    # Half the rate achieved (headroom), and no lower than half the previous rate.
-    assert policy.push_rates.rate(a) == PROMISED / 2
+    # The first large frame measures the link: half the rate achieved (headroom).
+    assert policy.push_rates.rate(a) == PROMISED / 8
+    policy.answered(a, Share(2, 0.1), accepted(), size, size / (PROMISED / 64), now=2.0)
+    # A later one lowers it by half at most.
+    assert policy.push_rates.rate(a) == PROMISED / 16
 
 
 def test_a_failed_dial_of_a_push_refunds_and_makes_the_peer_unreachable() -> None:

@@ -136,7 +136,7 @@ async def test_served_frames_measure_the_peers_link() -> None:
     with trio.fail_after(30):
         async with transports(2) as [a, b]:
             received: list[tuple[str, bytes]] = []
-            rates = LinkRates(promised=2e6)
+            rates = LinkRates(assumed=2e6)
             b.set_handler(PROTOCOL, collect_into(received), 16 << 20, 0.5, rates)
             peer = await a.connect(b.addrs[0], timeout=5)
             stream = await a.host.new_stream(ID.from_base58(peer), [TProtocol(PROTOCOL)])

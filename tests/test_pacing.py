@@ -1,0 +1,84 @@
+"""Rounds follow the network: whom a round waits for before merging, and until when."""
+
+from __future__ import annotations
+
+import pytest
+
+from p2pfl.pacing import FIRST_INTERVAL_S, MAX_SENDERS, WAIT_FACTOR, MixingPace
+
+pytestmark = pytest.mark.unit
+
+
+def test_nothing_is_awaited_before_the_first_merge() -> None:
+    pace = MixingPace(max_wait=30)
+    pace.arrived("a", now=1.0, round=0)
+    assert pace.wait_until(round=0, now=1.0) is None
+
+
+def test_a_live_sender_not_heard_since_the_merge_is_awaited_for_its_interval() -> None:
+    pace = MixingPace(max_wait=30)
+    pace.arrived("a", now=0.0, round=0)
+    pace.arrived("a", now=2.0, round=1)  # its interval: 2 s
+    pace.merged(now=2.5)
+    assert pace.awaited(round=2, now=3.0) == {"a": 2.0 + WAIT_FACTOR * 2.0}
+    pace.arrived("a", now=3.5, round=2)
+    assert pace.wait_until(round=2, now=3.5) is None
+
+
+def test_a_sender_heard_once_is_awaited_for_the_first_interval() -> None:
+    pace = MixingPace(max_wait=30)
+    pace.arrived("a", now=10.0, round=0)
+    pace.merged(now=10.1)
+    assert pace.wait_until(round=1, now=10.2) == 10.0 + WAIT_FACTOR * FIRST_INTERVAL_S
+
+
+def test_the_slowest_sender_sets_the_wait_and_max_wait_caps_it() -> None:
+    pace = MixingPace(max_wait=5)
+    for sender, gap in (("fast", 0.5), ("slow", 2.0)):
+        pace.arrived(sender, now=0.0, round=0)
+        pace.arrived(sender, now=gap, round=0)
+    pace.merged(now=2.0)
+    assert pace.wait_until(round=1, now=2.0) == 2.0 + WAIT_FACTOR * 2.0
+    capped = MixingPace(max_wait=1)
+    capped.arrived("slow", now=0.0, round=0)
+    capped.arrived("slow", now=2.0, round=0)
+    capped.merged(now=2.0)
+    assert capped.wait_until(round=1, now=2.0) == 3.0
+
+
+def test_a_sender_past_its_time_is_not_waited_for() -> None:
+    pace = MixingPace(max_wait=30)
+    pace.arrived("gone", now=0.0, round=0)
+    pace.arrived("gone", now=1.0, round=0)
+    pace.merged(now=1.5)
+    assert pace.wait_until(round=1, now=1.0 + WAIT_FACTOR * 1.0 + 0.01) is None
+
+
+def test_a_dead_sender_stops_being_live_after_live_rounds() -> None:
+    pace = MixingPace(max_wait=1000, live_rounds=4)
+    pace.arrived("dead", now=0.0, round=0)
+    pace.arrived("dead", now=100.0, round=0)  # interval 100 s: its time is far off
+    pace.merged(now=100.5)
+    assert pace.wait_until(round=4, now=101.0) is not None
+    assert pace.wait_until(round=5, now=101.0) is None
+
+
+def test_zero_max_wait_never_waits() -> None:
+    pace = MixingPace(max_wait=0)
+    pace.arrived("a", now=0.0, round=0)
+    pace.merged(now=0.1)
+    assert not pace.enabled
+    assert pace.wait_until(round=1, now=0.2) is None
+
+
+def test_negative_max_wait_is_refused() -> None:
+    with pytest.raises(ValueError, match=">= 0 seconds"):
+        MixingPace(max_wait=-1)
+
+
+def test_the_sender_table_is_bounded() -> None:
+    pace = MixingPace(max_wait=30)
+    for i in range(MAX_SENDERS + 10):
+        pace.arrived(f"p{i}", now=float(i), round=0)
+    pace.merged(now=MAX_SENDERS + 10.0)
+    assert len(pace.awaited(round=0, now=0.0)) <= MAX_SENDERS
