@@ -352,8 +352,10 @@ def test_nat_and_loss_without_nftables_name_the_package(monkeypatch: pytest.Monk
 @pytest.mark.slow
 def test_the_partition_scenario_script_reports_the_heal(tmp_path: Path) -> None:
     script = Path(__file__).parent.parent / "scripts" / "netlab.py"
+    # 12 rounds of 0.5 s: the cut outlasts a push's 5 s deadline, so pushes across it
+    # fail (3 rounds, 1.5 s, ended before any did).
     subprocess.run(
-        [sys.executable, str(script), "partition", "--hosts", "4", "--cut-rounds", "3",
+        [sys.executable, str(script), "partition", "--hosts", "4", "--cut-rounds", "12",
          "--settle", "5", "--out", str(tmp_path)],
         check=True, capture_output=True, timeout=600,
     )
