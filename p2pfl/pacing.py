@@ -16,7 +16,11 @@ group but not for ever:
   It waits for each no longer than ``WAIT_FACTOR`` times that sender's own
   interval between shares after its last one (a sender on a slow link has a
   long interval, so we wait longer for it: the round follows the link), and
-  never longer than ``max_wait`` after the last merge. A neighbour that died
+  never longer than ``max_wait`` after the last merge, nor than
+  ``TYPICAL_FACTOR`` times the median interval of the live senders: one member
+  that pushes slowly (a slow link, or a Byzantine one on purpose) holds its
+  neighbours' rounds to a few of their typical rounds, not to its own pace; its
+  update is merged whenever it comes. A neighbour that died
   is waited for at most ``live_rounds`` times, then it is no longer live.
   Because every node pushes at the end of its round before it waits again, a
   node waits only for shares its neighbours sent in their previous round:
@@ -42,6 +46,8 @@ from gossip.votes import DEFAULT_MAX_AGE_ROUNDS
 WAIT_FACTOR = 2.0
 # A sender heard once has no interval yet: wait this long for its second share.
 FIRST_INTERVAL_S = 1.0
+# No round waits longer than this many times the live senders' median interval.
+TYPICAL_FACTOR = 4.0
 # Weight of the newest interval in a sender's running average.
 INTERVAL_SMOOTHING = 0.3
 # Senders remembered (only admitted senders make an entry); the oldest goes first.
@@ -93,11 +99,17 @@ class MixingPace:
         for it until (only those whose time is still to come)."""
         if not self.enabled or self._merged_at is None:
             return {}  # before our first merge every share so far is still unmerged
+        live = {s: seen for s, seen in self._senders.items()
+                if round - seen.last_round <= self.live_rounds}
         limit = self._merged_at + self.max_wait
+        intervals = sorted(seen.interval for seen in live.values() if seen.interval is not None)
+        if len(intervals) >= 2:
+            typical = intervals[len(intervals) // 2]
+            limit = min(limit, self._merged_at + TYPICAL_FACTOR * typical)
         waits = {}
-        for sender, seen in self._senders.items():
-            if round - seen.last_round > self.live_rounds or seen.last_at > self._merged_at:
-                continue  # no longer live, or already delivered since the merge
+        for sender, seen in live.items():
+            if seen.last_at > self._merged_at:
+                continue  # already delivered since the merge
             interval = FIRST_INTERVAL_S if seen.interval is None else seen.interval
             until = min(seen.last_at + WAIT_FACTOR * interval, limit)
             if until > now:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from p2pfl.pacing import FIRST_INTERVAL_S, MAX_SENDERS, WAIT_FACTOR, MixingPace
+from p2pfl.pacing import FIRST_INTERVAL_S, MAX_SENDERS, TYPICAL_FACTOR, WAIT_FACTOR, MixingPace
 
 pytestmark = pytest.mark.unit
 
@@ -82,3 +82,14 @@ def test_the_sender_table_is_bounded() -> None:
         pace.arrived(f"p{i}", now=float(i), round=0)
     pace.merged(now=MAX_SENDERS + 10.0)
     assert len(pace.awaited(round=0, now=0.0)) <= MAX_SENDERS
+
+
+def test_one_slow_sender_holds_a_round_to_a_few_typical_intervals_only() -> None:
+    pace = MixingPace(max_wait=1000)
+    pace.arrived("slow", now=0.0, round=0)
+    pace.arrived("slow", now=100.0, round=0)  # every 100 s: its own bound is 300
+    for second in range(102):
+        pace.arrived("a", now=float(second), round=0)
+        pace.arrived("b", now=float(second), round=0)
+    pace.merged(now=101.0)
+    assert pace.wait_until(round=1, now=101.0) == 101.0 + TYPICAL_FACTOR * 1.0
