@@ -35,7 +35,7 @@ from gossip.encoders import Encoder, encoder_for, own_tensors
 from gossip.errors import InvalidUpdate, Reason
 from gossip.keys import NodeKey
 from gossip.layout import ModelLayout
-from gossip.public_copy import LinkCopies, PublicCopies, is_difference_codec
+from gossip.public_copy import RESYNC_CODEC, LinkCopies, PublicCopies, is_difference_codec
 from gossip.pushsum import MAX_WEIGHT, PushSum, Share
 from gossip.update import Update
 from gossip.votes import DEFAULT_MAX_AGE_ROUNDS, Vote, VoteTable
@@ -105,11 +105,10 @@ class GossipNode:
     # pull us further than that (see merge).
     last_step_norm: float = 0.0
     merges: dict[str, int] = field(default_factory=lambda: {"quorum": 0, "bounded": 0})
-    # The largest distance from our estimate to a vote the last merge that saw any
-    # saw, relative to our estimate's norm (None: none yet): how far we are from our
-    # in-neighbours.
-    # Measured only while ``measure_distance`` (a node that finished training asks).
-    last_merge_distance: float | None = None
+    # Per in-neighbour, the distance from our estimate to its latest vote a merge saw,
+    # relative to our estimate's norm: how far we are from each. Measured only while
+    # ``measure_distance`` (a node that finished training asks: p2pfl/rounds.py).
+    vote_distances: dict[bytes, float] = field(default_factory=dict)
     measure_distance: bool = False
     # Distinct senders whose votes a merge has folded in: an exported model's card says
     # how many members it was trained with. Bounded like the replay table.
@@ -303,11 +302,13 @@ class GossipNode:
 
     def probe(self, now: float) -> Outgoing:
         """The current model with weight 0 and a new ``seq``: what a silent peer gets
-        instead of a share (p2pfl/silence.py), so its silence costs nothing more. Raw,
-        so that no encoder memory or top-k link copy is spent on it."""
+        instead of a share (p2pfl/silence.py), so its silence costs nothing more. In
+        the node's codec, or a top-k resync's (int8) for a difference codec, encoded
+        afresh: no encoder memory or top-k link copy is spent on it."""
         self.seq += 1
         tensors = self.layout.unflatten(self.pushsum.estimate)
-        message = self._sign(self.seq, 0.0, "raw", tensors, now)
+        codec_id = RESYNC_CODEC if self.links is not None else self.codec_id
+        message = self._sign(self.seq, 0.0, codec_id, tensors, now)
         return Outgoing(message, self.seq, tensors, 0.0, probe=True)
 
     def addressed(self, outgoing: Outgoing, peer: bytes, now: float) -> Outgoing:
@@ -379,6 +380,8 @@ class GossipNode:
         if senders is not None:
             for vote in self.votes.keep_only(senders):
                 self._fold_weight_of(vote.share())
+            for sender in [s for s in self.vote_distances if s not in senders]:
+                del self.vote_distances[sender]
 
     def receive(
         self, data: bytes | bytearray | memoryview, now: float, remote_key: bytes | None = None
@@ -441,12 +444,16 @@ class GossipNode:
                 return
             self.merged_from.add(sender)
 
-    def _distance_to(self, votes: Iterable[Vote]) -> float | None:
+    def _measure_distances(self, votes: dict[bytes, Vote]) -> None:
         own = self.pushsum.estimate
-        distances = [float(np.linalg.norm(vote.estimate - own)) for vote in votes]
-        if not distances:
-            return None
-        return max(distances) / max(float(np.linalg.norm(own)), 1e-12)
+        scale = max(float(np.linalg.norm(own)), 1e-12)
+        for sender, vote in votes.items():
+            self.vote_distances[sender] = float(np.linalg.norm(vote.estimate - own)) / scale
+
+    def close_to_neighbours(self, threshold: float) -> bool:
+        """Is every in-neighbour heard from, at its latest vote, within ``threshold``?"""
+        distances = self.vote_distances.values()
+        return bool(distances) and max(distances) <= threshold
 
     def merge(self) -> int:
         """Fold the vote table into the model; returns how many senders' votes counted.
@@ -460,9 +467,8 @@ class GossipNode:
         does, and honest neighbours still mix. Either way the shares' weight
         is added once, so weight is conserved.
         """
-        if self.measure_distance:  # a merge that saw no vote keeps the last distance
-            distance = self._distance_to(self.votes.fresh(self.round).values())
-            self.last_merge_distance = self.last_merge_distance if distance is None else distance
+        if self.measure_distance:
+            self._measure_distances(self.votes.fresh(self.round))
         if not self.aggregator.robust:
             shares = self.votes.pending_shares()
             self._note_merged(self.votes.senders())

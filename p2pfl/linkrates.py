@@ -17,8 +17,9 @@ lab). So each peer's rate starts at an assumption that is slow on purpose,
   waited on the peer's lock) cannot drop it to the floor; a small frame's
   time is mostly latency, so it may only raise the rate;
 * a frame that timed out halves the rate, so the next one gets twice the
-  time, down to ``SLOWEST_FRACTION`` of the assumption, which bounds how long
-  a dead or trickling peer can hold a stream.
+  time, down to ``SLOWEST_FRACTION`` of the assumption and never below
+  ``FLOOR_MBIT``, which bounds how long a dead or trickling peer can hold a
+  stream (a 4.5 MB frame: 6 minutes at most).
 
 The daemon keeps one instance per direction: our uplink and a peer's
 uplink are different links.
@@ -35,6 +36,10 @@ MEASURE_MIN_BYTES = 256 * 1024
 HEADROOM = 0.5
 # A link is never assumed slower than this share of its starting assumption.
 SLOWEST_FRACTION = 1 / 16
+# And never slower than this, in Mbit/s: a member that trickles its frames cannot drive
+# its read rate to 1/16 of the slow unmeasured assumption (0.03 Mbit/s, 19 minutes
+# per 4.5 MB frame). One push of three over a 1 Mbit/s uplink gets about 0.33.
+FLOOR_MBIT = 0.1
 # What a link not yet measured is assumed to carry, in Mbit/s, without --min-link-mbit:
 # slow on purpose, so that the first large push (which measures the link) fits: a
 # 4.5 MB model gets 72 s plus the fixed part, and one push of three on a 10 Mbit/s
@@ -60,7 +65,7 @@ class LinkRates:
 
     @property
     def slowest(self) -> float:
-        return self.assumed * SLOWEST_FRACTION
+        return max(self.assumed * SLOWEST_FRACTION, FLOOR_MBIT * 1e6 / 8)
 
     def rate(self, peer: str) -> float:
         """The bytes per second a deadline for ``peer`` assumes now."""

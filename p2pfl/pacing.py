@@ -17,10 +17,14 @@ group but not for ever:
   interval between shares after its last one (a sender on a slow link has a
   long interval, so we wait longer for it: the round follows the link), and
   never longer than ``max_wait`` after the last merge, nor than
-  ``TYPICAL_FACTOR`` times the median interval of the live senders: one member
-  that pushes slowly (a slow link, or a Byzantine one on purpose) holds its
-  neighbours' rounds to a few of their typical rounds, not to its own pace; its
-  update is merged whenever it comes. A neighbour that died
+  ``OWN_FACTOR`` times this node's own round without waiting (its work, and
+  how long its own pushes take: on a slow link those are long, so the wait
+  may be too). One member that pushes slowly on purpose, or sits behind a
+  much slower link than ours, therefore holds our rounds to a few of our own,
+  not to its pace; its update is merged whenever it comes. (Bounding by the
+  senders' intervals instead fed back: a node that waits has longer rounds, so
+  its neighbours' bound grew, and one slow member set the whole network's
+  pace.) A neighbour that died
   is waited for at most ``live_rounds`` times, then it is no longer live.
   Because every node pushes at the end of its round before it waits again, a
   node waits only for shares its neighbours sent in their previous round:
@@ -46,8 +50,8 @@ from gossip.votes import DEFAULT_MAX_AGE_ROUNDS
 WAIT_FACTOR = 2.0
 # A sender heard once has no interval yet: wait this long for its second share.
 FIRST_INTERVAL_S = 1.0
-# No round waits longer than this many times the live senders' median interval.
-TYPICAL_FACTOR = 4.0
+# No round waits longer than this many times our own round without its waits.
+OWN_FACTOR = 4.0
 # Weight of the newest interval in a sender's running average.
 INTERVAL_SMOOTHING = 0.3
 # Senders remembered (only admitted senders make an entry); the oldest goes first.
@@ -94,29 +98,24 @@ class MixingPace:
         """Our merge at ``now`` folded in every share admitted before it."""
         self._merged_at = now
 
-    def awaited(self, round: int, now: float) -> dict[str, float]:
+    def awaited(self, round: int, now: float, own_round_s: float) -> dict[str, float]:
         """Live senders not heard since our last merge, each with the time we wait
-        for it until (only those whose time is still to come)."""
+        for it until (only those whose time is still to come). ``own_round_s``: our
+        round without its waits (work, and a push's typical duration)."""
         if not self.enabled or self._merged_at is None:
             return {}  # before our first merge every share so far is still unmerged
-        live = {s: seen for s, seen in self._senders.items()
-                if round - seen.last_round <= self.live_rounds}
-        limit = self._merged_at + self.max_wait
-        intervals = sorted(seen.interval for seen in live.values() if seen.interval is not None)
-        if len(intervals) >= 2:
-            typical = intervals[len(intervals) // 2]
-            limit = min(limit, self._merged_at + TYPICAL_FACTOR * typical)
+        limit = self._merged_at + min(self.max_wait, OWN_FACTOR * own_round_s)
         waits = {}
-        for sender, seen in live.items():
-            if seen.last_at > self._merged_at:
-                continue  # already delivered since the merge
+        for sender, seen in self._senders.items():
+            if round - seen.last_round > self.live_rounds or seen.last_at > self._merged_at:
+                continue  # no longer live, or already delivered since the merge
             interval = FIRST_INTERVAL_S if seen.interval is None else seen.interval
             until = min(seen.last_at + WAIT_FACTOR * interval, limit)
             if until > now:
                 waits[sender] = until
         return waits
 
-    def wait_until(self, round: int, now: float) -> float | None:
+    def wait_until(self, round: int, now: float, own_round_s: float) -> float | None:
         """The time to wait until before merging, or None to merge now."""
-        waits = self.awaited(round, now)
+        waits = self.awaited(round, now, own_round_s)
         return max(waits.values()) if waits else None

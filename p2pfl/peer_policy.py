@@ -35,7 +35,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from gossip.delivery import DeliveryLedger, InvalidReceipt, Receipt
 from p2pfl.linkrates import LinkRates
 from p2pfl.peer_exchange import PeerBook
-from p2pfl.silence import SilentPeers
+from p2pfl.silence import MAX_PEERS, SilentPeers
 
 # Pushes to one peer that fail in a row before its connection is closed and redialled.
 # Not at the first failure: closing also cuts the peer's pushes to us on that
@@ -163,9 +163,9 @@ class PeerPolicy(Generic[S]):
     in_flight: dict[str, float] = field(default_factory=dict)
     """Peers with a push in flight, and the weight it carries."""
     silence: SilentPeers = field(default_factory=SilentPeers)
+    """Peers that took a share without accepting it: probed with weight 0 (silence.py)."""
     accepted_seq: dict[str, int] = field(default_factory=dict)
     """Per peer, the highest ``seq`` of ours it accepted: whether it has our final model."""
-    """Peers that answered no receipt: probed with weight 0, dropped if they stay so."""
 
     @classmethod
     def create(cls, book: PeerBook, assumed_bytes_per_s: float) -> PeerPolicy[S]:
@@ -238,8 +238,7 @@ class PeerPolicy(Generic[S]):
 
     def offer_refused(self, peer: str, share: S, receipt: Receipt, now: float) -> list[Action]:
         """The receiver refused the offer: it holds nothing of the share (refund)."""
-        self._answered(peer, now)
-        self.silence.answered(peer)
+        self._answered(peer, now)  # alive, but not un-silenced: a refusal costs it nothing
         self.pushes_refused[receipt.verdict] += 1
         return self._refunds(peer, self.deliveries.refused_at_offer(peer, share, receipt))
 
@@ -259,21 +258,27 @@ class PeerPolicy(Generic[S]):
         except InvalidReceipt:
             return self.unanswered(peer, share, now, timed_out=False)
         self._answered(peer, now)
-        self.silence.answered(peer)
         self.deliveries.answered(peer, share, receipt)
         if receipt.accepted:
             self.updates_sent += 1
-            self.accepted_seq[peer] = max(self.accepted_seq.get(peer, 0), share.seq)
-        else:
-            self.pushes_refused[receipt.verdict] += 1
-        return [Settle(peer, share, receipt)]
+            self.accepted_seq[peer] = max(self.accepted_seq.pop(peer, 0), share.seq)
+            if len(self.accepted_seq) > MAX_PEERS:  # the longest unheard-from goes
+                del self.accepted_seq[next(iter(self.accepted_seq))]
+            self.silence.accepted(peer)
+            return [Settle(peer, share, receipt)]
+        # Refused after the payloads: the share is given and not accepted (silence.py).
+        self.pushes_refused[receipt.verdict] += 1
+        actions: list[Action] = [Settle(peer, share, receipt)]
+        if self.silence.not_accepted(peer, share.weight):
+            actions.append(Dropped(peer))
+        return actions
 
     def unanswered(self, peer: str, share: S, now: float, timed_out: bool) -> list[Action]:
         """The payloads went out whole but no receipt came: the share is given, and the
         peer is silent (p2pfl/silence.py): probes only, dropped if it stays silent."""
         self.deliveries.unanswered(peer, share)
         actions: list[Action] = [Settle(peer, share, None), *self._push_failed(peer, timed_out)]
-        if self.silence.unanswered(peer, share.weight):
+        if self.silence.not_accepted(peer, share.weight):
             actions.append(Dropped(peer))
         return actions
 

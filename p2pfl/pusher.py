@@ -31,6 +31,10 @@ from p2pfl.transport import TransportError, Unanswered
 logger = logging.getLogger(__name__)
 
 
+# Weight of the newest answered push in ``Pusher.push_seconds``.
+PUSH_SMOOTHING = 0.3
+
+
 def _timed_out(error: Exception) -> bool:
     return bool(getattr(error, "timed_out", False))
 
@@ -53,6 +57,9 @@ class Pusher:
         self.nursery: trio.Nursery | None = None
         # Told when any push ends (the round loop waits on it: p2pfl/pacing.py).
         self.on_push_end: Callable[[], None] = lambda: None
+        # Smoothed seconds an answered push took, offer to receipt: how long our links
+        # take to carry one update (bounds the round's wait, p2pfl/pacing.py).
+        self.push_seconds = 0.0
 
     def push(self, pushes: list[Push[Outgoing]]) -> None:
         """Start each push in the background; the policy already holds their weight
@@ -102,6 +109,7 @@ class Pusher:
                 actions = self.policy.offer_refused(peer_id, outgoing, refusal, time.monotonic())
             else:
                 seconds = trio.current_time() - started
+                self.push_seconds += PUSH_SMOOTHING * (seconds - self.push_seconds)
                 actions = self.policy.answered(
                     peer_id, outgoing, reply, len(message), seconds, time.monotonic()
                 )

@@ -46,6 +46,8 @@ ATTACK_PUSH_INTERVAL_S = 0.03
 # A finished node is done serving once its in-neighbours' models are this close to
 # its own, relative to its model's norm (and its neighbours accepted its final model).
 SETTLED_DISTANCE = 0.01
+# Weight of the newest round in the smoothed work time of a round (p2pfl/pacing.py).
+WORK_SMOOTHING = 0.3
 
 
 class RoundLoop:
@@ -85,6 +87,8 @@ class RoundLoop:
         self.wakeup = Wakeup()
         pusher.on_push_end = self.wakeup.poke
         self._last_targets: list[str] = []
+        # Smoothed seconds of our rounds without their waits (p2pfl/pacing.py).
+        self._work_s = 0.0
 
     def state_name(self) -> str:
         """training; serving: finished its rounds, still gossiping (--linger);
@@ -113,15 +117,23 @@ class RoundLoop:
 
     async def _wait_to_mix(self) -> None:
         """Before merging: until every live in-neighbour delivered, within its bound."""
-        if not await self._wait_until(lambda: self.pace.wait_until(self.round, time.monotonic())):
+        own_round_s = self._work_s + self.pusher.push_seconds
+
+        def until() -> float | None:
+            return self.pace.wait_until(self.round, time.monotonic(), own_round_s)
+
+        if not await self._wait_until(until):
             self.pace.waited_out += 1
 
     async def _wait_for_a_landing(self) -> None:
-        """Before training: until one of the last round's pushes ended (or --mix-wait)."""
+        """Before training: until one of the last round's shares ended its push (each
+        push has its deadline; --mix-wait bounds the wait too). Probes do not count."""
         targets, limit = self._last_targets, time.monotonic() + self.pace.max_wait
         if not targets or not self.pace.enabled:
             return
-        await self._wait_until(lambda: None if self.policy.free(targets) else limit)
+        in_flight = self.policy.in_flight
+        await self._wait_until(
+            lambda: None if any(p not in in_flight for p in targets) else limit)
 
     def _estimate(self) -> np.ndarray:
         return self.core.node.estimate.copy()
@@ -175,8 +187,10 @@ class RoundLoop:
         with self.phases.timing("checkpoint"):
             await self.checkpoint()
         self.pusher.push(pushes)
-        self._last_targets = [push.peer for push in pushes]
+        self._last_targets = [push.peer for push in pushes if push.peer in sharing]
         record = self.phases.end_round(self.round, time.perf_counter() - started)
+        work_s = record.get("round_s", 0.0) - record.get("wait_s", 0.0)
+        self._work_s += WORK_SMOOTHING * (work_s - self._work_s)
         # A serving node ticks twice a second with nothing new: it logs when what it
         # would say changes, not every tick.
         said = (self.round, f"{self.accuracy:.4f}", len(neighbours), self.serving)
@@ -247,11 +261,10 @@ class RoundLoop:
                         time.monotonic() - started)
 
     def _neighbourhood_has_it(self, final_seq: int) -> bool:
-        """Every neighbour accepted a model of ours from after training, and the last
-        merge found every in-neighbour's model within SETTLED_DISTANCE of ours."""
-        distance = self.core.node.last_merge_distance
+        """Every neighbour accepted a model of ours from after training, and every
+        in-neighbour's latest model a merge saw is within SETTLED_DISTANCE of ours."""
         return (self.policy.have_seq(self.membership.neighbours, final_seq)
-                and distance is not None and distance <= SETTLED_DISTANCE)
+                and self.core.node.close_to_neighbours(SETTLED_DISTANCE))
 
     def alone(self) -> bool:
         """A lone node (--min-neighbours 0, no bootstrap, nobody dialled in) serves no one."""

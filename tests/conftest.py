@@ -41,6 +41,7 @@ def digits() -> Task:
 # network in this process) > property (hypothesis) > unit. `slow` is not a kind.
 
 KINDS = ("unit", "property", "integration", "e2e", "lab")
+SERIAL_KINDS = {"e2e", "lab"}
 
 
 def kinds_of(item: pytest.Item) -> set[str]:
@@ -60,6 +61,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             f"`pytestmark = pytest.mark.<kind>` (see tests/conftest.py); wrong: "
             + ", ".join(wrong)
         )
+    # Under `pytest -n 2 --dist loadgroup` (make test): the lab's tests share the root
+    # namespace's links and nft tables, and each e2e test runs its own daemons, so each
+    # kind runs on one worker, one test at a time, beside the in-process kinds.
+    for item in items:
+        for kind in kinds_of(item) & SERIAL_KINDS:
+            item.add_marker(pytest.mark.xdist_group(kind))
 
 
 # -- the network lab must run where it can ------------------------------------------------

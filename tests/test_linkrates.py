@@ -7,7 +7,7 @@ import pytest
 
 from p2pfl.config import NodeConfig
 from p2pfl.deadlines import Deadlines
-from p2pfl.linkrates import MAX_PEERS, SLOWEST_FRACTION, UNMEASURED_MBIT, LinkRates
+from p2pfl.linkrates import FLOOR_MBIT, MAX_PEERS, SLOWEST_FRACTION, UNMEASURED_MBIT, LinkRates
 
 pytestmark = pytest.mark.unit
 
@@ -96,3 +96,10 @@ def test_remembered_peers_are_bounded() -> None:
 def test_a_rate_must_be_positive() -> None:
     with pytest.raises(ValueError, match="> 0"):
         LinkRates(0.0)
+
+
+def test_a_trickling_peer_cannot_drive_a_rate_below_the_floor() -> None:
+    rates = LinkRates(UNMEASURED_MBIT * 1e6 / 8)
+    for _ in range(20):
+        rates.timed_out("a")
+    assert rates.rate("a") == FLOOR_MBIT * 1e6 / 8

@@ -255,5 +255,5 @@ async def test_finished_nodes_serve_until_the_neighbourhood_has_the_final_model(
     )
     for node in (first, second):
         assert node.rounds.serving and node.round == 4
-        distance = node.gossip.last_merge_distance
-        assert distance is not None and distance <= SETTLED_DISTANCE
+        assert node.gossip.vote_distances
+        assert max(node.gossip.vote_distances.values()) <= SETTLED_DISTANCE

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from p2pfl.pacing import FIRST_INTERVAL_S, MAX_SENDERS, TYPICAL_FACTOR, WAIT_FACTOR, MixingPace
+from p2pfl.pacing import FIRST_INTERVAL_S, MAX_SENDERS, OWN_FACTOR, WAIT_FACTOR, MixingPace
 
 pytestmark = pytest.mark.unit
+
+OWN = 1000.0  # our own round without waits: long, so that it bounds nothing unless said
 
 
 def test_nothing_is_awaited_before_the_first_merge() -> None:
     pace = MixingPace(max_wait=30)
     pace.arrived("a", now=1.0, round=0)
-    assert pace.wait_until(round=0, now=1.0) is None
+    assert pace.wait_until(round=0, now=1.0, own_round_s=OWN) is None
 
 
 def test_a_live_sender_not_heard_since_the_merge_is_awaited_for_its_interval() -> None:
@@ -20,16 +22,17 @@ def test_a_live_sender_not_heard_since_the_merge_is_awaited_for_its_interval() -
     pace.arrived("a", now=0.0, round=0)
     pace.arrived("a", now=2.0, round=1)  # its interval: 2 s
     pace.merged(now=2.5)
-    assert pace.awaited(round=2, now=3.0) == {"a": 2.0 + WAIT_FACTOR * 2.0}
+    assert pace.awaited(round=2, now=3.0, own_round_s=OWN) == {"a": 2.0 + WAIT_FACTOR * 2.0}
     pace.arrived("a", now=3.5, round=2)
-    assert pace.wait_until(round=2, now=3.5) is None
+    assert pace.wait_until(round=2, now=3.5, own_round_s=OWN) is None
 
 
 def test_a_sender_heard_once_is_awaited_for_the_first_interval() -> None:
     pace = MixingPace(max_wait=30)
     pace.arrived("a", now=10.0, round=0)
     pace.merged(now=10.1)
-    assert pace.wait_until(round=1, now=10.2) == 10.0 + WAIT_FACTOR * FIRST_INTERVAL_S
+    until = pace.wait_until(round=1, now=10.2, own_round_s=OWN)
+    assert until == 10.0 + WAIT_FACTOR * FIRST_INTERVAL_S
 
 
 def test_the_slowest_sender_sets_the_wait_and_max_wait_caps_it() -> None:
@@ -38,12 +41,12 @@ def test_the_slowest_sender_sets_the_wait_and_max_wait_caps_it() -> None:
         pace.arrived(sender, now=0.0, round=0)
         pace.arrived(sender, now=gap, round=0)
     pace.merged(now=2.0)
-    assert pace.wait_until(round=1, now=2.0) == 2.0 + WAIT_FACTOR * 2.0
+    assert pace.wait_until(round=1, now=2.0, own_round_s=OWN) == 2.0 + WAIT_FACTOR * 2.0
     capped = MixingPace(max_wait=1)
     capped.arrived("slow", now=0.0, round=0)
     capped.arrived("slow", now=2.0, round=0)
     capped.merged(now=2.0)
-    assert capped.wait_until(round=1, now=2.0) == 3.0
+    assert capped.wait_until(round=1, now=2.0, own_round_s=OWN) == 3.0
 
 
 def test_a_sender_past_its_time_is_not_waited_for() -> None:
@@ -51,7 +54,7 @@ def test_a_sender_past_its_time_is_not_waited_for() -> None:
     pace.arrived("gone", now=0.0, round=0)
     pace.arrived("gone", now=1.0, round=0)
     pace.merged(now=1.5)
-    assert pace.wait_until(round=1, now=1.0 + WAIT_FACTOR * 1.0 + 0.01) is None
+    assert pace.wait_until(round=1, now=1.0 + WAIT_FACTOR * 1.0 + 0.01, own_round_s=OWN) is None
 
 
 def test_a_dead_sender_stops_being_live_after_live_rounds() -> None:
@@ -59,8 +62,8 @@ def test_a_dead_sender_stops_being_live_after_live_rounds() -> None:
     pace.arrived("dead", now=0.0, round=0)
     pace.arrived("dead", now=100.0, round=0)  # interval 100 s: its time is far off
     pace.merged(now=100.5)
-    assert pace.wait_until(round=4, now=101.0) is not None
-    assert pace.wait_until(round=5, now=101.0) is None
+    assert pace.wait_until(round=4, now=101.0, own_round_s=OWN) is not None
+    assert pace.wait_until(round=5, now=101.0, own_round_s=OWN) is None
 
 
 def test_zero_max_wait_never_waits() -> None:
@@ -68,7 +71,7 @@ def test_zero_max_wait_never_waits() -> None:
     pace.arrived("a", now=0.0, round=0)
     pace.merged(now=0.1)
     assert not pace.enabled
-    assert pace.wait_until(round=1, now=0.2) is None
+    assert pace.wait_until(round=1, now=0.2, own_round_s=OWN) is None
 
 
 def test_negative_max_wait_is_refused() -> None:
@@ -81,15 +84,15 @@ def test_the_sender_table_is_bounded() -> None:
     for i in range(MAX_SENDERS + 10):
         pace.arrived(f"p{i}", now=float(i), round=0)
     pace.merged(now=MAX_SENDERS + 10.0)
-    assert len(pace.awaited(round=0, now=0.0)) <= MAX_SENDERS
+    assert len(pace.awaited(round=0, now=0.0, own_round_s=OWN)) <= MAX_SENDERS
 
 
-def test_one_slow_sender_holds_a_round_to_a_few_typical_intervals_only() -> None:
+def test_one_slow_sender_holds_a_round_to_a_few_of_our_own_rounds_only() -> None:
+    """Bounded by our own round, not by the senders' intervals: those grow when rounds
+    wait, so bounding by them let one slow member set everyone's pace."""
     pace = MixingPace(max_wait=1000)
     pace.arrived("slow", now=0.0, round=0)
     pace.arrived("slow", now=100.0, round=0)  # every 100 s: its own bound is 300
-    for second in range(102):
-        pace.arrived("a", now=float(second), round=0)
-        pace.arrived("b", now=float(second), round=0)
     pace.merged(now=101.0)
-    assert pace.wait_until(round=1, now=101.0) == 101.0 + TYPICAL_FACTOR * 1.0
+    assert pace.wait_until(round=1, now=101.0, own_round_s=0.5) == 101.0 + OWN_FACTOR * 0.5
+    assert pace.wait_until(round=1, now=101.0, own_round_s=1000) == 100.0 + WAIT_FACTOR * 100

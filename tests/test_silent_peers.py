@@ -11,7 +11,7 @@ from test_peer_policy import Share, accepted, peer_id, policy_with
 
 from gossip.delivery import Receipt
 from p2pfl.peer_policy import Dropped, Settle
-from p2pfl.silence import PROBES_BEFORE_DROP, SilentPeers
+from p2pfl.silence import MAX_STRIKES, PROBES_BEFORE_DROP, SilentPeers
 
 pytestmark = pytest.mark.unit
 
@@ -61,20 +61,47 @@ def test_a_dropped_peer_that_speaks_is_linkable_again_but_still_probed() -> None
     assert policy.silent([a]) == [a]
 
 
-def test_a_refusal_at_the_offer_is_an_answer() -> None:
+def test_a_refusal_at_the_offer_does_not_unsilence() -> None:
+    """A refusal at the offer costs the peer nothing: alternating it with silence
+    must not earn a share each time."""
     a = peer_id()
     policy = policy_with(a)
     policy.unanswered(a, Share(1, 0.25), now=1.0, timed_out=True)
     policy.offer_refused(a, Share(2, 0.0), Receipt("replay", 0), now=2.0)
-    assert policy.silent([a]) == []
+    assert policy.silent([a]) == [a]
+
+
+def test_a_refusal_after_the_payloads_silences_like_no_answer() -> None:
+    a = peer_id()
+    policy = policy_with(a)
+    refused = Receipt("replay", 0).encode()
+    policy.answered(a, Share(1, 0.25), refused, 100, 0.1, now=1.0)
+    assert policy.silent([a]) == [a]
 
 
 def test_forgetting_a_silent_peer_counts_its_share_as_lost() -> None:
     silence = SilentPeers()
-    silence.unanswered("p", 0.5)
+    silence.not_accepted("p", 0.5)
     silence.forget("p")
     assert silence.weight_lost == 0.5
     assert not silence.is_silent("p")
+
+
+def test_accepting_free_probes_between_silences_takes_at_most_max_strikes_shares() -> None:
+    """The alternating attacker: leaves each share unanswered, accepts the weight-0
+    probe that follows (free), and is an ordinary neighbour again."""
+    a = peer_id()
+    policy = policy_with(a)
+    taken = 0
+    for round in range(40):
+        silent = bool(policy.silent([a]))
+        share = Share(round, 0.0 if silent else 0.1)
+        if silent:
+            policy.answered(a, share, accepted(), 100, 0.1, now=round)
+        else:
+            taken += 1
+            policy.unanswered(a, share, now=round, timed_out=True)
+    assert taken == MAX_STRIKES
 
 
 def test_a_peer_that_never_answers_costs_at_most_one_share_over_many_rounds() -> None:
