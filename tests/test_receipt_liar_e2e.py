@@ -4,6 +4,8 @@ with a refusal. Under update/1.1.0 its neighbours refunded every such share, and
 network's total push-sum weight grew without bound (2.5e7 times its start after 40 s
 on 5 daemons) until honest pushes were refused for their weight. Under 1.2.0 a share
 is refunded only when the offer is refused (docs/PROTOCOL.md §4): no lie moves weight.
+And a refusal after the payloads silences the liar (p2pfl/silence.py): its neighbours
+send it weight-0 probes, then drop it as a neighbour.
 """
 
 from __future__ import annotations
@@ -50,16 +52,18 @@ def test_a_member_lying_in_its_receipts_creates_no_weight(tmp_path: Path) -> Non
             if not start:
                 start.append(float(sum(max(s["samples"], 1) for s in statuses)))
             totals.append(_total_weight(statuses))
-            # The attack is real: honest daemons pushed to the liar and were lied to.
+            # The attack is real: honest daemons pushed to the liar and were lied to,
+            # until one of them dropped it (one share, then probes it refused).
             disputed = sum(s["disputed_by"].get(liar.peer_id, 0) for s in statuses)
-            return disputed >= 20 and len(totals) >= 10
+            dropped = sum(s["silence"]["dropped"] for i, s in enumerate(statuses) if i != LIAR)
+            return disputed >= 4 and dropped >= 1 and len(totals) >= 10
 
         assert network.wait_for(lied_to_enough, GUARD_S, poll=0.3), (
-            "the honest daemons were never lied to 20 times"
+            "the honest daemons were never lied to and never dropped the liar"
         )
         statuses = [n.status() or {} for n in nodes]
-        # No weight was created. Each lie would have created a share (a third of a
-        # node's weight at degree 2): 20 lies, more than twice the start. A poll is not
+        # No weight was created. Under 1.1.0 each lie created a share (a third of a
+        # node's weight at degree 2). A poll is not
         # an atomic snapshot (a share moving between two nodes' polls may count twice
         # or not at all), so the typical poll must sit at the start, and none far off.
         totals.sort()
