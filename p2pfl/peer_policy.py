@@ -264,7 +264,7 @@ class PeerPolicy(Generic[S]):
             self.accepted_seq[peer] = max(self.accepted_seq.pop(peer, 0), share.seq)
             if len(self.accepted_seq) > MAX_PEERS:  # the longest unheard-from goes
                 del self.accepted_seq[next(iter(self.accepted_seq))]
-            self.silence.accepted(peer)
+            self.silence.accepted(peer, share.weight)
             return [Settle(peer, share, receipt)]
         # Refused after the payloads: the share is given and not accepted (silence.py).
         self.pushes_refused[receipt.verdict] += 1

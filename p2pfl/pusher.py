@@ -58,7 +58,8 @@ class Pusher:
         # Told when any push ends (the round loop waits on it: p2pfl/pacing.py).
         self.on_push_end: Callable[[], None] = lambda: None
         # Smoothed seconds an answered push took, offer to receipt: how long our links
-        # take to carry one update (bounds the round's wait, p2pfl/pacing.py).
+        # take to carry one update (bounds the round's wait, p2pfl/pacing.py); 0 until
+        # a push was answered.
         self.push_seconds = 0.0
 
     def push(self, pushes: list[Push[Outgoing]]) -> None:
@@ -109,7 +110,8 @@ class Pusher:
                 actions = self.policy.offer_refused(peer_id, outgoing, refusal, time.monotonic())
             else:
                 seconds = trio.current_time() - started
-                self.push_seconds += PUSH_SMOOTHING * (seconds - self.push_seconds)
+                self.push_seconds = seconds if not self.push_seconds else (
+                    self.push_seconds + PUSH_SMOOTHING * (seconds - self.push_seconds))
                 actions = self.policy.answered(
                     peer_id, outgoing, reply, len(message), seconds, time.monotonic()
                 )

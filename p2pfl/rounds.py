@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -117,7 +118,11 @@ class RoundLoop:
 
     async def _wait_to_mix(self) -> None:
         """Before merging: until every live in-neighbour delivered, within its bound."""
-        own_round_s = self._work_s + self.pusher.push_seconds
+        # Until a push of ours was answered we do not know what our links take: only
+        # --mix-wait bounds the wait (a bound from our work alone let the first rounds
+        # race ahead of slow links, measured in the lab).
+        pushed = self.pusher.push_seconds
+        own_round_s = self._work_s + pushed if pushed else math.inf
 
         def until() -> float | None:
             return self.pace.wait_until(self.round, time.monotonic(), own_round_s)

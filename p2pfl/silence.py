@@ -19,13 +19,15 @@ rule: 6 unanswered pushes and a refusal took a daemon's push-sum weight from
   is counted as lost, here and only here. An update of its that we admit, or a
   redial that reaches it, makes it a neighbour again, still probed, and one
   more unanswered probe drops it again;
-* a peer that has taken ``MAX_STRIKES`` shares without accepting them, over
-  this node's life, gets probes only from then on: whatever it alternates
-  (accepting free probes between unanswered shares, say), it takes at most that
-  many shares.
+* a peer that has taken ``MAX_STRIKES`` more shares without accepting them
+  than it accepted since, gets probes only: each share it takes and does not
+  accept is a strike, each share it accepts forgives one. An honest peer on a
+  slow link, whose push sometimes times out, keeps getting shares; one that
+  alternates (accepting free probes between unanswered shares, say) takes at
+  most ``MAX_STRIKES`` shares more than it accepted.
 
 So a neighbour that falls silent costs a node one share of its weight, and any
-peer at most ``MAX_STRIKES``.
+peer at most ``MAX_STRIKES`` beyond the shares it accepted.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from typing import Any
 
 # Unanswered probes in a row before a silent peer stops being a neighbour.
 PROBES_BEFORE_DROP = 3
-# Shares a peer may take without accepting them, over our life, before it gets probes only.
+# Shares a peer may take without accepting them, beyond those it accepted, before it gets
+# probes only.
 MAX_STRIKES = 3
 # Peers remembered (any member can make an entry); the oldest is dropped beyond it.
 MAX_PEERS = 4096
@@ -94,10 +97,14 @@ class SilentPeers:
         silence.given = 0.0  # counted as lost once
         return True
 
-    def accepted(self, peer: str) -> None:
-        """``peer`` accepted a push: an ordinary neighbour again (its strikes stay)."""
+    def accepted(self, peer: str, weight: float) -> None:
+        """``peer`` accepted a push carrying ``weight``: an ordinary neighbour again, and
+        an accepted share (not a probe) forgives one strike."""
         if self._peers.pop(peer, None) is not None:
             self.recovered_count += 1
+        strikes = self._strikes.get(peer, 0)
+        if weight > 0 and strikes:
+            self._strikes[peer] = strikes - 1
 
     def spoke(self, peer: str) -> None:
         """We admitted an update from ``peer`` or reached it: a neighbour again, still

@@ -126,3 +126,20 @@ def test_a_peer_that_never_answers_costs_at_most_one_share_over_many_rounds() ->
             policy.push_ended(peer)
     assert given_to_a == pytest.approx(1.0 / 3)  # the first round's one share
     assert weight == pytest.approx(2.0 / 3)
+
+
+def test_a_slow_honest_peer_that_sometimes_times_out_keeps_getting_shares() -> None:
+    """Every fourth push times out (a slow link); the others are accepted: each
+    accepted share forgives a strike, so it never falls to probes only."""
+    a = peer_id()
+    policy = policy_with(a)
+    shares = 0
+    for round in range(60):
+        silent = bool(policy.silent([a]))
+        share = Share(round, 0.0 if silent else 0.1)
+        shares += not silent
+        if round % 4 == 3:
+            policy.unanswered(a, share, now=round, timed_out=True)
+        else:
+            policy.answered(a, share, accepted(), 100, 0.1, now=round)
+    assert shares >= 40  # with strikes never forgiven: 3 timeouts, then probes only (~12)
