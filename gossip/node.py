@@ -30,6 +30,8 @@ from gossip.admission import (
     check_layout,
 )
 from gossip.aggregation import Aggregator, PushSumMean, add_weight
+from gossip.compression import resolve_codec
+from gossip.compression.feedback import round_trip
 from gossip.delivery import READY, Receipt
 from gossip.encoders import Encoder, encoder_for, own_tensors
 from gossip.errors import InvalidUpdate, Reason
@@ -449,6 +451,20 @@ class GossipNode:
         scale = max(float(np.linalg.norm(own)), 1e-12)
         for sender, vote in votes.items():
             self.vote_distances[sender] = float(np.linalg.norm(vote.estimate - own)) / scale
+
+    def codec_error(self) -> float:
+        """How far a receiver's copy of our estimate is from it, relative to its norm,
+        from the codec alone (0 for raw; top-k: its resync codec's): no vote can be
+        closer than about this, however settled the network is."""
+        codec_id = RESYNC_CODEC if self.links is not None else self.codec_id
+        codec = resolve_codec(codec_id)
+        if codec is None or codec_id == "raw":
+            return 0.0
+        tensors = self.layout.unflatten(self.pushsum.estimate)
+        sent = {name: round_trip(codec, array) for name, array in tensors.items()}
+        error = self.layout.flatten(sent, dtype=np.float64) - self.pushsum.estimate
+        return float(np.linalg.norm(error)) / max(float(np.linalg.norm(self.pushsum.estimate)),
+                                                  1e-12)
 
     def close_to_neighbours(self, threshold: float) -> bool:
         """Is every in-neighbour heard from, at its latest vote, within ``threshold``?"""

@@ -234,3 +234,16 @@ def test_a_push_that_never_left_keeps_the_link_in_step() -> None:
     assert receipt.accepted and not following.resync
     assert sender.links is not None
     assert np.array_equal(held_by(receiver, sender), sender.links.held(receiver.key.public_key))
+
+
+@pytest.mark.parametrize(("codec_id", "low", "high"),
+                         [("raw", 0.0, 0.0), ("fp16", 0.0, 1e-3), ("int8", 1e-3, 0.05),
+                          ("topk:0.01", 1e-3, 0.05)])
+def test_the_codec_error_is_what_a_receiver_copy_cannot_get_under(
+    codec_id: str, low: float, high: float
+) -> None:
+    """A finished node waits for its neighbours to be within twice this (p2pfl/rounds.py):
+    under int8 no vote gets closer than the quantisation, so 0.2% would never be met."""
+    vector = np.random.default_rng(0).normal(size=4096)
+    error = node(1, vector, codec_id).codec_error()
+    assert low <= error <= high
