@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from gossip.compression import ErrorFeedback, resolve_codec
+from gossip.compression.feedback import round_trip
 from gossip.layout import ModelLayout
 from gossip.public_copy import is_difference_codec
 
@@ -91,3 +92,15 @@ def encoder_for(codec_id: str) -> Encoder:
     if is_difference_codec(codec_id):
         raise ValueError(f"{codec_id!r} sends differences per link (gossip.public_copy)")
     return FeedbackEncoder(codec_id)
+
+
+def codec_error(codec_id: str, layout: ModelLayout, estimate: np.ndarray) -> float:
+    """How far what a receiver decodes of ``estimate`` sent whole in ``codec_id`` is from
+    it, relative to its norm (0 for raw)."""
+    codec = resolve_codec(codec_id)
+    if codec is None or codec_id == "raw":
+        return 0.0
+    tensors = layout.unflatten(estimate)
+    sent = {name: round_trip(codec, array) for name, array in tensors.items()}
+    error = layout.flatten(sent, dtype=np.float64) - estimate
+    return float(np.linalg.norm(error)) / max(float(np.linalg.norm(estimate)), 1e-12)

@@ -30,17 +30,15 @@ from gossip.admission import (
     check_layout,
 )
 from gossip.aggregation import Aggregator, PushSumMean, add_weight
-from gossip.compression import resolve_codec
-from gossip.compression.feedback import round_trip
 from gossip.delivery import READY, Receipt
-from gossip.encoders import Encoder, encoder_for, own_tensors
+from gossip.encoders import Encoder, codec_error, encoder_for, own_tensors
 from gossip.errors import InvalidUpdate, Reason
 from gossip.keys import NodeKey
 from gossip.layout import ModelLayout
 from gossip.public_copy import RESYNC_CODEC, LinkCopies, PublicCopies, is_difference_codec
 from gossip.pushsum import MAX_WEIGHT, PushSum, Share
 from gossip.update import Update
-from gossip.votes import DEFAULT_MAX_AGE_ROUNDS, Vote, VoteTable
+from gossip.votes import DEFAULT_MAX_AGE_ROUNDS, VoteTable, distances_from
 
 # With no neighbour set (tests, the simulator), at most this many senders are
 # kept; a new one beyond it folds the table in first, which bounds memory.
@@ -309,8 +307,7 @@ class GossipNode:
         afresh: no encoder memory or top-k link copy is spent on it."""
         self.seq += 1
         tensors = self.layout.unflatten(self.pushsum.estimate)
-        codec_id = RESYNC_CODEC if self.links is not None else self.codec_id
-        message = self._sign(self.seq, 0.0, codec_id, tensors, now)
+        message = self._sign(self.seq, 0.0, self.whole_model_codec, tensors, now)
         return Outgoing(message, self.seq, tensors, 0.0, probe=True)
 
     def addressed(self, outgoing: Outgoing, peer: bytes, now: float) -> Outgoing:
@@ -446,25 +443,15 @@ class GossipNode:
                 return
             self.merged_from.add(sender)
 
-    def _measure_distances(self, votes: dict[bytes, Vote]) -> None:
-        own = self.pushsum.estimate
-        scale = max(float(np.linalg.norm(own)), 1e-12)
-        for sender, vote in votes.items():
-            self.vote_distances[sender] = float(np.linalg.norm(vote.estimate - own)) / scale
+    @property
+    def whole_model_codec(self) -> str:
+        """The codec of a whole model from us: ours, or top-k's resync codec (int8)."""
+        return RESYNC_CODEC if self.links is not None else self.codec_id
 
     def codec_error(self) -> float:
-        """How far a receiver's copy of our estimate is from it, relative to its norm,
-        from the codec alone (0 for raw; top-k: its resync codec's): no vote can be
-        closer than about this, however settled the network is."""
-        codec_id = RESYNC_CODEC if self.links is not None else self.codec_id
-        codec = resolve_codec(codec_id)
-        if codec is None or codec_id == "raw":
-            return 0.0
-        tensors = self.layout.unflatten(self.pushsum.estimate)
-        sent = {name: round_trip(codec, array) for name, array in tensors.items()}
-        error = self.layout.flatten(sent, dtype=np.float64) - self.pushsum.estimate
-        return float(np.linalg.norm(error)) / max(float(np.linalg.norm(self.pushsum.estimate)),
-                                                  1e-12)
+        """How far a receiver's copy of our estimate is from it, from the codec alone
+        (gossip/encoders.py): no vote can be closer, however settled the network is."""
+        return codec_error(self.whole_model_codec, self.layout, self.pushsum.estimate)
 
     def close_to_neighbours(self, threshold: float) -> bool:
         """Is every in-neighbour heard from, at its latest vote, within ``threshold``?"""
@@ -484,7 +471,8 @@ class GossipNode:
         is added once, so weight is conserved.
         """
         if self.measure_distance:
-            self._measure_distances(self.votes.fresh(self.round))
+            self.vote_distances.update(distances_from(self.pushsum.estimate,
+                                                      self.votes.fresh(self.round)))
         if not self.aggregator.robust:
             shares = self.votes.pending_shares()
             self._note_merged(self.votes.senders())

@@ -130,3 +130,10 @@ class VoteTable:
 
     def clear(self) -> None:
         self._votes.clear()
+
+
+def distances_from(own: np.ndarray, votes: dict[bytes, Vote]) -> dict[bytes, float]:
+    """Each sender's vote's distance from ``own``, relative to ``own``'s norm."""
+    scale = max(float(np.linalg.norm(own)), 1e-12)
+    return {sender: float(np.linalg.norm(vote.estimate - own)) / scale
+            for sender, vote in votes.items()}

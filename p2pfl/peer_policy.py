@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from gossip.delivery import DeliveryLedger, InvalidReceipt, Receipt
-from p2pfl.linkrates import LinkRates
+from p2pfl.linkrates import MAX_PEERS, LinkRates
 from p2pfl.peer_exchange import PeerBook
-from p2pfl.silence import MAX_PEERS, SilentPeers
+from p2pfl.silence import SilentPeers
 
 # Pushes to one peer that fail in a row before its connection is closed and redialled.
 # Not at the first failure: closing also cuts the peer's pushes to us on that

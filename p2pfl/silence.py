@@ -36,13 +36,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2pfl.linkrates import MAX_PEERS  # one bound for every per-peer table of the policy
+
 # Unanswered probes in a row before a silent peer stops being a neighbour.
 PROBES_BEFORE_DROP = 3
 # Shares a peer may take without accepting them, beyond those it accepted, before it gets
 # probes only.
 MAX_STRIKES = 3
-# Peers remembered (any member can make an entry); the oldest is dropped beyond it.
-MAX_PEERS = 4096
 
 
 @dataclass
