@@ -28,7 +28,10 @@ group but not for ever:
   is waited for at most ``live_rounds`` times, then it is no longer live.
   Because every node pushes at the end of its round before it waits again, a
   node waits only for shares its neighbours sent in their previous round:
-  there is no cycle to deadlock on.
+  there is no cycle to deadlock on. With nobody live yet (its neighbours are
+  still starting) a node that shared last round waits, within the same
+  bounds, for the first share from anyone: a member that started first
+  otherwise trained its first rounds alone.
 * **Training is never more than one round ahead of what it pushed** (a
   staleness bound of one round): a round does not train while none of the
   previous round's pushes has ended. Each push has its own deadline
@@ -54,6 +57,10 @@ FIRST_INTERVAL_S = 1.0
 OWN_FACTOR = 4.0
 # Weight of the newest interval in a sender's running average.
 INTERVAL_SMOOTHING = 0.3
+# What :meth:`MixingPace.awaited` names when nobody is live yet and we wait for the first
+# share from anyone (a member that started before its neighbours trains alone otherwise:
+# 3 of its 10 rounds on its own shard in the lab, docs/NETLAB.md).
+ANYONE = "*"
 # Senders remembered (only admitted senders make an entry); the oldest goes first.
 MAX_SENDERS = 1024
 
@@ -98,24 +105,32 @@ class MixingPace:
         """Our merge at ``now`` folded in every share admitted before it."""
         self._merged_at = now
 
-    def awaited(self, round: int, now: float, own_round_s: float) -> dict[str, float]:
+    def awaited(self, round: int, now: float, own_round_s: float,
+                expecting: bool = False) -> dict[str, float]:
         """Live senders not heard since our last merge, each with the time we wait
         for it until (only those whose time is still to come). ``own_round_s``: our
-        round without its waits (work, and a push's typical duration)."""
+        round without its waits (work, and a push's typical duration). ``expecting``:
+        we shared with neighbours last round, so with nobody live we wait for
+        :data:`ANYONE`, the first share from whoever sends."""
         if not self.enabled or self._merged_at is None:
             return {}  # before our first merge every share so far is still unmerged
         limit = self._merged_at + min(self.max_wait, OWN_FACTOR * own_round_s)
+        live = {sender: seen for sender, seen in self._senders.items()
+                if round - seen.last_round <= self.live_rounds}
+        if not live:
+            return {ANYONE: limit} if expecting and limit > now else {}
         waits = {}
-        for sender, seen in self._senders.items():
-            if round - seen.last_round > self.live_rounds or seen.last_at > self._merged_at:
-                continue  # no longer live, or already delivered since the merge
+        for sender, seen in live.items():
+            if seen.last_at > self._merged_at:
+                continue  # already delivered since the merge
             interval = FIRST_INTERVAL_S if seen.interval is None else seen.interval
             until = min(seen.last_at + WAIT_FACTOR * interval, limit)
             if until > now:
                 waits[sender] = until
         return waits
 
-    def wait_until(self, round: int, now: float, own_round_s: float) -> float | None:
+    def wait_until(self, round: int, now: float, own_round_s: float,
+                   expecting: bool = False) -> float | None:
         """The time to wait until before merging, or None to merge now."""
-        waits = self.awaited(round, now, own_round_s)
+        waits = self.awaited(round, now, own_round_s, expecting)
         return max(waits.values()) if waits else None

@@ -49,10 +49,14 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         net.start_all()
         started = time.monotonic()
         exited: list[float | None] = [None] * args.hosts
+        trace: list[list[Any]] = []  # [seconds, node, round, accuracy, weight] per change
         while time.monotonic() - started < args.cap and None in exited:
             for index, status in enumerate(net.statuses()):
                 if status is not None:
-                    last[index] = status
+                    before, last[index] = last[index], status
+                    if before is None or before["round"] != status["round"]:
+                        trace.append([round(time.monotonic() - started, 1), index,
+                                      status["round"], status["accuracy"], status.get("weight")])
             for index, node in enumerate(net.nodes):
                 if exited[index] is None and node is not None and node.process.poll() is not None:
                     exited[index] = round(time.monotonic() - started, 1)
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "deliveries": [s.get("deliveries") for s in alive],
         "weight_total_end": sum(s.get("weight", 0.0) for s in alive),
         "link_mbit": [s.get("link_mbit") for s in alive],
+        "trace": trace,
     }
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from p2pfl.pacing import FIRST_INTERVAL_S, MAX_SENDERS, OWN_FACTOR, WAIT_FACTOR, MixingPace
+from p2pfl.pacing import (
+    ANYONE,
+    FIRST_INTERVAL_S,
+    MAX_SENDERS,
+    OWN_FACTOR,
+    WAIT_FACTOR,
+    MixingPace,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -96,3 +103,22 @@ def test_one_slow_sender_holds_a_round_to_a_few_of_our_own_rounds_only() -> None
     pace.merged(now=101.0)
     assert pace.wait_until(round=1, now=101.0, own_round_s=0.5) == 101.0 + OWN_FACTOR * 0.5
     assert pace.wait_until(round=1, now=101.0, own_round_s=1000) == 100.0 + WAIT_FACTOR * 100
+
+
+def test_with_nobody_live_a_node_that_shared_waits_for_anyone_until_its_limit() -> None:
+    pace = MixingPace(max_wait=30)
+    pace.merged(now=0.0)  # our first round merged nothing: neighbours still starting
+    assert pace.awaited(round=1, now=1.0, own_round_s=OWN, expecting=True) == {ANYONE: 30.0}
+    assert pace.wait_until(round=1, now=1.0, own_round_s=OWN) is None  # we shared with no one
+    pace.arrived("a", now=12.0, round=1)  # the first share, from whoever sent it
+    assert pace.wait_until(round=1, now=12.0, own_round_s=OWN, expecting=True) is None
+
+
+def test_the_wait_for_anyone_ends_at_the_limit_and_when_senders_are_no_longer_live() -> None:
+    pace = MixingPace(max_wait=30, live_rounds=2)
+    pace.arrived("a", now=0.0, round=0)
+    pace.merged(now=1.0)
+    assert pace.wait_until(round=5, now=2.0, own_round_s=OWN, expecting=True) == 31.0
+    assert pace.wait_until(round=5, now=31.0, own_round_s=OWN, expecting=True) is None
+    short = pace.wait_until(round=5, now=2.0, own_round_s=0.5, expecting=True)
+    assert short == 1.0 + OWN_FACTOR * 0.5
