@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cap", type=float, default=900.0, help="longest wait, seconds")
     parser.add_argument("--daemon-args", default="", help='e.g. "--compression int8"')
     parser.add_argument("--out", type=Path, default=Path("runs/slowlinks.json"))
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the daemons' state directories and logs here (new folder)")
     return parser.parse_args(argv)
 
 
@@ -82,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if reason := lab_unavailable_reason():
         print(f"bench_slowlinks: {reason}")
         return 2
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=False)  # a run resumes from old state dirs
     with terminate_on_sigterm(), tempfile.TemporaryDirectory(prefix="p2slow-") as tmp:
-        result = run(args, Path(tmp))
+        result = run(args, args.keep or Path(tmp))
     print(json.dumps(result, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
