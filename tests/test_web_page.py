@@ -74,6 +74,9 @@ def test_chromium_shows_the_nodes_peer_id_round_and_accuracy(network: LocalNetwo
     assert shown_round and shown_accuracy, "the page's script did not fill them in"
     assert int(shown_round.group(1)) >= before["round"]
     assert 0.0 < float(shown_accuracy.group(1)) <= 1.0
+    # Silence and pacing counts, filled in from /status (two honest daemons: none silent).
+    assert re.search(r'id="silent">0 \(0\)<', dom), "the silent-peer count is not shown"
+    assert re.search(r'id="waited-out">\d+<', dom), "the waited-out count is not shown"
     # The neighbour table lists the other daemon, by the end of its id.
     other = network.nodes[1]
     assert other is not None and other.peer_id is not None

@@ -101,6 +101,11 @@ function renderHealth(s, history) {
   text("conn-refused", total(s.connections_refused));
   text("accepted", s.updates_accepted);
   text("rejected", total(s.updates_rejected));
+  // Peers that took a share without accepting it get weight-0 probes (PROTOCOL.md §4).
+  const silence = s.silence || { silent: 0, dropped: 0 };
+  text("silent", `${silence.silent} (${silence.dropped})`);
+  // Merges that went on without every live in-neighbour (p2pfl/pacing.py).
+  text("waited-out", s.mix_waited_out ?? 0);
   const samples = history.samples;
   const reasons = [...new Set(samples.flatMap((p) => Object.keys(p.rejected)))].sort();
   const series = reasons.map((reason, i) => ({
