@@ -277,6 +277,19 @@ class RoundLoop:
                 await self._paced(started_round)
             logger.info("the neighbourhood has the final model after %.1f s: done",
                         time.monotonic() - started)
+            return
+        logger.info("stopping at --linger (%g s): %s", self.config.linger,
+                    self._what_is_missing(final_seq))
+
+    def _what_is_missing(self, final_seq: int) -> str:
+        """Why serving did not end by itself: for the operator's log."""
+        lacking = [peer for peer in self.membership.neighbours
+                   if not self.policy.have_seq([peer], final_seq)]
+        far = {key.hex()[:8]: round(distance, 5)
+               for key, distance in self.core.node.vote_distances.items()
+               if distance > self._settled_at}
+        return (f"neighbours without our final model: {lacking or 'none'}; in-neighbours "
+                f"farther than {self._settled_at:.4g} of our norm: {far or 'none'}")
 
     def _neighbourhood_has_it(self, final_seq: int) -> bool:
         """Every neighbour accepted a model of ours from after training, and every
