@@ -219,6 +219,12 @@ class NodeConfig:
     feature_stats_wait: float = setting(
         _LEARNING, "longest wait for that agreement (no peer answered: own statistics, "
         "logged)", 20.0, metavar="SECONDS", check=_POSITIVE)
+    # Issue 25: csv members agree on their categories and classes before the model is
+    # built (p2pfl/vocabulary.py), so that every member's model has the same shape.
+    vocabulary_wait: float = setting(
+        _LEARNING, "csv tasks without --task-spec: longest wait for the members' union of "
+        "categories and classes before the model is built (0: off, own file's only)", 20.0,
+        metavar="SECONDS", check=at_least(0, "must be seconds >= 0"))
     momentum: float = setting(
         _LEARNING, "beta of quasi-global momentum in local SGD (0: plain SGD; not under --dp "
         "sample)", DEFAULT_BETA, metavar="BETA", check=Check(lambda b: 0 <= b < 1, "in [0, 1)"))

@@ -1,0 +1,256 @@
+"""The vocabulary agreement over ``/p2pfl/vocabulary/1.0.0``, before a CSV task's model exists.
+
+The rule is gossip's (:class:`gossip.vocabulary.VocabularyState`); this module
+reads the node's table once, runs a short ``trio.run`` with a libp2p host on
+the node's own ``--listen`` address and key, and carries the messages:
+
+* a node with ``--bootstrap`` sends its union to each bootstrap peer every
+  :data:`EXCHANGE_INTERVAL_S` and takes the answer (the peer's union after
+  taking ours), until one peer answered and :data:`STABLE_EXCHANGES` answers in
+  a row added nothing, or ``--vocabulary-wait`` is over;
+* a node without one (the first member) serves the protocol for the whole
+  window, so that others bootstrap off it, and then starts.
+
+Then the union is *frozen*: the daemon (NodeRuntime) keeps answering the
+protocol with it and never grows it again, so a member started later adopts
+the network's vocabulary as it is (a category it holds that the network lacks
+is encoded all-zero and logged; a class the network lacks refuses to start,
+since its rows cannot be trained on). The frozen union is saved in the state
+directory, so a restarted node builds the same model as before without asking.
+
+Who may contribute: with ``--allow`` or ``--network`` the host refuses every
+stream of a non-member before reading it (p2pfl.inbound), and the handler
+checks again; under ``--network`` the node shows its certificate to each
+bootstrap peer first (``/p2pfl/members/1.0.0``), as the daemon does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from fltasks.models import parse_model
+from fltasks.tabular import DEFAULT_TABULAR_MODEL, agreed_order, read_vocabulary
+from gossip.vocabulary import (
+    MAX_VOCABULARY_MESSAGE_BYTES,
+    STABLE_EXCHANGES,
+    InvalidVocabulary,
+    Message,
+    Vocabulary,
+    VocabularyState,
+    decode,
+    encode,
+    vocabulary_fingerprint,
+)
+from p2pfl.allowlist import allow_file_peers
+from p2pfl.host import split_peer_multiaddr
+from p2pfl.member_service import MemberService, member_service
+from p2pfl.member_source import MemberSource
+from p2pfl.member_store import write_atomically
+from p2pfl.protocols import VOCABULARY_PROTOCOL
+from p2pfl.streams import TransportError
+from p2pfl.transport import Transport
+
+if TYPE_CHECKING:
+    from gossip.keys import NodeKey
+    from p2pfl.config import NodeConfig
+    from p2pfl.inbound import Handler
+
+__all__ = ["STABLE_EXCHANGES", "Agreed", "agree_vocabulary", "serve_frozen", "wanted"]
+
+logger = logging.getLogger(__name__)
+
+# Between exchanges with the bootstrap peers: a few KB each, to one or two peers.
+EXCHANGE_INTERVAL_S = 0.25
+VOCABULARY_FILE = "vocabulary.msgpack"
+
+
+def wanted(config: NodeConfig) -> bool:
+    """A csv task without a task spec (whose classes and input shape already fix the model),
+    and the agreement not turned off with ``--vocabulary-wait 0``."""
+    return (config.task.startswith("csv:") and config.task_spec is None
+            and config.label is not None and config.vocabulary_wait > 0)
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """How the agreement ended: the frozen state, the listen addresses the phase bound
+    (the daemon keeps their ports), and how many peers answered."""
+
+    state: VocabularyState
+    listen: tuple[str, ...]
+    peers: int
+    restored: bool = False
+
+    def for_task(self) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+        """``load_task``'s ``vocabulary``: the classes and categories in encoding order."""
+        union = self.state.union
+        return (agreed_order(union.classes),
+                {column: agreed_order(values) for column, values in union.categories.items()})
+
+
+def local_vocabulary(config: NodeConfig) -> tuple[Vocabulary, bytes]:
+    """This node's own vocabulary and the fingerprint of what must match to mix it."""
+    assert config.label is not None
+    path = config.task.partition(":")[2]
+    table = read_vocabulary(path, config.label)
+    model = str(parse_model(config.model or DEFAULT_TABULAR_MODEL))
+    fingerprint = vocabulary_fingerprint(config.label, table.columns, model)
+    categories = {column: frozenset(values) for column, values in table.categories.items()}
+    return Vocabulary(categories, frozenset(table.classes)), fingerprint
+
+
+def _restore(state_dir: str, fingerprint: bytes) -> Vocabulary | None:
+    path = Path(state_dir) / VOCABULARY_FILE
+    try:
+        return decode(path.read_bytes(), fingerprint).vocabulary
+    except FileNotFoundError:
+        return None
+    except (OSError, InvalidVocabulary) as error:
+        logger.warning("vocabulary: ignoring %s (%s); agreeing again", path, error)
+        return None
+
+
+def agree_vocabulary(config: NodeConfig, key: NodeKey) -> Agreed:
+    """Agree with the bootstrap peers (or serve them) within ``--vocabulary-wait``.
+
+    TaskError for a file that cannot be read, TransportError for a listen address
+    that cannot be bound; the caller turns both into one line."""
+    own, fingerprint = local_vocabulary(config)
+    state = VocabularyState(own, fingerprint)
+    saved = _restore(config.state_dir, fingerprint)
+    if saved is not None:
+        state.union = saved
+        state.freeze()
+        agreed = Agreed(state, config.listen, 0, restored=True)
+    else:
+        try:
+            listen, peers = trio.run(_phase, config, key, state)
+        except BaseExceptionGroup as group:
+            cause = _sole_cause(group)
+            if isinstance(cause, (TransportError, OSError)):  # e.g. the port is taken
+                raise TransportError(str(cause)) from None
+            raise
+        state.freeze()
+        write_atomically(Path(config.state_dir) / VOCABULARY_FILE,
+                         encode(Message(fingerprint, state.union, frozen=True)), 0o600)
+        agreed = Agreed(state, _keep_ports(config.listen, listen), peers)
+    logger.info("%s", describe(agreed))
+    return agreed
+
+
+def _sole_cause(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+def describe(agreed: Agreed) -> str:
+    """One log line: what was agreed, with whom, and what the union added to our file's."""
+    state = agreed.state
+    union, own = state.union, state.own
+    columns = ", ".join(f"{name} ({len(values)})" for name, values in union.categories.items())
+    added = sum(len(values - own.categories.get(name, frozenset()))
+                for name, values in union.categories.items())
+    new_classes = len(union.classes - own.classes)
+    how = ("restored from the state directory" if agreed.restored
+           else "adopted a running network's" if state.adopted
+           else f"{agreed.peers} peers answered")
+    change = (f"the union added {added} categories and {new_classes} classes to this file's"
+              if added or new_classes else "the union added nothing to this file's")
+    missing = "" if union.covers(own) else "; some of this file's are not in it (all-zero)"
+    return (f"vocabulary agreed ({how}): {len(union.categories)} categorical columns "
+            f"[{columns or 'none'}], {len(union.classes)} classes; {change}{missing}")
+
+
+def _keep_ports(configured: tuple[str, ...], bound: list[str]) -> tuple[str, ...]:
+    """The daemon listens where the phase did, so that ``tcp/0`` keeps its port and peers
+    that bootstrapped off the phase find the daemon at the same address."""
+    if len(bound) != len(configured):
+        return configured  # e.g. 0.0.0.0 expanded into interfaces: leave it to the daemon
+    return tuple(str(split_peer_multiaddr(addr)[1]) for addr in bound)
+
+
+def _members(config: NodeConfig, key: NodeKey) -> tuple[MemberSource | None,
+                                                       MemberService | None]:
+    service = member_service(config, key, lambda line: None)
+    if service is not None:
+        return service.source, service
+    return (MemberSource(allow_file_peers(config.allow)) if config.allow else None), None
+
+
+def serve_frozen(state: VocabularyState, members: MemberSource | None) -> Handler:
+    """The handler: answer our union (growing it only before the freeze); members only."""
+
+    async def handle(peer_id: str, payload: bytes) -> bytes:
+        if members is not None and peer_id not in members:
+            return state.refuse("not a member of this network")
+        reply = state.serve(payload)
+        if reply.startswith(b"refused:"):
+            logger.debug("vocabulary request of %s refused: %s", peer_id, state.last_refusal)
+        return reply
+
+    return handle
+
+
+async def _phase(config: NodeConfig, key: NodeKey, state: VocabularyState
+                 ) -> tuple[list[str], int]:
+    members, service = _members(config, key)
+    timeout = config.deadlines.handshake
+    answered: set[str] = set()
+    async with Transport.open(key, config.listen, allowed_peers=members,
+                              handshake_timeout=timeout) as transport:
+        if service is not None:
+            service.serve(transport, config.read_timeout)
+        transport.set_handler(VOCABULARY_PROTOCOL, serve_frozen(state, members),
+                              MAX_VOCABULARY_MESSAGE_BYTES, config.read_timeout)
+        bound = transport.listen_addrs
+        logger.info("vocabulary: agreeing with %s for up to %g s, listening on %s",
+                    "the bootstrap peers" if config.bootstrap else "whoever bootstraps off us",
+                    config.vocabulary_wait, ", ".join(bound))
+        with trio.move_on_after(config.vocabulary_wait):
+            if not config.bootstrap:
+                await trio.sleep_forever()
+            warned: set[str] = set()
+            while not state.settled:
+                for addr in config.bootstrap:
+                    await _exchange(transport, service, addr, state, answered, warned, timeout)
+                if state.settled:
+                    break
+                await trio.sleep(EXCHANGE_INTERVAL_S)
+        if config.bootstrap and not answered:
+            logger.warning("vocabulary: no bootstrap peer answered within %g s; building the "
+                           "model over this file's categories and classes only",
+                           config.vocabulary_wait)
+    return bound, len(answered)
+
+
+async def _exchange(transport: Transport, service: MemberService | None, addr: str,
+                    state: VocabularyState, answered: set[str], warned: set[str],
+                    timeout: float) -> None:
+    try:
+        peer = await transport.connect(addr, timeout, persistent=True)
+        if service is not None and peer not in answered:
+            await service.sync_with(peer, timeout)  # show our certificate first
+        reply = await transport.request(peer, VOCABULARY_PROTOCOL, state.request(), timeout,
+                                        MAX_VOCABULARY_MESSAGE_BYTES)
+        state.answered(reply)
+    except TransportError as error:
+        logger.debug("vocabulary exchange with %s failed: %s", addr, error)
+        return
+    except InvalidVocabulary as error:
+        if addr not in warned:  # once per peer: it will say the same every time
+            warned.add(addr)
+            logger.warning("vocabulary: %s: %s", addr, error)
+        return
+    answered.add(peer)
+
+
+def with_listen(config: NodeConfig, agreed: Agreed) -> NodeConfig:
+    """``config`` listening where the phase did."""
+    return dataclasses.replace(config, listen=agreed.listen)
