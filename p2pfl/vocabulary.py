@@ -160,7 +160,7 @@ def describe(agreed: Agreed) -> str:
     new_classes = len(union.classes - own.classes)
     how = ("restored from the state directory" if agreed.restored
            else "adopted a running network's" if state.adopted
-           else f"{agreed.peers} peers answered")
+           else f"{agreed.peers} peers answered, {state.served} requests served")
     change = (f"the union added {added} categories and {new_classes} classes to this file's"
               if added or new_classes else "the union added nothing to this file's")
     missing = "" if union.covers(own) else "; some of this file's are not in it (all-zero)"

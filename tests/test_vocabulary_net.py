@@ -1,0 +1,67 @@
+"""The vocabulary agreement on real libp2p hosts in this process (p2pfl/vocabulary.py):
+a late member adopts a running network's frozen union, and a non-member cannot add
+to anyone's union when membership applies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gossip.keys import NodeKey
+from gossip.vocabulary import MAX_VOCABULARY_MESSAGE_BYTES, Vocabulary, VocabularyState
+from p2pfl.config import NodeConfig, build_config
+from p2pfl.member_source import MemberSource
+from p2pfl.protocols import VOCABULARY_PROTOCOL
+from p2pfl.transport import Transport
+from p2pfl.vocabulary import _phase, local_vocabulary, serve_frozen
+
+pytestmark = pytest.mark.integration
+
+NETWORK = Vocabulary({"smoker": frozenset({"current", "never"})},
+                     frozenset({"healthy", "sick"}))
+
+
+def _member_config(tmp_path: Path, bootstrap: str) -> NodeConfig:
+    path = tmp_path / "late.csv"
+    path.write_text("age,smoker,outcome\n30,former,healthy\n41,never,sick\n52,never,sick\n")
+    return build_config({"task": f"csv:{path}", "label": "outcome", "bootstrap": (bootstrap,),
+                         "vocabulary_wait": 3.0, "state_dir": str(tmp_path / "state")}, {})
+
+
+async def test_a_late_member_adopts_the_running_networks_frozen_union(tmp_path: Path) -> None:
+    async with Transport.open(NodeKey.generate()) as running:
+        config = _member_config(tmp_path, running.addrs[0])
+        own, fingerprint = local_vocabulary(config)
+        frozen = VocabularyState(NETWORK, fingerprint)
+        frozen.freeze()
+        running.set_handler(VOCABULARY_PROTOCOL, serve_frozen(frozen, None),
+                            MAX_VOCABULARY_MESSAGE_BYTES, 2.0)
+        late = VocabularyState(own, fingerprint)
+        _, peers = await _phase(config, NodeKey.generate(), late)
+    assert peers == 1 and late.adopted
+    assert late.union == NETWORK  # its "former" smokers are not added: the union is frozen
+    assert frozen.union == NETWORK and frozen.served == 1
+
+
+async def test_a_non_member_adds_nothing_to_a_members_union(tmp_path: Path) -> None:
+    member = NodeKey.generate()
+    members = MemberSource({member.peer_id, NodeKey.generate().peer_id})
+    async with Transport.open(member, allowed_peers=members) as serving:
+        config = _member_config(tmp_path, serving.addrs[0])
+        own, fingerprint = local_vocabulary(config)
+        state = VocabularyState(NETWORK, fingerprint)
+        serving.set_handler(VOCABULARY_PROTOCOL, serve_frozen(state, members),
+                            MAX_VOCABULARY_MESSAGE_BYTES, 2.0)
+        stranger = VocabularyState(own, fingerprint)
+        _, peers = await _phase(config, NodeKey.generate(), stranger)
+    assert peers == 0 and stranger.answers == 0
+    assert state.union == NETWORK
+
+
+async def test_the_handler_refuses_a_non_member_in_one_counted_line() -> None:
+    state = VocabularyState(NETWORK, bytes(32))
+    handle = serve_frozen(state, MemberSource({NodeKey.generate().peer_id}))
+    reply = await handle(NodeKey.generate().peer_id, state.request())
+    assert reply == b"refused: not a member of this network"
+    assert state.refused == 1 and state.served == 0
