@@ -9,7 +9,8 @@ the node's own ``--listen`` address and key, and carries the messages:
   taking ours), until one peer answered and :data:`STABLE_EXCHANGES` answers in
   a row added nothing, or ``--vocabulary-wait`` is over;
 * a node without one (the first member) serves the protocol for the whole
-  window, so that others bootstrap off it, and then starts.
+  window, so that others bootstrap off it, and then starts; with
+  ``--min-neighbours 0`` (alone by design) it does not wait.
 
 Then the union is *frozen*: the daemon (NodeRuntime) keeps answering the
 protocol with it and never grows it again, so a member started later adopts
@@ -214,20 +215,29 @@ async def _phase(config: NodeConfig, key: NodeKey, state: VocabularyState
                     "the bootstrap peers" if config.bootstrap else "whoever bootstraps off us",
                     config.vocabulary_wait, ", ".join(bound))
         with trio.move_on_after(config.vocabulary_wait):
-            if not config.bootstrap:
-                await trio.sleep_forever()
-            warned: set[str] = set()
-            while not state.settled:
-                for addr in config.bootstrap:
-                    await _exchange(transport, service, addr, state, answered, warned, timeout)
-                if state.settled:
-                    break
-                await trio.sleep(EXCHANGE_INTERVAL_S)
+            if config.bootstrap:
+                await _agree(transport, service, config.bootstrap, state, answered, timeout)
+            elif config.min_neighbours > 0:
+                await trio.sleep_forever()  # serve those who bootstrap off us
+            # else: alone by design (as feature statistics), nobody to wait for
         if config.bootstrap and not answered:
             logger.warning("vocabulary: no bootstrap peer answered within %g s; building the "
                            "model over this file's categories and classes only",
                            config.vocabulary_wait)
     return bound, len(answered)
+
+
+async def _agree(transport: Transport, service: MemberService | None,
+                 bootstrap: tuple[str, ...], state: VocabularyState, answered: set[str],
+                 timeout: float) -> None:
+    """Exchange with every bootstrap peer until the union settles (the caller bounds it)."""
+    warned: set[str] = set()
+    while True:
+        for addr in bootstrap:
+            await _exchange(transport, service, addr, state, answered, warned, timeout)
+        if state.settled:
+            return
+        await trio.sleep(EXCHANGE_INTERVAL_S)
 
 
 async def _exchange(transport: Transport, service: MemberService | None, addr: str,

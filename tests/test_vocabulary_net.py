@@ -9,12 +9,25 @@ from pathlib import Path
 import pytest
 
 from gossip.keys import NodeKey
-from gossip.vocabulary import MAX_VOCABULARY_MESSAGE_BYTES, Vocabulary, VocabularyState
+from gossip.vocabulary import (
+    MAX_VOCABULARY_MESSAGE_BYTES,
+    Message,
+    Vocabulary,
+    VocabularyState,
+    encode,
+)
 from p2pfl.config import NodeConfig, build_config
 from p2pfl.member_source import MemberSource
+from p2pfl.member_store import write_atomically
 from p2pfl.protocols import VOCABULARY_PROTOCOL
 from p2pfl.transport import Transport
-from p2pfl.vocabulary import _phase, local_vocabulary, serve_frozen
+from p2pfl.vocabulary import (
+    VOCABULARY_FILE,
+    _phase,
+    agree_vocabulary,
+    local_vocabulary,
+    serve_frozen,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -65,3 +78,23 @@ async def test_the_handler_refuses_a_non_member_in_one_counted_line() -> None:
     reply = await handle(NodeKey.generate().peer_id, state.request())
     assert reply == b"refused: not a member of this network"
     assert state.refused == 1 and state.served == 0
+
+
+def test_a_restarted_node_builds_over_the_union_it_saved_without_asking(tmp_path: Path) -> None:
+    path = tmp_path / "alone.csv"
+    path.write_text("age,smoker,outcome\n30,former,healthy\n41,never,sick\n52,never,sick\n")
+    config = build_config({"task": f"csv:{path}", "label": "outcome", "min_neighbours": 0,
+                           "state_dir": str(tmp_path / "state")}, {})
+    key = NodeKey.generate()
+    first = agree_vocabulary(config, key)
+    assert not first.restored and first.state.frozen
+    port = first.listen[0].rsplit("/", 1)[1]
+    assert port != "0" and first.listen[0].startswith("/ip4/127.0.0.1/tcp/")
+    assert (tmp_path / "state" / VOCABULARY_FILE).exists()
+    # The network's union had grown before the restart: the saved one wins over the file.
+    own, fingerprint = local_vocabulary(config)
+    write_atomically(tmp_path / "state" / VOCABULARY_FILE,
+                     encode(Message(fingerprint, own.union(NETWORK), frozen=True)))
+    again = agree_vocabulary(config, key)
+    assert again.restored and again.state.union == own.union(NETWORK)
+    assert again.for_task() == (("healthy", "sick"), {"smoker": ("current", "former", "never")})
