@@ -203,8 +203,11 @@ def read_table(
                             np.array([cell == value for _, cell in cells], dtype=np.float64)))
     if not encoded:
         raise TaskError(f"{path}: no feature columns besides the label column {label!r}")
+    # Under an agreed vocabulary a class outside it was first seen after the freeze.
+    whose = "the network's agreed classes, frozen before this member" if unseen_as_zero \
+        else "the task spec's classes"
     y, class_names = _labels(path, label, [(line, row[header.index(label)].strip())
-                                          for line, row in rows], classes)
+                                          for line, row in rows], classes, whose)
     x = np.stack([values for _, values in encoded], axis=1)
     return Table(x, y, class_names, tuple(name for name, _ in encoded), tuple(order), found,
                  unseen)
@@ -270,7 +273,7 @@ def _check_known(path: Path, name: str, cells: list[tuple[int, str]],
 
 
 def _labels(path: Path, label: str, cells: list[tuple[int, str]],
-            classes: Sequence[str] | None) -> tuple[np.ndarray, tuple[str, ...]]:
+            classes: Sequence[str] | None, whose: str) -> tuple[np.ndarray, tuple[str, ...]]:
     for line, cell in cells:
         if not cell:
             raise TaskError(f"{path}: row {line}, label column {label!r}: empty label")
@@ -286,7 +289,7 @@ def _labels(path: Path, label: str, cells: list[tuple[int, str]],
     for i, (line, cell) in enumerate(cells):
         if cell not in index:
             raise TaskError(f"{path}: row {line}, label column {label!r}: class {cell!r} is "
-                            f"not in the task spec's classes ({', '.join(names)})")
+                            f"not in {whose} ({', '.join(names)}); see docs/DATA.md")
         y[i] = index[cell]
     return y, names
 

@@ -195,3 +195,12 @@ def test_a_category_outside_the_agreed_list_is_encoded_all_zero_and_counted(
     assert table.unseen == {"smoker": 1}
     with pytest.raises(tabular.TaskError, match="row 3, column 'smoker'"):
         tabular.read_table(path, "outcome", categories={"smoker": ("former", "never")})
+
+
+def test_a_class_outside_the_agreed_classes_refuses_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "records.csv"
+    path.write_text("age,outcome\n30,healthy\n41,sick\n52,severe\n")
+    with pytest.raises(tabular.TaskError, match="row 4, label column 'outcome': class "
+                       "'severe' is not in the network's agreed classes") as caught:
+        tabular.read_table(path, "outcome", classes=("healthy", "sick"), unseen_as_zero=True)
+    assert "\n" not in str(caught.value)

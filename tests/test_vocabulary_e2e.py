@@ -89,8 +89,12 @@ def test_members_with_different_categories_and_classes_agree_and_accept_updates(
         assert a is not None and b is not None
         assert a.fingerprint == b.fingerprint
         assert a.estimate.shape == b.estimate.shape
-        for status in _statuses(nodes):
+        statuses = _statuses(nodes)
+        for status in statuses:
             assert status["updates_rejected"].get("wrong-model", 0) == 0
+            assert status["vocabulary"]["columns"] == {"site": 2, "smoker": 3}
+            assert status["vocabulary"]["classes"] == 3
+        assert statuses[0]["vocabulary"]["served"] > 0  # B asked A during A's window
         logs = [node.log_path.read_text() for node in nodes]
         # age, smoker (3), site (2): 6 inputs; 3 classes; each log says what it gained.
         assert all("3 classes" in log and "smoker (3)" in log for log in logs), logs
@@ -108,3 +112,4 @@ def test_without_the_agreement_they_refuse_each_other_by_fingerprint(tmp_path: P
         assert network.wait_for(refused, GUARD_S, poll=0.2), (
             "neither member refused the other's differently shaped model")
         assert all(s.get("updates_accepted", 0) == 0 for s in _statuses(nodes))
+        assert all(s.get("vocabulary", "absent") is None for s in _statuses(nodes))
