@@ -4,9 +4,11 @@ to anyone's union when membership applies."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
+import trio
 
 from gossip.keys import NodeKey
 from gossip.vocabulary import (
@@ -16,6 +18,7 @@ from gossip.vocabulary import (
     VocabularyState,
     encode,
 )
+from p2pfl.cli import main
 from p2pfl.config import NodeConfig, build_config
 from p2pfl.member_source import MemberSource
 from p2pfl.member_store import write_atomically
@@ -28,11 +31,18 @@ from p2pfl.vocabulary import (
     local_vocabulary,
     serve_frozen,
 )
+from tests.attackers import seeded_keys
 
 pytestmark = pytest.mark.integration
 
 NETWORK = Vocabulary({"smoker": frozenset({"current", "never"})},
                      frozenset({"healthy", "sick"}))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _member_config(tmp_path: Path, bootstrap: str) -> NodeConfig:
@@ -98,3 +108,40 @@ def test_a_restarted_node_builds_over_the_union_it_saved_without_asking(tmp_path
     again = agree_vocabulary(config, key)
     assert again.restored and again.state.union == own.union(NETWORK)
     assert again.for_task() == (("healthy", "sick"), {"smoker": ("current", "former", "never")})
+
+
+async def test_a_certified_newcomer_shows_its_certificate_then_contributes(
+    tmp_path: Path,
+) -> None:
+    ids = seeded_keys(tmp_path, 3, "vocabulary-network")
+    keys = [NodeKey.load(tmp_path / f"node-{i}" / "node.key") for i in range(3)]
+    genesis, cert = tmp_path / "genesis", tmp_path / "cert"
+    assert main(["network", "create", str(genesis), "--name", "v", "--threshold", "2",
+                 f"--founder={ids[0]}", f"--founder={ids[1]}"]) == 0
+    sign = ["member", "sign", str(cert), "--network", str(genesis)]
+    assert main([*sign, "--key", str(tmp_path / "node-0" / "node.key"), "--peer", ids[2],
+                 "--org", "three"]) == 0
+    assert main([*sign, "--key", str(tmp_path / "node-1" / "node.key")]) == 0
+    founder_csv, newcomer_csv = tmp_path / "founder.csv", tmp_path / "newcomer.csv"
+    founder_csv.write_text("smoker,outcome\nnever,healthy\ncurrent,sick\n")
+    newcomer_csv.write_text("smoker,outcome\nformer,healthy\nnever,sick\n")
+    port = _free_port()
+    founder = build_config({
+        "task": f"csv:{founder_csv}", "label": "outcome", "network": str(genesis),
+        "listen": (f"/ip4/127.0.0.1/tcp/{port}",), "vocabulary_wait": 4.0,
+        "state_dir": str(tmp_path / "founder-state")}, {})
+    newcomer = build_config({
+        "task": f"csv:{newcomer_csv}", "label": "outcome", "network": str(genesis),
+        "cert": str(cert), "bootstrap": (f"/ip4/127.0.0.1/tcp/{port}/p2p/{ids[0]}",),
+        "vocabulary_wait": 4.0, "state_dir": str(tmp_path / "newcomer-state")}, {})
+    states = []
+    for config in (founder, newcomer):
+        own, fingerprint = local_vocabulary(config)
+        states.append(VocabularyState(own, fingerprint))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_phase, founder, keys[0], states[0])
+        await trio.sleep(0.5)  # the founder listens first
+        nursery.start_soon(_phase, newcomer, keys[2], states[1])
+    assert states[1].answers > 0
+    assert states[0].union == states[1].union
+    assert states[0].union.categories == {"smoker": frozenset({"current", "former", "never"})}
