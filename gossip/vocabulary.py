@@ -178,8 +178,10 @@ class VocabularyState:
     """One node's union: what it serves, what it learned, and whether it has settled.
 
     ``own`` is the node's own vocabulary; the union starts there and only grows,
-    until :meth:`freeze`. Settled: at least one peer answered and the last
-    ``stable_after`` answers added nothing (or a peer's frozen union was adopted).
+    until :meth:`freeze`, or until a peer's frozen union is adopted in its place.
+    Settled: a frozen union was adopted, or at least one peer answered and the last
+    ``stable_after`` answers added nothing (the daemon waits for the first, and
+    reports the second when its wait ran out, p2pfl/vocabulary.py).
     """
 
     def __init__(self, own: Vocabulary, fingerprint: bytes, *,

@@ -6,8 +6,15 @@ the node's own ``--listen`` address and key, and carries the messages:
 
 * a node with ``--bootstrap`` sends its union to each bootstrap peer every
   :data:`EXCHANGE_INTERVAL_S` and takes the answer (the peer's union after
-  taking ours), until one peer answered and :data:`STABLE_EXCHANGES` answers in
-  a row added nothing, or ``--vocabulary-wait`` is over;
+  taking ours), until a peer answers with a *frozen* union (its window is over:
+  that union is adopted as it is), or ``--vocabulary-wait`` plus
+  :data:`FREEZE_GRACE_S` is over; then the union as it stands is used, and the
+  log says whether it had been stable for :data:`STABLE_EXCHANGES` answers.
+  Waiting for the freeze, rather than stopping once the union looks stable,
+  is what makes members that join the first member's window agree: B may
+  look stable before C's categories reach A, and a B that stopped then would
+  build a narrower model than A and C. It costs B nothing, since A's daemon,
+  which B is to gossip with, is not up before A's window ends either;
 * a node without one (the first member) serves the protocol for the whole
   window, so that others bootstrap off it, and then starts; with
   ``--min-neighbours 0`` (alone by design) it does not wait.
@@ -68,6 +75,9 @@ logger = logging.getLogger(__name__)
 
 # Between exchanges with the bootstrap peers: a few KB each, to one or two peers.
 EXCHANGE_INTERVAL_S = 0.25
+# A bootstrap peer that started just before us freezes at about our own deadline, and
+# its daemon needs a moment (its model built) before it answers frozen.
+FREEZE_GRACE_S = 5.0
 VOCABULARY_FILE = "vocabulary.msgpack"
 
 
@@ -160,7 +170,7 @@ def describe(agreed: Agreed) -> str:
                 for name, values in union.categories.items())
     new_classes = len(union.classes - own.classes)
     how = ("restored from the state directory" if agreed.restored
-           else "adopted a running network's" if state.adopted
+           else "adopted a bootstrap peer's frozen union" if state.adopted
            else f"{agreed.peers} peers answered, {state.served} requests served")
     change = (f"the union added {added} categories and {new_classes} classes to this file's"
               if added or new_classes else "the union added nothing to this file's")
@@ -211,10 +221,11 @@ async def _phase(config: NodeConfig, key: NodeKey, state: VocabularyState
         transport.set_handler(VOCABULARY_PROTOCOL, serve_frozen(state, members),
                               MAX_VOCABULARY_MESSAGE_BYTES, config.read_timeout)
         bound = transport.listen_addrs
+        grace = FREEZE_GRACE_S if config.bootstrap else 0.0
         logger.info("vocabulary: agreeing with %s for up to %g s, listening on %s",
                     "the bootstrap peers" if config.bootstrap else "whoever bootstraps off us",
-                    config.vocabulary_wait, ", ".join(bound))
-        with trio.move_on_after(config.vocabulary_wait):
+                    config.vocabulary_wait + grace, ", ".join(bound))
+        with trio.move_on_after(config.vocabulary_wait + grace):
             if config.bootstrap:
                 await _agree(transport, service, config.bootstrap, state, answered, timeout)
             elif config.min_neighbours > 0:
@@ -223,20 +234,24 @@ async def _phase(config: NodeConfig, key: NodeKey, state: VocabularyState
         if config.bootstrap and not answered:
             logger.warning("vocabulary: no bootstrap peer answered within %g s; building the "
                            "model over this file's categories and classes only",
-                           config.vocabulary_wait)
+                           config.vocabulary_wait + grace)
+        elif config.bootstrap and not state.adopted:
+            logger.warning("vocabulary: no bootstrap peer answered with a frozen union within "
+                           "%g s; using the union as it stands (%s)", config.vocabulary_wait
+                           + grace, "stable" if state.settled else "still growing")
     return bound, len(answered)
 
 
 async def _agree(transport: Transport, service: MemberService | None,
                  bootstrap: tuple[str, ...], state: VocabularyState, answered: set[str],
                  timeout: float) -> None:
-    """Exchange with every bootstrap peer until the union settles (the caller bounds it)."""
+    """Exchange with every bootstrap peer until one answers frozen (the caller bounds it)."""
     warned: set[str] = set()
     while True:
         for addr in bootstrap:
             await _exchange(transport, service, addr, state, answered, warned, timeout)
-        if state.settled:
-            return
+            if state.adopted:
+                return
         await trio.sleep(EXCHANGE_INTERVAL_S)
 
 

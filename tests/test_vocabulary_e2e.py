@@ -1,16 +1,20 @@
 """Two hospitals' CSV files with different categories and classes, on real daemons.
 
-Member A never saw ``smoker=former``; member B never saw the class ``severe``.
+Member A never saw ``smoker=former``; member B never saw the class ``severe``;
+member C, started later, has a site the others lack.
 Each alone builds a model of its own width. With the vocabulary agreement
 (p2pfl/vocabulary.py) both build the union's shape and accept each other's
-updates; with it turned off (``--vocabulary-wait 0``) they refuse each other
-as ``wrong-model``, which is what the agreement is for.
+updates (B waits for A's union to freeze, then adopts it); with it turned off
+(``--vocabulary-wait 0``) they refuse each other as ``wrong-model``, which is
+what the agreement is for.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +32,13 @@ WAIT_S = "8"
 
 
 def _write_records(path: Path, smokers: tuple[str, ...], classes: tuple[str, ...],
-                   seed: int, rows: int = 90) -> None:
+                   seed: int, sites: tuple[str, ...] = ("east", "west"), rows: int = 90) -> None:
     rng = random.Random(seed)
     lines = ["age,smoker,site,outcome"]
     for i in range(rows):
         outcome = classes[i % len(classes)]
         age = 30 + 15 * classes.index(outcome) + rng.randint(0, 10)
-        lines.append(f"{age},{rng.choice(smokers)},{rng.choice(('east', 'west'))},{outcome}")
+        lines.append(f"{age},{rng.choice(smokers)},{rng.choice(sites)},{outcome}")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -44,29 +48,38 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _start_pair(tmp_path: Path, extra: tuple[str, ...]) -> tuple[LocalNetwork, list[LocalNode]]:
-    a_csv, b_csv = tmp_path / "a.csv", tmp_path / "b.csv"
-    _write_records(a_csv, ("never", "current"), ("healthy", "sick", "severe"), seed=1)
-    _write_records(b_csv, ("never", "current", "former"), ("healthy", "sick"), seed=2)
-    # A's address must be known while A is still in its agreement window (its /status
-    # comes after it), so A gets a fixed port and a key made here.
+def _network(tmp_path: Path, count: int, extra: tuple[str, ...]) -> tuple[LocalNetwork, str]:
+    """A (no smoker=former), B (no class severe) and C (a site the others lack), and A's
+    address: known before A is ready, since its /status comes after its agreement window,
+    so A gets a fixed port and a key made here."""
+    files = [tmp_path / name for name in ("a.csv", "b.csv", "c.csv")]
+    _write_records(files[0], ("never", "current"), ("healthy", "sick", "severe"), seed=1)
+    _write_records(files[1], ("never", "current", "former"), ("healthy", "sick"), seed=2)
+    _write_records(files[2], ("never", "current"), ("healthy", "sick"), seed=3,
+                   sites=("east", "north"))
     port = _free_port()
     key = NodeKey.generate()
     (tmp_path / "node-0").mkdir(parents=True)
     key.save(tmp_path / "node-0" / "node.key")
+    node_args = {i: ("--task", f"csv:{files[i]}") for i in range(count)}
+    node_args[0] += ("--listen", f"/ip4/127.0.0.1/tcp/{port}")
     network = LocalNetwork(
-        tmp_path, 2, rounds=None, local_epochs=1,
+        tmp_path, count, rounds=None, local_epochs=1,
         extra_args=("--label", "outcome", "--shard", "0/1", "--vocabulary-wait", WAIT_S,
                     "--feature-stats", "local", *extra),
-        node_args={0: ("--task", f"csv:{a_csv}", "--listen", f"/ip4/127.0.0.1/tcp/{port}"),
-                   1: ("--task", f"csv:{b_csv}")},
+        node_args=node_args,
     )
-    network.__enter__()
-    first = network.start(0)
-    second = network.start(1, bootstrap=f"/ip4/127.0.0.1/tcp/{port}/p2p/{key.peer_id}")
-    for node in (first, second):
+    return network, f"/ip4/127.0.0.1/tcp/{port}/p2p/{key.peer_id}"
+
+
+def _start(network: LocalNetwork, first: str) -> list[LocalNode]:
+    nodes = [network.start(0), network.start(1, bootstrap=first)]
+    if network.count > 2:
+        time.sleep(2)  # C comes later; within A's window or after it, both must agree
+        nodes.append(network.start(2, bootstrap=first))
+    for node in nodes:
         network.wait_ready(node, GUARD_S)
-    return network, [first, second]
+    return nodes
 
 
 def _statuses(nodes: list[LocalNode]) -> list[dict[str, Any]]:
@@ -76,35 +89,41 @@ def _statuses(nodes: list[LocalNode]) -> list[dict[str, Any]]:
 def test_members_with_different_categories_and_classes_agree_and_accept_updates(
     tmp_path: Path,
 ) -> None:
-    network, nodes = _start_pair(tmp_path, ())
+    network, first = _network(tmp_path, 3, ())
     with network:
-        def both_accepted() -> bool:
+        nodes = _start(network, first)
+
+        def all_accepted() -> bool:
             return all(s.get("updates_accepted", 0) > 0 for s in _statuses(nodes))
 
-        assert network.wait_for(both_accepted, GUARD_S, poll=0.2), (
+        assert network.wait_for(all_accepted, GUARD_S, poll=0.2), (
             "the members never accepted each other's updates; see node-*/node.log")
         states = [node.saved_state() for node in nodes]
         assert all(state is not None for state in states)
-        a, b = states
-        assert a is not None and b is not None
-        assert a.fingerprint == b.fingerprint
-        assert a.estimate.shape == b.estimate.shape
+        assert len({state.fingerprint for state in states if state is not None}) == 1
+        assert len({state.estimate.shape for state in states if state is not None}) == 1
         statuses = _statuses(nodes)
         for status in statuses:
             assert status["updates_rejected"].get("wrong-model", 0) == 0
-            assert status["vocabulary"]["columns"] == {"site": 2, "smoker": 3}
+            # C's "north" is in it if C reached A within A's window, else C adopted A's.
+            assert status["vocabulary"]["columns"]["smoker"] == 3
             assert status["vocabulary"]["classes"] == 3
         assert statuses[0]["vocabulary"]["served"] > 0  # B asked A during A's window
+        agreed = [(s["vocabulary"]["columns"], s["vocabulary"]["classes"]) for s in statuses]
+        assert all(one == agreed[0] for one in agreed), agreed
         logs = [node.log_path.read_text() for node in nodes]
-        # age, smoker (3), site (2): 6 inputs; 3 classes; each log says what it gained.
-        assert all("3 classes" in log and "smoker (3)" in log for log in logs), logs
-        assert "added 1 categories and 0 classes" in logs[0]
-        assert "added 0 categories and 1 classes" in logs[1]
+        # Each log says what the union gained: A smoker=former, B the class severe (and
+        # both C's site, if C reached A within A's window).
+        assert re.search(r"the union added [12] categories and 0 classes", logs[0]), logs[0]
+        assert re.search(r"the union added [01] categories and 1 classes", logs[1]), logs[1]
+        assert "adopted a bootstrap peer's frozen union" in logs[1]  # waited for A's freeze
 
 
 def test_without_the_agreement_they_refuse_each_other_by_fingerprint(tmp_path: Path) -> None:
-    network, nodes = _start_pair(tmp_path, ("--vocabulary-wait", "0"))
+    network, first = _network(tmp_path, 2, ("--vocabulary-wait", "0"))
     with network:
+        nodes = _start(network, first)
+
         def refused() -> bool:
             return any(s.get("updates_rejected", {}).get("wrong-model", 0) > 0
                        for s in _statuses(nodes))

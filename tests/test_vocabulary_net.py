@@ -49,7 +49,7 @@ def _member_config(tmp_path: Path, bootstrap: str) -> NodeConfig:
     path = tmp_path / "late.csv"
     path.write_text("age,smoker,outcome\n30,former,healthy\n41,never,sick\n52,never,sick\n")
     return build_config({"task": f"csv:{path}", "label": "outcome", "bootstrap": (bootstrap,),
-                         "vocabulary_wait": 3.0, "state_dir": str(tmp_path / "state")}, {})
+                         "vocabulary_wait": 1.0, "state_dir": str(tmp_path / "state")}, {})
 
 
 async def test_a_late_member_adopts_the_running_networks_frozen_union(tmp_path: Path) -> None:
@@ -128,12 +128,12 @@ async def test_a_certified_newcomer_shows_its_certificate_then_contributes(
     port = _free_port()
     founder = build_config({
         "task": f"csv:{founder_csv}", "label": "outcome", "network": str(genesis),
-        "listen": (f"/ip4/127.0.0.1/tcp/{port}",), "vocabulary_wait": 4.0,
+        "listen": (f"/ip4/127.0.0.1/tcp/{port}",), "vocabulary_wait": 2.0,
         "state_dir": str(tmp_path / "founder-state")}, {})
     newcomer = build_config({
         "task": f"csv:{newcomer_csv}", "label": "outcome", "network": str(genesis),
         "cert": str(cert), "bootstrap": (f"/ip4/127.0.0.1/tcp/{port}/p2p/{ids[0]}",),
-        "vocabulary_wait": 4.0, "state_dir": str(tmp_path / "newcomer-state")}, {})
+        "vocabulary_wait": 1.0, "state_dir": str(tmp_path / "newcomer-state")}, {})
     states = []
     for config in (founder, newcomer):
         own, fingerprint = local_vocabulary(config)
