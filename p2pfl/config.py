@@ -222,8 +222,9 @@ class NodeConfig:
     # Issue 25: csv members agree on their categories and classes before the model is
     # built (p2pfl/vocabulary.py), so that every member's model has the same shape.
     vocabulary_wait: float = setting(
-        _LEARNING, "csv tasks without --task-spec: longest wait for the members' union of "
-        "categories and classes before the model is built (0: off, own file's only)", 20.0,
+        _LEARNING, "csv tasks without --task-spec: how long the first member gathers the "
+        "members' categories and classes before building its model (the others wait up to "
+        "5 s more for its union; 0: off, own file's only)", 20.0,
         metavar="SECONDS", check=at_least(0, "must be seconds >= 0"))
     momentum: float = setting(
         _LEARNING, "beta of quasi-global momentum in local SGD (0: plain SGD; not under --dp "
