@@ -222,13 +222,15 @@ async def _phase(config: NodeConfig, key: NodeKey, state: VocabularyState
                               MAX_VOCABULARY_MESSAGE_BYTES, config.read_timeout)
         bound = transport.listen_addrs
         grace = FREEZE_GRACE_S if config.bootstrap else 0.0
-        logger.info("vocabulary: agreeing with %s for up to %g s, listening on %s",
-                    "the bootstrap peers" if config.bootstrap else "whoever bootstraps off us",
-                    config.vocabulary_wait + grace, ", ".join(bound))
+        alone = not config.bootstrap and config.min_neighbours == 0
+        if not alone:
+            logger.info("vocabulary: agreeing with %s for up to %g s, listening on %s",
+                        "the bootstrap peers" if config.bootstrap else "whoever bootstraps off us",
+                        config.vocabulary_wait + grace, ", ".join(bound))
         with trio.move_on_after(config.vocabulary_wait + grace):
             if config.bootstrap:
                 await _agree(transport, service, config.bootstrap, state, answered, timeout)
-            elif config.min_neighbours > 0:
+            elif not alone:
                 await trio.sleep_forever()  # serve those who bootstrap off us
             # else: alone by design (as feature statistics), nobody to wait for
         if config.bootstrap and not answered:
