@@ -238,8 +238,11 @@ class TableVocabulary:
 
 
 def read_vocabulary(path: str | Path, label: str) -> TableVocabulary:
-    """The kinds and values of the columns of the file at ``path``, by read_table's rules
-    (the same TaskError lines), without building any feature."""
+    """The kinds and values of the columns of the file at ``path``.
+
+    It is read_table itself, whose features are then dropped: a second copy of the
+    typing rules could drift from the first, and one float matrix of a member's own
+    table is cheap next to the model that follows."""
     table = read_table(path, label)
     return TableVocabulary(table.columns, table.categories, table.classes)
 
