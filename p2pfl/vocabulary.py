@@ -24,7 +24,9 @@ protocol with it and never grows it again, so a member started later adopts
 the network's vocabulary as it is (a category it holds that the network lacks
 is encoded all-zero and logged; a class the network lacks refuses to start,
 since its rows cannot be trained on). The frozen union is saved in the state
-directory, so a restarted node builds the same model as before without asking.
+directory, so a restarted node builds the same model as before without asking;
+a node whose state directory holds a checkpoint but no saved union (written
+before this agreement existed) keeps its own file's vocabulary, so it resumes.
 
 Who may contribute: with ``--allow`` or ``--network`` the host refuses every
 stream of a non-member before reading it (p2pfl.inbound), and the handler
@@ -56,6 +58,7 @@ from gossip.vocabulary import (
     vocabulary_fingerprint,
 )
 from p2pfl.allowlist import allow_file_peers
+from p2pfl.checkpoint import FILE_NAME as CHECKPOINT_FILE
 from p2pfl.host import split_peer_multiaddr
 from p2pfl.member_service import MemberService, member_service
 from p2pfl.member_source import MemberSource
@@ -135,6 +138,10 @@ def agree_vocabulary(config: NodeConfig, key: NodeKey) -> Agreed:
     own, fingerprint = local_vocabulary(config)
     state = VocabularyState(own, fingerprint)
     saved = _restore(config.state_dir, fingerprint)
+    if saved is None and (Path(config.state_dir) / CHECKPOINT_FILE).exists():
+        # A checkpoint written before this agreement existed holds a model over this
+        # file's own vocabulary: keep that shape, or the restart could not resume.
+        saved = own
     if saved is not None:
         state.union = saved
         state.freeze()

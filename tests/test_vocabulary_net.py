@@ -145,3 +145,14 @@ async def test_a_certified_newcomer_shows_its_certificate_then_contributes(
     assert states[1].answers > 0
     assert states[0].union == states[1].union
     assert states[0].union.categories == {"smoker": frozenset({"current", "former", "never"})}
+
+
+def test_a_checkpoint_from_before_the_agreement_keeps_its_files_own_shape(
+    tmp_path: Path,
+) -> None:
+    config = _member_config(tmp_path, "/ip4/127.0.0.1/tcp/9/p2p/" + NodeKey.generate().peer_id)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "checkpoint.p2ck").write_bytes(b"from an older version")
+    agreed = agree_vocabulary(config, NodeKey.generate())  # no dial: nothing to wait for
+    own, _ = local_vocabulary(config)
+    assert agreed.restored and agreed.state.frozen and agreed.state.union == own
