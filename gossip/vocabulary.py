@@ -10,9 +10,11 @@ category any member saw, and every class.
 
 Union is idempotent, commutative and associative, so it needs no weights and
 no rounds: a vocabulary only grows, and repeating a message changes nothing.
-Each column (and the classes) is capped at :data:`MAX_CATEGORIES` values, the
-smallest first, so every node keeps the same ones and a member listing junk
-can grow everyone's width by a bounded amount only.
+A node takes only the feature columns its task was fingerprinted over (the
+columns, not the label) and refuses, in one counted line, a message naming
+another column, or one whose merge would push a column (or the classes) past
+:data:`MAX_CATEGORIES` values: the union keeps what it had, so a member
+listing junk can add junk up to the cap, never evict a value already agreed.
 
 A column is categorical for all when any member's vocabulary lists it (the
 union of the categorical column sets): numeric-versus-categorical is then the
@@ -25,13 +27,17 @@ with the frozen union and a ``frozen`` flag, and never grows again, so a
 member that starts later takes the network's vocabulary as it is.
 
 The message (request and answer alike, docs/PROTOCOL.md "Vocabulary") is the
-msgpack map ``{"v", "task", "frozen", "categories", "classes"}``.
+msgpack map ``{"v", "task", "frozen", "freezes_in", "categories", "classes"}``:
+``freezes_in`` is how many seconds the sender's agreement window has left (0
+once frozen), so that a member that bootstrapped early waits for its peer's
+freeze rather than only for its own window.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -47,9 +53,15 @@ MAX_VOCABULARY_MESSAGE_BYTES = 4 * 1024 * 1024
 FINGERPRINT_BYTES = 32
 # Answers in a row that added nothing before a node calls its union settled.
 STABLE_EXCHANGES = 3
+# A bootstrap peer's daemon needs a moment after its window ends (its model built)
+# before it answers frozen: a bootstrapping member waits this much past the peer's freeze.
+FREEZE_GRACE_S = 5.0
+# The most a message may say its sender's window has left (``--vocabulary-wait`` is
+# seconds to a minute in practice): a bound, so a peer cannot keep us waiting for ever.
+MAX_FREEZES_IN_S = 3_600.0
 
 Categories = Mapping[str, frozenset[str]]
-_FIELDS = {"v", "task", "frozen", "categories", "classes"}
+_FIELDS = {"v", "task", "frozen", "freezes_in", "categories", "classes"}
 
 
 class InvalidVocabulary(ValueError):
@@ -128,11 +140,13 @@ class Vocabulary:
 
 @dataclass(frozen=True)
 class Message:
-    """One request or answer: a vocabulary, and whether its sender's is frozen."""
+    """One request or answer: a vocabulary, whether its sender's is frozen, and in how
+    many seconds its sender's window ends (0 when frozen)."""
 
     fingerprint: bytes
     vocabulary: Vocabulary
     frozen: bool = False
+    freezes_in: float = 0.0
 
 
 def encode(message: Message) -> bytes:
@@ -142,6 +156,7 @@ def encode(message: Message) -> bytes:
         "v": VOCABULARY_FORMAT,
         "task": message.fingerprint,
         "frozen": message.frozen,
+        "freezes_in": float(message.freezes_in),
         "categories": {k: sorted(v) for k, v in sorted(vocabulary.categories.items())},
         "classes": sorted(vocabulary.classes),
     }, use_bin_type=True)
@@ -159,8 +174,9 @@ def decode(data: bytes, fingerprint: bytes) -> Message:
     except Exception as error:
         raise InvalidVocabulary(f"not a msgpack map ({type(error).__name__})") from None
     if not isinstance(raw, dict) or set(raw) != _FIELDS:
-        raise InvalidVocabulary("expected the keys v, task, frozen, categories, classes")
-    if raw["v"] != VOCABULARY_FORMAT:
+        raise InvalidVocabulary("expected the keys v, task, frozen, freezes_in, categories, "
+                                "classes")
+    if type(raw["v"]) is not int or raw["v"] != VOCABULARY_FORMAT:
         raise InvalidVocabulary(f"unknown format {raw['v']!r:.20}")
     task = raw["task"]
     if type(task) is not bytes or len(task) != FINGERPRINT_BYTES:
@@ -169,9 +185,13 @@ def decode(data: bytes, fingerprint: bytes) -> Message:
         raise InvalidVocabulary("vocabulary of another task (label, columns or model differ)")
     if type(raw["frozen"]) is not bool:
         raise InvalidVocabulary("frozen must be true or false")
+    freezes_in = raw["freezes_in"]
+    if (type(freezes_in) not in (int, float) or not math.isfinite(freezes_in)
+            or not 0 <= freezes_in <= MAX_FREEZES_IN_S):
+        raise InvalidVocabulary(f"freezes_in must be seconds in [0, {MAX_FREEZES_IN_S:g}]")
     vocabulary = Vocabulary(decode_categories(raw["categories"]),
                             _strings("classes", raw["classes"]))
-    return Message(task, vocabulary, raw["frozen"])
+    return Message(task, vocabulary, raw["frozen"], float(freezes_in))
 
 
 class VocabularyState:
@@ -179,21 +199,31 @@ class VocabularyState:
 
     ``own`` is the node's own vocabulary; the union starts there and only grows,
     until :meth:`freeze`, or until a peer's frozen union is adopted in its place.
-    Settled: a frozen union was adopted, or at least one peer answered and the last
-    ``stable_after`` answers added nothing (the daemon waits for the first, and
-    reports the second when its wait ran out, p2pfl/vocabulary.py).
+    ``columns`` are the feature columns the fingerprint covers (``label`` is not one
+    of them): a message naming any other column is refused, so the union never holds
+    a column the task does not have. Settled: a frozen union was adopted, or at least
+    one peer answered and the last ``stable_after`` answers added nothing (the daemon
+    waits for the first, and reports the second when its wait ran out,
+    p2pfl/vocabulary.py). ``freeze_at`` (the caller's clock) is when this node's
+    window ends; messages carry what is left of it (``freezes_in``), and
+    ``peer_freeze_at`` is the latest end a peer announced, on the same clock.
     """
 
-    def __init__(self, own: Vocabulary, fingerprint: bytes, *,
-                 stable_after: int = STABLE_EXCHANGES) -> None:
+    def __init__(self, own: Vocabulary, fingerprint: bytes, columns: Iterable[str],
+                 label: str, *, stable_after: int = STABLE_EXCHANGES) -> None:
         if len(fingerprint) != FINGERPRINT_BYTES:
             raise ValueError(f"a fingerprint is {FINGERPRINT_BYTES} bytes")
-        self.own = own
         self.fingerprint = fingerprint
+        self.columns = frozenset(columns) - {label}
+        self.label = label
         self.stable_after = stable_after
+        self.check(own)
+        self.own = own
         self.union = own
         self.frozen = False
         self.adopted = False  # took a frozen network's union as it is
+        self.freeze_at: float | None = None
+        self.peer_freeze_at: float | None = None
         self.answers = 0
         self.stable = 0
         self.served = 0
@@ -204,30 +234,68 @@ class VocabularyState:
     def settled(self) -> bool:
         return self.adopted or (self.answers > 0 and self.stable >= self.stable_after)
 
-    def request(self) -> bytes:
-        """What to send a peer: our union so far."""
-        return encode(Message(self.fingerprint, self.union, self.frozen))
+    def check(self, vocabulary: Vocabulary) -> None:
+        """InvalidVocabulary unless every column is one of the task's feature columns."""
+        outside = sorted(set(vocabulary.categories) - self.columns)
+        if outside:
+            which = ("the label column" if outside[0] == self.label
+                     else "not a feature column of this task")
+            raise InvalidVocabulary(f"categories: column {outside[0][:40]!r} is {which}")
+
+    def freezes_in(self, now: float) -> float:
+        """Seconds until this node's window ends, as a message says it (0: frozen or unknown)."""
+        if self.frozen or self.adopted or self.freeze_at is None:
+            return 0.0
+        return min(max(self.freeze_at - now, 0.0), MAX_FREEZES_IN_S)
+
+    def request(self, now: float = 0.0) -> bytes:
+        """What to send a peer: our union so far (frozen once ours is, or adopted)."""
+        return encode(Message(self.fingerprint, self.union, self.frozen or self.adopted,
+                              self.freezes_in(now)))
+
+    def _merged(self, vocabulary: Vocabulary) -> Vocabulary:
+        """Our union with ``vocabulary``; InvalidVocabulary (ours unchanged) if a column
+        or the classes would then exceed :data:`MAX_CATEGORIES` values."""
+        self.check(vocabulary)
+        merged = Vocabulary(
+            {column: self.union.categories.get(column, frozenset())
+             | vocabulary.categories.get(column, frozenset())
+             for column in sorted(set(self.union.categories) | set(vocabulary.categories))},
+            self.union.classes | vocabulary.classes)
+        for column, values in merged.categories.items():
+            if len(values) > MAX_CATEGORIES:
+                raise InvalidVocabulary(f"categories[{column[:40]!r}]: the union would hold "
+                                        f"{len(values)} values, more than {MAX_CATEGORIES}")
+        if len(merged.classes) > MAX_CATEGORIES:
+            raise InvalidVocabulary(f"classes: the union would hold {len(merged.classes)}, "
+                                    f"more than {MAX_CATEGORIES}")
+        return merged
 
     def _grow(self, vocabulary: Vocabulary) -> bool:
-        merged = self.union.union(vocabulary)
+        merged = self._merged(vocabulary)
+        assert set(merged.categories) <= self.columns
         grew = merged != self.union
         self.union = merged
         if grew:
             self.stable = 0  # whoever made it grow, our answers so far are stale
         return grew
 
-    def serve(self, payload: bytes) -> bytes:
+    def serve(self, payload: bytes, now: float = 0.0) -> bytes:
         """Answer a peer's request: our union after taking theirs (frozen: as it is).
 
-        A bad request is counted and answered with one line starting ``refused:``."""
+        A bad request (malformed, a column outside the task's, or one that would push
+        a column or the classes past the cap) is counted and answered with one line
+        starting ``refused:``; the union keeps what it had."""
         try:
             message = decode(payload, self.fingerprint)
+            if not self.frozen and not self.adopted:
+                self._grow(message.vocabulary)
+            else:
+                self.check(message.vocabulary)
         except InvalidVocabulary as error:
             return self.refuse(str(error))
-        if not self.frozen and not self.adopted:
-            self._grow(message.vocabulary)
         self.served += 1
-        return self.request()
+        return self.request(now)
 
     def refuse(self, reason: str) -> bytes:
         """Count a refusal; the one-line answer to send back."""
@@ -235,22 +303,28 @@ class VocabularyState:
         self.last_refusal = reason
         return f"refused: {reason}"[:200].encode()
 
-    def answered(self, payload: bytes) -> None:
-        """Take a peer's answer; InvalidVocabulary if it cannot be trusted."""
+    def answered(self, payload: bytes, now: float = 0.0) -> None:
+        """Take a peer's answer; InvalidVocabulary if it cannot be trusted (ours unchanged)."""
         if payload.startswith(b"refused:"):
             raise InvalidVocabulary(payload[:200].decode("utf-8", "replace"))
         message = decode(payload, self.fingerprint)
-        self.answers += 1
+        self.check(message.vocabulary)
         if self.frozen or self.adopted:
+            self.answers += 1
             return
         if message.frozen:
             # A running network never grows its union again: take it as it is, even if
             # it lacks some of ours (those cells are encoded all-zero, docs/DATA.md).
+            self.answers += 1
             self.union = message.vocabulary
             self.adopted = True
             return
-        if not self._grow(message.vocabulary):
-            self.stable += 1
+        grew = self._grow(message.vocabulary)
+        self.answers += 1
+        self.stable = 0 if grew else self.stable + 1
+        freeze_at = now + message.freezes_in
+        if self.peer_freeze_at is None or freeze_at > self.peer_freeze_at:
+            self.peer_freeze_at = freeze_at
 
     def freeze(self) -> None:
         """The phase is over: from now on answer with this union and never grow it."""

@@ -8,8 +8,10 @@ the node's own ``--listen`` address and key, and carries the messages:
   :data:`EXCHANGE_INTERVAL_S` and takes the answer (the peer's union after
   taking ours), until a peer answers with a *frozen* union (its window is over:
   that union is adopted as it is), or ``--vocabulary-wait`` plus
-  :data:`FREEZE_GRACE_S` is over; then the union as it stands is used, and the
-  log says whether it had been stable for :data:`STABLE_EXCHANGES` answers.
+  :data:`FREEZE_GRACE_S` is over, extended to a peer's announced freeze
+  (``freezes_in``) plus the grace, but never past twice the wait plus the grace;
+  then the union as it stands is used for this run (not saved), and the log
+  says whether it had been stable for :data:`STABLE_EXCHANGES` answers.
   Waiting for the freeze, rather than stopping once the union looks stable,
   is what makes members that join the first member's window agree: B may
   look stable before C's categories reach A, and a B that stopped then would
@@ -23,8 +25,9 @@ Then the union is *frozen*: the daemon (NodeRuntime) keeps answering the
 protocol with it and never grows it again, so a member started later adopts
 the network's vocabulary as it is (a category it holds that the network lacks
 is encoded all-zero and logged; a class the network lacks refuses to start,
-since its rows cannot be trained on). The frozen union is saved in the state
-directory, so a restarted node builds the same model as before without asking;
+since its rows cannot be trained on). A frozen union (adopted, or the first
+member's own) is saved in the state directory (p2pfl/vocabulary_store.py), so
+a restarted node builds the same model as before without asking;
 a node whose state directory holds a checkpoint but no saved union (written
 before this agreement existed) keeps its own file's vocabulary, so it resumes.
 
@@ -39,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
@@ -47,41 +49,35 @@ import trio
 from fltasks.models import parse_model
 from fltasks.tabular import DEFAULT_TABULAR_MODEL, agreed_order, read_vocabulary
 from gossip.vocabulary import (
+    FREEZE_GRACE_S,
     MAX_VOCABULARY_MESSAGE_BYTES,
     STABLE_EXCHANGES,
     InvalidVocabulary,
-    Message,
     Vocabulary,
     VocabularyState,
-    decode,
-    encode,
     vocabulary_fingerprint,
 )
 from p2pfl.allowlist import allow_file_peers
-from p2pfl.checkpoint import FILE_NAME as CHECKPOINT_FILE
 from p2pfl.host import split_peer_multiaddr
 from p2pfl.member_service import MemberService, member_service
 from p2pfl.member_source import MemberSource
-from p2pfl.member_store import write_atomically
 from p2pfl.protocols import VOCABULARY_PROTOCOL
 from p2pfl.streams import TransportError
 from p2pfl.transport import Transport
+from p2pfl.vocabulary_store import VOCABULARY_FILE, restore, save
 
 if TYPE_CHECKING:
     from gossip.keys import NodeKey
     from p2pfl.config import NodeConfig
     from p2pfl.inbound import Handler
 
-__all__ = ["STABLE_EXCHANGES", "Agreed", "agree_vocabulary", "serve_frozen", "wanted"]
+__all__ = ["FREEZE_GRACE_S", "STABLE_EXCHANGES", "VOCABULARY_FILE", "Agreed",
+           "agree_vocabulary", "local_state", "serve_frozen", "wanted"]
 
 logger = logging.getLogger(__name__)
 
 # Between exchanges with the bootstrap peers: a few KB each, to one or two peers.
 EXCHANGE_INTERVAL_S = 0.25
-# A bootstrap peer that started just before us freezes at about our own deadline, and
-# its daemon needs a moment (its model built) before it answers frozen.
-FREEZE_GRACE_S = 5.0
-VOCABULARY_FILE = "vocabulary.msgpack"
 
 
 def wanted(config: NodeConfig) -> bool:
@@ -108,26 +104,17 @@ class Agreed:
                 {column: agreed_order(values) for column, values in union.categories.items()})
 
 
-def local_vocabulary(config: NodeConfig) -> tuple[Vocabulary, bytes]:
-    """This node's own vocabulary and the fingerprint of what must match to mix it."""
+def local_state(config: NodeConfig) -> VocabularyState:
+    """This node's own vocabulary, the fingerprint of what must match to mix it, and the
+    feature columns a peer's message may name."""
     assert config.label is not None
     path = config.task.partition(":")[2]
     table = read_vocabulary(path, config.label)
     model = str(parse_model(config.model or DEFAULT_TABULAR_MODEL))
     fingerprint = vocabulary_fingerprint(config.label, table.columns, model)
     categories = {column: frozenset(values) for column, values in table.categories.items()}
-    return Vocabulary(categories, frozenset(table.classes)), fingerprint
-
-
-def _restore(state_dir: str, fingerprint: bytes) -> Vocabulary | None:
-    path = Path(state_dir) / VOCABULARY_FILE
-    try:
-        return decode(path.read_bytes(), fingerprint).vocabulary
-    except FileNotFoundError:
-        return None
-    except (OSError, InvalidVocabulary) as error:
-        logger.warning("vocabulary: ignoring %s (%s); agreeing again", path, error)
-        return None
+    return VocabularyState(Vocabulary(categories, frozenset(table.classes)), fingerprint,
+                           table.columns, config.label)
 
 
 def agree_vocabulary(config: NodeConfig, key: NodeKey) -> Agreed:
@@ -135,13 +122,8 @@ def agree_vocabulary(config: NodeConfig, key: NodeKey) -> Agreed:
 
     TaskError for a file that cannot be read, TransportError for a listen address
     that cannot be bound; the caller turns both into one line."""
-    own, fingerprint = local_vocabulary(config)
-    state = VocabularyState(own, fingerprint)
-    saved = _restore(config.state_dir, fingerprint)
-    if saved is None and (Path(config.state_dir) / CHECKPOINT_FILE).exists():
-        # A checkpoint written before this agreement existed holds a model over this
-        # file's own vocabulary: keep that shape, or the restart could not resume.
-        saved = own
+    state = local_state(config)
+    saved = restore(config.state_dir, state)
     if saved is not None:
         state.union = saved
         state.freeze()
@@ -155,8 +137,12 @@ def agree_vocabulary(config: NodeConfig, key: NodeKey) -> Agreed:
                 raise TransportError(str(cause)) from None
             raise
         state.freeze()
-        write_atomically(Path(config.state_dir) / VOCABULARY_FILE,
-                         encode(Message(fingerprint, state.union, frozen=True)), 0o600)
+        if state.adopted or not config.bootstrap:  # a frozen union: the network's
+            save(config.state_dir, state)
+        else:
+            logger.warning("vocabulary: the union as it stands is used for this run and not "
+                           "saved (no bootstrap peer's union was frozen); the next start "
+                           "agrees again")
         agreed = Agreed(state, _keep_ports(config.listen, listen), peers)
     logger.info("%s", describe(agreed))
     return agreed
@@ -208,7 +194,7 @@ def serve_frozen(state: VocabularyState, members: MemberSource | None) -> Handle
     async def handle(peer_id: str, payload: bytes) -> bytes:
         if members is not None and peer_id not in members:
             return state.refuse("not a member of this network")
-        reply = state.serve(payload)
+        reply = state.serve(payload, trio.current_time())
         if reply.startswith(b"refused:"):
             logger.debug("vocabulary request of %s refused: %s", peer_id, state.last_refusal)
         return reply
@@ -220,6 +206,35 @@ async def _phase(config: NodeConfig, key: NodeKey, state: VocabularyState
                  ) -> tuple[list[str], int]:
     members, service = _members(config, key)
     timeout = config.deadlines.handshake
+    repeats = _RepeatsAtDebug()
+    libp2p = logging.getLogger("p2pfl.libp2p")
+    libp2p.addFilter(repeats)
+    try:
+        return await _listen_and_agree(config, key, state, members, service, timeout)
+    finally:
+        libp2p.removeFilter(repeats)
+
+
+class _RepeatsAtDebug(logging.Filter):
+    """libp2p warns at every failed dial (every :data:`EXCHANGE_INTERVAL_S`, backoff
+    permitting, while a bootstrap peer is down): each line once, its repeats at debug."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            message = record.getMessage()
+            if message in self.seen:
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            self.seen.add(message)
+        return True
+
+
+async def _listen_and_agree(config: NodeConfig, key: NodeKey, state: VocabularyState,
+                            members: MemberSource | None, service: MemberService | None,
+                            timeout: float) -> tuple[list[str], int]:
     answered: set[str] = set()
     async with Transport.open(key, config.listen, allowed_peers=members,
                               handshake_timeout=timeout) as transport:
@@ -228,61 +243,89 @@ async def _phase(config: NodeConfig, key: NodeKey, state: VocabularyState
         transport.set_handler(VOCABULARY_PROTOCOL, serve_frozen(state, members),
                               MAX_VOCABULARY_MESSAGE_BYTES, config.read_timeout)
         bound = transport.listen_addrs
+        wait = config.vocabulary_wait
         grace = FREEZE_GRACE_S if config.bootstrap else 0.0
         alone = not config.bootstrap and config.min_neighbours == 0
+        start = trio.current_time()
         if not alone:
-            logger.info("vocabulary: agreeing with %s for up to %g s, listening on %s",
+            logger.info("vocabulary: agreeing with %s for %g s (up to %g s if a peer's window "
+                        "ends later), listening on %s",
                         "the bootstrap peers" if config.bootstrap else "whoever bootstraps off us",
-                        config.vocabulary_wait + grace, ", ".join(bound))
-        with trio.move_on_after(config.vocabulary_wait + grace):
+                        wait + grace, 2 * wait + grace if config.bootstrap else wait,
+                        ", ".join(bound))
+        with trio.move_on_after(wait + grace) as window:
+            state.freeze_at = window.deadline
             if config.bootstrap:
-                await _agree(transport, service, config.bootstrap, state, answered, timeout)
+                limit = start + 2 * wait + grace
+                await _agree(transport, service, config.bootstrap, state, answered, timeout,
+                             window, limit)
             elif not alone:
                 await trio.sleep_forever()  # serve those who bootstrap off us
             # else: alone by design (as feature statistics), nobody to wait for
+        waited = trio.current_time() - start
         if config.bootstrap and not answered:
-            logger.warning("vocabulary: no bootstrap peer answered within %g s; building the "
-                           "model over this file's categories and classes only",
-                           config.vocabulary_wait + grace)
+            logger.warning("vocabulary: no bootstrap peer answered within %.3g s; building the "
+                           "model over this file's categories and classes only", waited)
         elif config.bootstrap and not state.adopted:
             logger.warning("vocabulary: no bootstrap peer answered with a frozen union within "
-                           "%g s; using the union as it stands (%s)", config.vocabulary_wait
-                           + grace, "stable" if state.settled else "still growing")
+                           "%.3g s; using the union as it stands (%s)", waited,
+                           "stable" if state.settled else "still growing")
     return bound, len(answered)
 
 
 async def _agree(transport: Transport, service: MemberService | None,
                  bootstrap: tuple[str, ...], state: VocabularyState, answered: set[str],
-                 timeout: float) -> None:
-    """Exchange with every bootstrap peer until one answers frozen (the caller bounds it)."""
-    warned: set[str] = set()
+                 timeout: float, window: trio.CancelScope, limit: float) -> None:
+    """Exchange with every bootstrap peer until one answers frozen (``window`` bounds it).
+
+    A peer whose window ends later than ours (it started after us) says so in its
+    answers: ours is then extended to its freeze plus the grace, never past ``limit``."""
+    failed: set[str] = set()
     while True:
         for addr in bootstrap:
-            await _exchange(transport, service, addr, state, answered, warned, timeout)
+            await _exchange(transport, service, addr, state, answered, failed, timeout)
             if state.adopted:
                 return
+            if state.peer_freeze_at is not None:
+                window.deadline = min(max(window.deadline, state.peer_freeze_at + FREEZE_GRACE_S),
+                                      limit)
+                state.freeze_at = window.deadline
         await trio.sleep(EXCHANGE_INTERVAL_S)
 
 
 async def _exchange(transport: Transport, service: MemberService | None, addr: str,
-                    state: VocabularyState, answered: set[str], warned: set[str],
+                    state: VocabularyState, answered: set[str], failed: set[str],
                     timeout: float) -> None:
-    try:
-        peer = await transport.connect(addr, timeout, persistent=True)
-        if service is not None and peer not in answered:
-            await service.sync_with(peer, timeout)  # show our certificate first
-        reply = await transport.request(peer, VOCABULARY_PROTOCOL, state.request(), timeout,
-                                        MAX_VOCABULARY_MESSAGE_BYTES)
-        state.answered(reply)
-    except TransportError as error:
-        logger.debug("vocabulary exchange with %s failed: %s", addr, error)
-        return
-    except InvalidVocabulary as error:
-        if addr not in warned:  # once per peer: it will say the same every time
-            warned.add(addr)
-            logger.warning("vocabulary: %s: %s", addr, error)
+    """One exchange with ``addr``: connect, certificate (first time), request, all within
+    one ``timeout`` (docs/PROTOCOL.md). The first failure per peer is a warning, later
+    ones (every :data:`EXCHANGE_INTERVAL_S` while it is down) are debug."""
+    peer = ""
+    with trio.move_on_after(timeout) as exchange:
+        def left() -> float:
+            return max(exchange.deadline - trio.current_time(), 0.001)
+        try:
+            peer = await transport.connect(addr, left(), persistent=True)
+            if service is not None and peer not in answered:
+                await service.sync_with(peer, left())  # show our certificate first
+            reply = await transport.request(peer, VOCABULARY_PROTOCOL,
+                                            state.request(trio.current_time()), left(),
+                                            MAX_VOCABULARY_MESSAGE_BYTES)
+            state.answered(reply, trio.current_time())
+        except (TransportError, InvalidVocabulary) as error:
+            _failed(addr, error, failed)
+            return
+    if exchange.cancelled_caught:
+        _failed(addr, f"no answer within {timeout:g} s", failed)
         return
     answered.add(peer)
+
+
+def _failed(addr: str, error: object, failed: set[str]) -> None:
+    if addr in failed:
+        logger.debug("vocabulary exchange with %s failed: %s", addr, error)
+    else:  # once per peer: it will say the same every time
+        failed.add(addr)
+        logger.warning("vocabulary: exchange with %s failed: %s", addr, error)
 
 
 def with_listen(config: NodeConfig, agreed: Agreed) -> NodeConfig:

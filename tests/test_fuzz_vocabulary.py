@@ -30,11 +30,13 @@ _values = st.recursive(_leaf, lambda inner: st.one_of(
     max_leaves=20)
 _near = st.fixed_dictionaries(
     {"v": st.sampled_from([1, 1, 2, "1"]), "task": st.sampled_from([TASK, TASK, b"x" * 32]),
-     "frozen": st.sampled_from([True, False, 0]), "categories": _values, "classes": _values})
+     "frozen": st.sampled_from([True, False, 0]),
+     "freezes_in": st.sampled_from([0.0, 1.5, 7, -1.0, True, float("nan"), 1e9]),
+     "categories": _values, "classes": _values})
 
 
 def _check(data: bytes) -> None:
-    state = VocabularyState(OWN, TASK)
+    state = VocabularyState(OWN, TASK, ("a",), "y")
     try:
         message = decode(data, TASK)
     except InvalidVocabulary as error:
@@ -44,6 +46,8 @@ def _check(data: bytes) -> None:
         return
     assert isinstance(message, Message)
     assert decode(encode(message), TASK) == message
+    state.serve(data)
+    assert set(state.union.categories) <= {"a"}  # never a column the task lacks
 
 
 @settings(max_examples=300, deadline=None)

@@ -25,14 +25,19 @@ from gossip.vocabulary import (
 
 pytestmark = pytest.mark.unit
 
-TASK = vocabulary_fingerprint("outcome", ["age", "smoker"], "mlp:64")
+COLUMNS = ("age", "site", "smoker")
+TASK = vocabulary_fingerprint("outcome", COLUMNS, "mlp:64")
 A = Vocabulary({"smoker": frozenset({"never", "current"})}, frozenset({"healthy", "sick"}))
 B = Vocabulary({"smoker": frozenset({"never", "former"}), "site": frozenset({"east"})},
                frozenset({"healthy"}))
 
 
+def _state(own: Vocabulary, **options: int) -> VocabularyState:
+    return VocabularyState(own, TASK, COLUMNS, "outcome", **options)
+
+
 def _raw(**changes: object) -> bytes:
-    fields: dict[str, object] = {"v": 1, "task": TASK, "frozen": False,
+    fields: dict[str, object] = {"v": 1, "task": TASK, "frozen": False, "freezes_in": 0.0,
                                  "categories": {"smoker": ["never"]}, "classes": ["a", "b"]}
     fields.update(changes)
     return msgpack.packb({k: v for k, v in fields.items() if v is not ...}, use_bin_type=True)
@@ -99,6 +104,13 @@ def test_another_tasks_vocabulary_is_refused() -> None:
     (_raw(extra=1), "expected the keys"),
     (_raw(frozen=...), "expected the keys"),
     (_raw(v=2), "unknown format"),
+    (_raw(v=True), "unknown format"),
+    (_raw(v=1.0), "unknown format"),
+    (_raw(freezes_in=-1.0), "freezes_in"),
+    (_raw(freezes_in=float("inf")), "freezes_in"),
+    (_raw(freezes_in=1e9), "freezes_in"),
+    (_raw(freezes_in=True), "freezes_in"),
+    (_raw(freezes_in="3"), "freezes_in"),
     (_raw(task=b"short"), "task must be 32 bytes"),
     (_raw(task="x" * 32), "task must be 32 bytes"),
     (_raw(frozen=1), "frozen must be"),
@@ -119,28 +131,28 @@ def test_every_malformed_message_is_refused_in_one_line(data: bytes, reason: str
 
 
 def test_serving_grows_the_union_and_answers_it() -> None:
-    a = VocabularyState(A, TASK)
+    a = _state(A)
     answer = decode(a.serve(encode(Message(TASK, B))), TASK)
     assert answer.vocabulary == A.union(B) and not answer.frozen
     assert a.union == A.union(B) and a.served == 1
 
 
 def test_a_bad_request_is_counted_and_answered_in_one_line() -> None:
-    a = VocabularyState(A, TASK)
+    a = _state(A)
     reply = a.serve(b"junk")
     assert reply.startswith(b"refused: ") and b"\n" not in reply
     assert a.refused == 1 and a.union == A
 
 
 def test_a_frozen_union_never_grows_and_says_so() -> None:
-    a = VocabularyState(A, TASK)
+    a = _state(A)
     a.freeze()
     answer = decode(a.serve(encode(Message(TASK, B))), TASK)
     assert answer.frozen and answer.vocabulary == A and a.union == A
 
 
 def test_settled_after_answers_that_add_nothing() -> None:
-    a, b = VocabularyState(A, TASK, stable_after=2), VocabularyState(B, TASK)
+    a, b = _state(A, stable_after=2), _state(B)
     assert not a.settled
     a.answered(b.serve(a.request()))  # grew: not stable yet
     assert a.union == A.union(B) and not a.settled
@@ -151,7 +163,7 @@ def test_settled_after_answers_that_add_nothing() -> None:
 
 
 def test_growth_seen_from_a_request_restarts_the_count() -> None:
-    a, b = VocabularyState(A, TASK, stable_after=1), VocabularyState(A, TASK)
+    a, b = _state(A, stable_after=1), _state(A)
     a.answered(b.serve(a.request()))
     assert a.settled
     a.serve(encode(Message(TASK, B)))  # a third member's request adds to our union
@@ -159,16 +171,16 @@ def test_growth_seen_from_a_request_restarts_the_count() -> None:
 
 
 def test_a_frozen_answer_is_adopted_as_it_is() -> None:
-    network = VocabularyState(B, TASK)
+    network = _state(B)
     network.freeze()
-    late = VocabularyState(A, TASK)
+    late = _state(A)
     late.answered(network.serve(late.request()))
     assert late.settled and late.adopted and late.union == B
     assert not late.union.covers(A)  # its own "current" smokers will be encoded all-zero
 
 
 def test_a_refusal_answer_raises_with_the_peers_reason() -> None:
-    late = VocabularyState(A, TASK)
+    late = _state(A)
     with pytest.raises(InvalidVocabulary, match="not a member"):
         late.answered(b"refused: not a member of this network")
     assert late.answers == 0
@@ -204,3 +216,61 @@ def test_a_class_outside_the_agreed_classes_refuses_in_one_line(tmp_path: Path) 
                        "'severe' is not in the network's agreed classes") as caught:
         tabular.read_table(path, "outcome", classes=("healthy", "sick"), unseen_as_zero=True)
     assert "\n" not in str(caught.value)
+
+
+def test_a_column_outside_the_tasks_is_refused_in_one_counted_line() -> None:
+    a = _state(A)
+    for junk in ({"nosuch": frozenset({"z"})}, {"outcome": frozenset({"z"})}):
+        reply = a.serve(encode(Message(TASK, Vocabulary(junk, frozenset()))))
+        assert reply.startswith(b"refused: categories: column ") and b"\n" not in reply
+    assert a.refused == 2 and a.served == 0 and a.union == A
+    with pytest.raises(InvalidVocabulary, match="not a feature column"):
+        a.answered(encode(Message(TASK, Vocabulary({"nosuch": frozenset()}), frozen=True)))
+    assert a.union == A and not a.adopted and a.answers == 0
+
+
+def test_the_union_never_holds_more_columns_than_the_task() -> None:
+    a = _state(A)
+    for k in range(3):
+        junk = {f"c{k}_{i}": frozenset({"v"}) for i in range(4_096)}
+        assert a.serve(encode(Message(TASK, Vocabulary(junk, frozenset())))).startswith(
+            b"refused: ")
+    a.serve(encode(Message(TASK, B)))
+    assert set(a.union.categories) <= set(COLUMNS)
+    assert decode(a.request(), TASK).vocabulary == a.union  # peers can read our answer
+
+
+def test_a_request_past_the_cap_is_refused_and_evicts_nothing() -> None:
+    a = _state(A)
+    junk = frozenset(f"!{i:03}" for i in range(MAX_CATEGORIES))
+    for evil in (Vocabulary({"smoker": junk}, frozenset()), Vocabulary({}, junk)):
+        reply = a.serve(encode(Message(TASK, evil)))
+        assert reply.startswith(b"refused: ") and b"more than 256" in reply
+    assert a.union == A and a.refused == 2
+    # Up to the cap is taken: junk can be added, never replace what was agreed.
+    a.serve(encode(Message(TASK, Vocabulary({"smoker": frozenset(sorted(junk)[:254])}))))
+    assert len(a.union.categories["smoker"]) == MAX_CATEGORIES
+    assert A.categories["smoker"] <= a.union.categories["smoker"]
+    with pytest.raises(InvalidVocabulary, match="more than 256"):
+        a.answered(encode(Message(TASK, Vocabulary({}, junk))))
+    assert a.union.classes == A.classes and a.answers == 0
+
+
+def test_an_adopted_union_is_answered_frozen() -> None:
+    network = _state(B)
+    network.freeze()
+    b = _state(A)
+    b.answered(network.serve(b.request()))
+    assert b.adopted and not b.frozen
+    assert decode(b.serve(encode(Message(TASK, A))), TASK).frozen
+
+
+def test_an_answer_says_how_long_its_senders_window_has_left() -> None:
+    a, b = _state(A), _state(B)
+    a.freeze_at = 30.0
+    answer = decode(a.serve(b.request(), now=12.5), TASK)
+    assert answer.freezes_in == 17.5 and not answer.frozen
+    b.answered(a.serve(b.request(), now=12.5), now=100.0)  # b's clock is its own
+    assert b.peer_freeze_at == 117.5
+    a.freeze()
+    assert decode(a.request(now=12.5), TASK).freezes_in == 0.0
