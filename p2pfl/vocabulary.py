@@ -248,11 +248,11 @@ async def _listen_and_agree(config: NodeConfig, key: NodeKey, state: VocabularyS
         alone = not config.bootstrap and config.min_neighbours == 0
         start = trio.current_time()
         if not alone:
-            logger.info("vocabulary: agreeing with %s for %g s (up to %g s if a peer's window "
-                        "ends later), listening on %s",
+            later = (f" (up to {2 * wait + grace:g} s if a peer's window ends later)"
+                     if config.bootstrap else "")
+            logger.info("vocabulary: agreeing with %s for %g s%s, listening on %s",
                         "the bootstrap peers" if config.bootstrap else "whoever bootstraps off us",
-                        wait + grace, 2 * wait + grace if config.bootstrap else wait,
-                        ", ".join(bound))
+                        wait + grace, later, ", ".join(bound))
         with trio.move_on_after(wait + grace) as window:
             state.freeze_at = window.deadline
             if config.bootstrap:
