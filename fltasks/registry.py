@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 from fltasks.datasets import breast_cancer, digits
@@ -33,6 +33,7 @@ def load_task(
     model: str | None = None,
     device: str = "cpu",
     task_spec: str | None = None,
+    vocabulary: tuple[Sequence[str], Mapping[str, Sequence[str]]] | None = None,
 ) -> Task:
     """Return the task named by `spec`, built with `seed`.
 
@@ -42,7 +43,9 @@ def load_task(
     their own model and data to both the daemon and the simulator. `model`
     (`mlp:W,W`, `cnn`, `resnet18`) replaces the model of a built-in or data-file
     task; `device` (auto, cpu, cuda, cuda:N) is where it trains. `task_spec` is
-    the path of the spec file every member shares (fltasks/spec.py). Every bad
+    the path of the spec file every member shares (fltasks/spec.py). `vocabulary`
+    (csv only): the classes and the categorical columns' values the members agreed
+    on (p2pfl/vocabulary.py); a cell outside them is encoded all-zero. Every bad
     spec raises `TaskError` with one line naming the cause.
     """
     device = resolve_device(device)
@@ -56,6 +59,10 @@ def load_task(
             raise TaskError(f"--task {spec!r}: expected csv:PATH, e.g. csv:records.csv")
         if not label:
             raise TaskError(f"--task {spec}: give the column to predict with --label COLUMN")
+        if vocabulary is not None:
+            classes, categories = vocabulary
+            return csv_task(rest, label, seed, model, device=device, classes=classes,
+                            categories=categories, unseen_as_zero=True)
         return csv_task(rest, label, seed, model, device=device)
     if kind == "imagefolder":
         if not rest:

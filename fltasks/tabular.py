@@ -25,9 +25,10 @@ Without pyarrow, the error says which package to install.
 from __future__ import annotations
 
 import csv
+import logging
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from fltasks.datasets import split_and_standardize, stratified_split
 from fltasks.inputs import csv_input_spec
 from fltasks.models import ModelSpec, build_model, check_fits, parse_model
 from fltasks.task import Task, TaskError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TABULAR_MODEL = "mlp:64"
 # More distinct values than this in a categorical column is almost surely an ID
@@ -56,6 +59,8 @@ class Table:
     features: tuple[str, ...]  # "column" or "column=category" for one-hot features
     columns: tuple[str, ...]  # the feature columns of the file, in input order
     categories: dict[str, tuple[str, ...]]  # per categorical column, in encoding order
+    # Cells outside a declared list, per column, encoded all-zero (unseen_as_zero only).
+    unseen: dict[str, int] = field(default_factory=dict)
 
 
 def _number(text: str) -> float | None:
@@ -135,11 +140,16 @@ def read_table(
     classes: Sequence[str] | None = None,
     categories: Mapping[str, Sequence[str]] | None = None,
     columns: Sequence[str] | None = None,
+    *,
+    unseen_as_zero: bool = False,
 ) -> Table:
     """Parse and type the CSV at ``path``; classes, categories and columns from a shared spec.
 
     ``columns`` fixes which feature columns are used and in what order, so that
     members whose files order their columns differently still agree.
+    ``unseen_as_zero``: a cell outside its column's declared categories is encoded
+    all-zero and counted in ``Table.unseen`` instead of refused (an agreed
+    vocabulary frozen before this member saw the category, docs/DATA.md).
     """
     path = Path(path)
     header, rows = _read_rows(path)
@@ -170,28 +180,76 @@ def read_table(
                             f"{len(header)}")
     encoded: list[tuple[str, np.ndarray]] = []
     found: dict[str, tuple[str, ...]] = {}
+    unseen: dict[str, int] = {}
     for name in order:
         index = header.index(name)
         cells = [(line, row[index].strip()) for line, row in rows]
         numbers = sum(_number(cell) is not None for _, cell in cells)
-        if name not in declared and 2 * numbers > len(cells):
+        if name not in declared and _is_numeric(cells, numbers):
             encoded.append((name, _numeric_column(path, name, cells, numbers)))
             continue
-        values = tuple(declared[name]) if name in declared else _sorted_values(
-            {cell for _, cell in cells})
-        if len(values) > MAX_CATEGORIES:
-            raise TaskError(f"{path}: column {name!r} has {len(values)} distinct non-numeric "
-                            f"values (at most {MAX_CATEGORIES} categories); drop the column "
-                            f"or fix its cells")
+        values = tuple(declared[name]) if name in declared else _category_values(
+            path, name, cells)
         found[name] = values
+        if unseen_as_zero:
+            known = set(values)
+            outside = sum(cell not in known for _, cell in cells)
+            if outside:
+                unseen[name] = outside
+        else:
+            _check_known(path, name, cells, values)
         for value in values:
-            encoded.append((f"{name}={value}", _one_hot(path, name, cells, values, value)))
+            encoded.append((f"{name}={value}",
+                            np.array([cell == value for _, cell in cells], dtype=np.float64)))
     if not encoded:
         raise TaskError(f"{path}: no feature columns besides the label column {label!r}")
+    # Under an agreed vocabulary a class outside it was first seen after the freeze.
+    whose = "the network's agreed classes, frozen before this member" if unseen_as_zero \
+        else "the task spec's classes"
     y, class_names = _labels(path, label, [(line, row[header.index(label)].strip())
-                                          for line, row in rows], classes)
+                                          for line, row in rows], classes, whose)
     x = np.stack([values for _, values in encoded], axis=1)
-    return Table(x, y, class_names, tuple(name for name, _ in encoded), tuple(order), found)
+    return Table(x, y, class_names, tuple(name for name, _ in encoded), tuple(order), found,
+                 unseen)
+
+
+def _is_numeric(cells: list[tuple[int, str]], numbers: int) -> bool:
+    """The majority rule of the module docstring."""
+    return 2 * numbers > len(cells)
+
+
+def _category_values(path: Path, name: str, cells: list[tuple[int, str]]) -> tuple[str, ...]:
+    values = _sorted_values({cell for _, cell in cells})
+    if len(values) > MAX_CATEGORIES:
+        raise TaskError(f"{path}: column {name!r} has {len(values)} distinct non-numeric "
+                        f"values (at most {MAX_CATEGORIES} categories); drop the column "
+                        f"or fix its cells")
+    return values
+
+
+@dataclass(frozen=True)
+class TableVocabulary:
+    """What a file holds before any encoding: its feature columns in order, each
+    categorical column's values, and the label's classes (for gossip/vocabulary.py)."""
+
+    columns: tuple[str, ...]
+    categories: dict[str, tuple[str, ...]]
+    classes: tuple[str, ...]
+
+
+def read_vocabulary(path: str | Path, label: str) -> TableVocabulary:
+    """The kinds and values of the columns of the file at ``path``.
+
+    It is read_table itself, whose features are then dropped: a second copy of the
+    typing rules could drift from the first, and one float matrix of a member's own
+    table is cheap next to the model that follows."""
+    table = read_table(path, label)
+    return TableVocabulary(table.columns, table.categories, table.classes)
+
+
+def agreed_order(values: Iterable[str]) -> tuple[str, ...]:
+    """An agreed set of categories or classes in encoding order: the same on every member."""
+    return _sorted_values(set(values))
 
 
 def _numeric_column(path: Path, name: str, cells: list[tuple[int, str]],
@@ -208,18 +266,17 @@ def _numeric_column(path: Path, name: str, cells: list[tuple[int, str]],
     return values
 
 
-def _one_hot(path: Path, name: str, cells: list[tuple[int, str]], values: tuple[str, ...],
-             value: str) -> np.ndarray:
+def _check_known(path: Path, name: str, cells: list[tuple[int, str]],
+                 values: tuple[str, ...]) -> None:
     known = set(values)
     for line, cell in cells:
         if cell not in known:
             raise TaskError(f"{path}: row {line}, column {name!r}: category {cell!r} is not "
                             f"in the task spec's list ({', '.join(values)})")
-    return np.array([cell == value for _, cell in cells], dtype=np.float64)
 
 
 def _labels(path: Path, label: str, cells: list[tuple[int, str]],
-            classes: Sequence[str] | None) -> tuple[np.ndarray, tuple[str, ...]]:
+            classes: Sequence[str] | None, whose: str) -> tuple[np.ndarray, tuple[str, ...]]:
     for line, cell in cells:
         if not cell:
             raise TaskError(f"{path}: row {line}, label column {label!r}: empty label")
@@ -235,7 +292,7 @@ def _labels(path: Path, label: str, cells: list[tuple[int, str]],
     for i, (line, cell) in enumerate(cells):
         if cell not in index:
             raise TaskError(f"{path}: row {line}, label column {label!r}: class {cell!r} is "
-                            f"not in the task spec's classes ({', '.join(names)})")
+                            f"not in {whose} ({', '.join(names)}); see docs/DATA.md")
         y[i] = index[cell]
     return y, names
 
@@ -251,9 +308,13 @@ def csv_task(
     columns: Sequence[str] | None = None,
     device: str = "cpu",
     spec_hash: bytes = b"",
+    unseen_as_zero: bool = False,
 ) -> Task:
     """A task on the CSV at ``path``, predicting column ``label``; model default mlp:64."""
-    table = read_table(path, label, classes, categories, columns)
+    table = read_table(path, label, classes, categories, columns, unseen_as_zero=unseen_as_zero)
+    for name, count in table.unseen.items():
+        logger.warning("%s: %d rows of column %r hold a category outside the agreed "
+                       "vocabulary; encoded all-zero (docs/DATA.md)", path, count, name)
     spec = model if isinstance(model, ModelSpec) else parse_model(model or DEFAULT_TABULAR_MODEL)
     check_fits(spec, (table.x.shape[1],))
     x_train, y_train, x_test, y_test = split_and_standardize(table.x, table.y, seed)

@@ -10,9 +10,10 @@ of each feature, aggregates only, never rows) gives every node the network's
 statistics: push-sum converges to the *average* of the vectors, and the
 average's ratios are the sums' ratios.
 
-Categorical vocabularies (CSV tasks) travel in the same message: the union of
-the members' category sets, so that every member one-hot encodes the same
-columns. Union is idempotent, so it needs no weights: a set only grows.
+Categorical vocabularies (CSV tasks) travel in the same message, unioned, but
+only as information: the model's width is fixed before this agreement runs, by
+the vocabulary agreement (gossip/vocabulary.py, which owns the bounds, the
+decoder and the union rule used here).
 
 Two ways to merge, one class:
 
@@ -45,15 +46,18 @@ import numpy as np
 
 from gossip.pushsum import MAX_WEIGHT, PushSum
 from gossip.robust import trimmed_mean
+from gossip.vocabulary import (
+    MAX_CATEGORIES,
+    InvalidVocabulary,
+    decode_categories,
+    union,
+)
 
 STATS_FORMAT = 1
 # Bounds checked before a message is trusted: digits has 64 features, a wide CSV
-# a few thousand one-hot columns; more categories than tabular's MAX_CATEGORIES
-# per column is refused by the task anyway.
+# a few thousand one-hot columns; the categories' bounds are gossip/vocabulary.py's.
 MAX_FEATURES = 65_536
-MAX_COLUMNS = 4_096
-MAX_CATEGORIES_PER_COLUMN = 256
-MAX_CATEGORY_CHARS = 256
+MAX_CATEGORIES_PER_COLUMN = MAX_CATEGORIES
 MAX_STATS_MESSAGE_BYTES = 3 * 8 * MAX_FEATURES + 4 * 1024 * 1024
 FINGERPRINT_BYTES = 32
 
@@ -156,29 +160,10 @@ def decode_share(data: bytes, fingerprint: bytes, features: int) -> StatsShare:
 
 
 def _categories(value: object) -> dict[str, frozenset[str]]:
-    if not isinstance(value, dict) or len(value) > MAX_COLUMNS:
-        raise InvalidStats(f"categories must be a map of at most {MAX_COLUMNS} columns")
-    out = {}
-    for column, values in value.items():
-        if (type(column) is not str or len(column) > MAX_CATEGORY_CHARS
-                or type(values) is not list or len(values) > MAX_CATEGORIES_PER_COLUMN
-                or not all(type(v) is str and len(v) <= MAX_CATEGORY_CHARS for v in values)):
-            raise InvalidStats(f"categories: at most {MAX_CATEGORIES_PER_COLUMN} strings "
-                               f"of {MAX_CATEGORY_CHARS} characters per column")
-        out[column] = frozenset(values)
-    return out
-
-
-def union(a: Mapping[str, frozenset[str]], b: Mapping[str, frozenset[str]]
-          ) -> dict[str, frozenset[str]]:
-    """Every column of either, each with the union of its values (capped, sorted first)."""
-    merged = {}
-    for column in sorted(set(a) | set(b)):
-        values = a.get(column, frozenset()) | b.get(column, frozenset())
-        # Capped so that a member listing junk cannot grow everyone's one-hot width
-        # without bound; the smallest values win, so every node keeps the same ones.
-        merged[column] = frozenset(sorted(values)[:MAX_CATEGORIES_PER_COLUMN])
-    return merged
+    try:
+        return decode_categories(value)
+    except InvalidVocabulary as error:
+        raise InvalidStats(str(error)) from None
 
 
 class FeatureStatsGossip:

@@ -126,6 +126,7 @@ def run_node(args: argparse.Namespace) -> None:
     from p2pfl.runtime import NodeRuntime
     from p2pfl.transport import TransportError
     from p2pfl.tuning import raise_open_file_limit
+    from p2pfl.vocabulary import agree_vocabulary, wanted, with_listen
 
     # Nodes share machines with other nodes and with the event loop: one
     # intra-op thread each avoids oversubscribing the cores.
@@ -143,6 +144,11 @@ def run_node(args: argparse.Namespace) -> None:
         except ValueError as error:
             raise UserError(f"{flag}: {error}") from None
     try:
+        # Before the model exists: csv members agree on categories and classes, so
+        # that every member builds the same shape (p2pfl/vocabulary.py).
+        agreed = agree_vocabulary(config, key) if wanted(config) else None
+        if agreed is not None:
+            config = with_listen(config, agreed)
         task = load_task(
             config.task,
             seed=config.seed,
@@ -150,10 +156,14 @@ def run_node(args: argparse.Namespace) -> None:
             model=config.model,
             task_spec=config.task_spec,
             device=config.device,
+            vocabulary=agreed.for_task() if agreed is not None else None,
         )
-        runtime = NodeRuntime(config, key, task, announce=lambda line: print(line, flush=True))
+        runtime = NodeRuntime(config, key, task, announce=lambda line: print(line, flush=True),
+                              vocabulary=agreed.state if agreed is not None else None)
     except (ValueError, CheckpointError) as error:
         raise UserError(str(error)) from None
+    except TransportError as error:
+        raise UserError(f"--listen: {error}") from None
     startup = _StartupWatch()
 
     async def main() -> None:

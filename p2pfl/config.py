@@ -34,6 +34,7 @@ from gossip.attacks import DAEMON_ATTACKS
 from gossip.compression import resolve_codec
 from gossip.node import DEFAULT_QUORUM
 from gossip.robust import DEFAULT_CLIP_FRACTION, DEFAULT_TRIM_FRACTION
+from gossip.vocabulary import FREEZE_GRACE_S
 from p2pfl.deadlines import HANDSHAKE_LINK_MBIT, Deadlines
 from p2pfl.linkrates import UNMEASURED_MBIT
 
@@ -219,6 +220,13 @@ class NodeConfig:
     feature_stats_wait: float = setting(
         _LEARNING, "longest wait for that agreement (no peer answered: own statistics, "
         "logged)", 20.0, metavar="SECONDS", check=_POSITIVE)
+    # Issue 25: csv members agree on their categories and classes before the model is
+    # built (p2pfl/vocabulary.py), so that every member's model has the same shape.
+    vocabulary_wait: float = setting(
+        _LEARNING, "csv tasks without --task-spec: how long the first member gathers the "
+        "members' categories and classes before building its model (the others wait for its "
+        f"union until {FREEZE_GRACE_S:g} s after its window ends; 0: off, own file's only)", 20.0,
+        metavar="SECONDS", check=at_least(0, "must be seconds >= 0"))
     momentum: float = setting(
         _LEARNING, "beta of quasi-global momentum in local SGD (0: plain SGD; not under --dp "
         "sample)", DEFAULT_BETA, metavar="BETA", check=Check(lambda b: 0 <= b < 1, "in [0, 1)"))

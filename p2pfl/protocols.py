@@ -7,3 +7,6 @@ UPDATE_PROTOCOL = "/p2pfl/update/1.2.0"
 MODEL_PROTOCOL = "/p2pfl/model/1.0.0"
 # Before the first round, members agree on feature statistics (p2pfl/feature_stats.py).
 FEATURE_STATS_PROTOCOL = "/p2pfl/feature-stats/1.0.0"
+# Before a csv task's model is built, members agree on its categories and classes
+# (p2pfl/vocabulary.py); a running node answers its frozen union.
+VOCABULARY_PROTOCOL = "/p2pfl/vocabulary/1.0.0"

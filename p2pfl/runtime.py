@@ -40,6 +40,7 @@ from gossip.attacks import RECEIPT_LIE, Attacker
 from gossip.codec import MAX_OFFER_BYTES
 from gossip.feature_stats import MAX_STATS_MESSAGE_BYTES
 from gossip.node import GossipState
+from gossip.vocabulary import MAX_VOCABULARY_MESSAGE_BYTES, VocabularyState
 from p2pfl.allowlist import allow_file_peers
 from p2pfl.checkpoint import CheckpointError, CheckpointStore, NodeState
 from p2pfl.config import NodeConfig, parse_host_port
@@ -55,7 +56,12 @@ from p2pfl.peer_exchange import serve_peer_exchange
 from p2pfl.peer_policy import MemberBook, PeerPolicy
 from p2pfl.phases import PhaseClock
 from p2pfl.privacy_budget import PrivacyBudget
-from p2pfl.protocols import FEATURE_STATS_PROTOCOL, MODEL_PROTOCOL, UPDATE_PROTOCOL
+from p2pfl.protocols import (
+    FEATURE_STATS_PROTOCOL,
+    MODEL_PROTOCOL,
+    UPDATE_PROTOCOL,
+    VOCABULARY_PROTOCOL,
+)
 from p2pfl.pusher import Pusher
 from p2pfl.ratelimit import MIB, PeerRateLimiter
 from p2pfl.reachability import serve_reachability
@@ -66,6 +72,7 @@ from p2pfl.status_history import StatusHistory, record_history
 from p2pfl.status_view import node_status
 from p2pfl.training import LocalTraining, load_arrays, model_arrays
 from p2pfl.transport import Transport
+from p2pfl.vocabulary import serve_frozen
 
 __all__ = [
     "MAX_REJECTION_DETAIL_CHARS",
@@ -83,9 +90,13 @@ class NodeRuntime:
     """One daemon's parts and loops; :meth:`run` until done or cancelled."""
 
     def __init__(
-        self, config: NodeConfig, key: NodeKey, task: Task, announce: Callable[[str], None] = print
+        self, config: NodeConfig, key: NodeKey, task: Task, announce: Callable[[str], None] = print,
+        vocabulary: VocabularyState | None = None,
     ) -> None:
         self.config = config
+        # The frozen union a csv task was built over (p2pfl/vocabulary.py): answered to
+        # members started later, never grown.
+        self.vocabulary = vocabulary
         self.key = key
         self.announce = announce
         self.training = LocalTraining(config, task)
@@ -248,6 +259,11 @@ class NodeRuntime:
             transport.set_handler(
                 FEATURE_STATS_PROTOCOL, self.stats.serve, MAX_STATS_MESSAGE_BYTES, timeout, rates
             )
+            if self.vocabulary is not None:
+                transport.set_handler(
+                    VOCABULARY_PROTOCOL, serve_frozen(self.vocabulary, membership.members),
+                    MAX_VOCABULARY_MESSAGE_BYTES, timeout, rates,
+                )
             serve_peer_exchange(transport, self.policy.book, read_timeout=timeout)
             membership.reachability.serve_relay = config.relay == "on"
             serve_reachability(transport, membership.reachability, timeout)

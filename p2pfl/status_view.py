@@ -137,6 +137,13 @@ def node_status(node: NodeRuntime) -> dict[str, Any]:
         # How the feature scaling was agreed (p2pfl/feature_stats.py), and rescales since.
         "feature_stats": {"outcome": node.stats.outcome, "rescaled": node.stats.rescaled,
                           "refused": node.stats.refused},
+        # The csv vocabulary agreed before the model was built (p2pfl/vocabulary.py):
+        # requests served since, and refused (malformed, another task, non-member).
+        "vocabulary": None if node.vocabulary is None else {
+            "columns": {name: len(values)
+                        for name, values in node.vocabulary.union.categories.items()},
+            "classes": len(node.vocabulary.union.classes),
+            "served": node.vocabulary.served, "refused": node.vocabulary.refused},
         "attack": config.attack,
         "dp": config.dp_mode,
         "epsilon": budget.epsilon,
