@@ -7,7 +7,14 @@ import pytest
 
 from p2pfl.config import NodeConfig
 from p2pfl.deadlines import Deadlines
-from p2pfl.linkrates import FLOOR_MBIT, MAX_PEERS, SLOWEST_FRACTION, UNMEASURED_MBIT, LinkRates
+from p2pfl.linkrates import (
+    FLOOR_MBIT,
+    HEADROOM,
+    MAX_PEERS,
+    SLOWEST_FRACTION,
+    UNMEASURED_MBIT,
+    LinkRates,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -19,9 +26,9 @@ def test_the_first_large_frame_measures_the_link_above_or_below_the_assumption()
     rates = LinkRates(ASSUMED)
     assert rates.rate("a") == ASSUMED and not rates.measured("a")
     rates.completed("a", MODEL, 0.1)  # 45 MB/s: far above the assumption
-    assert rates.rate("a") == pytest.approx(22_500_000.0) and rates.measured("a")
-    rates.completed("b", MODEL, MODEL / 125_000)  # 1 Mbit/s: taken whole, not halved
-    assert rates.rate("b") == pytest.approx(62_500.0)
+    assert rates.rate("a") == pytest.approx(45_000_000.0 * HEADROOM) and rates.measured("a")
+    rates.completed("b", MODEL, MODEL / 125_000)  # 1 Mbit/s: below, taken down to the floor
+    assert rates.rate("b") == pytest.approx(max(125_000.0 * HEADROOM, rates.slowest))
 
 
 def test_default_flags_fit_the_first_push_of_a_shared_10_mbit_uplink() -> None:
@@ -41,7 +48,7 @@ def test_default_flags_fit_the_first_push_of_a_shared_10_mbit_uplink() -> None:
 def test_timeouts_double_the_time_until_a_push_fits_then_the_measure_keeps_it() -> None:
     """A 1 Mbit/s link under an 8 Mbit/s assumption: the 4.5 MB push times out three
     times (its size's share of the deadline doubles each time), then fits, and what it
-    achieved (half of it, for the link's other streams) is kept."""
+    achieved (a quarter of it, for the link's other streams) is kept."""
     deadlines = Deadlines(send=5.0, read=10.0, min_link_bytes_per_s=ASSUMED)
     rates = LinkRates(ASSUMED)
     link = 125_000.0  # what the link carries, bytes per second
@@ -52,16 +59,16 @@ def test_timeouts_double_the_time_until_a_push_fits_then_the_measure_keeps_it() 
         rates.timed_out("slow")
     assert [t - 5.0 for t in tries] == pytest.approx([4.5, 9.0, 18.0])
     rates.completed("slow", MODEL, needed)
-    assert rates.rate("slow") == pytest.approx(link / 2)
+    assert rates.rate("slow") == pytest.approx(max(link * HEADROOM, rates.slowest))
     assert deadlines.push(MODEL, rates.rate("slow")) >= 2 * needed
     assert rates.rate("other") == ASSUMED  # each peer its own
 
 
 def test_a_large_slow_frame_lowers_a_measured_rate_but_by_half_at_most() -> None:
     rates = LinkRates(ASSUMED)
-    rates.completed("a", MODEL, MODEL / (2 * ASSUMED))  # measured: the assumption itself
+    rates.completed("a", MODEL, MODEL * HEADROOM / ASSUMED)  # measured: the assumption
     assert rates.rate("a") == pytest.approx(ASSUMED)
-    rates.completed("a", MODEL, MODEL / (0.75 * ASSUMED))  # half of it: 0.375
+    rates.completed("a", MODEL, MODEL * HEADROOM / (0.375 * ASSUMED))  # to 0.375: only half
     assert rates.rate("a") == pytest.approx(0.5 * ASSUMED)
     rates.completed("a", MODEL, 1000.0)  # one very slow one: half, not the floor
     assert rates.rate("a") == pytest.approx(0.25 * ASSUMED)
@@ -75,7 +82,7 @@ def test_a_small_frame_only_raises_the_rate() -> None:
     rates.timed_out("a")
     rates.completed("a", 100, 1.0)
     assert rates.rate("a") == ASSUMED / 2
-    rates.completed("a", 200_000, 0.1)
+    rates.completed("a", 200_000, 200_000 * HEADROOM / ASSUMED)
     assert rates.rate("a") == pytest.approx(ASSUMED)
 
 
