@@ -453,10 +453,14 @@ class GossipNode:
         (gossip/encoders.py): no vote can be closer, however settled the network is."""
         return codec_error(self.whole_model_codec, self.layout, self.pushsum.estimate)
 
-    def close_to_neighbours(self, threshold: float) -> bool:
-        """Is every in-neighbour heard from, at its latest vote, within ``threshold``?"""
-        distances = self.vote_distances.values()
-        return bool(distances) and max(distances) <= threshold
+    def close_to_neighbours(self, threshold: float, ignoring: frozenset[bytes] = frozenset()
+                            ) -> bool:
+        """Is every in-neighbour heard from, at its latest vote, within ``threshold``?
+        ``ignoring``: senders the caller no longer expects to hear from (they left)."""
+        if not self.vote_distances:
+            return False  # nobody heard from yet
+        distances = [d for s, d in self.vote_distances.items() if s not in ignoring]
+        return not distances or max(distances) <= threshold
 
     def merge(self) -> int:
         """Fold the vote table into the model; returns how many senders' votes counted.

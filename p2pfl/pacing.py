@@ -129,6 +129,12 @@ class MixingPace:
                 waits[sender] = until
         return waits
 
+    def gone_quiet(self, now: float) -> list[str]:
+        """Senders not heard for longer than we would wait for them (``WAIT_FACTOR`` times
+        their interval): a neighbour that finished and left, or died."""
+        return [sender for sender, seen in self._senders.items()
+                if now - seen.last_at > WAIT_FACTOR * (seen.interval or FIRST_INTERVAL_S)]
+
     def wait_until(self, round: int, now: float, own_round_s: float,
                    expecting: bool = False) -> float | None:
         """The time to wait until before merging, or None to merge now."""

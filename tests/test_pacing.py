@@ -122,3 +122,12 @@ def test_the_wait_for_anyone_ends_at_the_limit_and_when_senders_are_no_longer_li
     assert pace.wait_until(round=5, now=31.0, own_round_s=OWN, expecting=True) is None
     short = pace.wait_until(round=5, now=2.0, own_round_s=0.5, expecting=True)
     assert short == 1.0 + OWN_FACTOR * 0.5
+
+
+def test_a_sender_not_heard_for_twice_its_interval_has_gone_quiet() -> None:
+    pace = MixingPace(max_wait=30)
+    pace.arrived("a", now=0.0, round=0)
+    pace.arrived("a", now=10.0, round=1)  # every 10 s
+    pace.arrived("b", now=19.0, round=1)  # heard once: the first interval
+    assert pace.gone_quiet(now=25.0) == ["b"]  # 6 s > 2 x 1 s; a within 2 x 10 s
+    assert sorted(pace.gone_quiet(now=31.0)) == ["a", "b"]

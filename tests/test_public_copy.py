@@ -247,3 +247,15 @@ def test_the_codec_error_is_what_a_receiver_copy_cannot_get_under(
     vector = np.random.default_rng(0).normal(size=4096)
     error = node(1, vector, codec_id).codec_error()
     assert low <= error <= high
+
+
+def test_closeness_ignores_the_in_neighbours_that_left() -> None:
+    """A neighbour that finished before us and left keeps its last distance; the serving
+    node must not wait on it (p2pfl/rounds.py), yet it waits while nobody was heard."""
+    own = node(1, np.ones(8), "raw")
+    assert not own.close_to_neighbours(0.002)  # nobody heard from yet
+    near, gone = bytes([2]) * 32, bytes([3]) * 32
+    own.vote_distances.update({near: 0.001, gone: 0.004})
+    assert not own.close_to_neighbours(0.002)
+    assert own.close_to_neighbours(0.002, ignoring=frozenset({gone}))
+    assert own.close_to_neighbours(0.002, ignoring=frozenset({near, gone}))  # all left
