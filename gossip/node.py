@@ -455,12 +455,10 @@ class GossipNode:
 
     def close_to_neighbours(self, threshold: float, ignoring: frozenset[bytes] = frozenset()
                             ) -> bool:
-        """Is every in-neighbour heard from, at its latest vote, within ``threshold``?
-        ``ignoring``: senders the caller no longer expects to hear from (they left)."""
-        if not self.vote_distances:
-            return False  # nobody heard from yet
+        """Is every in-neighbour heard from (but those ``ignoring``: they left), at its
+        latest vote, within ``threshold``? Not while nobody was heard from."""
         distances = [d for s, d in self.vote_distances.items() if s not in ignoring]
-        return not distances or max(distances) <= threshold
+        return bool(self.vote_distances) and (not distances or max(distances) <= threshold)
 
     def merge(self) -> int:
         """Fold the vote table into the model; returns how many senders' votes counted.

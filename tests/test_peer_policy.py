@@ -12,7 +12,7 @@ import pytest
 
 from gossip.delivery import READY, Receipt
 from gossip.keys import NodeKey
-from p2pfl.linkrates import MEASURE_MIN_BYTES
+from p2pfl.linkrates import HEADROOM, MEASURE_MIN_BYTES
 from p2pfl.peer_exchange import FORGET_UNREACHABLE_AFTER_S, MAX_CONSECUTIVE_FAILURES
 from p2pfl.peer_policy import (
     FAILURES_BEFORE_REDIAL,
@@ -165,12 +165,13 @@ def test_a_completed_large_push_sets_the_rate_it_showed() -> None:
     a = peer_id()
     policy = policy_with(a)
     size = 4 * MEASURE_MIN_BYTES
-    policy.answered(a, Share(1, 0.1), accepted(), size, size / (PROMISED / 4), now=1.0)
-    # The first large frame measures the link: half the rate achieved (headroom).
-    assert policy.push_rates.rate(a) == PROMISED / 8
-    policy.answered(a, Share(2, 0.1), accepted(), size, size / (PROMISED / 64), now=2.0)
+    policy.answered(a, Share(1, 0.1), accepted(), size, size / (PROMISED * 4), now=1.0)
+    # The first large frame measures the link: a share of the rate achieved (headroom).
+    first = PROMISED * 4 * HEADROOM
+    assert policy.push_rates.rate(a) == first
+    policy.answered(a, Share(2, 0.1), accepted(), size, size / (PROMISED / 256), now=2.0)
     # A later one lowers it by half at most.
-    assert policy.push_rates.rate(a) == PROMISED / 16
+    assert policy.push_rates.rate(a) == first / 2
 
 
 def test_a_failed_dial_of_a_push_refunds_and_makes_the_peer_unreachable() -> None:
