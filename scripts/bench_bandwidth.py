@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="no --min-link-mbit: the daemons' deadlines follow each link's "
                              "measured rate, as a new user's would")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-bandwidth"))
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the daemons' state directories and logs here (new folder)")
     return parser.parse_args(argv)
 
 
@@ -119,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     codecs = args.codecs.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[float, dict[str, dict]] = {}
-    with terminate_on_sigterm(), tempfile.TemporaryDirectory(prefix="p2lab-bw-") as tmp:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=False)  # a run resumes from old state dirs
+    with terminate_on_sigterm(), tempfile.TemporaryDirectory(prefix="p2lab-bw-") as scratch:
+        tmp = args.keep or scratch
         for rate in rates:
             results[rate] = {}
             options = LabOptions(hosts=args.hosts, degree=args.degree, seed=args.seed,
