@@ -105,7 +105,7 @@ def test_public_copy_gossip_conserves_mass_and_reaches_the_weighted_mean():
 
 
 def test_topk_refuses_an_unreliable_network():
-    with pytest.raises(ValueError, match="loss, delay and churn 0"):
+    with pytest.raises(ValueError, match="loss, delay, churn and push-sample 0"):
         SimulationConfig(compression="topk:0.01", network=NetworkConditions(churn=0.1))
 
 

@@ -57,7 +57,7 @@ def reference_pushsum(
     for t in range(rounds):
         plan = network.plan(t)
         shares = {
-            i: nodes[i].split(int(network.degree[i])) for i in range(network.n) if plan.online[i]
+            i: nodes[i].split(int(plan.fanout[i])) for i in range(network.n) if plan.online[i]
         }
         for arc in range(network.num_arcs):
             sender, receiver = int(network.src[arc]), int(network.dst[arc])

@@ -11,7 +11,15 @@ Rules, the same as a real node running the gossip core:
 * An offline node neither trains, sends nor receives; its state is frozen.
   Churn is drawn afresh each round: ``round(churn * n)`` nodes, uniformly.
 * An online node splits its weight over *all* its graph neighbours
-  (``fanout = degree``). A send to an offline neighbour fails at connection
+  (``fanout = degree``). With ``push_sample = K > 0`` it pushes instead to
+  ``min(K, degree)`` of its graph out-links, chosen afresh each round
+  (time-varying neighbours, as in Epidemic Learning and SGP's time-varying
+  graphs), and splits over those only (``fanout = min(K, degree)``); the
+  others are ``NOT_SENT``. Only graph links are ever used, so a node still
+  receives only from its graph in-neighbours. The choice draws from its own
+  generator seeded by (seed, round), never from the loss and churn stream,
+  so a plan with ``K >= degree`` is today's plan exactly.
+  A send to an offline neighbour fails at connection
   time, the sender knows it, and takes the share back (``REFUNDED``): no mass
   is lost.
 * A message that was sent can be lost in transit with probability ``loss``
@@ -41,11 +49,13 @@ REFUNDED = 3
 
 @dataclass(frozen=True)
 class NetworkConditions:
-    """Loss rate, maximum per-link delay in rounds, and the fraction offline per round."""
+    """Loss rate, maximum per-link delay in rounds, the fraction offline per round,
+    and how many out-links each node pushes to per round (0: all of them)."""
 
     loss: float = 0.0
     delay: int = 0
     churn: float = 0.0
+    push_sample: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.loss, float | int) and 0.0 <= self.loss < 1.0):
@@ -56,19 +66,27 @@ class NetworkConditions:
             )
         if not (isinstance(self.churn, float | int) and 0.0 <= self.churn < 1.0):
             raise SettingError("churn", f"must be a fraction in [0, 1), got {self.churn!r}")
+        sample = self.push_sample
+        if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+            raise SettingError(
+                "push_sample",
+                f"must be a whole number of out-links >= 0 (0: all), got {sample!r}",
+            )
 
     @property
     def ideal(self) -> bool:
-        return self.loss == 0 and self.delay == 0 and self.churn == 0
+        return self.loss == 0 and self.delay == 0 and self.churn == 0 and self.push_sample == 0
 
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """What the network does in one round: online nodes and each arc's fate."""
+    """What the network does in one round: online nodes, each arc's fate, and each
+    node's fanout (how many shares besides its own its weight is split into)."""
 
     round: int
     online: np.ndarray  # bool [n]
     fate: np.ndarray  # int8 [arcs]: NOT_SENT, DELIVERED, LOST or REFUNDED
+    fanout: np.ndarray  # int64 [n]: degree, or min(push_sample, degree)
 
 
 class NetworkModel:
@@ -99,6 +117,11 @@ class NetworkModel:
         if (self.degree == 0).any():
             raise ValueError("every node needs at least one neighbour: the graph is disconnected")
         self._offline_count = int(round(conditions.churn * n))
+        self._seed = seed
+        sample = conditions.push_sample
+        self._sampled = bool(sample) and bool((self.degree > sample).any())
+        self.fanout = np.minimum(self.degree, sample) if sample else self.degree
+        self._first_arc = np.concatenate([[0], np.cumsum(self.degree)[:-1]])
 
     @property
     def num_arcs(self) -> int:
@@ -110,6 +133,8 @@ class NetworkModel:
         if self._offline_count:
             online[self._rng.choice(self.n, size=self._offline_count, replace=False)] = False
         sender_on = online[self.src]
+        if self._sampled:
+            sender_on = sender_on & self.chosen(round_index)
         receiver_on = online[self.dst]
         fate = np.full(self.num_arcs, NOT_SENT, dtype=np.int8)
         fate[sender_on & ~receiver_on] = REFUNDED
@@ -118,7 +143,24 @@ class NetworkModel:
         if self.conditions.loss:
             lost = sent & (self._rng.random(self.num_arcs) < self.conditions.loss)
             fate[lost] = LOST
-        return RoundPlan(round_index, online, fate)
+        return RoundPlan(round_index, online, fate, self.fanout)
+
+    def chosen(self, round_index: int) -> np.ndarray:
+        """The arcs each node pushes on in round ``round_index``: all of them without
+        ``push_sample``, else ``min(push_sample, degree)`` of each sender's, uniformly.
+
+        Each arc gets a random key from a generator seeded by (seed, round); a
+        sender takes its arcs with the smallest keys. Any round can be drawn
+        again, in any order, with the same result.
+        """
+        if not self._sampled:
+            return np.ones(self.num_arcs, dtype=bool)
+        rng = np.random.default_rng(np.random.SeedSequence([self._seed, 0x73616D70, round_index]))
+        keys = rng.random(self.num_arcs)
+        order = np.lexsort((keys, self.src))  # by sender, then key
+        rank = np.empty(self.num_arcs, dtype=np.int64)
+        rank[order] = np.arange(self.num_arcs) - self._first_arc[self.src[order]]
+        return rank < self.conditions.push_sample
 
 
 def message_bytes(parameter_shapes: dict[str, tuple[int, ...]], codec: str = "raw") -> int:

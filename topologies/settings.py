@@ -147,6 +147,13 @@ class ExperimentConfig:
         _NET.churn,
         metavar="RATE",
     )
+    push_sample: int = setting(
+        "simulated network",
+        "out-links each node pushes to per round, chosen afresh (time-varying neighbours); "
+        "push-sum splits over those only. 0: every neighbour, every round",
+        _NET.push_sample,
+        metavar="K",
+    )
     # hostile peers
     aggregator: str = setting(
         "hostile peers",
@@ -285,7 +292,9 @@ class ExperimentConfig:
 
     @property
     def network(self) -> NetworkConditions:
-        return NetworkConditions(loss=self.loss, delay=self.delay, churn=self.churn)
+        return NetworkConditions(
+            loss=self.loss, delay=self.delay, churn=self.churn, push_sample=self.push_sample
+        )
 
     def simulation_config(self) -> SimulationConfig:
         """The simulator's config; every bad value raises :class:`SettingError`.

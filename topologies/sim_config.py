@@ -123,9 +123,9 @@ class SimulationConfig:
         sparse = BatchedCodec(codec, []).sparse
         if sparse and not self.network.ideal:
             raise SettingError(
-                ("compression", "loss", "delay", "churn"),
+                ("compression", "loss", "delay", "churn", "push_sample"),
                 f"{self.compression} keeps public copies that every neighbour must update: "
-                "it needs loss, delay and churn 0",
+                "it needs loss, delay, churn and push-sample 0",
             )
         if not (math.isfinite(self.choco_step) and 0 < self.choco_step <= 1):
             raise SettingError("choco_step", f"must be in (0, 1], got {self.choco_step}")

@@ -328,7 +328,7 @@ class Simulation:
             return plan
         fate = plan.fate.copy()
         fate[(fate == DELIVERED) & ~finite[self.network.src]] = LOST
-        return RoundPlan(plan.round, plan.online, fate)
+        return RoundPlan(plan.round, plan.online, fate, plan.fanout)
 
     def run(self, on_round: Callable[[RoundMetrics], None] | None = None) -> list[RoundMetrics]:
         history = []

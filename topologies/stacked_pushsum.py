@@ -3,11 +3,13 @@
 The rule is :class:`gossip.pushsum.PushSum`'s, applied to every node in one
 synchronous round. With mass ``X = w * Z``, a round is ``X' = A X`` and
 ``w' = A w`` where ``A`` is the round's column-stochastic push matrix
-(``A[i, j] = 1/(d_j+1)`` for a delivered message ``j -> i`` and for ``j``'s
-own kept share), built from a :class:`~topologies.network.RoundPlan`: lost
-messages' columns lose their entry (mass lost), refunded ones go back onto the
-sender's diagonal, offline nodes keep an identity row and column, and delayed
-messages go into a queue of future arrivals.
+(``A[i, j] = 1/(f_j+1)`` for a delivered message ``j -> i`` and for ``j``'s
+own kept share, where the fanout ``f_j`` is ``j``'s degree, or the number of
+out-links it pushes to this round under ``push_sample``), built from a
+:class:`~topologies.network.RoundPlan`: lost messages' columns lose their
+entry (mass lost), refunded ones go back onto the sender's diagonal, offline
+nodes keep an identity row and column, unchosen links carry nothing, and
+delayed messages go into a queue of future arrivals.
 
 Rather than forming ``X`` and dividing back, the weights are folded into the
 matrix: ``Z' = diag(1/w') A diag(w) Z``, a row-stochastic matrix, so a round
@@ -115,7 +117,11 @@ class StackedPushSum:
         self.weights = weights.copy()
         # due round -> (mass [rows, P], weight [n]) of delayed shares still in flight
         self._in_flight: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
-        self._share = 1.0 / (network.degree + 1.0)
+
+    @staticmethod
+    def _share(plan: RoundPlan) -> np.ndarray:
+        """Each node's share of its mass per message and kept: 1 / (fanout + 1)."""
+        return 1.0 / (plan.fanout + 1.0)
 
     @property
     def estimates(self) -> torch.Tensor:
@@ -151,9 +157,10 @@ class StackedPushSum:
         (per link), and the fraction each node keeps (its own share plus refunds of the
         sends that failed; offline nodes keep everything)."""
         net = self.network
-        coef = self._share[net.src]
+        share = self._share(plan)
+        coef = share[net.src]
         refunds = np.bincount(net.src[plan.fate == REFUNDED], minlength=net.n)
-        keep = np.where(plan.online, (1.0 + refunds) * self._share, 1.0)
+        keep = np.where(plan.online, (1.0 + refunds) * share, 1.0)
         return coef, keep
 
     def gossip(self, plan: RoundPlan) -> None:
@@ -225,7 +232,7 @@ class StackedPushSum:
         src, dst, fate = net.src, net.dst, plan.fate
         if compensation and net.conditions.delay:
             raise ValueError("public copies need delivery in the same round (delay 0)")
-        coef = step * self._share[src]
+        coef = step * self._share(plan)[src]
         delivered = fate == DELIVERED
         left = delivered | (fate == LOST)
         given = np.bincount(src[left], weights=coef[left], minlength=n)
