@@ -29,9 +29,9 @@ group but not for ever:
   Because every node pushes at the end of its round before it waits again, a
   node waits only for shares its neighbours sent in their previous round:
   there is no cycle to deadlock on. With nobody live yet (its neighbours are
-  still starting) a node that shared last round waits, within the same
-  bounds, for the first share from anyone: a member that started first
-  otherwise trained its first rounds alone.
+  still starting) a node that shared last round, and had a push answered,
+  waits within the same bounds for the first share from anyone: a member that
+  started first otherwise trained its first rounds alone.
 * **Training is never more than one round ahead of what it pushed** (a
   staleness bound of one round): a round does not train while none of the
   previous round's pushes has ended. Each push has its own deadline

@@ -128,7 +128,9 @@ class RoundLoop:
         pushed = self.pusher.push_seconds
         own_round_s = self._work_s + pushed if pushed else math.inf
 
-        expecting = bool(self._last_targets)  # we share with someone: they share back
+        # We share with someone, and a push of ours was answered (a member that refuses
+        # or never answers us would hold every round to --mix-wait): they share back.
+        expecting = bool(self._last_targets) and pushed > 0
 
         def until() -> float | None:
             return self.pace.wait_until(self.round, time.monotonic(), own_round_s, expecting)
